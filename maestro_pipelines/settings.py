@@ -1,0 +1,44 @@
+"""Every environment variable Maestro reads is read here, and nowhere else.
+
+Pure Python (no Dagster import) so the CLI and the backup/restore library can use it when
+the orchestrator itself is down. `environment.py` turns these settings into Dagster resources.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = ".maestro"
+DEFAULT_PLATFORM_DATABASE = "maestro"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where Maestro keeps its state, as configured by the environment."""
+
+    home: Path
+    """`MAESTRO_HOME`: embedded PostgreSQL data, the local object store, scratch files."""
+
+    database_url: str | None
+    """`MAESTRO_DATABASE_URL`: an external PostgreSQL (13+). Unset: the embedded server."""
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def environment(self) -> str:
+        """`embedded` on a laptop with nothing configured, `production` otherwise."""
+        return "embedded" if self.uses_embedded_database else "production"
+
+
+def _non_empty(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def load_settings() -> Settings:
+    home = Path(_non_empty("MAESTRO_HOME") or DEFAULT_HOME).expanduser().resolve()
+    return Settings(home=home, database_url=_non_empty("MAESTRO_DATABASE_URL"))

@@ -1,0 +1,105 @@
+"""Real PostgreSQL servers for the tests: nothing here is a mock.
+
+- `pg18`: the embedded PostgreSQL 18 from the wheel, started once per test session (per
+  xdist worker) in a temporary MAESTRO_HOME, through Maestro's own `EmbeddedPostgres`.
+- `pg15`: Debian's PostgreSQL 15, started by `scripts/test` as the `postgres` user on a
+  loopback port, with password authentication; its admin URL arrives in
+  MAESTRO_TEST_PG15_URL. Without it the pg15 cases are skipped, except under CI, where a
+  missing server is an error rather than a silent skip.
+
+Each test that needs a database gets a fresh one (`fresh_database`), dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+
+from maestro_pipelines.platform_db.connection import dispose_engines, engine_for
+from maestro_pipelines.platform_db.embedded import EmbeddedPostgres
+from maestro_pipelines.platform_db.location import DatabaseLocation
+from maestro_pipelines.platform_db.urls import parse_postgres_url
+
+PG15_URL_VARIABLE = "MAESTRO_TEST_PG15_URL"
+
+
+@dataclass
+class ServerUnderTest:
+    name: str
+    admin_url: URL
+    major_version: int
+
+    def location(self, database: str) -> DatabaseLocation:
+        return DatabaseLocation(platform_url=self.admin_url.set(database=database), source=f"test server {self.name}")
+
+    def libpq_url(self, database: str) -> str:
+        """The URL as a user writes it in MAESTRO_DATABASE_URL (password included)."""
+        return self.admin_url.set(drivername="postgresql", database=database).render_as_string(hide_password=False)
+
+
+def _major_version(url: URL) -> int:
+    with engine_for(url).connect() as conn:
+        return int(conn.execute(text("SHOW server_version_num")).scalar_one()) // 10000
+
+
+@pytest.fixture(scope="session")
+def pg18(tmp_path_factory) -> Iterator[ServerUnderTest]:
+    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("maestro_home"))
+    url = embedded.start()
+    yield ServerUnderTest("pg18-embedded", url, _major_version(url))
+    dispose_engines()
+    embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def pg15() -> ServerUnderTest:
+    raw = os.environ.get(PG15_URL_VARIABLE)
+    if not raw:
+        if os.environ.get("CI"):
+            pytest.fail(f"{PG15_URL_VARIABLE} is not set: scripts/test should have started PostgreSQL 15")
+        pytest.skip(f"{PG15_URL_VARIABLE} not set (run the suite through scripts/test to start PostgreSQL 15)")
+    url = parse_postgres_url(raw, PG15_URL_VARIABLE)
+    return ServerUnderTest("pg15-debian", url, _major_version(url))
+
+
+@pytest.fixture(params=["pg18", "pg15"])
+def server(request) -> ServerUnderTest:
+    """Each test using this runs against both servers."""
+    return request.getfixturevalue(request.param)
+
+
+def create_database(server: ServerUnderTest, prefix: str = "test") -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with engine_for(server.admin_url).connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f'CREATE DATABASE "{name}"'))
+    return name
+
+
+def drop_database(server: ServerUnderTest, name: str) -> None:
+    engine_for(server.admin_url.set(database=name)).dispose()
+    with engine_for(server.admin_url).connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        )
+
+
+@pytest.fixture
+def fresh_database(server) -> Iterator[DatabaseLocation]:
+    """An empty database on `server` (both servers, by parametrization)."""
+    name = create_database(server)
+    yield server.location(name)
+    drop_database(server, name)
+
+
+@pytest.fixture
+def pg18_database(pg18) -> Iterator[DatabaseLocation]:
+    """An empty database on the embedded server only."""
+    name = create_database(pg18)
+    yield pg18.location(name)
+    drop_database(pg18, name)
