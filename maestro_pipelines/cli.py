@@ -94,15 +94,16 @@ def db_status(
     if as_json:
         out.print_json(json.dumps(status.as_dict()))
         return
-    summary = Table.grid(padding=(0, 2))
-    summary.add_row("database", status.database)
-    summary.add_row("where", status.where)
-    summary.add_row("server", f"PostgreSQL {status.server_version}")
     revision = status.current_revision or "none (empty database)"
     state = "up to date" if status.up_to_date else f"behind head {status.head_revision}: run `maestro db upgrade`"
-    summary.add_row("migration", f"{revision} ({state})")
-    summary.add_row("pg_stat_statements", status.pg_stat_statements)
-    out.print(summary, highlight=False)
+    for key, value in (
+        ("database", status.database),
+        ("where", status.where),
+        ("server", f"PostgreSQL {status.server_version}"),
+        ("migration", f"{revision} ({state})"),
+        ("pg_stat_statements", status.pg_stat_statements),
+    ):
+        out.print(f"{key:<20}{value}", highlight=False, soft_wrap=True)
     if status.tables:
         tables = Table(title="tables", title_justify="left")
         tables.add_column("table")

@@ -33,6 +33,8 @@ class PlatformDatabase(dg.ConfigurableResource):
             "set from the MAESTRO_DATABASE_URL environment variable so the password never "
             "shows in the UI. Empty: the embedded PostgreSQL 18 under `home`."
         ),
+        # Masked in the UI even if someone passes the URL as a plain string.
+        json_schema_extra={"dagster__is_secret": True},
     )
     home: str = Field(
         default=DEFAULT_HOME,

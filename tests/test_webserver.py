@@ -1,0 +1,131 @@
+"""The code location loads in a real Dagster webserver, and the UI shows no secret."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).parent.parent
+SECRET = "webserver-secret-9f3a"
+STARTUP_DEADLINE_SECONDS = 180
+
+LOCATION_QUERY = """
+{
+  workspaceOrError {
+    __typename
+    ... on Workspace {
+      locationEntries {
+        name
+        loadStatus
+        locationOrLoadError {
+          __typename
+          ... on PythonError { message }
+          ... on RepositoryLocation { repositories { name assetNodes { assetKey { path } } } }
+        }
+      }
+    }
+  }
+}
+"""
+
+RESOURCES_QUERY = """
+query ($selector: RepositorySelector!) {
+  allTopLevelResourceDetailsOrError(repositorySelector: $selector) {
+    __typename
+    ... on ResourceDetailsList {
+      results { name description configFields { name description } configuredValues { key value type } }
+    }
+  }
+}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        raw = response.read().decode()
+    assert SECRET not in raw, "a secret reached the UI"
+    return json.loads(raw)["data"]
+
+
+@pytest.fixture(scope="module")
+def webserver(tmp_path_factory):
+    """`dagster-webserver -w workspace.yaml`, configured like production (URL from env)."""
+    home = tmp_path_factory.mktemp("dagster_home")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "MAESTRO_HOME": str(home / "maestro"),
+        # Loading definitions never connects, so an unreachable server is fine here.
+        "MAESTRO_DATABASE_URL": f"postgresql://maestro:{SECRET}@127.0.0.1:9/maestro",
+    }
+    log = (home / "webserver.log").open("w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("dagster-webserver")), "-w", "workspace.yaml",
+         "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + STARTUP_DEADLINE_SECONDS
+    try:
+        while True:  # poll readiness: the server answers /server_info once it is up
+            if process.poll() is not None:
+                pytest.fail(f"webserver exited with {process.returncode}: {(home / 'webserver.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    pytest.fail("webserver did not answer within the deadline")
+                time.sleep(0.25)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def test_code_location_loads_without_errors(webserver):
+    data = _graphql(webserver, LOCATION_QUERY)
+    assert data["workspaceOrError"]["__typename"] == "Workspace"
+    entries = {e["name"]: e for e in data["workspaceOrError"]["locationEntries"]}
+    location = entries["maestro"]
+    assert location["loadStatus"] == "LOADED"
+    loaded = location["locationOrLoadError"]
+    assert loaded["__typename"] == "RepositoryLocation", loaded
+    assets = {tuple(n["assetKey"]["path"]) for r in loaded["repositories"] for n in r["assetNodes"]}
+    assert ("platform_schema",) in assets
+
+
+def test_resources_are_described_and_show_env_var_names_not_values(webserver):
+    selector = {"repositoryLocationName": "maestro", "repositoryName": "__repository__"}
+    data = _graphql(webserver, RESOURCES_QUERY, {"selector": selector})
+    result = data["allTopLevelResourceDetailsOrError"]
+    assert result["__typename"] == "ResourceDetailsList"
+    resources = {r["name"]: r for r in result["results"]}
+    platform_db = resources["platform_db"]
+    assert platform_db["description"]
+    assert all(f["description"] for f in platform_db["configFields"])
+    values = {v["key"]: v for v in platform_db["configuredValues"]}
+    assert values["database_url"] == {"key": "database_url", "value": "MAESTRO_DATABASE_URL", "type": "ENV_VAR"}
