@@ -1,0 +1,126 @@
+"""`ObjectStoreResource`: the object store (MAESTRO_STORE_URL) as a Dagster resource.
+
+Importing this module imports Dagster and pydantic only; the storage library and the
+cloud SDKs (dagster-aws/boto3, google-cloud-storage, azure-storage-blob) are imported by
+`get_store()`, for the one scheme the URL names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from maestro_pipelines.settings import DEFAULT_HOME, Settings
+
+if TYPE_CHECKING:
+    from maestro_pipelines.storage import ObjectStore
+
+STORE_URL_VARIABLE = "MAESTRO_STORE_URL"
+_SECRET = {"dagster__is_secret": True}
+
+
+class ObjectStoreResource(dg.ConfigurableResource):
+    """Where Maestro keeps backups, artifacts and exports: a local folder, S3, GCS or Azure.
+
+    Every object written records its sha256, computed while streaming, and reads verify it.
+    With no `url` it is the folder `store` under `home` (created on first write).
+    """
+
+    url: Optional[str] = Field(
+        default=None,
+        description=(
+            "Store URL from MAESTRO_STORE_URL: file:///abs/folder, s3://bucket/prefix, "
+            "gs://bucket/prefix or az://container/prefix. Empty: the folder `store` under `home`."
+        ),
+    )
+    home: str = Field(default=DEFAULT_HOME, description="MAESTRO_HOME: holds the default local store.")
+    region_name: Optional[str] = Field(default=None, description="S3: AWS region (AWS_REGION if empty).")
+    endpoint_url: Optional[str] = Field(
+        default=None,
+        description="S3: endpoint of an S3-compatible server (MinIO, Ceph). Empty: AWS_ENDPOINT_URL or AWS.",
+    )
+    aws_access_key_id: Optional[str] = Field(
+        default=None, description="S3: access key id. Empty: the default AWS credential chain."
+    )
+    aws_secret_access_key: Optional[str] = Field(
+        default=None,
+        description="S3: secret access key, as dg.EnvVar('AWS_SECRET_ACCESS_KEY'). Empty: the default chain.",
+        json_schema_extra=_SECRET,
+    )
+    aws_session_token: Optional[str] = Field(
+        default=None, description="S3: session token for temporary credentials.", json_schema_extra=_SECRET
+    )
+    profile_name: Optional[str] = Field(default=None, description="S3: AWS profile (AWS_PROFILE if empty).")
+    gcs_project: Optional[str] = Field(
+        default=None, description="GCS: project for the client. Empty: from the credentials."
+    )
+    gcs_endpoint_url: Optional[str] = Field(
+        default=None, description="GCS: another endpoint (an emulator). Empty: STORAGE_EMULATOR_HOST or Google."
+    )
+    azure_connection_string: Optional[str] = Field(
+        default=None,
+        description=(
+            "Azure: storage account connection string, as dg.EnvVar('AZURE_STORAGE_CONNECTION_STRING'). "
+            "Empty: that environment variable."
+        ),
+        json_schema_extra=_SECRET,
+    )
+    retry_attempts: int = Field(
+        default=5, description="Tries per request on transient errors (network, 5xx, throttling), at least 1."
+    )
+    retry_backoff_s: float = Field(
+        default=0.25, description="First wait between tries in seconds; doubles each time (at most 8 s)."
+    )
+    part_concurrency: int = Field(
+        default=4, description="Upload parts (8 MiB) in flight at once; memory is about (this + 2) x 8 MiB."
+    )
+
+    _store: Optional["ObjectStore"] = PrivateAttr(default=None)
+
+    def get_store(self) -> "ObjectStore":
+        """The store, opened on first call (SDK imported then)."""
+        if self._store is None:
+            self._store = self._open()
+        return self._store
+
+    def _open(self) -> "ObjectStore":
+        from maestro_pipelines.storage import RetryPolicy, open_store
+        from maestro_pipelines.storage.urls import missing_sdk, parse_store_url
+
+        retry = RetryPolicy(attempts=self.retry_attempts, backoff_s=self.retry_backoff_s)
+        if not self.url:
+            settings = Settings(home=Path(self.home).expanduser().resolve(), database_url=None)
+            return open_store(settings.effective_store_url, STORE_URL_VARIABLE, create=True, retry=retry)
+        location = parse_store_url(self.url, STORE_URL_VARIABLE)
+        if location.scheme == "s3":
+            try:
+                from dagster_aws.s3 import S3Resource
+            except ImportError:
+                raise missing_sdk("s3", "dagster-aws", location.url, STORE_URL_VARIABLE) from None
+            # dagster-aws builds the boto3 client (credential chain, endpoint, SSL options);
+            # its retries are off (max_attempts=0) because the store retries each request.
+            client = S3Resource(
+                region_name=self.region_name,
+                endpoint_url=self.endpoint_url,
+                aws_access_key_id=self.aws_access_key_id,
+                aws_secret_access_key=self.aws_secret_access_key,
+                aws_session_token=self.aws_session_token,
+                profile_name=self.profile_name,
+                max_attempts=0,
+            ).get_client()
+            return open_store(
+                self.url, STORE_URL_VARIABLE, client=client, retry=retry, part_concurrency=self.part_concurrency
+            )
+        if location.scheme == "gs":
+            return open_store(
+                self.url, STORE_URL_VARIABLE, project=self.gcs_project, endpoint_url=self.gcs_endpoint_url, retry=retry
+            )
+        if location.scheme == "az":
+            return open_store(
+                self.url, STORE_URL_VARIABLE, connection_string=self.azure_connection_string, retry=retry,
+                part_concurrency=self.part_concurrency,
+            )
+        return open_store(self.url, STORE_URL_VARIABLE, retry=retry)
