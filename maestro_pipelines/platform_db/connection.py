@@ -19,9 +19,12 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
-def engine_for(url: URL) -> Engine:
-    """One pooled engine per URL per process (SQLAlchemy engines are meant to be shared)."""
-    key = url.render_as_string(hide_password=False)
+def engine_for(url: URL, connect_args: dict | None = None, **options) -> Engine:
+    """One pooled engine per URL (and options) per process: SQLAlchemy engines are meant to be
+    shared. PostgreSQL URLs get a connect timeout and `application_name` by default."""
+    if connect_args is None and url.get_backend_name() in ("postgresql", "postgres"):
+        connect_args = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, "application_name": "maestro"}
+    key = repr((url.render_as_string(hide_password=False), sorted((connect_args or {}).items()), sorted(options.items())))
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
@@ -30,7 +33,8 @@ def engine_for(url: URL) -> Engine:
                 pool_pre_ping=True,
                 pool_size=5,
                 max_overflow=5,
-                connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS, "application_name": "maestro"},
+                connect_args=connect_args or {},
+                **options,
             )
             _engines[key] = engine
         return engine

@@ -19,7 +19,8 @@ def parse_postgres_url(raw: str, source: str) -> URL:
     """
     try:
         url = make_url(raw.strip())
-    except ArgumentError:
+        url.port  # noqa: B018  (a non-numeric port fails here, not later at connect)
+    except (ArgumentError, ValueError):
         raise MaestroError(
             f"{source} is not a valid database URL", f"Write it as {URL_FORM}"
         ) from None
