@@ -51,7 +51,7 @@ def main() -> int:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| figure | ours | baseline | ratio | target | pass |\n|---|---|---|---|---|---|")
+    print("| figure | ours | baseline | ratio | target | pass |\n|---|---|---|---|---|---|")
     print(f"| {result['figure']} | {our_median:.3f} s | {base_median:.3f} s | {ratio:.2f} | <= {TARGET_RATIO} | {'yes' if result['pass'] else 'NO'} |")
     return 0 if result["pass"] else 1
 

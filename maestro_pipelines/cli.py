@@ -29,6 +29,8 @@ db_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(db_app, name="db")
+tenants_app = typer.Typer(help="Tenants: each one a partition of the ML graph.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
 
 out = Console()
 err = Console(stderr=True)
@@ -140,6 +142,71 @@ def db_stop() -> None:
     settings = load_settings()
     stopped = EmbeddedPostgres(settings.home).stop()
     out.print("stopped" if stopped else "the embedded PostgreSQL was not running", highlight=False)
+
+
+def _platform_connection():
+    """A transaction on the platform database, migrated to head first."""
+    from maestro_pipelines.platform_db.connection import connect
+    from maestro_pipelines.platform_db.migrate import upgrade
+
+    location = _location()
+    result = upgrade(location)
+    _print_warnings(result.warnings)
+    return connect(location.platform_url, location.source)
+
+
+@tenants_app.command("add")
+def tenants_add(
+    name: str = typer.Argument(..., help="Lowercase letters, digits, - and _; starts with a letter."),
+    display_name: str = typer.Option("", help="Human-readable name."),
+    min_accuracy: float = typer.Option(None, help="Quality gate: accuracy floor (default 0.70)."),
+    min_f1: float = typer.Option(None, help="Quality gate: F1 floor (default 0.65)."),
+    min_roc_auc: float = typer.Option(None, help="Quality gate: ROC AUC floor (default 0.70)."),
+    regression_tolerance: float = typer.Option(None, help="Allowed drop against production (default 0.02)."),
+) -> None:
+    """Add a tenant; the tenant sensor gives it a partition and requests its first training."""
+    from maestro_pipelines.platform_db.tenants import add_tenant
+
+    gates = {k: v for k, v in {"accuracy": min_accuracy, "f1": min_f1, "roc_auc": min_roc_auc}.items() if v is not None}
+    settings: dict = {"gates": gates} if gates else {}
+    if regression_tolerance is not None:
+        settings["regression_tolerance"] = regression_tolerance
+    with _platform_connection() as conn:
+        tenant = add_tenant(conn, name, display_name, settings)
+        conn.commit()
+    out.print(f"added tenant {tenant.name} (id {tenant.id}); gates {tenant.gates}", highlight=False)
+
+
+@tenants_app.command("list")
+def tenants_list(as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts).")) -> None:
+    """Tenants with their status and quality gates."""
+    from maestro_pipelines.platform_db.tenants import list_tenants
+
+    with _platform_connection() as conn:
+        tenants = list_tenants(conn, include_inactive=True)
+    if as_json:
+        out.print_json(json.dumps([
+            {"id": t.id, "name": t.name, "display_name": t.display_name, "status": t.status, "gates": t.gates,
+             "regression_tolerance": t.regression_tolerance} for t in tenants
+        ]))
+        return
+    table = Table(title=f"{len(tenants)} tenants", title_justify="left")
+    for column in ("name", "display name", "status", "gates", "created"):
+        table.add_column(column)
+    for t in tenants:
+        gates = ", ".join(f"{k} >= {v:g}" for k, v in t.gates.items())
+        table.add_row(t.name, t.display_name, t.status, gates, f"{t.created_at:%Y-%m-%d %H:%M}" if t.created_at else "")
+    out.print(table)
+
+
+@app.command("demo")
+def demo(
+    tenants: str = typer.Option("acme,globex,initech", help="Comma-separated demo tenants to seed and train."),
+) -> None:
+    """Seed demo tenants (scikit-learn datasets) and materialize the whole ML graph for each."""
+    from maestro_pipelines.demo_run import run_demo
+
+    run_demo([t.strip() for t in tenants.split(",") if t.strip()], out, err)
 
 
 def _human_bytes(size: int) -> str:

@@ -1,24 +1,65 @@
 """The one place that decides which resources this deployment gets.
 
-Embedded default (nothing configured): the embedded PostgreSQL under MAESTRO_HOME.
-Production: the same resources pointed at real services by environment variables, passed as
-`dg.EnvVar` so their values (passwords) are resolved at run time and never shown in the UI.
+Embedded default (nothing configured): the embedded PostgreSQL under MAESTRO_HOME holds the
+platform database, MLflow's backend and the demo's training rows; the object store is
+MAESTRO_HOME/store. Production: the same resources pointed at real services by environment
+variables, passed as `dg.EnvVar` so their values (passwords) are resolved at run time and
+never shown in the UI.
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
-from maestro_pipelines.resources import PlatformDatabase
+from maestro_pipelines.resources import MLflowRegistry, ObjectStoreResource, PlatformDatabase
 from maestro_pipelines.settings import Settings, load_settings
 
 
+def _env_or_none(value: str | None, variable: str):
+    return dg.EnvVar(variable) if value is not None else None
+
+
 def platform_database(settings: Settings) -> PlatformDatabase:
-    if settings.uses_embedded_database:
-        return PlatformDatabase(home=str(settings.home))
-    return PlatformDatabase(database_url=dg.EnvVar("MAESTRO_DATABASE_URL"), home=str(settings.home))
+    return PlatformDatabase(
+        database_url=_env_or_none(settings.database_url, "MAESTRO_DATABASE_URL"), home=str(settings.home)
+    )
+
+
+def mlflow_registry(settings: Settings) -> MLflowRegistry:
+    return MLflowRegistry(
+        tracking_uri=_env_or_none(settings.mlflow_tracking_uri, "MLFLOW_TRACKING_URI"),
+        database_url=_env_or_none(settings.database_url, "MAESTRO_DATABASE_URL"),
+        home=str(settings.home),
+        store_url=settings.store_url,
+    )
+
+
+def object_store(settings: Settings) -> ObjectStoreResource:
+    secrets = {}
+    if settings.store_url and settings.store_url.startswith("az://"):
+        secrets["azure_connection_string"] = dg.EnvVar("AZURE_STORAGE_CONNECTION_STRING")
+    return ObjectStoreResource(url=settings.store_url, home=str(settings.home), **secrets)
+
+
+def data_source(settings: Settings):
+    from maestro_pipelines.resources.sources import PostgresDataSource, source_from_environment
+
+    if settings.source_url is None:
+        # Embedded default: tenants' rows live in the platform database's `training_rows`.
+        return PostgresDataSource(
+            url=_env_or_none(settings.database_url, "MAESTRO_DATABASE_URL"),
+            url_variable="MAESTRO_DATABASE_URL",
+            home=str(settings.home),
+        )
+    # The URL's form and driver are checked now (a clear load error); the secret is read at run time.
+    return source_from_environment(settings.source_url, "MAESTRO_SOURCE_URL")
 
 
 def resources_for_environment(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
     settings = settings or load_settings()
-    return {"platform_db": platform_database(settings)}
+    return {
+        "platform_db": platform_database(settings),
+        "mlflow": mlflow_registry(settings),
+        "source": data_source(settings),
+        "store": object_store(settings),
+    }

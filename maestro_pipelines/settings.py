@@ -24,6 +24,19 @@ class Settings:
     database_url: str | None
     """`MAESTRO_DATABASE_URL`: an external PostgreSQL (13+). Unset: the embedded server."""
 
+    store_url: str | None = None
+    """`MAESTRO_STORE_URL`: file://, s3://, gs:// or az:// object store. Unset: `home/store`."""
+
+    source_url: str | None = None
+    """`MAESTRO_SOURCE_URL`: where tenants' training rows come from. Unset: the platform database."""
+
+    mlflow_tracking_uri: str | None = None
+    """`MLFLOW_TRACKING_URI`: another MLflow backend or server. Unset: a database beside the platform's."""
+
+    @property
+    def effective_store_url(self) -> str:
+        return self.store_url or (self.home / "store").as_uri()
+
     @property
     def uses_embedded_database(self) -> bool:
         return self.database_url is None
@@ -41,4 +54,10 @@ def _non_empty(name: str) -> str | None:
 
 def load_settings() -> Settings:
     home = Path(_non_empty("MAESTRO_HOME") or DEFAULT_HOME).expanduser().resolve()
-    return Settings(home=home, database_url=_non_empty("MAESTRO_DATABASE_URL"))
+    return Settings(
+        home=home,
+        database_url=_non_empty("MAESTRO_DATABASE_URL"),
+        store_url=_non_empty("MAESTRO_STORE_URL"),
+        source_url=_non_empty("MAESTRO_SOURCE_URL"),
+        mlflow_tracking_uri=_non_empty("MLFLOW_TRACKING_URI"),
+    )

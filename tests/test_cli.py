@@ -154,8 +154,9 @@ def _assert_one_clear_line(result: subprocess.CompletedProcess, expected: str) -
         (lambda port: f"mysql://maestro:{SECRET}@127.0.0.1:3306/maestro", "not PostgreSQL"),
         (lambda port: f"postgresql://maestro:{SECRET}@127.0.0.1:5432", "names no database"),
         (lambda port: f"::{SECRET}", "not a valid database URL"),
+        (lambda port: f"postgresql://maestro:{SECRET}@127.0.0.1:port/maestro", "not a valid database URL"),
     ],
-    ids=["wrong-host", "nothing-listening", "not-postgres", "mysql-scheme", "no-database", "malformed"],
+    ids=["wrong-host", "nothing-listening", "not-postgres", "mysql-scheme", "no-database", "malformed", "bad-port"],
 )
 @pytest.mark.parametrize("command", [["db", "status"], ["db", "upgrade"]])
 def test_bad_database_url_gives_one_clear_line(not_postgres_port, make_url, expected, command):

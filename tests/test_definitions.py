@@ -14,7 +14,8 @@ import pytest
 from maestro_pipelines.assets.platform import platform_schema
 from maestro_pipelines.environment import resources_for_environment
 from maestro_pipelines.platform_db.migrate import head_revision
-from maestro_pipelines.resources import PlatformDatabase
+from maestro_pipelines.resources import MLflowRegistry, ObjectStoreResource, PlatformDatabase
+from maestro_pipelines.resources import sources
 from maestro_pipelines.settings import Settings
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "definitions.json"
@@ -60,8 +61,23 @@ def test_embedded_default_and_production_pick_their_resources(tmp_path):
     assert isinstance(production.database_url, dg.EnvVar)
     assert production.database_url == "MAESTRO_DATABASE_URL"
 
+    everything = resources_for_environment(
+        Settings(home=tmp_path, database_url="postgresql://u:hunter2@db:5432/maestro",
+                 store_url="s3://bucket/maestro", source_url="mysql+pymysql://u:hunter2@src:3306/shop",
+                 mlflow_tracking_uri="https://mlflow.internal")
+    )
+    assert isinstance(everything["source"], sources.MySQLDataSource)
+    assert everything["source"].url == "MAESTRO_SOURCE_URL" and isinstance(everything["source"].url, dg.EnvVar)
+    assert everything["mlflow"].tracking_uri == "MLFLOW_TRACKING_URI"
+    assert everything["store"].url == "s3://bucket/maestro"
+    assert "hunter2" not in repr(everything)
 
-@pytest.mark.parametrize("resource_class", [PlatformDatabase])
+
+@pytest.mark.parametrize(
+    "resource_class",
+    [PlatformDatabase, MLflowRegistry, ObjectStoreResource, sources.PostgresDataSource, sources.MySQLDataSource,
+     sources.MongoDataSource, sources.SnowflakeDataSource, sources.BigQueryDataSource],
+)
 def test_every_resource_field_is_described(resource_class):
     for name, field in resource_class.model_fields.items():
         assert field.description, f"{resource_class.__name__}.{name} has no description for the UI"

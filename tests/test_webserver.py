@@ -29,7 +29,9 @@ LOCATION_QUERY = """
         locationOrLoadError {
           __typename
           ... on PythonError { message }
-          ... on RepositoryLocation { repositories { name assetNodes { assetKey { path } } } }
+          ... on RepositoryLocation {
+            repositories { name assetNodes { assetKey { path } isPartitioned hasAssetChecks } }
+          }
         }
       }
     }
@@ -77,6 +79,8 @@ def webserver(tmp_path_factory):
         "MAESTRO_HOME": str(home / "maestro"),
         # Loading definitions never connects, so an unreachable server is fine here.
         "MAESTRO_DATABASE_URL": f"postgresql://maestro:{SECRET}@127.0.0.1:9/maestro",
+        "MAESTRO_SOURCE_URL": f"postgresql://reader:{SECRET}@127.0.0.1:9/shop",
+        "MLFLOW_TRACKING_URI": f"postgresql://mlflow:{SECRET}@127.0.0.1:9/mlflow",
     }
     log = (home / "webserver.log").open("w")
     process = subprocess.Popen(
@@ -114,8 +118,10 @@ def test_code_location_loads_without_errors(webserver):
     assert location["loadStatus"] == "LOADED"
     loaded = location["locationOrLoadError"]
     assert loaded["__typename"] == "RepositoryLocation", loaded
-    assets = {tuple(n["assetKey"]["path"]) for r in loaded["repositories"] for n in r["assetNodes"]}
-    assert ("platform_schema",) in assets
+    nodes = {n["assetKey"]["path"][0]: n for r in loaded["repositories"] for n in r["assetNodes"]}
+    assert {"platform_schema", "training_data", "model_evaluation", "deployment", "batch_predictions"} <= nodes.keys()
+    assert nodes["training_data"]["isPartitioned"] and not nodes["platform_schema"]["isPartitioned"]
+    assert nodes["model_evaluation"]["hasAssetChecks"]
 
 
 def test_resources_are_described_and_show_env_var_names_not_values(webserver):
@@ -129,3 +135,7 @@ def test_resources_are_described_and_show_env_var_names_not_values(webserver):
     assert all(f["description"] for f in platform_db["configFields"])
     values = {v["key"]: v for v in platform_db["configuredValues"]}
     assert values["database_url"] == {"key": "database_url", "value": "MAESTRO_DATABASE_URL", "type": "ENV_VAR"}
+    for name, field, variable in (("source", "url", "MAESTRO_SOURCE_URL"), ("mlflow", "tracking_uri", "MLFLOW_TRACKING_URI")):
+        configured = {v["key"]: v for v in resources[name]["configuredValues"]}
+        assert configured[field] == {"key": field, "value": variable, "type": "ENV_VAR"}
+        assert all(f["description"] for f in resources[name]["configFields"])

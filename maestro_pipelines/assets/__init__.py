@@ -1,11 +1,12 @@
 """Software-defined assets, one module per part of the graph.
 
-`platform`: the platform database's schema. The ML graph (training data to batch
-predictions), backups, drills and upkeep assets land here as their issues are built.
+`platform`: the platform database's schema. `ml`: the per-tenant ML graph, from training data
+to batch predictions. Backups, drills and upkeep assets land here as their issues are built.
 """
 
+from maestro_pipelines.assets.ml import ml_assets
 from maestro_pipelines.assets.platform import platform_schema
 
-all_assets = [platform_schema]
+all_assets = [platform_schema, *ml_assets]
 
 __all__ = ["all_assets"]

@@ -1,6 +1,5 @@
-"""Jobs: asset selections and op jobs launched by schedules, sensors and on-call.
+"""Jobs: asset selections and op jobs launched by schedules, sensors and on-call."""
 
-Empty until the ML graph (rollback), backup and restore issues add theirs.
-"""
+from maestro_pipelines.jobs.ml import rollback_deployment, train_and_deploy_job
 
-all_jobs: list = []
+all_jobs = [train_and_deploy_job, rollback_deployment]

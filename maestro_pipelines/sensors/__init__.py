@@ -1,6 +1,5 @@
-"""Sensors: tenant partitions, retraining, RPO breach, run-failure alerts.
+"""Sensors: tenant partitions, retraining on new data (RPO breach and run alerts come with backups)."""
 
-Empty until the ML graph and backup issues add theirs.
-"""
+from maestro_pipelines.sensors.tenants import retraining_sensor, tenant_partitions_sensor
 
-all_sensors: list = []
+all_sensors = [tenant_partitions_sensor, retraining_sensor]

@@ -1,0 +1,401 @@
+"""The ML graph, one partition per tenant: data -> features -> model -> evaluation (gated)
+-> registry -> deployment -> batch predictions.
+
+Each asset is a thin Dagster wrapper: the work is in `maestro_pipelines.ml` (features,
+training, evaluation, MLflow) and `maestro_pipelines.platform_db` (the records), imported
+inside the functions so loading the definitions stays cheap.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import dagster as dg
+from pydantic import Field
+
+from maestro_pipelines.failures import fail_fast_on_user_errors
+from maestro_pipelines.partitions import tenant_partitions
+from maestro_pipelines.resources import MLflowRegistry, PlatformDatabase
+from maestro_pipelines.resources.sources import DataSource
+
+ML_GROUP = "ml"
+# Reading the source and talking to MLflow cross the network in production.
+NETWORK_RETRY = dg.RetryPolicy(max_retries=2, delay=2, backoff=dg.Backoff.EXPONENTIAL)
+PREVIEW_ROWS = 10
+
+
+class FeatureConfig(dg.Config):
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=0.9, description="Share of rows held out for evaluation (by a hash of each row's key, so stable as data grows).")
+    label_column: str = Field(default="label", description="Column holding the class to predict.")
+
+
+class TrainingConfig(dg.Config):
+    model_type: Literal["random_forest", "gradient_boosting", "logistic_regression"] = Field(
+        default="random_forest", description="scikit-learn estimator (after a StandardScaler)."
+    )
+    n_estimators: int = Field(default=100, ge=1, le=5000, description="Trees (random_forest, gradient_boosting).")
+    max_depth: Optional[int] = Field(default=None, ge=1, description="Tree depth limit; empty = unlimited (gradient_boosting: 3).")
+    learning_rate: float = Field(default=0.1, gt=0, description="gradient_boosting only.")
+    regularization_c: float = Field(default=1.0, gt=0, description="Inverse regularization strength (logistic_regression).")
+    random_state: int = Field(default=42, description="Seed: the same data and config give the same model.")
+
+
+class DeploymentConfig(dg.Config):
+    environment: str = Field(default="production", description="Deployment environment recorded in `deployments`.")
+    replicas: int = Field(default=2, ge=0, le=1000, description="Serving replicas recorded for this deployment.")
+
+
+@dataclass
+class TrainedModel:
+    tenant: str
+    model: Any
+    mlflow_run_id: str
+    model_uri: str
+    params: dict
+    data_hash: str
+    feature_names: list[str]
+
+
+@dataclass
+class ModelEvaluation:
+    tenant: str
+    mlflow_run_id: str
+    metrics: dict[str, float]
+    gates: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class RegisteredModel:
+    tenant: str
+    name: str
+    version: int
+    mlflow_run_id: str
+    model_version_id: int
+
+
+@dataclass
+class Deployment:
+    tenant: str
+    version: int
+    deployment_id: int
+    model_version_id: int
+    environment: str
+    previous_version: Optional[int]
+
+
+def _tenant(context, platform_db: PlatformDatabase):
+    from maestro_pipelines.platform_db.tenants import get_tenant
+
+    with platform_db.get_connection() as conn:
+        tenant = get_tenant(conn, context.partition_key)
+    if tenant.status != "active":
+        from maestro_pipelines.errors import MaestroError
+
+        raise MaestroError(f"tenant '{tenant.name}' is {tenant.status}", "Reactivate it before training")
+    return tenant
+
+
+def _table_metadata(frame) -> dg.MetadataValue:
+    columns = [dg.TableColumn(str(c), "number" if str(t).startswith(("int", "float")) else "string") for c, t in frame.dtypes.items()]
+    records = [
+        dg.TableRecord({str(k): (v if isinstance(v, (int, float, bool)) and not (isinstance(v, float) and math.isnan(v)) else str(v)) for k, v in row.items()})
+        for row in frame.to_dict("records")
+    ]
+    return dg.MetadataValue.table(records, schema=dg.TableSchema(columns=columns))
+
+
+@dg.asset(
+    group_name=ML_GROUP,
+    partitions_def=tenant_partitions,
+    kinds={"python", "pandas"},
+    retry_policy=NETWORK_RETRY,
+    description="The tenant's training rows, read from the configured data source (MAESTRO_SOURCE_URL).",
+)
+@fail_fast_on_user_errors
+def training_data(context: dg.AssetExecutionContext, source: DataSource, platform_db: PlatformDatabase):
+    tenant = _tenant(context, platform_db)
+    started = time.perf_counter()
+    rows = source.read_tenant_rows(tenant.name)
+    seconds = time.perf_counter() - started
+    if rows.empty:
+        from maestro_pipelines.errors import MaestroError
+
+        raise MaestroError(f"the data source has no rows for tenant '{tenant.name}'", "Load its training rows first")
+    context.log.info(f"read {len(rows):,} rows for {tenant.name} in {seconds:.2f} s")
+    schema = dg.TableSchema(columns=[dg.TableColumn(str(c), str(t)) for c, t in rows.dtypes.items()])
+    preview = rows.head(PREVIEW_ROWS).copy()
+    if "features" in preview.columns:  # one JSON object per row: show it as text
+        preview["features"] = preview["features"].map(lambda v: str(v)[:120])
+    return dg.Output(
+        rows,
+        metadata={
+            "dagster/row_count": len(rows),
+            "dagster/column_schema": schema,
+            "preview": _table_metadata(preview),
+            "read_seconds": round(seconds, 3),
+        },
+    )
+
+
+@dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, kinds={"python", "pandas"},
+          description="Deterministic train/test split of the tenant's rows, with feature statistics.")
+@fail_fast_on_user_errors
+def features(context: dg.AssetExecutionContext, config: FeatureConfig, training_data):
+    from maestro_pipelines.ml.features import build_feature_set, feature_statistics
+
+    feature_set = build_feature_set(context.partition_key, training_data, config.label_column, config.test_fraction)
+    return dg.Output(
+        feature_set,
+        metadata={
+            "train_rows": len(feature_set.X_train),
+            "test_rows": len(feature_set.X_test),
+            "features": len(feature_set.feature_names),
+            "classes": dg.MetadataValue.json([str(c) for c in feature_set.classes]),
+            "data_hash": feature_set.data_hash,
+            "feature_statistics": _table_metadata(feature_statistics(feature_set.X_train)),
+        },
+    )
+
+
+@dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, kinds={"scikitlearn", "mlflow"},
+          retry_policy=NETWORK_RETRY, pool="platform_database",
+          description="A scikit-learn model trained on the split; the MLflow run and an `experiments` row record it.")
+@fail_fast_on_user_errors
+def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, features,
+                  platform_db: PlatformDatabase, mlflow: MLflowRegistry):
+    from maestro_pipelines.ml.training import ModelParams, build_estimator
+    from maestro_pipelines.platform_db import ml_records
+
+    tenant = _tenant(context, platform_db)
+    params = ModelParams(**config.model_dump())
+    with platform_db.get_connection() as conn:
+        model_id = ml_records.ensure_model(conn, tenant)
+        experiment_id = ml_records.start_experiment(
+            conn, tenant, model_id, f"{tenant.name}-{context.run.run_id[:8]}", context.run.run_id, params.as_params()
+        )
+    try:
+        started = time.perf_counter()
+        model = build_estimator(params).fit(features.X_train, features.y_train)
+        fit_seconds = time.perf_counter() - started
+        train_accuracy = float(model.score(features.X_train, features.y_train))
+        run_id, model_uri = mlflow.registry().log_training_run(
+            tenant.name, model, params.as_params(), features.X_train.head(5),
+            tags={"tenant": tenant.name, "data_hash": features.data_hash, "dagster_run_id": context.run.run_id},
+            metrics={"train_accuracy": train_accuracy, "fit_seconds": fit_seconds},
+        )
+    except Exception as exc:
+        with platform_db.get_connection() as conn:
+            ml_records.finish_experiment(conn, experiment_id, "failed", error=str(exc)[:2000])
+        raise
+    with platform_db.get_connection() as conn:
+        ml_records.finish_experiment(conn, experiment_id, "succeeded", run_id, {"train_accuracy": train_accuracy})
+    return dg.Output(
+        TrainedModel(tenant.name, model, run_id, model_uri, params.as_params(), features.data_hash, features.feature_names),
+        metadata={
+            "mlflow_run_id": run_id,
+            "model_uri": model_uri,
+            "train_accuracy": round(train_accuracy, 4),
+            "fit_seconds": round(fit_seconds, 3),
+            "params": dg.MetadataValue.json(params.as_params()),
+            "experiment_id": experiment_id,
+        },
+    )
+
+
+METRIC_FLOORS_CHECK = "metric_floors"
+NO_REGRESSION_CHECK = "no_regression_vs_production"
+
+
+@dg.asset(
+    group_name=ML_GROUP,
+    partitions_def=tenant_partitions,
+    kinds={"scikitlearn", "mlflow"},
+    retry_policy=NETWORK_RETRY,
+    description="Held-out accuracy, F1 and ROC AUC with confusion matrix and ROC curve; the quality gates.",
+    check_specs=[
+        dg.AssetCheckSpec(METRIC_FLOORS_CHECK, asset="model_evaluation", blocking=True,
+                          description="Every metric reaches the tenant's floor (tenants.settings.gates)."),
+        dg.AssetCheckSpec(NO_REGRESSION_CHECK, asset="model_evaluation", blocking=True,
+                          description="No metric falls below the production model's by more than the tenant's tolerance."),
+    ],
+)
+@fail_fast_on_user_errors
+def model_evaluation(context: dg.AssetExecutionContext, trained_model, features,
+                     platform_db: PlatformDatabase, mlflow: MLflowRegistry):
+    from maestro_pipelines.ml.evaluation import evaluate, markdown_image
+    from maestro_pipelines.platform_db import ml_records
+
+    tenant = _tenant(context, platform_db)
+    registry = mlflow.registry()
+    evaluation = evaluate(trained_model.model, features.X_test, features.y_test, features.classes)
+    registry.log_evaluation(trained_model.mlflow_run_id, evaluation.metrics, evaluation.pictures)
+    with platform_db.get_connection() as conn:
+        ml_records.add_experiment_metrics(conn, trained_model.mlflow_run_id, {f"test_{k}": v for k, v in evaluation.metrics.items() if not math.isnan(v)})
+
+    floors = tenant.gates
+    floor_failures = {
+        name: {"value": evaluation.metrics.get(name), "floor": floor}
+        for name, floor in floors.items()
+        if not (evaluation.metrics.get(name, float("nan")) >= floor)  # NaN fails too
+    }
+    production = registry.production_version(tenant.name)
+    regressions: dict[str, dict] = {}
+    baseline: dict[str, float] = {}
+    if production is not None and production.run_id:
+        run_metrics = registry.run_metrics(production.run_id)
+        baseline = {k[len("test_"):]: v for k, v in run_metrics.items() if k.startswith("test_")}
+        for name, old in baseline.items():
+            new = evaluation.metrics.get(name, float("nan"))
+            if not (new >= old - tenant.regression_tolerance):
+                regressions[name] = {"value": new, "production": old, "tolerance": tenant.regression_tolerance}
+
+    gates = {
+        METRIC_FLOORS_CHECK: {"passed": not floor_failures, "failures": floor_failures},
+        NO_REGRESSION_CHECK: {"passed": not regressions, "failures": regressions,
+                              "production_version": production.version if production else None},
+    }
+    metrics_md = {k: (round(v, 4) if not math.isnan(v) else "n/a") for k, v in evaluation.metrics.items()}
+    yield dg.Output(
+        ModelEvaluation(tenant.name, trained_model.mlflow_run_id, evaluation.metrics, gates),
+        metadata={
+            **{k: dg.MetadataValue.float(v) for k, v in evaluation.metrics.items() if not math.isnan(v)},
+            "test_rows": evaluation.test_rows,
+            "confusion_matrix": dg.MetadataValue.md(markdown_image(evaluation.pictures["confusion_matrix"], "confusion matrix")),
+            "roc_curve": dg.MetadataValue.md(markdown_image(evaluation.pictures["roc_curve"], "ROC curve")),
+            "metrics": dg.MetadataValue.json(metrics_md),
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name=METRIC_FLOORS_CHECK,
+        passed=not floor_failures,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=("all metrics reach their floors" if not floor_failures else "; ".join(
+            f"{name} {f['value']:.3f} < floor {f['floor']:.3f}" for name, f in floor_failures.items())),
+        metadata={"floors": dg.MetadataValue.json(floors), "metrics": dg.MetadataValue.json(metrics_md)},
+    )
+    yield dg.AssetCheckResult(
+        check_name=NO_REGRESSION_CHECK,
+        passed=not regressions,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=(
+            "no production model yet" if production is None else
+            f"no regression against production version {production.version}" if not regressions else
+            "; ".join(f"{name} {r['value']:.3f} < production {r['production']:.3f} - {r['tolerance']}" for name, r in regressions.items())
+        ),
+        metadata={"production_version": production.version if production else -1,
+                  "production_metrics": dg.MetadataValue.json({k: round(v, 4) for k, v in baseline.items()}),
+                  "tolerance": tenant.regression_tolerance},
+    )
+
+
+@dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, kinds={"mlflow"}, retry_policy=NETWORK_RETRY,
+          description="A new version in the MLflow registry (maestro-<tenant>), tagged with tenant, data hash and run id.")
+@fail_fast_on_user_errors
+def registered_model(context: dg.AssetExecutionContext, trained_model, model_evaluation,
+                     platform_db: PlatformDatabase, mlflow: MLflowRegistry):
+    from maestro_pipelines.platform_db import ml_records
+
+    tenant = _tenant(context, platform_db)
+    registry = mlflow.registry()
+    tags = {"tenant": tenant.name, "data_hash": trained_model.data_hash, "dagster_run_id": context.run.run_id}
+    version = registry.register(tenant.name, trained_model.model_uri, trained_model.mlflow_run_id, tags)
+    with platform_db.get_connection() as conn:
+        model_id = ml_records.ensure_model(conn, tenant)
+        model_version_id = ml_records.record_model_version(
+            conn, tenant, model_id, version.version, trained_model.mlflow_run_id, trained_model.data_hash,
+            {k: v for k, v in model_evaluation.metrics.items() if not math.isnan(v)}, model_evaluation.gates,
+        )
+    metadata: dict[str, Any] = {"registered_model": version.name, "version": version.version, "tags": dg.MetadataValue.json(tags)}
+    link = registry.ui_link(tenant.name, version.version)
+    if link:
+        metadata["mlflow_link"] = dg.MetadataValue.url(link)
+    return dg.Output(RegisteredModel(tenant.name, version.name, version.version, trained_model.mlflow_run_id, model_version_id), metadata=metadata)
+
+
+@dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, kinds={"mlflow", "postgres"},
+          retry_policy=NETWORK_RETRY, pool="platform_database",
+          description="Alias `production` moved to the new version and a `deployments` row written (the previous one retired).")
+@fail_fast_on_user_errors
+def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, registered_model,
+               platform_db: PlatformDatabase, mlflow: MLflowRegistry):
+    from maestro_pipelines.platform_db import ml_records
+
+    tenant = _tenant(context, platform_db)
+    registry = mlflow.registry()
+    # One transaction: if moving the alias fails, the deployment rows roll back with it.
+    with platform_db.get_connection() as conn:
+        model_id = ml_records.ensure_model(conn, tenant)
+        record = ml_records.deploy_version(
+            conn, tenant, model_id, registered_model.version, config.environment, config.replicas, context.run.run_id
+        )
+        if config.environment == "production":
+            registry.set_production(tenant.name, registered_model.version)
+    context.log.info(f"{registered_model.name}: production {record.previous_version} -> {record.version}")
+    return dg.Output(
+        Deployment(tenant.name, record.version, record.id, record.model_version_id, config.environment, record.previous_version),
+        metadata={
+            "version": record.version,
+            "previous_version": record.previous_version if record.previous_version is not None else -1,
+            "environment": config.environment,
+            "replicas": config.replicas,
+            "deployment_id": record.id,
+            "served_as": f"models:/{registered_model.name}@production",
+        },
+    )
+
+
+@dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, kinds={"postgres"},
+          retry_policy=NETWORK_RETRY, pool="platform_database",
+          description="The tenant's new rows scored with models:/maestro-<tenant>@production, written to `predictions` with COPY.")
+@fail_fast_on_user_errors
+def batch_predictions(context: dg.AssetExecutionContext, deployment, source: DataSource,
+                      platform_db: PlatformDatabase, mlflow: MLflowRegistry) -> dg.MaterializeResult:
+    from maestro_pipelines.ml.scoring import score_batches
+
+    tenant = _tenant(context, platform_db)
+    registry = mlflow.registry()
+    model = registry.load_production_model(tenant.name)
+    live = registry.production_version(tenant.name)
+    previous = _previous_scoring(context, live.version if live else None)
+    started = time.perf_counter()
+    with platform_db.get_connection() as conn:
+        from maestro_pipelines.platform_db.ml_records import active_deployment, ensure_model
+
+        active = active_deployment(conn, ensure_model(conn, tenant))
+        model_version_id = active.model_version_id if active else deployment.model_version_id
+        deployment_id = active.id if active else deployment.deployment_id
+        batches = source.iter_tenant_batches(tenant.name, since=previous)
+        written, watermark = score_batches(conn, model, batches, tenant.id, model_version_id, deployment_id)
+    seconds = time.perf_counter() - started
+    context.log.info(f"scored {written:,} rows for {tenant.name} with version {live.version if live else '?'} in {seconds:.2f} s")
+    return dg.MaterializeResult(
+        metadata={
+            "rows_scored": written,
+            "model_version": live.version if live else -1,
+            "seconds": round(seconds, 3),
+            "rows_per_second": round(written / seconds, 1) if seconds > 0 else 0.0,
+            "scored_through": watermark.isoformat() if watermark else (previous.isoformat() if previous else ""),
+            "incremental_since": previous.isoformat() if previous else "all rows",
+        }
+    )
+
+
+def _previous_scoring(context: dg.AssetExecutionContext, live_version: Optional[int]):
+    """Rows newer than the last scoring by the same model version; a new version rescoring all."""
+    from datetime import datetime
+
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[context.partition_key]), limit=1
+    ).records
+    if not records:
+        return None
+    metadata = records[0].asset_materialization.metadata if records[0].asset_materialization else {}
+    version = metadata.get("model_version")
+    through = metadata.get("scored_through")
+    if version is None or live_version is None or version.value != live_version or not through or not through.value:
+        return None
+    return datetime.fromisoformat(through.value)
+
+
+ml_assets = [training_data, features, trained_model, model_evaluation, registered_model, deployment, batch_predictions]

@@ -1,0 +1,129 @@
+"""`maestro demo`: seed demo tenants and materialize the whole ML graph for each of them.
+
+Runs are recorded in a persistent Dagster instance (DAGSTER_HOME, or MAESTRO_HOME/dagster) so
+`dagster dev` started with the same DAGSTER_HOME shows them afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.settings import Settings, load_settings
+
+
+@dataclass
+class TenantOutcome:
+    tenant: str
+    success: bool
+    version: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    gates: dict[str, bool] = field(default_factory=dict)
+    predictions: int | None = None
+    error: str | None = None
+
+
+def dagster_home(settings: Settings) -> Path:
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster").expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").touch(exist_ok=True)  # an empty file: default local storage, no warning
+    return home
+
+
+def prepare_tenants(settings: Settings, tenant_names: list[str], err: Console) -> None:
+    """Migrate, seed the demo rows into the default source, and add the tenants."""
+    from maestro_pipelines.ml.demo import DEMO_TENANTS, seed_demo_tenant
+    from maestro_pipelines.platform_db import locate_platform_database
+    from maestro_pipelines.platform_db.connection import connect
+    from maestro_pipelines.platform_db.migrate import upgrade
+    from maestro_pipelines.platform_db.tenants import add_tenant, list_tenants
+
+    unknown = [t for t in tenant_names if t not in DEMO_TENANTS]
+    if unknown:
+        raise MaestroError(f"no demo data for {', '.join(unknown)}", f"Demo tenants are {', '.join(DEMO_TENANTS)}")
+    location = locate_platform_database(settings)
+    for warning in upgrade(location).warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    with connect(location.platform_url, location.source) as conn:
+        if settings.source_url is None:
+            for tenant in tenant_names:
+                seed_demo_tenant(conn, tenant)
+        else:
+            err.print("MAESTRO_SOURCE_URL is set: the demo expects the tenants' rows there", highlight=False)
+        existing = {t.name for t in list_tenants(conn, include_inactive=True)}
+        for tenant in tenant_names:
+            if tenant not in existing:
+                add_tenant(conn, tenant, DEMO_TENANTS[tenant][0])
+        conn.commit()
+
+
+def outcome_of(tenant: str, result) -> TenantOutcome:
+    outcome = TenantOutcome(tenant, result.success)
+    for materialization in result.asset_materializations_for_node("model_evaluation"):
+        outcome.metrics = {k: float(materialization.metadata[k].value) for k in ("accuracy", "f1", "roc_auc") if k in materialization.metadata}
+    for materialization in result.asset_materializations_for_node("deployment"):
+        outcome.version = int(materialization.metadata["version"].value)
+    for materialization in result.asset_materializations_for_node("batch_predictions"):
+        outcome.predictions = int(materialization.metadata["rows_scored"].value)
+    for evaluation in result.get_asset_check_evaluations():
+        outcome.gates[evaluation.check_name] = evaluation.passed
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data:
+            outcome.error = f"{event.step_key}: {event.step_failure_data.error.message.strip().splitlines()[0]}"
+            break
+    return outcome
+
+
+def run_demo(tenant_names: list[str], out: Console, err: Console) -> list[TenantOutcome]:
+    settings = load_settings()
+    prepare_tenants(settings, tenant_names, err)
+    home = dagster_home(settings)
+    os.environ["DAGSTER_HOME"] = str(home)
+
+    import dagster as dg
+
+    from maestro_pipelines.definitions import defs
+    from maestro_pipelines.partitions import tenant_partitions
+
+    instance = dg.DagsterInstance.get()
+    known = set(instance.get_dynamic_partitions(tenant_partitions.name))
+    instance.add_dynamic_partitions(tenant_partitions.name, [t for t in tenant_names if t not in known])
+    job = defs.resolve_job_def("train_and_deploy")
+
+    outcomes = []
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=False) as progress:
+        task = progress.add_task("training", total=len(tenant_names))
+        for tenant in tenant_names:
+            progress.update(task, description=f"train_and_deploy[{tenant}]")
+            result = job.execute_in_process(partition_key=tenant, instance=instance, raise_on_error=False)
+            outcomes.append(outcome_of(tenant, result))
+            progress.advance(task)
+
+    table = Table(title="maestro demo", title_justify="left")
+    for column in ("tenant", "version", "accuracy", "f1", "roc auc", "gates", "predictions"):
+        table.add_column(column, justify="left" if column in ("tenant", "gates") else "right")
+    for o in outcomes:
+        def metric(name: str) -> str:
+            value = o.metrics.get(name)
+            return "" if value is None or math.isnan(value) else f"{value:.3f}"
+        failed_gates = [name for name, passed in sorted(o.gates.items()) if not passed]
+        gates = "" if not o.gates else ("pass" if not failed_gates else "FAIL " + ", ".join(failed_gates))
+        table.add_row(o.tenant, str(o.version or "-"), metric("accuracy"), metric("f1"), metric("roc_auc"), gates,
+                      "-" if o.predictions is None else f"{o.predictions:,}")
+    out.print(table)
+    for o in outcomes:
+        if not o.success:
+            out.print(f"{o.tenant}: run failed at {o.error or 'a step (see Dagit)'}", highlight=False, soft_wrap=True)
+    out.print(f"Open Dagit to see the graph, partitions, checks and pictures:\n"
+              f"  DAGSTER_HOME={home} dagster dev", highlight=False, soft_wrap=True)
+    if not all(o.success for o in outcomes):
+        raise MaestroError("the demo did not finish for every tenant", "Open Dagit (command above) for each failed run's logs")
+    return outcomes

@@ -1,0 +1,58 @@
+"""Jobs of the ML graph: train-and-deploy one tenant, and roll its deployment back."""
+
+import dagster as dg
+from pydantic import Field
+
+from maestro_pipelines.assets.ml import ml_assets
+from maestro_pipelines.failures import fail_fast_on_user_errors
+from maestro_pipelines.resources import MLflowRegistry, PlatformDatabase
+
+train_and_deploy_job = dg.define_asset_job(
+    "train_and_deploy",
+    selection=dg.AssetSelection.assets(*ml_assets),
+    description="The whole ML graph for one tenant: data to batch predictions, gated by the quality checks.",
+    tags={"maestro/kind": "training"},
+)
+
+
+class RollbackConfig(dg.Config):
+    tenant: str = Field(description="Tenant whose production model goes back to the version deployed before.")
+    environment: str = Field(default="production", description="Deployment environment to roll back.")
+    replicas: int = Field(default=2, ge=0, description="Replicas recorded for the restored deployment.")
+
+
+@dg.op(retry_policy=dg.RetryPolicy(max_retries=2, delay=2), pool="platform_database")
+@fail_fast_on_user_errors
+def roll_back_deployment(context: dg.OpExecutionContext, config: RollbackConfig,
+                         platform_db: PlatformDatabase, mlflow: MLflowRegistry) -> None:
+    """Move alias `production` back to the previous version and record the rollback."""
+    from maestro_pipelines.platform_db import ml_records
+    from maestro_pipelines.platform_db.tenants import get_tenant
+
+    registry = mlflow.registry()
+    with platform_db.get_connection() as conn:
+        tenant = get_tenant(conn, config.tenant)
+        model_id = ml_records.ensure_model(conn, tenant)
+        target = ml_records.rollback_target(conn, model_id, config.environment)
+        record = ml_records.deploy_version(
+            conn, tenant, model_id, target, config.environment, config.replicas, context.run.run_id,
+            retire_status="rolled_back",
+        )
+        if config.environment == "production":
+            registry.set_production(tenant.name, target)
+    context.log.info(f"{tenant.registry_name}: production {record.previous_version} -> {target} (rollback)")
+    # The deployment asset's state changed: say so on its partition, so Dagit tells the truth.
+    context.log_event(
+        dg.AssetMaterialization(
+            asset_key="deployment",
+            partition=tenant.name,
+            description=f"rolled back from version {record.previous_version} to {target}",
+            metadata={"version": target, "previous_version": record.previous_version or -1,
+                      "environment": config.environment, "deployment_id": record.id, "rollback": True},
+        )
+    )
+
+
+@dg.job(tags={"maestro/kind": "deployment"}, description="Roll a tenant's production model back to the version deployed before it.")
+def rollback_deployment():
+    roll_back_deployment()

@@ -1,0 +1,139 @@
+"""MLflow: experiments, runs, the model registry and the `production` alias.
+
+Registry stages are deprecated in MLflow 3: a version is promoted by moving the alias
+`production` to it, and served as `models:/maestro-<tenant>@production`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from maestro_pipelines.errors import MaestroError
+
+PRODUCTION_ALIAS = "production"
+
+
+def registry_name(tenant: str) -> str:
+    return f"maestro-{tenant}"
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: int
+    run_id: str | None
+    tags: dict[str, str]
+
+
+class ModelRegistry:
+    """One MLflow tracking/registry backend; `artifact_root` is where new experiments store."""
+
+    def __init__(self, tracking_uri: str, artifact_root: str | None = None):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.artifact_root = artifact_root.rstrip("/") if artifact_root else None
+        self._mlflow = mlflow
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    # -- experiments and runs -------------------------------------------------------------
+    def experiment_id(self, tenant: str) -> str:
+        name = registry_name(tenant)
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = f"{self.artifact_root}/{tenant}" if self.artifact_root else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location, tags={"tenant": tenant})
+        except Exception as exc:  # a concurrent run created it first
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise MaestroError(f"cannot create MLflow experiment {name} ({exc})") from None
+            return experiment.experiment_id
+
+    def log_training_run(
+        self, tenant: str, model, params: dict[str, Any], input_example, tags: dict[str, str], metrics: dict[str, float]
+    ) -> tuple[str, str]:
+        """Log a run with params, metrics and the model (signature, input example); return (run_id, model_uri)."""
+        import sklearn
+        import skops.io as sio
+        from mlflow.models import infer_signature
+
+        mlflow = self._mlflow
+        mlflow.set_tracking_uri(self.tracking_uri)
+        signature = infer_signature(input_example, model.predict(input_example))
+        # We built this model ourselves: tell skops to trust exactly the types it contains.
+        trusted = sio.get_untrusted_types(data=sio.dumps(model))
+        with mlflow.start_run(experiment_id=self.experiment_id(tenant), tags=tags) as run:
+            mlflow.log_params(params)
+            mlflow.log_metrics(metrics)
+            info = mlflow.sklearn.log_model(
+                model,
+                name="model",
+                signature=signature,
+                input_example=input_example,
+                # Listing requirements skips a 5 s subprocess that infers them.
+                pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+                skops_trusted_types=trusted,
+            )
+        return run.info.run_id, info.model_uri
+
+    def log_evaluation(self, run_id: str, metrics: dict[str, float], pictures: dict[str, bytes]) -> None:
+        import math
+
+        finite = {f"test_{k}": v for k, v in metrics.items() if not math.isnan(v)}
+        for key, value in finite.items():
+            self.client.log_metric(run_id, key, value)
+        for name, png in pictures.items():
+            self.client.log_image(run_id, _png_to_array(png), artifact_file=f"evaluation/{name}.png")
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    # -- registry -------------------------------------------------------------------------
+    def register(self, tenant: str, model_uri: str, run_id: str, tags: dict[str, str]) -> RegisteredVersion:
+        name = registry_name(tenant)
+        try:
+            self.client.get_registered_model(name)
+        except Exception:
+            try:
+                self.client.create_registered_model(name, tags={"tenant": tenant})
+            except Exception:
+                pass  # created concurrently
+        version = self.client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+        return RegisteredVersion(name, int(version.version), run_id, dict(tags))
+
+    def production_version(self, tenant: str) -> RegisteredVersion | None:
+        from mlflow.exceptions import MlflowException
+
+        name = registry_name(tenant)
+        try:
+            version = self.client.get_model_version_by_alias(name, PRODUCTION_ALIAS)
+        except MlflowException:
+            return None
+        return RegisteredVersion(name, int(version.version), version.run_id, dict(version.tags))
+
+    def set_production(self, tenant: str, version: int) -> None:
+        self.client.set_registered_model_alias(registry_name(tenant), PRODUCTION_ALIAS, str(version))
+
+    def load_production_model(self, tenant: str):
+        import mlflow.sklearn
+
+        self._mlflow.set_tracking_uri(self.tracking_uri)
+        self._mlflow.set_registry_uri(self.tracking_uri)
+        return mlflow.sklearn.load_model(f"models:/{registry_name(tenant)}@{PRODUCTION_ALIAS}")
+
+    def ui_link(self, tenant: str, version: int) -> str | None:
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return f"{self.tracking_uri.rstrip('/')}/#/models/{registry_name(tenant)}/versions/{version}"
+        return None
+
+
+def _png_to_array(png: bytes):
+    import io
+
+    import matplotlib.image as mpimg
+
+    return mpimg.imread(io.BytesIO(png), format="png")

@@ -1,0 +1,49 @@
+"""`maestro tenants` and `maestro demo` as a user runs them (installed entry point)."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+
+from ..conftest import create_database, drop_database
+from ..test_cli import run_maestro
+
+
+def test_tenants_add_and_list(pg18):
+    name = create_database(pg18, "tenants")
+    env = {"MAESTRO_DATABASE_URL": pg18.libpq_url(name)}
+    try:
+        bad = run_maestro("tenants", "add", "Bad Name", env=env)
+        assert bad.returncode == 1 and "'Bad Name' is not a valid tenant name" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+
+        added = run_maestro("tenants", "add", "acme", "--display-name", "Acme", "--min-accuracy", "0.9", env=env)
+        assert added.returncode == 0, added.stderr
+        again = run_maestro("tenants", "add", "acme", env=env)
+        assert again.returncode == 1 and "tenant 'acme' already exists" in again.stderr
+
+        listed = json.loads(run_maestro("tenants", "list", "--json", env=env).stdout)
+        assert [(t["name"], t["display_name"], t["status"]) for t in listed] == [("acme", "Acme", "active")]
+        assert listed[0]["gates"]["accuracy"] == 0.9 and listed[0]["gates"]["f1"] == 0.65
+    finally:
+        drop_database(pg18, name)
+
+
+def test_demo_on_the_embedded_default_trains_every_tenant(tmp_path):
+    """The README's first command, end to end: nothing configured but MAESTRO_HOME."""
+    home = tmp_path / "home"
+    result = run_maestro("demo", "--tenants", "acme,globex", env={"MAESTRO_HOME": str(home)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("│")}
+    for tenant, predictions in (("acme", "569"), ("globex", "178")):
+        cells = [c.strip() for c in rows[tenant].split("│")[1:-1]]
+        assert cells[1] == "1", cells  # production version
+        assert float(cells[2]) > 0.8 and cells[5] == "pass" and cells[6] == predictions
+    assert f"DAGSTER_HOME={home / 'dagster'} dagster dev" in result.stdout
+
+    # The runs are in the persistent instance that `dagster dev` will open.
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        runs = instance.get_runs()
+        assert len(runs) == 2 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        assert sorted(instance.get_dynamic_partitions("tenants")) == ["acme", "globex"]
