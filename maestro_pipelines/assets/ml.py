@@ -25,6 +25,15 @@ NETWORK_RETRY = dg.RetryPolicy(max_retries=2, delay=2, backoff=dg.Backoff.EXPONE
 PREVIEW_ROWS = 10
 
 
+def ml_asset(**kwargs):
+    """An asset of the ML graph: group `ml`, one partition per tenant, user errors fail fast."""
+
+    def decorate(fn):
+        return dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, **kwargs)(fail_fast_on_user_errors(fn))
+
+    return decorate
+
+
 class FeatureConfig(dg.Config):
     test_fraction: float = Field(default=0.2, gt=0.0, lt=0.9, description="Share of rows held out for evaluation (by a hash of each row's key, so stable as data grows).")
     label_column: str = Field(default="label", description="Column holding the class to predict.")
@@ -105,14 +114,11 @@ def _table_metadata(frame) -> dg.MetadataValue:
     return dg.MetadataValue.table(records, schema=dg.TableSchema(columns=columns))
 
 
-@dg.asset(
-    group_name=ML_GROUP,
-    partitions_def=tenant_partitions,
+@ml_asset(
     kinds={"python", "pandas"},
     retry_policy=NETWORK_RETRY,
     description="The tenant's training rows, read from the configured data source (MAESTRO_SOURCE_URL).",
 )
-@fail_fast_on_user_errors
 def training_data(context: dg.AssetExecutionContext, source: DataSource, platform_db: PlatformDatabase):
     tenant = _tenant(context, platform_db)
     started = time.perf_counter()
@@ -138,9 +144,8 @@ def training_data(context: dg.AssetExecutionContext, source: DataSource, platfor
     )
 
 
-@dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, kinds={"python", "pandas"},
+@ml_asset(kinds={"python", "pandas"},
           description="Deterministic train/test split of the tenant's rows, with feature statistics.")
-@fail_fast_on_user_errors
 def features(context: dg.AssetExecutionContext, config: FeatureConfig, training_data):
     from maestro_pipelines.ml.features import build_feature_set, feature_statistics
 
@@ -158,10 +163,9 @@ def features(context: dg.AssetExecutionContext, config: FeatureConfig, training_
     )
 
 
-@dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, kinds={"scikitlearn", "mlflow"},
+@ml_asset(kinds={"scikitlearn", "mlflow"},
           retry_policy=NETWORK_RETRY, pool="platform_database",
           description="A scikit-learn model trained on the split; the MLflow run and an `experiments` row record it.")
-@fail_fast_on_user_errors
 def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, features,
                   platform_db: PlatformDatabase, mlflow: MLflowRegistry):
     from maestro_pipelines.ml.training import ModelParams, build_estimator
@@ -207,9 +211,7 @@ METRIC_FLOORS_CHECK = "metric_floors"
 NO_REGRESSION_CHECK = "no_regression_vs_production"
 
 
-@dg.asset(
-    group_name=ML_GROUP,
-    partitions_def=tenant_partitions,
+@ml_asset(
     kinds={"scikitlearn", "mlflow"},
     retry_policy=NETWORK_RETRY,
     description="Held-out accuracy, F1 and ROC AUC with confusion matrix and ROC curve; the quality gates.",
@@ -220,7 +222,6 @@ NO_REGRESSION_CHECK = "no_regression_vs_production"
                           description="No metric falls below the production model's by more than the tenant's tolerance."),
     ],
 )
-@fail_fast_on_user_errors
 def model_evaluation(context: dg.AssetExecutionContext, trained_model, features,
                      platform_db: PlatformDatabase, mlflow: MLflowRegistry):
     from maestro_pipelines.ml.evaluation import evaluate, markdown_image
@@ -289,9 +290,8 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model, features,
     )
 
 
-@dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, kinds={"mlflow"}, retry_policy=NETWORK_RETRY,
+@ml_asset(kinds={"mlflow"}, retry_policy=NETWORK_RETRY,
           description="A new version in the MLflow registry (maestro-<tenant>), tagged with tenant, data hash and run id.")
-@fail_fast_on_user_errors
 def registered_model(context: dg.AssetExecutionContext, trained_model, model_evaluation,
                      platform_db: PlatformDatabase, mlflow: MLflowRegistry):
     from maestro_pipelines.platform_db import ml_records
@@ -313,10 +313,9 @@ def registered_model(context: dg.AssetExecutionContext, trained_model, model_eva
     return dg.Output(RegisteredModel(tenant.name, version.name, version.version, trained_model.mlflow_run_id, model_version_id), metadata=metadata)
 
 
-@dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, kinds={"mlflow", "postgres"},
+@ml_asset(kinds={"mlflow", "postgres"},
           retry_policy=NETWORK_RETRY, pool="platform_database",
           description="Alias `production` moved to the new version and a `deployments` row written (the previous one retired).")
-@fail_fast_on_user_errors
 def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, registered_model,
                platform_db: PlatformDatabase, mlflow: MLflowRegistry):
     from maestro_pipelines.platform_db import ml_records
@@ -345,10 +344,9 @@ def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, regi
     )
 
 
-@dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, kinds={"postgres"},
+@ml_asset(kinds={"postgres"},
           retry_policy=NETWORK_RETRY, pool="platform_database",
           description="The tenant's new rows scored with models:/maestro-<tenant>@production, written to `predictions` with COPY.")
-@fail_fast_on_user_errors
 def batch_predictions(context: dg.AssetExecutionContext, deployment, source: DataSource,
                       platform_db: PlatformDatabase, mlflow: MLflowRegistry) -> dg.MaterializeResult:
     from maestro_pipelines.ml.scoring import score_batches
