@@ -103,7 +103,11 @@ def run_demo(tenant_names: list[str], out: Console, err: Console) -> list[Tenant
         task = progress.add_task("training", total=len(tenant_names))
         for tenant in tenant_names:
             progress.update(task, description=f"train_and_deploy[{tenant}]")
-            result = job.execute_in_process(partition_key=tenant, instance=instance, raise_on_error=False)
+            # The progress bar is the console's view; step logs stay in the instance for Dagit.
+            result = job.execute_in_process(
+                partition_key=tenant, instance=instance, raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            )
             outcomes.append(outcome_of(tenant, result))
             progress.advance(task)
 
