@@ -26,12 +26,13 @@ import argparse
 import json
 import random
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tests.services import free_port, wait_for_port  # one way to start and wait for a server
 
 RESULTS = Path(__file__).parent / "results" / "store_stream.json"
 RSS_TARGET_MB = 200
@@ -120,26 +121,6 @@ def child_baseline(endpoint: str, size_mb: int) -> dict:
             "rss_peak_mb": peak_rss_mb(), "sha256": digest.hexdigest()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, deadline_s: float = 60) -> None:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto server exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"moto server not listening on {port}") from None
-            time.sleep(0.1)
-
-
 def run_child(side: str, endpoint: str, size_mb: int) -> dict:
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.store_stream", "--child", side, "--endpoint", endpoint,
@@ -173,7 +154,7 @@ def main() -> int:
             cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         try:
-            wait_for_port(port, server)
+            wait_for_port(port, server, None)
             endpoint = f"http://127.0.0.1:{port}"
             boto3.client("s3", endpoint_url=endpoint, **AWS).create_bucket(Bucket=BUCKET)
             ours = run_child("ours", endpoint, args.size_mb)

@@ -313,26 +313,25 @@ def _make_case(kind: str, request, tmp_path: Path) -> Case:
 CASE = pytest.StashKey[Case]()
 
 
-@pytest.fixture(params=STORES)
-def store(request, tmp_path) -> Iterator[ObjectStore]:
-    """Each of the four stores over a fresh folder, bucket or container."""
+def _fresh_store(request, tmp_path) -> Iterator[ObjectStore]:
     case = _make_case(request.param, request, tmp_path)
     request.node.stash[CASE] = case
     try:
         yield case.store
     finally:
         case.cleanup()
+
+
+@pytest.fixture(params=STORES)
+def store(request, tmp_path) -> Iterator[ObjectStore]:
+    """Each of the four stores over a fresh folder, bucket or container."""
+    yield from _fresh_store(request, tmp_path)
 
 
 @pytest.fixture(params=NETWORK_STORES)
 def network_store(request, tmp_path) -> Iterator[ObjectStore]:
     """The three network stores only (retries, proxies, credentials)."""
-    case = _make_case(request.param, request, tmp_path)
-    request.node.stash[CASE] = case
-    try:
-        yield case.store
-    finally:
-        case.cleanup()
+    yield from _fresh_store(request, tmp_path)
 
 
 @pytest.fixture
