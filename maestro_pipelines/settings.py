@@ -33,6 +33,16 @@ class Settings:
     mlflow_tracking_uri: str | None = None
     """`MLFLOW_TRACKING_URI`: another MLflow backend or server. Unset: a database beside the platform's."""
 
+    dagster_database_url: str | None = None
+    """`MAESTRO_DAGSTER_DATABASE_URL`: the PostgreSQL database of Dagster's own storage
+    (dagster-postgres), which backups then include. Unset: Dagster's storage is not ours to back up."""
+
+    alert_webhook: str | None = None
+    """`MAESTRO_ALERT_WEBHOOK`: a Slack-compatible incoming-webhook URL for alerts. Unset: alerts are logged only."""
+
+    timezone: str = "UTC"
+    """`MAESTRO_TIMEZONE`: the time zone of the schedules (nightly backup at 02:00 there)."""
+
     @property
     def effective_store_url(self) -> str:
         return self.store_url or (self.home / "store").as_uri()
@@ -60,4 +70,7 @@ def load_settings() -> Settings:
         store_url=_non_empty("MAESTRO_STORE_URL"),
         source_url=_non_empty("MAESTRO_SOURCE_URL"),
         mlflow_tracking_uri=_non_empty("MLFLOW_TRACKING_URI"),
+        dagster_database_url=_non_empty("MAESTRO_DAGSTER_DATABASE_URL"),
+        alert_webhook=_non_empty("MAESTRO_ALERT_WEBHOOK"),
+        timezone=_non_empty("MAESTRO_TIMEZONE") or "UTC",
     )

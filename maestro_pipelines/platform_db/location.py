@@ -11,6 +11,7 @@ from maestro_pipelines.platform_db.urls import describe, parse_postgres_url, red
 from maestro_pipelines.settings import DEFAULT_PLATFORM_DATABASE, Settings
 
 DATABASE_URL_VARIABLE = "MAESTRO_DATABASE_URL"
+MLFLOW_DATABASE_SUFFIX = "_mlflow"
 
 
 @dataclass
@@ -28,6 +29,11 @@ class DatabaseLocation:
     @property
     def database(self) -> str:
         return self.platform_url.database or DEFAULT_PLATFORM_DATABASE
+
+    @property
+    def mlflow_database(self) -> str:
+        """MLflow's default backend database, beside the platform database."""
+        return f"{self.database}{MLFLOW_DATABASE_SUFFIX}"
 
     @property
     def admin_url(self) -> URL:

@@ -13,8 +13,6 @@ from maestro_pipelines.settings import DEFAULT_HOME, Settings
 if TYPE_CHECKING:
     from maestro_pipelines.ml.registry import ModelRegistry
 
-MLFLOW_DATABASE_SUFFIX = "_mlflow"
-
 
 class MLflowRegistry(dg.ConfigurableResource):
     """MLflow tracking and registry.
@@ -68,7 +66,7 @@ def embedded_tracking_uri(settings: Settings) -> str:
     from maestro_pipelines.platform_db.connection import ensure_database
 
     location = locate_platform_database(settings)
-    name = f"{location.database}{MLFLOW_DATABASE_SUFFIX}"
+    name = location.mlflow_database
     ensure_database(location.admin_url, name, location.source)
     return location.url_for(name).render_as_string(hide_password=False)
 

@@ -1,0 +1,305 @@
+"""Taking a backup: pg_dump streamed through zstd into the object store, manifest last.
+
+For each database, in one REPEATABLE READ transaction that stays open for the whole dump:
+
+    pg_export_snapshot()  ->  pg_dump --snapshot=<it> -Fc -Z0  ->  zstd (threads)  ->  put_stream
+                          ->  row counts and content checksums (same snapshot, another thread)
+
+Nothing is written to local disk; the sha256 of every object is computed while it streams.
+The snapshots of all databases are taken one right after the other before any dump starts,
+so the platform database and MLflow's registry describe the same moment. The manifest is
+written last: a backup killed at any point has no manifest and so does not exist for
+listing, retention or restore (retention later removes its leftover objects).
+
+Why `-Fc -Z0` piped into Python's zstandard rather than pg_dump's own compression: the
+embedded pg_dump has no zstd/lz4, its gzip is single-threaded and 10x slower than the dump
+itself, and a directory dump (`-Fd -j N`) needs a full local copy. `benchmarks/backup.py`
+measures the choice.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import URL
+
+from maestro_pipelines.backup.activity import activity
+from maestro_pipelines.backup.consistency import table_checks
+from maestro_pipelines.backup.manifest import (
+    ARTIFACTS_NAME,
+    DUMP_SUFFIX,
+    MANIFEST_NAME,
+    ArtifactsRecord,
+    BackupError,
+    BackupManifest,
+    DatabaseDump,
+    TableCheck,
+    backup_root,
+    new_backup_id,
+    utcnow,
+)
+from maestro_pipelines.backup.pgtools import (
+    CHECKSUM_SESSION_OPTIONS,
+    libpq_environment,
+    program,
+    program_version,
+    psycopg_connect,
+    where,
+)
+from maestro_pipelines.storage import ObjectStore
+
+MiB = 1024 * 1024
+
+Progress = Callable[[str, int, "int | None"], None]
+"""progress(label, bytes_done, bytes_expected_or_None): called as a backup advances."""
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """One database to back up. `role` names it in the backup (platform, mlflow, dagster);
+    `source` names the setting its URL came from, for error messages."""
+
+    role: str
+    url: URL
+    source: str = "MAESTRO_DATABASE_URL"
+
+    @property
+    def database(self) -> str:
+        return self.url.database or "postgres"
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    compression_level: int = 1
+    """zstd level. benchmarks/backup.py measured level 1 with 2 threads as the best trade:
+    near the dump floor on 2 cores and smaller than pg_dump's gzip-9."""
+    compression_threads: int = 2
+    """zstd worker threads (0: compress in the streaming thread)."""
+    content_checksums: bool = True
+    """Per-table content checksums inside the snapshot (one extra scan per table, run
+    concurrently with the dump); off: row counts only."""
+    artifact_prefix: str | None = "mlflow-artifacts/"
+    """Store prefix whose objects (MLflow's model artifacts) are listed in the backup's
+    artifact manifest; None: no artifact manifest."""
+    read_size: int = MiB
+
+
+class _Snapshot:
+    """An open REPEATABLE READ transaction that exported its snapshot."""
+
+    def __init__(self, target: DatabaseTarget):
+        import psycopg
+
+        self.target = target
+        self.connection = psycopg_connect(target.url, options=CHECKSUM_SESSION_OPTIONS, source=target.source)
+        try:
+            self.connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            self.connection.read_only = True
+            with self.connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_export_snapshot(), "
+                    "(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, "
+                    "now(), current_setting('server_version'), current_setting('server_version_num')::int, "
+                    "pg_database_size(current_database())"
+                )
+                (self.snapshot_id, self.wal_lsn, self.snapshot_at, self.server_version,
+                 self.server_version_num, self.database_bytes) = cursor.fetchone()
+        except Exception as exc:
+            self.close()
+            if isinstance(exc, psycopg.Error):
+                from maestro_pipelines.platform_db.connection import translate_error
+
+                raise translate_error(exc, target.url, target.source) from None
+            raise
+
+    def close(self) -> None:
+        try:
+            self.connection.rollback()
+            self.connection.close()
+        except Exception:
+            pass
+
+
+class _CountingReader:
+    """pg_dump's stdout, counting bytes and reporting progress about every 16 MiB."""
+
+    def __init__(self, stream, label: str, expected: int | None, progress: Progress | None):
+        self.stream = stream
+        self.count = 0
+        self.label = label
+        self.expected = expected
+        self.progress = progress
+        self._reported = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.count += len(data)
+        if self.progress is not None and self.count - self._reported >= 16 * MiB:
+            self._reported = self.count
+            self.progress(self.label, self.count, self.expected)
+        return data
+
+
+def _stderr_tail(handle, url: URL) -> str:
+    handle.seek(0)
+    text = handle.read().decode("utf-8", "replace").strip()
+    if url.password:
+        text = text.replace(str(url.password), "***")
+    lines = [line for line in text.splitlines() if line.strip()]
+    return " / ".join(lines[-3:]) if lines else "no message"
+
+
+def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions, backup_id: str,
+          pg_dump: str, progress: Progress | None) -> DatabaseDump:
+    import zstandard
+
+    target = snap.target
+    started = time.monotonic()
+    checks: dict[str, Any] = {}
+
+    def run_checks() -> None:
+        try:
+            checks["tables"] = table_checks(snap.connection, options.content_checksums)
+        except BaseException as exc:  # reported after the dump, with the dump's own error first
+            checks["error"] = exc
+
+    command = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={snap.snapshot_id}", "--no-password"]
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, env=libpq_environment(target.url), bufsize=0
+        )
+        checker = threading.Thread(target=run_checks, name=f"checks-{target.role}", daemon=True)
+        checker.start()
+        reader = _CountingReader(process.stdout, f"{target.role} ({target.database})", snap.database_bytes, progress)
+        compressor = zstandard.ZstdCompressor(
+            level=options.compression_level, threads=options.compression_threads, write_checksum=True
+        )
+
+        def compressed_chunks():
+            yield from compressor.read_to_iter(reader, read_size=options.read_size, write_size=options.read_size)
+            # Checked before put_stream commits: a failed dump never becomes an object.
+            if process.wait() != 0:
+                raise BackupError(
+                    f"pg_dump of {target.role} database '{target.database}' at {where(target.url)} failed: "
+                    f"{_stderr_tail(stderr, target.url)}",
+                    f"Fix what pg_dump says (permissions on {target.source}'s user, server reachable), then run the backup again",
+                )
+            if reader.count == 0:
+                raise BackupError(f"pg_dump of '{target.database}' produced no output", "Run the backup again")
+
+        try:
+            info = store.put_stream(key, compressed_chunks(), {"backup_id": backup_id, "role": target.role})
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            process.stdout.close()
+        checker.join()
+    if "error" in checks:
+        store.delete(key)
+        error = checks["error"]
+        raise BackupError(
+            f"Counting rows of {target.role} database '{target.database}' inside the dump's snapshot failed: {error}",
+            "Run the backup again; if it persists, run it with content checksums off",
+        ) from error
+    if progress is not None:
+        progress(f"{target.role} ({target.database})", reader.count, reader.count)
+    tables: list[TableCheck] = checks["tables"]
+    return DatabaseDump(
+        role=target.role,
+        database=target.database,
+        where=where(target.url),
+        key=key,
+        server_version=str(snap.server_version),
+        server_version_num=int(snap.server_version_num),
+        snapshot_at=snap.snapshot_at,
+        wal_lsn=snap.wal_lsn,
+        dump_bytes=reader.count,
+        compressed_bytes=info.size,
+        sha256=info.sha256 or "",
+        duration_s=round(time.monotonic() - started, 3),
+        database_bytes=int(snap.database_bytes),
+        tables=tables,
+    )
+
+
+def artifact_entries(store: ObjectStore, prefix: str) -> list[dict[str, Any]]:
+    """Key, size and sha256 of every object under `prefix`. MLflow writes artifacts itself,
+    without the sha256 our store records, so those are hashed by reading them once."""
+    import hashlib
+
+    entries = []
+    for info in store.list(prefix, with_metadata=True):
+        sha = info.sha256
+        if sha is None:
+            digest = hashlib.sha256()
+            with store.open_read(info.key, verify=False) as reader:
+                for block in iter(lambda: reader.read(MiB), b""):
+                    digest.update(block)
+            sha = digest.hexdigest()
+        entries.append({"key": info.key, "size": info.size, "sha256": sha})
+    return entries
+
+
+def create_backup(
+    store: ObjectStore,
+    targets: list[DatabaseTarget],
+    options: BackupOptions | None = None,
+    progress: Progress | None = None,
+    notes: list[str] | None = None,
+) -> BackupManifest:
+    """Back up `targets` into `store`; return the committed manifest."""
+    options = options or BackupOptions()
+    if not targets:
+        raise BackupError("Nothing to back up: no database was given", "Check MAESTRO_DATABASE_URL")
+    roles = [t.role for t in targets]
+    if len(set(roles)) != len(roles):
+        raise BackupError(f"Two databases have the same role in one backup: {roles}", "Give each a distinct role")
+    pg_dump = program("pg_dump")
+    pg_dump_version = program_version("pg_dump")
+    started_at = utcnow()
+    backup_id = new_backup_id(started_at)
+    root = backup_root(backup_id)
+
+    with activity(store, "backup", backup_id):
+        snapshots: list[_Snapshot] = []
+        try:
+            for target in targets:
+                snapshots.append(_Snapshot(target))
+            artifacts = None
+            if options.artifact_prefix:
+                entries = artifact_entries(store, options.artifact_prefix)
+                body = json.dumps({"prefix": options.artifact_prefix, "objects": entries}, indent=1).encode()
+                info = store.put_bytes(f"{root}/{ARTIFACTS_NAME}", body, {"backup_id": backup_id})
+                artifacts = ArtifactsRecord(
+                    key=info.key, sha256=info.sha256 or "", size=info.size, prefix=options.artifact_prefix,
+                    count=len(entries), total_bytes=sum(e["size"] for e in entries),
+                )
+            dumps = []
+            for snap in snapshots:
+                key = f"{root}/{snap.target.role}{DUMP_SUFFIX}"
+                dumps.append(_dump(store, key, snap, options, backup_id, pg_dump, progress))
+                snap.close()
+        finally:
+            for snap in snapshots:
+                snap.close()
+        manifest = BackupManifest(
+            backup_id=backup_id,
+            started_at=started_at,
+            finished_at=utcnow(),
+            pg_dump_version=pg_dump_version,
+            compression={"codec": "zstd", "level": options.compression_level, "threads": options.compression_threads},
+            databases=dumps,
+            artifacts=artifacts,
+            notes=list(notes or []),
+        )
+        # The commit marker: from this write on, the backup exists.
+        store.put_bytes(f"{root}/{MANIFEST_NAME}", manifest.to_json(), {"backup_id": backup_id})
+    return manifest

