@@ -31,6 +31,12 @@ db_app = typer.Typer(
 app.add_typer(db_app, name="db")
 tenants_app = typer.Typer(help="Tenants: each one a partition of the ML graph.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
+backup_app = typer.Typer(
+    help="Backups of every Maestro database into the object store (MAESTRO_STORE_URL): run, list, verify, "
+    "retention, monthly archive. Needs no Dagster instance.",
+    no_args_is_help=True,
+)
+app.add_typer(backup_app, name="backup")
 
 out = Console()
 err = Console(stderr=True)
@@ -197,6 +203,244 @@ def tenants_list(as_json: bool = typer.Option(False, "--json", help="Print JSON 
         gates = ", ".join(f"{k} >= {v:g}" for k, v in t.gates.items())
         table.add_row(t.name, t.display_name, t.status, gates, f"{t.created_at:%Y-%m-%d %H:%M}" if t.created_at else "")
     out.print(table)
+
+
+def _store():
+    """The object store from MAESTRO_STORE_URL (default: the `store` folder in MAESTRO_HOME)."""
+    from maestro_pipelines.storage import open_store
+
+    settings = load_settings()
+    if settings.store_url is None:
+        return open_store(settings.effective_store_url, "MAESTRO_STORE_URL (default)", create=True)
+    return open_store(settings.store_url, "MAESTRO_STORE_URL")
+
+
+class _ByteProgress:
+    """A rich progress bar per database, fed by the backup library's progress callback."""
+
+    def __init__(self, verb: str):
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
+        self.verb = verb
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeElapsedColumn(), console=err, transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def __call__(self, label: str, done: int, expected: int | None) -> None:
+        task = self.tasks.get(label)
+        if task is None:
+            task = self.tasks[label] = self.bar.add_task(f"{self.verb} {label}", total=expected)
+        # The database's size is only an estimate of the dump's: never let the bar pass it.
+        total = max(expected or 0, done) or None
+        self.bar.update(task, completed=done, total=total)
+
+
+def _entry_row(entry) -> dict:
+    manifest = entry.manifest
+    return {
+        "id": entry.backup_id,
+        "month": entry.month,
+        "started_at": manifest.started_at.isoformat() if manifest else None,
+        "snapshot_at": manifest.snapshot_at.isoformat() if manifest else None,
+        "databases": [d.role for d in manifest.databases] if manifest else [],
+        "dump_bytes": manifest.dump_bytes if manifest else None,
+        "stored_bytes": entry.stored_bytes if manifest else None,
+        "duration_s": round(manifest.duration_s, 3) if manifest else None,
+        "verified": entry.verified,
+        "verified_at": entry.verification.verified_at.isoformat() if entry.verified else None,
+        "problem": entry.problem,
+    }
+
+
+def _print_report(report) -> None:
+    if report.ok:
+        out.print(
+            f"backup {report.backup_id} verified: {report.objects} objects, "
+            f"{_human_bytes(report.bytes_read)} read, in {report.duration_s:.1f} s",
+            highlight=False,
+        )
+    else:
+        err.print(f"backup {report.backup_id} FAILED verification:", highlight=False)
+        for problem in report.problems:
+            err.print(f"  - {problem}", highlight=False, soft_wrap=True)
+
+
+@backup_app.command("run")
+def backup_run(
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify the backup once it is written."),
+    level: int = typer.Option(None, help="zstd compression level (default: the library's measured choice)."),
+    checksums: bool = typer.Option(
+        True, "--checksums/--no-checksums", help="Per-table content checksums in the dump's snapshot."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON (for scripts)."),
+) -> None:
+    """Back up every Maestro database (platform, MLflow, Dagster's when on PostgreSQL) into the store."""
+    from maestro_pipelines.backup import BackupOptions, backup_targets, create_backup, verify_backup
+
+    settings = load_settings()
+    store = _store()
+    targets, notes = backup_targets(settings)
+    for note in notes:
+        err.print(f"note: {note}", highlight=False)
+    options = BackupOptions(content_checksums=checksums)
+    if level is not None:
+        options = BackupOptions(compression_level=level, content_checksums=checksums)
+    with _ByteProgress("dump") as progress:
+        manifest = create_backup(store, targets, options, progress=progress, notes=notes)
+    report = None
+    if verify:
+        with _ByteProgress("verify") as progress:
+            report = verify_backup(store, manifest.backup_id, progress=progress)
+    if as_json:
+        summary = {
+            "id": manifest.backup_id,
+            "store": store.url,
+            "databases": {d.role: {"database": d.database, "dump_bytes": d.dump_bytes, "stored_bytes": d.compressed_bytes,
+                                   "rows": d.rows, "tables": len(d.tables)} for d in manifest.databases},
+            "duration_s": round(manifest.duration_s, 3),
+            "verified": report.ok if report else None,
+            "problems": report.problems if report else [],
+        }
+        out.print_json(json.dumps(summary))
+    else:
+        table = Table(title=f"backup {manifest.backup_id} in {store.url}", title_justify="left")
+        for column, justify in (("database", "left"), ("role", "left"), ("tables", "right"), ("rows", "right"),
+                                ("dump", "right"), ("stored", "right"), ("time", "right")):
+            table.add_column(column, justify=justify)
+        for d in manifest.databases:
+            table.add_row(d.database, d.role, str(len(d.tables)), f"{d.rows:,}", _human_bytes(d.dump_bytes),
+                          _human_bytes(d.compressed_bytes), f"{d.duration_s:.1f} s")
+        out.print(table)
+        if report is not None:
+            _print_report(report)
+    if report is not None and not report.ok:
+        raise typer.Exit(1)
+
+
+@backup_app.command("list")
+def backup_list(
+    monthly: bool = typer.Option(False, "--monthly", help="List the monthly archives instead."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
+) -> None:
+    """Committed backups, oldest first: id, time, size, verified."""
+    from maestro_pipelines.backup import list_backups
+
+    store = _store()
+    entries = list_backups(store, monthly=monthly)
+    if as_json:
+        out.print_json(json.dumps([_entry_row(e) for e in entries]))
+        return
+    kind = "monthly archives" if monthly else "backups"
+    table = Table(title=f"{len(entries)} {kind} in {store.url}", title_justify="left")
+    for column, justify in (("id", "left"), ("month", "left"), ("time (UTC)", "left"), ("databases", "left"),
+                            ("size", "right"), ("verified", "left")):
+        # an 80-column terminal fits five columns: archives show their month instead of databases
+        if (column == "month" and not monthly) or (column == "databases" and monthly):
+            continue
+        # Ids and times are copied into other commands: never wrapped or cut.
+        table.add_column(column, justify=justify, no_wrap=column != "databases", min_width=8 if column == "databases" else None)
+    for entry in entries:
+        row = _entry_row(entry)
+        verified = "yes" if entry.verified else ("[red]BAD[/red]" if entry.problem else "no")
+        cells = [entry.backup_id] + ([entry.month or ""] if monthly else []) + [
+            f"{entry.started_at:%Y-%m-%d %H:%M:%S}" if entry.started_at else "?",
+        ] + ([] if monthly else [",".join(row["databases"])]) + [
+            _human_bytes(entry.stored_bytes) if entry.manifest else "?",
+            verified,
+        ]
+        table.add_row(*cells)
+    out.print(table)
+    for entry in entries:
+        if entry.problem:
+            err.print(f"{entry.backup_id}: {entry.problem}", highlight=False, soft_wrap=True)
+
+
+@backup_app.command("verify")
+def backup_verify(
+    backup_id: str = typer.Argument(..., help="A backup id from `maestro backup list`, or `newest`."),
+    month: str = typer.Option(None, help="Verify the monthly archive of this month (YYYY-MM) instead."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
+) -> None:
+    """Re-read every object of a backup, check sizes and sha256, read each dump with pg_restore --list.
+    Exits non-zero when anything is wrong."""
+    from maestro_pipelines.backup import BackupNotFound, list_backups, verify_backup
+
+    store = _store()
+    if backup_id == "newest":
+        entries = list_backups(store, monthly=month is not None)
+        entries = [e for e in entries if month is None or e.month == month]
+        if not entries:
+            raise BackupNotFound(f"There is no backup in the store at {store.url}", "Run `maestro backup run` first")
+        backup_id = entries[-1].backup_id
+    with _ByteProgress("verify") as progress:
+        report = verify_backup(store, backup_id, month=month, progress=progress)
+    if as_json:
+        out.print_json(json.dumps({"id": report.backup_id, "ok": report.ok, "problems": report.problems,
+                                   "objects": report.objects, "bytes_read": report.bytes_read,
+                                   "duration_s": report.duration_s}))
+    else:
+        _print_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@backup_app.command("retention")
+def backup_retention(
+    daily: int = typer.Option(7, help="Days (with backups) whose newest backup is kept."),
+    monthly: int = typer.Option(12, help="Monthly archives kept."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted, delete nothing."),
+) -> None:
+    """Delete backups beyond the retention policy (never the newest verified one, never while a
+    backup or restore runs) and leftovers of backups that never finished."""
+    from maestro_pipelines.backup import RetentionPolicy, apply_retention
+
+    try:
+        policy = RetentionPolicy(daily=daily, monthly=monthly)
+    except ValueError as exc:
+        raise MaestroError(f"retention policy refused: {exc}", "Use --daily 1 or more and --monthly 0 or more") from None
+    plan = apply_retention(_store(), policy, dry_run=dry_run)
+    if plan.skipped:
+        err.print(f"retention skipped: {plan.skipped}", highlight=False, soft_wrap=True)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for entry, why in plan.delete:
+        out.print(f"{verb} {entry.root}: {why}", highlight=False)
+    for root in plan.delete_incomplete:
+        out.print(f"{verb} {root}: never finished (no manifest)", highlight=False)
+    out.print(f"kept {len(plan.keep)}, {verb} {len(plan.delete) + len(plan.delete_incomplete)}", highlight=False)
+
+
+@backup_app.command("archive")
+def backup_archive(
+    month: str = typer.Option(None, help="Month to archive, YYYY-MM (default: the previous month)."),
+) -> None:
+    """Copy (server-side) the newest verified backup of MONTH to the monthly/ prefix."""
+    from datetime import timedelta
+
+    from maestro_pipelines.backup import archive_month
+    from maestro_pipelines.backup.manifest import utcnow
+
+    if month is None:
+        month = (utcnow().replace(day=1) - timedelta(days=1)).strftime("%Y-%m")
+    entry, copied = archive_month(_store(), month)
+    state = "archived" if copied else "already archived"
+    out.print(f"{state}: backup {entry.backup_id} as {entry.root}", highlight=False)
 
 
 @app.command("demo")

@@ -87,6 +87,8 @@ def _read_dump(store: ObjectStore, key: str, expected_dump_bytes: int, report: V
             except OSError:
                 pass
             code = lister.wait()
+        if progress is not None:
+            progress(label, decompressed, expected_dump_bytes)
         if decompressed != expected_dump_bytes:
             return f"{key} decompresses to {decompressed} bytes, the manifest says {expected_dump_bytes}", 0
         if code != 0:
@@ -115,7 +117,8 @@ def verify_backup(store: ObjectStore, backup_id: str, month: str | None = None,
             report.objects += 1
             problem = _check_object(store, key, dump.compressed_bytes, dump.sha256)
             if problem is None:
-                problem, entries = _read_dump(store, key, dump.dump_bytes, report, f"verify {dump.role}", progress)
+                label = f"{dump.role} ({dump.database})"
+                problem, entries = _read_dump(store, key, dump.dump_bytes, report, label, progress)
                 report.bytes_read += dump.compressed_bytes
                 if problem is None:
                     report.toc_entries[dump.role] = entries
