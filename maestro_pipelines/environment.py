@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from maestro_pipelines.resources import MLflowRegistry, ObjectStoreResource, PlatformDatabase
+from maestro_pipelines.resources import AlertResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
 from maestro_pipelines.settings import Settings, load_settings
 
 
@@ -41,6 +41,11 @@ def object_store(settings: Settings) -> ObjectStoreResource:
     return ObjectStoreResource(url=settings.store_url, home=str(settings.home), **secrets)
 
 
+def alerts(settings: Settings) -> AlertResource:
+    # The webhook URL is the credential of a Slack webhook: passed by name, read at run time.
+    return AlertResource(webhook_url=_env_or_none(settings.alert_webhook, "MAESTRO_ALERT_WEBHOOK"))
+
+
 def data_source(settings: Settings):
     from maestro_pipelines.resources.sources import PostgresDataSource, source_from_environment
 
@@ -62,4 +67,5 @@ def resources_for_environment(settings: Settings | None = None) -> dict[str, dg.
         "mlflow": mlflow_registry(settings),
         "source": data_source(settings),
         "store": object_store(settings),
+        "alerts": alerts(settings),
     }

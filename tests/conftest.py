@@ -12,6 +12,7 @@ Each test that needs a database gets a fresh one (`fresh_database`), dropped aft
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from maestro_pipelines.platform_db.connection import dispose_engines, engine_for
 from maestro_pipelines.platform_db.embedded import EmbeddedPostgres
 from maestro_pipelines.platform_db.location import DatabaseLocation
 from maestro_pipelines.platform_db.urls import parse_postgres_url
+from tests.services import free_port, wait_for_port
 
 PG15_URL_VARIABLE = "MAESTRO_TEST_PG15_URL"
 
@@ -103,3 +105,19 @@ def pg18_database(pg18) -> Iterator[DatabaseLocation]:
     name = create_database(pg18)
     yield pg18.location(name)
     drop_database(pg18, name)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's S3 server over real HTTP on 127.0.0.1 (the store and backup tests use it)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        wait_for_port(port, None, None, deadline_s=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()

@@ -1,12 +1,14 @@
 """Software-defined assets, one module per part of the graph.
 
 `platform`: the platform database's schema. `ml`: the per-tenant ML graph, from training data
-to batch predictions. Backups, drills and upkeep assets land here as their issues are built.
+to batch predictions. `backups`: the nightly database backup and the monthly archive. Drills
+and upkeep assets land here as their issues are built.
 """
 
+from maestro_pipelines.assets.backups import backup_assets
 from maestro_pipelines.assets.ml import ml_assets
 from maestro_pipelines.assets.platform import platform_schema
 
-all_assets = [platform_schema, *ml_assets]
+all_assets = [platform_schema, *ml_assets, *backup_assets]
 
 __all__ = ["all_assets"]

@@ -62,3 +62,22 @@ def running_activities(
         if now - started < stale_after:
             running.append(Activity(body["kind"], body["id"], started, body.get("host", "?"), body.get("pid", 0), info.key))
     return running
+
+
+def stale_activities(
+    store: ObjectStore, now: datetime | None = None, stale_after: timedelta = DEFAULT_STALE_AFTER
+) -> list[str]:
+    """Keys of markers left by processes killed inside a backup or restore (older than
+    `stale_after`, or unreadable and last written before then)."""
+    now = now or utcnow()
+    stale = []
+    for info in store.list(f"{ACTIVITY_PREFIX}/", with_metadata=False):
+        try:
+            started = _parse_time(json.loads(store.get_bytes(info.key, verify=False))["started_at"])
+        except ObjectNotFound:
+            continue
+        except (ValueError, KeyError, TypeError):
+            started = info.last_modified
+        if started is not None and now - started >= stale_after:
+            stale.append(info.key)
+    return stale

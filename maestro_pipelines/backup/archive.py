@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from maestro_pipelines.backup.activity import activity
 from maestro_pipelines.backup.catalog import BackupEntry, list_backups
 from maestro_pipelines.backup.manifest import MANIFEST_NAME, MONTH, MONTHLY_PREFIX, VERIFIED_NAME, BackupError
 from maestro_pipelines.storage import ObjectStore
@@ -24,20 +25,22 @@ def archive_month(store: ObjectStore, month: str) -> tuple[BackupEntry, bool]:
     for existing in list_backups(store, monthly=True):
         if existing.month == month and existing.manifest is not None:
             return existing, False
-    end = month_end(month)
-    candidates = [e for e in list_backups(store) if e.verified and e.started_at and e.started_at < end]
-    if not candidates:
-        raise BackupError(
-            f"No verified backup taken before the end of {month} to archive",
-            "Run and verify a backup first (`maestro backup run`, then `maestro backup verify ID`)",
-        )
-    source = candidates[-1]
-    dest = f"{MONTHLY_PREFIX}/{month}/{source.backup_id}"
-    names = sorted(i.key.rsplit("/", 1)[-1] for i in store.list(source.root + "/", with_metadata=False))
-    for name in names:
-        if name not in (MANIFEST_NAME, VERIFIED_NAME):
-            store.copy(f"{source.root}/{name}", f"{dest}/{name}")
-    store.copy(f"{source.root}/{MANIFEST_NAME}", f"{dest}/{MANIFEST_NAME}")
-    store.copy(f"{source.root}/{VERIFIED_NAME}", f"{dest}/{VERIFIED_NAME}")
+    # Marked as running from the choice of the source on: retention must not delete it mid-copy.
+    with activity(store, "archive", month):
+        end = month_end(month)
+        candidates = [e for e in list_backups(store) if e.verified and e.started_at and e.started_at < end]
+        if not candidates:
+            raise BackupError(
+                f"No verified backup taken before the end of {month} to archive",
+                "Run and verify a backup first (`maestro backup run`, then `maestro backup verify ID`)",
+            )
+        source = candidates[-1]
+        dest = f"{MONTHLY_PREFIX}/{month}/{source.backup_id}"
+        names = sorted(i.key.rsplit("/", 1)[-1] for i in store.list(source.root + "/", with_metadata=False))
+        for name in names:
+            if name not in (MANIFEST_NAME, VERIFIED_NAME):
+                store.copy(f"{source.root}/{name}", f"{dest}/{name}")
+        store.copy(f"{source.root}/{MANIFEST_NAME}", f"{dest}/{MANIFEST_NAME}")
+        store.copy(f"{source.root}/{VERIFIED_NAME}", f"{dest}/{VERIFIED_NAME}")
     archived = [e for e in list_backups(store, monthly=True) if e.root == dest]
     return archived[0], True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from maestro_pipelines.backup.manifest import (
     BACKUP_ID,
@@ -96,8 +96,13 @@ def list_backups(store: ObjectStore, monthly: bool = False) -> list[BackupEntry]
             continue
         if MANIFEST_NAME not in names:
             continue  # not committed: in progress, or killed
-        entries.append(_load(store, root, names))
-    return sorted(entries, key=lambda e: (e.backup_id, e.month or ""))
+        try:
+            entries.append(_load(store, root, names))
+        except ObjectNotFound:
+            continue  # deleted (retention) between the listing and the read
+    # Ids have one-second resolution and a random suffix: two backups started in the same
+    # second sort by their start time, not by chance.
+    return sorted(entries, key=lambda e: (e.backup_id[:16], e.started_at or datetime.min.replace(tzinfo=timezone.utc), e.backup_id, e.month or ""))
 
 
 def incomplete_backups(store: ObjectStore) -> dict[str, set[str]]:

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,23 @@ class _Snapshot:
                 raise translate_error(exc, target.url, target.source) from None
             raise
 
+    @contextmanager
+    def importer(self):
+        """Another connection inside the same snapshot (SET TRANSACTION SNAPSHOT)."""
+        import psycopg
+
+        connection = psycopg_connect(self.target.url, options=CHECKSUM_SESSION_OPTIONS, source=self.target.source)
+        try:
+            connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            connection.read_only = True
+            connection.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
+            yield connection
+        finally:
+            try:
+                connection.rollback()
+            finally:
+                connection.close()
+
     def close(self) -> None:
         try:
             self.connection.rollback()
@@ -165,8 +183,11 @@ def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions,
     checks: dict[str, Any] = {}
 
     def run_checks() -> None:
+        # On a second connection that imports the snapshot: an error here (a table this user
+        # may not read) must not abort the exporting transaction under pg_dump's feet.
         try:
-            checks["tables"] = table_checks(snap.connection, options.content_checksums)
+            with snap.importer() as connection:
+                checks["tables"] = table_checks(connection, options.content_checksums)
         except BaseException as exc:  # reported after the dump, with the dump's own error first
             checks["error"] = exc
 
@@ -270,6 +291,7 @@ def create_backup(
 
     with activity(store, "backup", backup_id):
         snapshots: list[_Snapshot] = []
+        written: list[str] = []
         try:
             for target in targets:
                 snapshots.append(_Snapshot(target))
@@ -278,6 +300,7 @@ def create_backup(
                 entries = artifact_entries(store, options.artifact_prefix)
                 body = json.dumps({"prefix": options.artifact_prefix, "objects": entries}, indent=1).encode()
                 info = store.put_bytes(f"{root}/{ARTIFACTS_NAME}", body, {"backup_id": backup_id})
+                written.append(info.key)
                 artifacts = ArtifactsRecord(
                     key=info.key, sha256=info.sha256 or "", size=info.size, prefix=options.artifact_prefix,
                     count=len(entries), total_bytes=sum(e["size"] for e in entries),
@@ -286,7 +309,16 @@ def create_backup(
             for snap in snapshots:
                 key = f"{root}/{snap.target.role}{DUMP_SUFFIX}"
                 dumps.append(_dump(store, key, snap, options, backup_id, pg_dump, progress))
+                written.append(key)
                 snap.close()
+        except BaseException:
+            # A failed backup removes what it wrote (a killed one leaves it to retention).
+            for key in written:
+                try:
+                    store.delete(key)
+                except Exception:
+                    pass
+            raise
         finally:
             for snap in snapshots:
                 snap.close()

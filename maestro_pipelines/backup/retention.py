@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from maestro_pipelines.backup.activity import DEFAULT_STALE_AFTER, running_activities
+from maestro_pipelines.backup.activity import DEFAULT_STALE_AFTER, running_activities, stale_activities
 from maestro_pipelines.backup.catalog import BackupEntry, incomplete_backups, list_backups
 from maestro_pipelines.backup.manifest import MANIFEST_NAME, VERIFIED_NAME, utcnow
 from maestro_pipelines.storage import ObjectStore
@@ -37,6 +37,8 @@ class RetentionPlan:
     delete: list[tuple[BackupEntry, str]] = field(default_factory=list)
     delete_incomplete: list[str] = field(default_factory=list)
     """Roots of backups that never got a manifest and are older than stale_after."""
+    delete_markers: list[str] = field(default_factory=list)
+    """Activity markers left by killed processes (older than stale_after)."""
     skipped: str | None = None
     """Why nothing was deleted (a backup or restore is running)."""
 
@@ -53,15 +55,23 @@ def plan_retention(daily: list[BackupEntry], monthly: list[BackupEntry], policy:
     ordered = sorted(daily, key=_started, reverse=True)
     newest_verified = next((e for e in ordered if e.verified), None)
     kept_days: set = set()
+    verified_days: set = set()  # kept days whose newest verified backup is kept
     for entry in ordered:
         day = _started(entry).date()
         if entry is newest_verified:
             plan.keep.append((entry, "newest verified backup"))
             kept_days.add(day)
+            verified_days.add(day)
+        elif day in kept_days and entry.verified and day not in verified_days:
+            # A verified backup is not deleted because an unverified one ran later that day.
+            plan.keep.append((entry, f"newest verified backup of {day}"))
+            verified_days.add(day)
         elif day in kept_days:
             plan.delete.append((entry, f"a newer backup of {day} is kept"))
         elif len(kept_days) < policy.daily:
             kept_days.add(day)
+            if entry.verified:
+                verified_days.add(day)
             plan.keep.append((entry, f"newest backup of {day}"))
         else:
             plan.delete.append((entry, f"older than the last {policy.daily} days with backups"))
@@ -100,6 +110,7 @@ def apply_retention(store: ObjectStore, policy: RetentionPolicy | None = None, n
             continue
         if now - started >= policy.stale_after:
             plan.delete_incomplete.append(root)
+    plan.delete_markers = stale_activities(store, now, policy.stale_after)
     if dry_run:
         return plan
     for entry, _why in plan.delete:
@@ -108,4 +119,6 @@ def apply_retention(store: ObjectStore, policy: RetentionPolicy | None = None, n
     for root in plan.delete_incomplete:
         for info in store.list(root + "/", with_metadata=False):
             store.delete(info.key)
+    for key in plan.delete_markers:
+        store.delete(key)
     return plan

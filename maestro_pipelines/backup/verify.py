@@ -80,7 +80,7 @@ def _read_dump(store: ObjectStore, key: str, expected_dump_bytes: int, report: V
         except zstandard.ZstdError as exc:
             return f"{key} is not a valid zstd stream ({exc})", 0
         except StoreError as exc:
-            return f"{key}: {exc.problem}", 0
+            return exc.problem, 0  # names the object already
         finally:
             try:
                 lister.stdin.close()

@@ -1,5 +1,6 @@
 """Jobs: asset selections and op jobs launched by schedules, sensors and on-call."""
 
+from maestro_pipelines.jobs.backups import backup_jobs
 from maestro_pipelines.jobs.ml import rollback_deployment, train_and_deploy_job
 
-all_jobs = [train_and_deploy_job, rollback_deployment]
+all_jobs = [train_and_deploy_job, rollback_deployment, *backup_jobs]

@@ -1,6 +1,8 @@
 """Schedules: nightly backups, monthly archives, retention, weekly drills, daily upkeep.
 
-Empty until the backup, drill and upkeep issues add theirs.
+Drills and upkeep add theirs with their issues.
 """
 
-all_schedules: list = []
+from maestro_pipelines.schedules.backups import backup_schedules
+
+all_schedules: list = [*backup_schedules]

@@ -1,5 +1,7 @@
-"""Sensors: tenant partitions, retraining on new data (RPO breach and run alerts come with backups)."""
+"""Sensors: tenant partitions, retraining on new data; backups' RPO breaches, failed backup runs
+and verification of backups taken outside Dagster."""
 
+from maestro_pipelines.sensors.backups import backup_sensors
 from maestro_pipelines.sensors.tenants import retraining_sensor, tenant_partitions_sensor
 
-all_sensors = [tenant_partitions_sensor, retraining_sensor]
+all_sensors = [tenant_partitions_sensor, retraining_sensor, *backup_sensors]

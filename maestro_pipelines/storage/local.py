@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -57,6 +58,9 @@ from maestro_pipelines.storage.base import (
 META_DIR = f"{RESERVED_PREFIX}meta"
 TMP_PREFIX = f"{RESERVED_PREFIX}tmp-"
 SIDECAR_PREFIX = f"{RESERVED_PREFIX}ino-"
+STALE_TEMP_S = 3600
+"""A temporary file not written to for this long belongs to a writer that died (SIGKILL,
+power loss): deleting an object removes such files beside it."""
 
 
 class _SourceFailed(Exception):
@@ -198,6 +202,19 @@ class LocalObjectStore(ObjectStore):
                     os.unlink(entry.path)
                 except FileNotFoundError:
                     pass
+
+    def _drop_stale_temps(self, folder: Path) -> None:
+        cutoff = time.time() - STALE_TEMP_S
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            try:
+                if entry.name.startswith(TMP_PREFIX) and entry.is_file() and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
 
     def _prune(self, folder: Path, stop: Path) -> None:
         """Remove empty folders from `folder` up to (not including) `stop`."""
@@ -400,6 +417,7 @@ class LocalObjectStore(ObjectStore):
                     raise
                 return  # a folder of other keys is not an object
             self._drop_sidecars(key)
+            self._drop_stale_temps(path.parent)
             self._prune(self._meta_dir(key), self._meta_root.parent)
             self._prune(path.parent, self.root)
 

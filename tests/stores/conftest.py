@@ -17,7 +17,6 @@ store and a real server to break connections on purpose.
 
 from __future__ import annotations
 
-import logging
 import socket
 import sys
 import threading
@@ -29,7 +28,7 @@ import pytest
 
 from maestro_pipelines.storage import ObjectStore, RetryPolicy, open_store
 from maestro_pipelines.storage.local import LocalObjectStore
-from tests.services import CACHE, find_program, free_port, missing_service, server_process, wait_for_port
+from tests.services import CACHE, find_program, free_port, missing_service, server_process
 
 FAST_RETRY = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.05)
 PREFIX = "maestro"
@@ -53,19 +52,7 @@ def fresh_name() -> str:
 # ---- servers ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        wait_for_port(port, None, None, deadline_s=30)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+# moto_endpoint (the plain S3 server) is in tests/conftest.py: the backup tests use it too.
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,142 @@
+"""Jobs of backups: the nightly backup, the monthly archive, retention and verification.
+
+Every run is tagged `maestro/kind` (backup, archive, retention, verify): the failure-alert
+sensor and the UI's run filters select backup runs by it.
+
+`dagster/max_runtime` (seconds) ends a run that hangs (a stuck pg_dump, a store that stopped
+answering) as failed, which alerts. It is enforced by the daemon's run monitoring, which a
+deployment turns on in dagster.yaml:
+
+    run_monitoring:
+      enabled: true
+"""
+
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+from maestro_pipelines.assets.backups import (
+    BACKUP_POOL,
+    STORE_RETRY,
+    backup_step,
+    database_backup,
+    monthly_archive,
+    verification_summary,
+    verify_with_marker,
+)
+from maestro_pipelines.resources import ObjectStoreResource
+
+KIND_TAG = "maestro/kind"
+NIGHTLY_BACKUP_MAX_RUNTIME_S = 3 * 3600
+
+nightly_backup = dg.define_asset_job(
+    "nightly_backup",
+    selection=dg.AssetSelection.assets(database_backup),
+    description="Back up every stateful database into the object store and verify it (one daily partition).",
+    tags={KIND_TAG: "backup", "dagster/max_runtime": str(NIGHTLY_BACKUP_MAX_RUNTIME_S)},
+)
+
+monthly_archive_job = dg.define_asset_job(
+    "monthly_archive_job",
+    selection=dg.AssetSelection.assets(monthly_archive),
+    description="Copy the month's newest verified backup into monthly/<YYYY-MM>/ (one monthly partition).",
+    tags={KIND_TAG: "archive", "dagster/max_runtime": str(2 * 3600)},
+)
+
+
+class RetentionConfig(dg.Config):
+    daily: int = Field(default=7, ge=1, description="Days (with at least one backup) whose newest backup is kept.")
+    monthly: int = Field(default=12, ge=0, description="Monthly archives kept (newest months).")
+    dry_run: bool = Field(default=False, description="Only report what would be deleted.")
+
+
+@dg.op(pool=BACKUP_POOL, retry_policy=STORE_RETRY, tags={KIND_TAG: "retention"})
+@backup_step
+def apply_backup_retention(context: dg.OpExecutionContext, config: RetentionConfig, store: ObjectStoreResource):
+    """Delete backups and archives the policy no longer keeps (never the newest verified
+    backup; nothing at all while a backup, restore, archive or verification runs)."""
+    from maestro_pipelines.backup import RetentionPolicy, apply_retention
+
+    object_store = store.get_store()
+    plan = apply_retention(
+        object_store, RetentionPolicy(daily=config.daily, monthly=config.monthly), dry_run=config.dry_run
+    )
+    verb = "would delete" if config.dry_run else "deleted"
+    if plan.skipped:
+        context.log.warning(f"Retention skipped: {plan.skipped}")
+    for entry, why in plan.keep:
+        context.log.info(f"keep {entry.root}: {why}")
+    for entry, why in plan.delete:
+        context.log.info(f"{verb} {entry.root}: {why}")
+    for root in plan.delete_incomplete:
+        context.log.info(f"{verb} {root}: never finished (no manifest), older than the stale limit")
+
+    def listing(items) -> str:
+        return "\n".join(f"- `{entry.root}`: {why}" for entry, why in items) or "none"
+
+    return dg.Output(
+        None,
+        metadata={
+            "policy": dg.MetadataValue.text(f"daily={config.daily} monthly={config.monthly}"),
+            "dry_run": dg.MetadataValue.bool(config.dry_run),
+            "skipped": dg.MetadataValue.text(plan.skipped or "no"),
+            "kept": dg.MetadataValue.int(len(plan.keep)),
+            "deleted": dg.MetadataValue.int(len(plan.delete)),
+            "deleted_incomplete": dg.MetadataValue.int(len(plan.delete_incomplete)),
+            "freed_bytes": dg.MetadataValue.int(sum(entry.stored_bytes for entry, _ in plan.delete)),
+            "kept_backups": dg.MetadataValue.md(listing(plan.keep)),
+            "deleted_backups": dg.MetadataValue.md(listing(plan.delete)),
+        },
+    )
+
+
+@dg.job(
+    tags={KIND_TAG: "retention", "dagster/max_runtime": str(3600)},
+    description="Apply the retention policy to the backup store (default: 7 daily backups, 12 monthly archives).",
+)
+def backup_retention():
+    apply_backup_retention()
+
+
+class VerifyBackupConfig(dg.Config):
+    backup_id: str = Field(description="The backup to verify, e.g. 20261126T020000Z-1a2b3c (`maestro backup list`).")
+    month: Optional[str] = Field(
+        default=None, description="YYYY-MM: verify the monthly archive's copy of the backup instead."
+    )
+
+
+@dg.op(pool=BACKUP_POOL, retry_policy=STORE_RETRY, tags={KIND_TAG: "verify"})
+@backup_step
+def verify_stored_backup(context: dg.OpExecutionContext, config: VerifyBackupConfig, store: ObjectStoreResource):
+    """Re-read every object of one backup against its manifest and read each dump with
+    pg_restore --list; record the result in the store (verified.json)."""
+    report = verify_with_marker(store.get_store(), config.backup_id, context.log, month=config.month)
+    summary = verification_summary(report)
+    metadata = {
+        "backup_id": dg.MetadataValue.text(report.backup_id),
+        "verified": dg.MetadataValue.bool(report.ok),
+        "verification": dg.MetadataValue.text(summary),
+        "objects": dg.MetadataValue.int(report.objects),
+        "bytes_read": dg.MetadataValue.int(report.bytes_read),
+        "duration_s": dg.MetadataValue.float(report.duration_s),
+    }
+    if not report.ok:
+        raise dg.Failure(
+            description=f"Backup {report.backup_id} failed verification: {'; '.join(report.problems)}",
+            metadata=metadata,
+            allow_retries=False,
+        )
+    context.log.info(f"Backup {report.backup_id} verified: {summary}")
+    return dg.Output(None, metadata=metadata)
+
+
+@dg.job(
+    tags={KIND_TAG: "verify", "dagster/max_runtime": str(3 * 3600)},
+    description="Verify one backup in the store (the verify sensor launches it for backups taken outside Dagster).",
+)
+def verify_backup_job():
+    verify_stored_backup()
+
+
+backup_jobs = [nightly_backup, monthly_archive_job, backup_retention, verify_backup_job]
