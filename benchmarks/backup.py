@@ -1,0 +1,536 @@
+"""Backing up the platform database: our `create_backup` vs. the original shell script
+(`pg_dump -Fc --compress=9` to a file, then upload it) and vs. the dump floor.
+
+    python -m benchmarks.backup [--size-mb 1024] [--explore] [--repeat 2] [--level L] [--threads T]
+                                [--no-checksums] [--home DIR]
+
+One run, everything sequential (the machine has 2 cores): a platform database of
+`--size-mb` MiB is generated (`benchmarks.platform_data`) on an embedded PostgreSQL 18 in a
+temporary MAESTRO_HOME and a moto S3 server is started in its own process. Then:
+
+- floor: `pg_dump -Fc -Z0 > /dev/null`, twice (the best counts): nothing faster can dump;
+  ours and each explore candidate run `--repeat` times too, the fastest counting (the
+  others are recorded): on 2 cores a single run is noisy;
+- original: `pg_dump -Fc --compress=9 -f FILE`, then the file copied into a folder (the local
+  store) and, separately, `upload_file` to S3 (what `aws s3 cp` does);
+- ours: `create_backup` into a `file://` store, then into an `s3://` store on moto, each in a
+  fresh child process whose peak RSS is "our process" (pg_dump is a process of its own,
+  sampled apart; peaks are VmHWM, see `peak_rss_mb`). `--level/--threads/--no-checksums` override the library's defaults;
+- `--explore`: raw pipelines without our library, to choose format and compression:
+  `pg_dump -Fc -Z0` piped into Python `zstandard` (levels, threads), and `pg_dump -Fd -j2 -Z0`
+  into a folder then tar-packed through zstd; each writes its output to a file and fsyncs
+  it (as the local store does), each in a child process (its RSS is the Python side's).
+
+Targets: ours at least 4x faster than the original method, within 1.25x of the floor into
+the local store, no more than 1.1x the size of the gzip-9 file, our peak RSS under 300 MB.
+Results go to benchmarks/results/backup.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "backup.json"
+REPO = Path(__file__).parent.parent
+AWS = {"region_name": "us-east-1", "aws_access_key_id": "bench", "aws_secret_access_key": "bench"}
+BUCKET = "maestro-bench"
+MiB = 1024 * 1024
+MB = 1_000_000
+SPEEDUP_TARGET = 4.0        # ours vs. the original method (dump gzip-9, then upload)
+FLOOR_TARGET = 1.25         # ours into the local store vs. pg_dump -Fc -Z0 > /dev/null
+SIZE_TARGET = 1.10          # ours vs. the gzip-9 file
+RSS_TARGET_MB = 300
+
+# --explore: (name, spec). Levels -3..3 with 0 (in the caller's thread), 1 (one worker:
+# reading and compressing overlap) or 2 worker threads, one level-6 point, one read_to_iter.
+EXPLORE = [
+    ("pg_dump -Fc --compress=1 -f FILE (gzip-1)", {"kind": "gzip", "level": 1}),
+    *[(f"-Fc -Z0 => zstd L{level} T{threads} (stream_writer)",
+       {"kind": "zstd", "level": level, "threads": threads, "api": "stream_writer"})
+      for level in (-3, -1, 1, 3) for threads in (0, 2)],
+    ("-Fc -Z0 => zstd L1 T1 (stream_writer)", {"kind": "zstd", "level": 1, "threads": 1, "api": "stream_writer"}),
+    ("-Fc -Z0 => zstd L3 T1 (stream_writer)", {"kind": "zstd", "level": 3, "threads": 1, "api": "stream_writer"}),
+    ("-Fc -Z0 => zstd L6 T2 (stream_writer)", {"kind": "zstd", "level": 6, "threads": 2, "api": "stream_writer"}),
+    ("-Fc -Z0 => zstd L3 T2 (read_to_iter)", {"kind": "zstd", "level": 3, "threads": 2, "api": "read_to_iter"}),
+    ("-Fd -j2 -Z0 to a folder, then tar => zstd L1 T2", {"kind": "dir-tar", "level": 1, "threads": 2}),
+    ("-Fd -j2 -Z0 to a folder, then tar => zstd L3 T2", {"kind": "dir-tar", "level": 3, "threads": 2}),
+]
+
+
+# ---------------------------------------------------------------- helpers shared with children
+
+def pg_program(name: str) -> str:
+    from maestro_pipelines.platform_db.embedded import bin_dir
+
+    return str(Path(bin_dir()) / name)
+
+
+def pg_environment(db_url: str) -> tuple[dict[str, str], str]:
+    """libpq environment and database name for the pg_* programs, from a SQLAlchemy URL."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    host = url.query.get("host") or url.host
+    if host:
+        env["PGHOST"] = host
+    if url.port:
+        env["PGPORT"] = str(url.port)
+    env["PGUSER"] = url.username or "postgres"
+    if url.password:
+        env["PGPASSWORD"] = url.password
+    return env, url.database
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (MB): VmHWM. Not `ru_maxrss`, which a child started with
+    vfork (Python's subprocess does) inherits from its parent at exec: every child would
+    report at least the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class ChildrenPeak:
+    """Samples the peak RSS (VmHWM, monotonic) of this process's child processes (pg_dump)
+    every 50 ms until stopped: their `ru_maxrss` would include ours (see peak_rss_mb)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _children(self) -> set[int]:
+        pids = set()
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                pids.update(int(p) for p in (task / "children").read_text().split())
+            except OSError:
+                pass
+        return pids
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            for pid in self._children():
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_child(args: list[str], timeout: float = 3600) -> dict:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.backup", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"child {args[:2]} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- children
+
+def child_ours(db_url: str, store_url: str, endpoint: str | None, level, threads, checksums) -> dict:
+    """Our backup in this fresh process: its ru_maxrss is "our process"."""
+    from sqlalchemy.engine import make_url
+
+    from maestro_pipelines.backup import BackupOptions, DatabaseTarget, create_backup
+    from maestro_pipelines.storage import open_store
+
+    if store_url.startswith("s3://"):
+        store = open_store(store_url, endpoint_url=endpoint, **AWS)
+    else:
+        store = open_store(store_url, create=True)
+    options = {"compression_level": level, "compression_threads": threads, "content_checksums": checksums}
+    options = BackupOptions(**{k: v for k, v in options.items() if v is not None})
+    rss_before = peak_rss_mb()
+    with ChildrenPeak() as children:
+        started = time.perf_counter()
+        manifest = create_backup(store, [DatabaseTarget(role="platform", url=make_url(db_url))], options, progress=None)
+        wall = time.perf_counter() - started
+    dump = manifest.databases[0]
+    return {
+        "wall_s": wall, "duration_s": manifest.duration_s, "backup_id": manifest.backup_id,
+        "dump_bytes": dump.dump_bytes, "compressed_bytes": dump.compressed_bytes,
+        "options": {k: getattr(options, k, None) for k in ("compression_level", "compression_threads", "content_checksums")},
+        "rss_before_mb": rss_before, "rss_peak_mb": peak_rss_mb(),
+        "pg_dump_rss_mb": children.peak_mb,
+    }
+
+
+def child_explore(db_url: str, spec: dict, scratch: str) -> dict:
+    """One raw pipeline (no Maestro code): time, bytes in and out, this process's RSS."""
+    import zstandard
+
+    env, database = pg_environment(db_url)
+    pg_dump = pg_program("pg_dump")
+    out = Path(scratch) / "backup.out"
+    phases: dict[str, float] = {}
+    dump_bytes = None
+    children = ChildrenPeak().__enter__()
+    started = time.perf_counter()
+    if spec["kind"] == "gzip":
+        subprocess.run([pg_dump, "-Fc", f"--compress={spec['level']}", "-f", str(out), "-d", database],
+                       env=env, check=True)
+    elif spec["kind"] == "zstd":
+        cctx = zstandard.ZstdCompressor(level=spec["level"], threads=spec["threads"])
+        proc = subprocess.Popen([pg_dump, "-Fc", "-Z0", "-d", database], env=env, stdout=subprocess.PIPE, bufsize=0)
+        dump_bytes = 0
+        with out.open("wb") as f:
+            if spec["api"] == "stream_writer":
+                with cctx.stream_writer(f, closefd=False, write_size=MiB) as writer:
+                    while chunk := proc.stdout.read(MiB):
+                        dump_bytes += len(chunk)
+                        writer.write(chunk)
+            else:
+                class Counting:
+                    def read(self, n):
+                        nonlocal dump_bytes
+                        chunk = proc.stdout.read(n)
+                        dump_bytes += len(chunk)
+                        return chunk
+
+                for piece in cctx.read_to_iter(Counting(), read_size=MiB, write_size=MiB):
+                    f.write(piece)
+            phases["dump+compress_s"] = time.perf_counter() - started
+            synced = time.perf_counter()
+            f.flush()
+            os.fsync(f.fileno())
+            phases["fsync_s"] = time.perf_counter() - synced
+        if proc.wait() != 0:
+            raise RuntimeError(f"pg_dump exited with {proc.returncode}")
+    elif spec["kind"] == "dir-tar":
+        import tarfile
+
+        folder = Path(scratch) / "dump.d"
+        subprocess.run([pg_dump, "-Fd", "-j2", "-Z0", "-f", str(folder), "-d", database], env=env, check=True)
+        phases["dump_s"] = time.perf_counter() - started
+        packing = time.perf_counter()
+        dump_bytes = sum(p.stat().st_size for p in folder.iterdir())
+        cctx = zstandard.ZstdCompressor(level=spec["level"], threads=spec["threads"])
+        with out.open("wb") as f:
+            with cctx.stream_writer(f, closefd=False, write_size=MiB) as writer:
+                with tarfile.open(fileobj=writer, mode="w|", bufsize=MiB) as tar:
+                    tar.add(folder, arcname="dump.d")
+            f.flush()
+            os.fsync(f.fileno())
+        phases["tar+compress+fsync_s"] = time.perf_counter() - packing
+        shutil.rmtree(folder)
+    else:
+        raise ValueError(spec)
+    seconds = time.perf_counter() - started
+    children.__exit__()
+    size = out.stat().st_size
+    out.unlink()
+    return {"seconds": seconds, "dump_bytes": dump_bytes, "compressed_bytes": size, "phases": phases,
+            "rss_mb": peak_rss_mb(), "pg_dump_rss_mb": children.peak_mb}
+
+
+# ---------------------------------------------------------------- measured in the main process
+
+def dump_floor(env: dict, database: str) -> float:
+    started = time.perf_counter()
+    subprocess.run([pg_program("pg_dump"), "-Fc", "-Z0", "-d", database], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def original_method(env: dict, database: str, scratch: Path, endpoint: str) -> dict:
+    """The shell script: pg_dump gzip-9 to a file, then upload the file."""
+    import boto3
+
+    dump_file = scratch / "platform.dump"
+    started = time.perf_counter()
+    subprocess.run([pg_program("pg_dump"), "-Fc", "--compress=9", "-f", str(dump_file), "-d", database],
+                   env=env, check=True)
+    dump_s = time.perf_counter() - started
+
+    folder = scratch / "local-store"
+    folder.mkdir()
+    started = time.perf_counter()
+    shutil.copyfile(dump_file, folder / dump_file.name)  # cp FILE /backups/
+    copy_s = time.perf_counter() - started
+
+    client = boto3.client("s3", endpoint_url=endpoint, **AWS)
+    started = time.perf_counter()
+    client.upload_file(str(dump_file), BUCKET, "original/platform.dump")  # aws s3 cp FILE s3://...
+    upload_s = time.perf_counter() - started
+    size = dump_file.stat().st_size
+    client.delete_object(Bucket=BUCKET, Key="original/platform.dump")
+    dump_file.unlink()
+    shutil.rmtree(folder)
+    return {"dump_s": dump_s, "copy_s": copy_s, "upload_s": upload_s, "bytes": size,
+            "local_s": dump_s + copy_s, "s3_s": dump_s + upload_s}
+
+
+def best_of(times: int, child_args: list[str], key: str) -> dict:
+    """Run a child `times` times: the fastest run, with every run's time and the highest RSS."""
+    runs = [run_child(child_args) for _ in range(times)]
+    best = dict(min(runs, key=lambda run: run[key]))
+    best["runs_s"] = [round(run[key], 2) for run in runs]
+    for name in ("rss_mb", "rss_peak_mb", "pg_dump_rss_mb"):
+        if name in best:
+            best[name] = max(run[name] for run in runs)
+    return best
+
+
+def library_available() -> str | None:
+    """None when `create_backup` imports, else the error (checked in a child: main stays clean)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from maestro_pipelines.backup import create_backup, BackupOptions, DatabaseTarget"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def row(figure, ours, baseline, ratio, target, passed) -> dict:
+    return {"figure": figure, "ours": ours, "baseline": baseline, "ratio": ratio, "target": target, "pass": passed}
+
+
+def r(value, digits=2):
+    return None if value is None else round(value, digits)
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for cells in rows:
+        print("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=float, default=1024, help="MiB of platform database (default 1024)")
+    parser.add_argument("--explore", action="store_true", help="also time raw pg_dump | zstd pipelines and -Fd + tar")
+    parser.add_argument("--level", type=int, help="our compression level (default: the library's)")
+    parser.add_argument("--threads", type=int, help="our compression threads (default: the library's)")
+    parser.add_argument("--no-checksums", action="store_true", help="content_checksums=False for ours")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="runs of ours and of each explore candidate; the fastest counts (default 2)")
+    parser.add_argument("--home", type=Path,
+                        help="MAESTRO_HOME to use and keep; its database is generated once and reused after")
+    parser.add_argument("--child", choices=["ours", "explore"], help=argparse.SUPPRESS)
+    parser.add_argument("--db-url", help=argparse.SUPPRESS)
+    parser.add_argument("--store-url", help=argparse.SUPPRESS)
+    parser.add_argument("--endpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    checksums = False if args.no_checksums else None
+    if args.child == "ours":
+        print(json.dumps(child_ours(args.db_url, args.store_url, args.endpoint, args.level, args.threads, checksums)))
+        return 0
+    if args.child == "explore":
+        print(json.dumps(child_explore(args.db_url, json.loads(args.spec), args.scratch)))
+        return 0
+
+    from tests.services import free_port, server_process
+
+    from benchmarks.platform_data import generate_platform_database, start_embedded
+
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    workdir = Path(tempfile.mkdtemp(prefix="maestro-bench-backup-"))
+    home = args.home or workdir / "home"
+    server = None
+    # Other work on the machine skews every figure here: the load averages are recorded.
+    results: dict = {"size_mib": args.size_mb, "loadavg_start": os.getloadavg()}
+    try:
+        server, server_url = start_embedded(home)
+        db_url = server_url.set(database="maestro")
+        marker = home / "benchmark-platform-data.json"
+        if args.home and marker.exists() and json.loads(marker.read_text())["size_mb_requested"] == args.size_mb:
+            generation = json.loads(marker.read_text())
+            say(f"reusing the database generated in {home}")
+        else:
+            say(f"generating a {args.size_mb:g} MiB platform database ...")
+            generation = generate_platform_database(db_url, args.size_mb, progress=lambda m: say(f"  {m}"))
+            if args.home:
+                marker.write_text(json.dumps(generation))
+        results["database"] = {k: generation[k] for k in ("database_mib", "seconds", "steps_s", "rows")}
+        db = db_url.render_as_string(hide_password=False)
+        env, database = pg_environment(db)
+
+        say("dump floor (pg_dump -Fc -Z0 > /dev/null), twice ...")
+        floors = [dump_floor(env, database) for _ in range(2)]
+        floor = min(floors)
+        missing = library_available()
+
+        port = free_port()
+        moto_dir = workdir / "moto"
+        moto_dir.mkdir()
+        moto = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+        with server_process(moto, port, moto_dir) as moto_process:
+            import boto3
+
+            endpoint = f"http://127.0.0.1:{port}"
+            results["moto_pid"] = moto_process.pid
+            boto3.client("s3", endpoint_url=endpoint, **AWS).create_bucket(Bucket=BUCKET)
+
+            say("original method (pg_dump -Fc --compress=9 -f FILE, then copy / upload_file) ...")
+            original = original_method(env, database, workdir, endpoint)
+
+            ours: dict[str, dict] = {}
+            if missing:
+                say(f"ours: skipped, the library does not import yet ({missing})")
+            else:
+                common = ["--db-url", db, "--endpoint", endpoint]
+                common += ["--level", str(args.level)] if args.level is not None else []
+                common += ["--threads", str(args.threads)] if args.threads is not None else []
+                common += ["--no-checksums"] if args.no_checksums else []
+                for where, store_url in (("local", (workdir / "store").as_uri()), ("s3", f"s3://{BUCKET}/backups")):
+                    say(f"ours into the {where} store, {args.repeat} time(s) ...")
+                    ours[where] = best_of(args.repeat, ["--child", "ours", "--store-url", store_url, *common], "wall_s")
+                    shutil.rmtree(workdir / "store", ignore_errors=True)
+                if not args.no_checksums:
+                    # What the per-table content checksums cost: the same backup with row counts only.
+                    say(f"ours into the local store without content checksums, {args.repeat} time(s) ...")
+                    ours["local_counts_only"] = best_of(
+                        args.repeat,
+                        ["--child", "ours", "--store-url", (workdir / "store").as_uri(), *common, "--no-checksums"],
+                        "wall_s",
+                    )
+                    shutil.rmtree(workdir / "store", ignore_errors=True)
+
+        explore = []
+        if args.explore:
+            scratch = workdir / "explore"
+            scratch.mkdir()
+            for name, spec in EXPLORE:
+                say(f"explore: {name} ...")
+                result = best_of(args.repeat, ["--child", "explore", "--db-url", db, "--spec", json.dumps(spec),
+                                               "--scratch", str(scratch)], "seconds")
+                explore.append({"candidate": name, "spec": spec, **result})
+    finally:
+        if server is not None and args.home is None:
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    # ------------------------------------------------------------ tables
+    dump_bytes = next((e["dump_bytes"] for e in explore if e["dump_bytes"]), None)
+    if ours:
+        dump_bytes = ours["local"]["dump_bytes"]
+    gz9 = original["bytes"]
+    results["floor_s"] = [r(f) for f in floors]
+    results["original"] = {k: r(v) for k, v in original.items()}
+    results["ours"] = ours or None
+    results["ours_missing"] = missing
+
+    rows = [
+        row(f"generate the {generation['database_mib']} MiB database (s)", None, r(generation["seconds"], 1), None,
+            "reported (well under 120 s)", generation["seconds"] < 120),
+        row("dump floor: pg_dump -Fc -Z0 > /dev/null (s, best of 2)", None, r(floor), None, "reported", None),
+        row("original: pg_dump -Fc --compress=9 -f FILE (s)", None, r(original["dump_s"]), r(original["dump_s"] / floor),
+            "reported (x floor)", None),
+        row("original: copy the file into the local store (s)", None, r(original["copy_s"]), None, "reported", None),
+        row("original: upload_file to S3/moto (s)", None, r(original["upload_s"]), None, "reported", None),
+    ]
+    passes = []
+    if ours:
+        local, s3 = ours["local"], ours["s3"]
+        checks = [
+            row("backup into the local store (s): ours vs original", r(local["wall_s"]), r(original["local_s"]),
+                r(original["local_s"] / local["wall_s"]), f"original/ours >= {SPEEDUP_TARGET:g}",
+                original["local_s"] / local["wall_s"] >= SPEEDUP_TARGET),
+            row("backup into S3/moto (s): ours vs original", r(s3["wall_s"]), r(original["s3_s"]),
+                r(original["s3_s"] / s3["wall_s"]), f"original/ours >= {SPEEDUP_TARGET:g}",
+                original["s3_s"] / s3["wall_s"] >= SPEEDUP_TARGET),
+            row("ours into the local store vs the dump floor (s)", r(local["wall_s"]), r(floor),
+                r(local["wall_s"] / floor), f"ours/floor <= {FLOOR_TARGET:g}", local["wall_s"] / floor <= FLOOR_TARGET),
+            row("ours into S3/moto vs the dump floor (s)", r(s3["wall_s"]), r(floor), r(s3["wall_s"] / floor),
+                "reported", None),
+            *([row("ours without content checksums (counts only), local store vs the dump floor (s)",
+                   r(ours["local_counts_only"]["wall_s"]), r(floor), r(ours["local_counts_only"]["wall_s"] / floor),
+                   f"reported (ours/floor <= {FLOOR_TARGET:g}?)", None)] if "local_counts_only" in ours else []),
+            row("backup size (MB): ours vs the gzip-9 file", r(local["compressed_bytes"] / MB, 1), r(gz9 / MB, 1),
+                r(local["compressed_bytes"] / gz9), f"ours/gzip-9 <= {SIZE_TARGET:g}",
+                local["compressed_bytes"] / gz9 <= SIZE_TARGET),
+            row("peak RSS of our process, local store (MB)", r(local["rss_peak_mb"], 1), None, None,
+                f"< {RSS_TARGET_MB} MB", local["rss_peak_mb"] < RSS_TARGET_MB),
+            row("peak RSS of our process, S3 (MB)", r(s3["rss_peak_mb"], 1), None, None,
+                f"< {RSS_TARGET_MB} MB", s3["rss_peak_mb"] < RSS_TARGET_MB),
+        ]
+        rows += checks
+        passes = [c["pass"] for c in checks if c["pass"] is not None]
+        rows += [
+            row("  our RSS after imports, before the backup (MB)", r(local["rss_before_mb"], 1), None, None,
+                "reported", None),
+            row("  pg_dump's own peak RSS under ours (MB)", r(local["pg_dump_rss_mb"], 1), None, None, "reported", None),
+            row("  ours, every run: local / S3 (s)", f"{local['runs_s']} / {s3['runs_s']}", None, None,
+                "the fastest counts", None),
+            row("  manifest duration_s, local / S3 (s)", f"{r(local['duration_s'])} / {r(s3['duration_s'])}", None,
+                None, "reported", None),
+            row("  uncompressed dump (MB)", r(local["dump_bytes"] / MB, 1), None, None,
+                f"options {local['options']}", None),
+        ]
+    else:
+        rows.append(row(f"ours: not measured ({missing})", None, None, None, "all targets", None))
+    results["rows"] = rows
+
+    explore_rows = []
+    if explore:
+        explore_rows.append({"candidate": "floor: pg_dump -Fc -Z0 > /dev/null", "s": r(floor), "x_floor": 1.0,
+                             "MB": None, "x_gzip9": None})
+        explore_rows.append({"candidate": "original: pg_dump -Fc --compress=9 -f FILE", "s": r(original["dump_s"]),
+                             "x_floor": r(original["dump_s"] / floor), "MB": r(gz9 / MB, 1), "x_gzip9": 1.0})
+        for e in explore:
+            explore_rows.append({
+                "candidate": e["candidate"], "s": r(e["seconds"]), "x_floor": r(e["seconds"] / floor),
+                "MB": r(e["compressed_bytes"] / MB, 1), "x_gzip9": r(e["compressed_bytes"] / gz9),
+                "dump_to_MB": r(e["dump_bytes"] / e["compressed_bytes"]) if e["dump_bytes"] else None,
+                "runs_s": e["runs_s"], "rss_mb": r(e["rss_mb"], 1), "pg_dump_rss_mb": r(e["pg_dump_rss_mb"], 1), "phases": {k: r(v) for k, v in e["phases"].items()},
+            })
+        results["explore"] = explore_rows
+        results["dump_bytes"] = dump_bytes
+
+    results["loadavg_end"] = os.getloadavg()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"platform database: {generation['database_mib']} MiB, generated in {generation['seconds']} s; "
+          f"uncompressed dump {r(dump_bytes / MB, 1) if dump_bytes else '?'} MB; floor runs {results['floor_s']} s; "
+          f"load average at start {results['loadavg_start'][0]:.2f}, at end {results['loadavg_end'][0]:.2f}\n")
+    print_table(["figure", "ours", "baseline", "ratio", "target", "pass"],
+                [[x["figure"], x["ours"], x["baseline"], x["ratio"], x["target"],
+                  "" if x["pass"] is None else ("yes" if x["pass"] else "NO")] for x in rows])
+    if explore_rows:
+        print()
+        print_table(["candidate", "time (s)", "x floor", "size (MB)", "x gzip-9", "dump/size", "python RSS (MB)",
+                     "pg_dump RSS (MB)", "phases of the best (s)", "runs (s)"],
+                    [[e["candidate"], e["s"], e["x_floor"], e["MB"], e["x_gzip9"], e.get("dump_to_MB"),
+                      e.get("rss_mb"), e.get("pg_dump_rss_mb"), ", ".join(f"{k} {v}" for k, v in (e.get("phases") or {}).items()),
+                      e.get("runs_s")]
+                     for e in explore_rows])
+    if not ours:
+        return 2  # the targets were not checked
+    return 0 if all(passes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
