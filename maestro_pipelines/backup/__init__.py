@@ -9,6 +9,8 @@ It never imports Dagster, so the `maestro` CLI can back up and restore when the 
     targets, notes = backup_targets(load_settings())
     manifest = create_backup(store, targets)          # manifest.json written last
     report = verify_backup(store, manifest.backup_id) # sizes, sha256, pg_restore --list
+    restore_backup(store, resolve_restore_point(store, "latest"), database_targets(settings)[0])
+    run_drill(store, database_targets(settings)[0])   # scratch restore, verified, RTO/RPO
 """
 
 from maestro_pipelines.backup.activity import Activity, activity, running_activities
@@ -23,8 +25,20 @@ from maestro_pipelines.backup.manifest import (
     ManifestInvalid,
     TableCheck,
 )
+from maestro_pipelines.backup.drill import DrillReport, run_drill
+from maestro_pipelines.backup.restore import (
+    LIVE,
+    SCRATCH,
+    RestoreError,
+    RestoreRefused,
+    RestoreReport,
+    resolve_restore_point,
+    restore_backup,
+    restore_cleanup,
+    restore_leftovers,
+)
 from maestro_pipelines.backup.retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
-from maestro_pipelines.backup.targets import backup_targets
+from maestro_pipelines.backup.targets import backup_targets, database_targets
 from maestro_pipelines.backup.verify import VerifyReport, verify_backup
 
 __all__ = [
@@ -36,6 +50,12 @@ __all__ = [
     "BackupOptions",
     "DatabaseDump",
     "DatabaseTarget",
+    "DrillReport",
+    "LIVE",
+    "SCRATCH",
+    "RestoreError",
+    "RestoreRefused",
+    "RestoreReport",
     "ManifestInvalid",
     "Progress",
     "RetentionPlan",
@@ -47,6 +67,12 @@ __all__ = [
     "archive_month",
     "backup_targets",
     "create_backup",
+    "database_targets",
+    "resolve_restore_point",
+    "restore_backup",
+    "restore_cleanup",
+    "restore_leftovers",
+    "run_drill",
     "get_backup",
     "list_backups",
     "newest_verified",

@@ -19,20 +19,15 @@ from maestro_pipelines.platform_db.urls import parse_postgres_url
 from maestro_pipelines.settings import Settings
 
 
-def backup_targets(settings: Settings, location: DatabaseLocation | None = None) -> tuple[list[DatabaseTarget], list[str]]:
-    """(targets, notes): the notes say what was left out and why, for the manifest and logs."""
+def database_targets(settings: Settings, location: DatabaseLocation | None = None) -> tuple[list[DatabaseTarget], list[str]]:
+    """Every database Maestro owns, whether or not it exists right now (a restore brings back
+    a dropped one), with notes on what is not ours."""
     location = location or locate_platform_database(settings)
     targets = [DatabaseTarget("platform", location.platform_url, location.source)]
     notes: list[str] = []
     tracking = settings.mlflow_tracking_uri
     if tracking is None:
-        name = location.mlflow_database
-        with connect(location.admin_url, location.source) as conn:
-            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar()
-        if exists:
-            targets.append(DatabaseTarget("mlflow", location.url_for(name), location.source))
-        else:
-            notes.append(f"MLflow's database '{name}' does not exist yet (no model trained): not backed up")
+        targets.append(DatabaseTarget("mlflow", location.url_for(location.mlflow_database), location.source))
     elif tracking.startswith(("postgresql", "postgres:")):
         targets.append(DatabaseTarget("mlflow", parse_postgres_url(tracking, "MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI"))
     else:
@@ -47,4 +42,19 @@ def backup_targets(settings: Settings, location: DatabaseLocation | None = None)
         )
     else:
         notes.append("Dagster's storage is not on PostgreSQL (MAESTRO_DAGSTER_DATABASE_URL unset): not backed up")
+    return targets, notes
+
+
+def backup_targets(settings: Settings, location: DatabaseLocation | None = None) -> tuple[list[DatabaseTarget], list[str]]:
+    """(targets, notes) of a backup: `database_targets`, less MLflow's default database when
+    it does not exist yet (no model trained); the notes say what was left out and why."""
+    location = location or locate_platform_database(settings)
+    targets, notes = database_targets(settings, location)
+    if settings.mlflow_tracking_uri is None:
+        name = location.mlflow_database
+        with connect(location.admin_url, location.source) as conn:
+            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar()
+        if not exists:
+            targets = [t for t in targets if t.role != "mlflow"]
+            notes.insert(0, f"MLflow's database '{name}' does not exist yet (no model trained): not backed up")
     return targets, notes

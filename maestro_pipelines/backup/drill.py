@@ -1,0 +1,205 @@
+"""The DR drill: restore the newest verified backup into scratch databases, prove it, time it.
+
+    restore (scratch)  ->  counts + checksums equal to the manifest (inside restore_backup)
+                       ->  amcheck: bt_index_check on every btree index
+                       ->  migrations on the restored platform database (inside restore_backup)
+                       ->  the restored MLflow registry resolves every `production` alias
+                       ->  RTO = start to verified; RPO = drill start - the backup's snapshot
+                       ->  scratch databases dropped (always)
+
+No Dagster: `maestro drill` and the `dr_drill` asset run the same function.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+from maestro_pipelines.backup.create import DatabaseTarget, Progress
+from maestro_pipelines.backup.manifest import utcnow
+from maestro_pipelines.backup.pgtools import psycopg_connect
+from maestro_pipelines.backup.restore import RestoreReport, RestoreStep, drop_database, resolve_restore_point, restore_backup
+from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.storage import ObjectStore
+
+DEFAULT_RTO_TARGET = timedelta(minutes=15)
+DEFAULT_RPO_TARGET = timedelta(hours=26)
+
+
+@dataclass
+class DrillReport:
+    started_at: datetime
+    rto_target_s: float
+    rpo_target_s: float
+    backup_id: str | None = None
+    snapshot_at: datetime | None = None
+    rto_s: float | None = None
+    """Wall time from the drill's start to the restored databases verified."""
+    rpo_s: float | None = None
+    """Drill start minus the backup's snapshot: the data a disaster now would lose."""
+    steps: list[RestoreStep] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    indexes_checked: int = 0
+    aliases_resolved: int = 0
+    databases: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rto_ok(self) -> bool:
+        return self.rto_s is not None and self.rto_s <= self.rto_target_s
+
+    @property
+    def rpo_ok(self) -> bool:
+        return self.rpo_s is not None and self.rpo_s <= self.rpo_target_s
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.rto_ok and self.rpo_ok
+
+    def failures(self) -> list[str]:
+        found = list(self.problems)
+        if self.rto_s is not None and not self.rto_ok:
+            found.append(f"RTO {self.rto_s:.1f} s is over the target of {self.rto_target_s:.0f} s")
+        if self.rpo_s is not None and not self.rpo_ok:
+            found.append(f"RPO {self.rpo_s / 3600:.1f} h is over the target of {self.rpo_target_s / 3600:.1f} h")
+        return found
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "backup_id": self.backup_id,
+            "started_at": self.started_at.isoformat(),
+            "snapshot_at": self.snapshot_at.isoformat() if self.snapshot_at else None,
+            "rto_s": round(self.rto_s, 3) if self.rto_s is not None else None,
+            "rto_target_s": self.rto_target_s,
+            "rpo_s": round(self.rpo_s, 1) if self.rpo_s is not None else None,
+            "rpo_target_s": self.rpo_target_s,
+            "steps": {s.name: round(s.seconds, 3) for s in self.steps},
+            "indexes_checked": self.indexes_checked,
+            "aliases_resolved": self.aliases_resolved,
+            "databases": self.databases,
+            "problems": self.failures(),
+            "notes": self.notes,
+        }
+
+
+def check_indexes(url) -> tuple[int, list[str], str | None]:
+    """amcheck's bt_index_check on every btree index: (checked, problems, why skipped)."""
+    import psycopg
+
+    conn = psycopg_connect(url, autocommit=True, source="restored database")
+    try:
+        try:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        except psycopg.Error as exc:
+            return 0, [], f"amcheck unavailable ({str(exc).strip().splitlines()[0]})"
+        indexes = conn.execute(
+            "SELECT c.oid, c.oid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "JOIN pg_am a ON a.oid = c.relam JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE a.amname = 'btree' AND c.relkind = 'i' AND i.indisvalid AND c.relpersistence = 'p' "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'"
+        ).fetchall()
+        problems = []
+        for oid, name in indexes:
+            try:
+                conn.execute("SELECT bt_index_check(%s)", [oid])
+            except psycopg.Error as exc:
+                problems.append(f"index {name} is corrupt: {str(exc).strip().splitlines()[0]}")
+        return len(indexes), problems, None
+    finally:
+        conn.close()
+
+
+def resolve_production_aliases(url) -> tuple[int, list[str]]:
+    """Through MLflow's own client on the restored backend: every registered model with a
+    `production` alias must resolve to a version. (resolved, problems)"""
+    conn = psycopg_connect(url, autocommit=True, source="restored MLflow database")
+    try:
+        exists = conn.execute("SELECT to_regclass('registered_model_aliases') IS NOT NULL").fetchone()[0]
+        if not exists:
+            return 0, ["the restored MLflow database has no registered_model_aliases table"]
+        aliased = [r[0] for r in conn.execute(
+            "SELECT name FROM registered_model_aliases WHERE alias = 'production' ORDER BY name"
+        ).fetchall()]
+    finally:
+        conn.close()
+    if not aliased:
+        return 0, []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=url.render_as_string(hide_password=False))
+    problems = []
+    for name in aliased:
+        try:
+            version = client.get_model_version_by_alias(name, "production")
+            if not version.version:
+                problems.append(f"model {name}: alias production resolves to no version")
+        except Exception as exc:  # MLflow raises its own exception types
+            problems.append(f"model {name}: alias production does not resolve ({type(exc).__name__})")
+    return len(aliased) - len(problems), problems
+
+
+def run_drill(
+    store: ObjectStore,
+    destinations: list[DatabaseTarget],
+    rto_target: timedelta = DEFAULT_RTO_TARGET,
+    rpo_target: timedelta = DEFAULT_RPO_TARGET,
+    jobs: int = 2,
+    workdir: Path | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+    backup: str = "latest",
+) -> DrillReport:
+    """Restore `backup` (newest verified by default) into scratch databases next to
+    `destinations`, verify it, measure RTO and RPO, drop the scratch databases."""
+    say = log or (lambda message: None)
+    started = time.monotonic()
+    report = DrillReport(utcnow(), rto_target.total_seconds(), rpo_target.total_seconds())
+    restored: RestoreReport | None = None
+    try:
+        entry = resolve_restore_point(store, backup)
+        report.backup_id = entry.backup_id
+        report.snapshot_at = entry.manifest.snapshot_at
+        report.rpo_s = (report.started_at - report.snapshot_at).total_seconds()
+        say(f"drill: restoring backup {entry.backup_id} (snapshot {report.snapshot_at:%Y-%m-%d %H:%M} UTC) into scratch databases")
+        try:
+            restored = restore_backup(store, entry, destinations, jobs=jobs, workdir=workdir, progress=progress, log=say)
+        except MaestroError as exc:
+            report.problems.append(str(exc))
+            return report
+        report.steps.extend(restored.steps)
+        if restored.missing_artifacts:
+            report.problems.append(
+                f"{len(restored.missing_artifacts)} model artifacts of the backup are missing from the store: "
+                + ", ".join(restored.missing_artifacts[:5])
+            )
+        for db in restored.databases:
+            step_started = time.monotonic()
+            checked, problems, skipped = check_indexes(db.url)
+            report.indexes_checked += checked
+            report.problems.extend(f"{db.role}: {p}" for p in problems)
+            if skipped:
+                report.notes.append(f"{db.role}: {skipped}")
+            report.steps.append(RestoreStep(f"amcheck {db.role}", time.monotonic() - step_started, f"{checked} btree indexes"))
+            if db.role == "mlflow":
+                step_started = time.monotonic()
+                resolved, problems = resolve_production_aliases(db.url)
+                report.aliases_resolved = resolved
+                report.problems.extend(f"mlflow: {p}" for p in problems)
+                report.steps.append(RestoreStep("mlflow registry smoke test", time.monotonic() - step_started,
+                                                f"{resolved} production aliases resolve"))
+            report.databases.append({"role": db.role, "restored_as": db.restored_as, "tables": db.tables, "rows": db.rows})
+        report.rto_s = time.monotonic() - started
+        return report
+    finally:
+        if restored is not None:
+            step_started = time.monotonic()
+            for db in restored.databases:
+                try:
+                    drop_database(db.url, db.restored_as)
+                except Exception as exc:  # reported, never hides the drill's result
+                    report.notes.append(f"could not drop scratch database {db.restored_as}: {exc}")
+            report.steps.append(RestoreStep("drop scratch databases", time.monotonic() - step_started))

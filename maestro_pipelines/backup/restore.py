@@ -1,0 +1,503 @@
+"""Restoring a backup: every object checked before any database is touched, each database
+restored next to the live one, verified against the manifest, then (live restores only)
+swapped into place in one step, the old database kept aside.
+
+    restore point  ->  download: sha256 + zstd checked, decompressed to local files
+                   ->  CREATE DATABASE <live>_restore_<stamp>; pg_restore -j N --no-owner --no-privileges
+                   ->  row counts and content checksums compared with the manifest
+                   ->  alembic upgrade head (platform database)
+                   ->  live: terminate sessions, RENAME <live> TO <live>_pre_restore_<stamp>,
+                             RENAME <live>_restore_<stamp> TO <live>  (one transaction)
+
+A failure at any step before the swap drops what the restore created and leaves the live
+databases as they were. The pre-restore databases stay until `restore_cleanup`. Works without
+Dagster (the CLI restores when Dagster's own database is the thing that was lost).
+
+pg_restore needs a file for `-j` (it seeks), so dumps are decompressed to local disk: the one
+place a restore needs free space (about the uncompressed dump size, `dump_bytes`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy.engine import URL
+
+from maestro_pipelines.backup.activity import activity
+from maestro_pipelines.backup.catalog import BackupEntry, get_backup, list_backups, object_key
+from maestro_pipelines.backup.consistency import compare_checks, table_checks
+from maestro_pipelines.backup.create import DatabaseTarget, MiB, Progress
+from maestro_pipelines.backup.manifest import BackupError, BackupNotFound, DatabaseDump, utcnow
+from maestro_pipelines.backup.pgtools import (
+    CHECKSUM_SESSION_OPTIONS,
+    libpq_environment,
+    program,
+    psycopg_connect,
+    quote_ident,
+    where,
+)
+from maestro_pipelines.storage import ObjectStore, StoreError
+
+SCRATCH = "scratch"
+LIVE = "live"
+LEFTOVER = re.compile(r"^(?P<live>.+?)_(?P<kind>pre_restore|restore)_(?P<stamp>\d{8}t\d{6})$")
+# pg_restore 18 always sets transaction_timeout, which servers before 17 do not know; that
+# one statement failing is harmless (the setting does not exist there).
+_HARMLESS_ON_OLD_SERVERS = re.compile(r'unrecognized configuration parameter "transaction_timeout"')
+
+
+class RestoreError(BackupError):
+    """A restore that could not be done; the live databases are as they were."""
+
+
+class RestoreRefused(RestoreError):
+    """A restore refused before anything was touched (confirmation missing, version)."""
+
+
+@dataclass
+class RestoreStep:
+    name: str
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class DatabaseRestore:
+    role: str
+    live: str
+    """The live database's name (where it is restored to, or next to)."""
+    restored_as: str
+    """The database holding the restored data now: the live name after a swap."""
+    kept_as: str | None = None
+    """Where the old live database was renamed to (live restores whose live database existed)."""
+    tables: int = 0
+    rows: int = 0
+    problems: list[str] = field(default_factory=list)
+    url: URL | None = field(default=None, repr=False)
+
+
+@dataclass
+class RestoreReport:
+    backup_id: str
+    snapshot_at: datetime
+    target: str
+    started_at: datetime
+    steps: list[RestoreStep] = field(default_factory=list)
+    databases: list[DatabaseRestore] = field(default_factory=list)
+    missing_artifacts: list[str] = field(default_factory=list)
+    artifacts_checked: int = 0
+    finished_at: datetime | None = None
+
+    @property
+    def duration_s(self) -> float:
+        end = self.finished_at or utcnow()
+        return (end - self.started_at).total_seconds()
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{d.role}: {p}" for d in self.databases for p in d.problems]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def step_seconds(self) -> dict[str, float]:
+        return {s.name: round(s.seconds, 3) for s in self.steps}
+
+
+# ---- choosing the restore point -----------------------------------------------------------
+
+
+def resolve_restore_point(store: ObjectStore, backup: str = "latest", before: datetime | None = None) -> BackupEntry:
+    """`latest` (newest verified), a backup id, or with `before` the newest verified backup
+    whose snapshot is older than that time."""
+    if before is not None:
+        candidates = [e for e in list_backups(store) if e.verified and e.manifest and e.manifest.snapshot_at < before]
+        if not candidates:
+            raise BackupNotFound(
+                f"There is no verified backup taken before {before.isoformat()} in the store at {store.url}",
+                "Run `maestro backup list` to see the backups and their times",
+            )
+        return candidates[-1]
+    entry = get_backup(store, backup)
+    if entry.manifest is None:
+        raise BackupNotFound(
+            f"Backup {entry.backup_id} cannot be used: {entry.problem}",
+            "Pick another restore point (`maestro backup list`)",
+        )
+    return entry
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _stamp(now: datetime) -> str:
+    return now.strftime("%Y%m%dt%H%M%S")
+
+
+def _admin(url: URL) -> URL:
+    return url.set(database="postgres")
+
+
+def _server_version(url: URL, source: str) -> int:
+    with psycopg_connect(_admin(url), autocommit=True, source=source) as conn:
+        return int(conn.execute("SHOW server_version_num").fetchone()[0])
+
+
+def _database_exists(url: URL, name: str, source: str) -> bool:
+    with psycopg_connect(_admin(url), autocommit=True, source=source) as conn:
+        return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is not None
+
+
+def _create_database(url: URL, name: str, source: str) -> None:
+    with psycopg_connect(_admin(url), autocommit=True, source=source) as conn:
+        conn.execute(f"CREATE DATABASE {quote_ident(name)}")
+
+
+def drop_database(url: URL, name: str, source: str = "database") -> None:
+    _dispose_engines()
+    with psycopg_connect(_admin(url), autocommit=True, source=source) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+
+
+def _dispose_engines() -> None:
+    # Pooled connections of this process would keep a database busy (rename, drop).
+    from maestro_pipelines.platform_db.connection import dispose_engines
+
+    dispose_engines()
+
+
+def _timed(report: RestoreReport, name: str, fn: Callable[[], str | None]):
+    started = time.monotonic()
+    detail = fn()
+    report.steps.append(RestoreStep(name, time.monotonic() - started, detail or ""))
+
+
+def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, path: Path,
+                  progress: Progress | None = None) -> None:
+    """Stream one dump from the store into `path`, decompressed; the store's reader checks the
+    sha256 at the last byte, zstd its frame checksum; the size must match the manifest."""
+    import zstandard
+
+    key = object_key(entry, dump.key)
+    info = store.head(key)
+    if info.size != dump.compressed_bytes or info.sha256 != dump.sha256:
+        raise RestoreError(
+            f"{key} in the store at {store.url} does not match backup {entry.backup_id}'s manifest "
+            f"({info.size} bytes, sha256 {str(info.sha256)[:12]}...; manifest: {dump.compressed_bytes} bytes, "
+            f"{dump.sha256[:12]}...)",
+            "Nothing was restored. Pick another restore point (`maestro backup list`)",
+        )
+    written = 0
+    label = f"{dump.role} ({dump.database})"
+    try:
+        with store.open_read(key) as raw, open(path, "wb") as out:
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=MiB)
+            while True:
+                block = reader.read(4 * MiB)
+                if not block:
+                    break
+                out.write(block)
+                written += len(block)
+                if progress is not None and written % (64 * MiB) < 4 * MiB:
+                    progress(label, written, dump.dump_bytes)
+    except (StoreError, zstandard.ZstdError) as exc:
+        raise RestoreError(
+            f"{key} of backup {entry.backup_id} is damaged: {getattr(exc, 'problem', exc)}",
+            "Nothing was restored. Pick another restore point (`maestro backup list`)",
+        ) from None
+    if written != dump.dump_bytes:
+        raise RestoreError(
+            f"{key} of backup {entry.backup_id} decompresses to {written} bytes, the manifest says {dump.dump_bytes}",
+            "Nothing was restored. Pick another restore point (`maestro backup list`)",
+        )
+    if progress is not None:
+        progress(label, written, dump.dump_bytes)
+
+
+def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int) -> None:
+    """pg_restore -j into `url`'s (empty) database; any error but the known harmless one fails."""
+    command = [
+        program("pg_restore"), "--no-owner", "--no-privileges", f"--jobs={max(1, jobs)}",
+        f"--dbname={url.database}", "--no-password", str(path),
+    ]
+    result = subprocess.run(command, env=libpq_environment(url, "maestro-restore"), capture_output=True, text=True)
+    errors = [
+        line for line in result.stderr.splitlines()
+        if line.startswith("pg_restore: error:") and not (
+            server_version_num < 170000 and _HARMLESS_ON_OLD_SERVERS.search(line)
+        )
+    ]
+    # pg_restore without --exit-on-error goes on after an error and exits 1 at the end; the
+    # errors it printed decide (one harmless line on servers before 17).
+    if errors or (result.returncode != 0 and "warning: errors ignored on restore" not in result.stderr):
+        shown = (errors or result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        if url.password:
+            shown = shown.replace(str(url.password), "***")
+        raise RestoreError(
+            f"pg_restore into '{url.database}' at {where(url)} failed: {shown}",
+            "The live database was not touched; fix the cause (disk space, permissions, extensions) and restore again",
+        )
+
+
+def _swap(url: URL, live: str, restored: str, kept: str, live_exists: bool, source: str) -> None:
+    """Rename live -> kept and restored -> live in one transaction, after ending the live
+    database's sessions (retried: a client may reconnect in between)."""
+    import psycopg
+
+    _dispose_engines()
+    last: Exception | None = None
+    for _attempt in range(10):
+        with psycopg_connect(_admin(url), autocommit=True, source=source) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ANY(%s) AND pid <> pg_backend_pid()",
+                [[live, restored]],
+            )
+            try:
+                with conn.transaction():
+                    if live_exists:
+                        conn.execute(f"ALTER DATABASE {quote_ident(live)} RENAME TO {quote_ident(kept)}")
+                    conn.execute(f"ALTER DATABASE {quote_ident(restored)} RENAME TO {quote_ident(live)}")
+                return
+            except psycopg.errors.ObjectInUse as exc:  # someone reconnected between terminate and rename
+                last = exc
+    raise RestoreError(
+        f"Could not swap '{restored}' into place as '{live}': clients keep reconnecting ({last})",
+        f"Stop the clients of '{live}' (Dagster daemon, webserver, MLflow) and run the restore again; "
+        f"the restored data is verified in '{restored}'",
+    )
+
+
+def check_artifacts(store: ObjectStore, entry: BackupEntry) -> tuple[int, list[str]]:
+    """(artifacts listed, keys missing or changed in the store) for the backup's artifact manifest."""
+    manifest = entry.manifest
+    if manifest is None or manifest.artifacts is None:
+        return 0, []
+    body = json.loads(store.get_bytes(object_key(entry, manifest.artifacts.key)))
+    present = {info.key: info for info in store.list(body["prefix"], with_metadata=False)}
+    missing = []
+    for item in body["objects"]:
+        info = present.get(item["key"])
+        if info is None:
+            missing.append(item["key"])
+        elif info.size != item["size"]:
+            missing.append(f"{item['key']} (size {info.size}, the backup recorded {item['size']})")
+    return len(body["objects"]), missing
+
+
+# ---- the restore --------------------------------------------------------------------------
+
+
+def restore_backup(
+    store: ObjectStore,
+    entry: BackupEntry,
+    destinations: list[DatabaseTarget],
+    target: str = SCRATCH,
+    confirm: str | None = None,
+    roles: list[str] | None = None,
+    jobs: int = 2,
+    workdir: Path | None = None,
+    progress: Progress | None = None,
+    upgrade_platform: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> RestoreReport:
+    """Restore `entry` into the servers of `destinations` (role -> the live database's URL).
+
+    target `scratch` (default): restored databases stay next to the live ones as
+    `<live>_restore_<stamp>` (report.databases[i].restored_as). target `live`: swapped into
+    place; needs `confirm` equal to the platform database's name (or, without a platform
+    database among the roles, the first one's)."""
+    say = log or (lambda message: None)
+    manifest = entry.manifest
+    if manifest is None:
+        raise RestoreRefused(f"Backup {entry.backup_id} has no readable manifest", "Pick another restore point")
+    if target not in (SCRATCH, LIVE):
+        raise RestoreRefused(f"Unknown restore target '{target}'", "Use 'scratch' (default) or 'live'")
+    by_role = {d.role: d for d in destinations}
+    wanted = roles or [d.role for d in manifest.databases if d.role in by_role]
+    for role in wanted:
+        if role not in by_role:
+            raise RestoreRefused(f"No database is configured for the backup's '{role}' database",
+                                 "Configure it (MLFLOW_TRACKING_URI, MAESTRO_DAGSTER_DATABASE_URL) or leave it out")
+        manifest.database(role)  # refuses roles the backup does not hold
+    if not wanted:
+        raise RestoreRefused(f"Backup {entry.backup_id} holds none of the configured databases",
+                             f"It holds: {', '.join(d.role for d in manifest.databases)}")
+    started_at = utcnow()
+    stamp = _stamp(started_at)
+    report = RestoreReport(entry.backup_id, manifest.snapshot_at, target, started_at)
+    plans = []
+    for role in wanted:
+        dest = by_role[role]
+        live = dest.database
+        report.databases.append(DatabaseRestore(role, live, f"{live}_restore_{stamp}", url=dest.url))
+        plans.append((manifest.database(role), dest))
+    if target == LIVE:
+        primary = next((d.live for d in report.databases if d.role == "platform"), report.databases[0].live)
+        if confirm != primary:
+            raise RestoreRefused(
+                f"Restoring into the live databases ({', '.join(d.live for d in report.databases)}) replaces them",
+                f"Confirm with confirm={primary} (CLI: --confirm {primary}); the old ones are kept aside until "
+                "`maestro restore cleanup`",
+            )
+
+    def versions() -> str:
+        details = []
+        for dump, dest in plans:
+            server = _server_version(dest.url, dest.source)
+            if server // 10000 < dump.server_major:
+                raise RestoreRefused(
+                    f"Backup {entry.backup_id}'s {dump.role} database comes from PostgreSQL {dump.server_version}, "
+                    f"newer than the target server at {where(dest.url)} (PostgreSQL {server // 10000})",
+                    "Restore onto a server of the same or a newer major version",
+                )
+            details.append(f"{dump.role}: PostgreSQL {dump.server_major} -> {server // 10000}")
+        return "; ".join(details)
+
+    _timed(report, "check versions", versions)
+    own_dir = workdir is None
+    folder = Path(tempfile.mkdtemp(prefix="maestro-restore-")) if own_dir else Path(workdir)
+    created: list[tuple[URL, str, str]] = []
+    swapped = False
+    try:
+        with activity(store, "restore", stamp):
+            files: dict[str, Path] = {}
+
+            def download() -> str:
+                total = 0
+                for dump, _dest in plans:
+                    path = folder / f"{dump.role}.dump"
+                    download_dump(store, entry, dump, path, progress)
+                    files[dump.role] = path
+                    total += dump.compressed_bytes
+                return f"{len(plans)} dumps, {total / MiB:,.1f} MiB read, sha256 and sizes match the manifest"
+
+            say(f"downloading backup {entry.backup_id} (every object checked before any database is touched)")
+            _timed(report, "download and check", download)
+
+            for (dump, dest), result in zip(plans, report.databases):
+                restored_url = dest.url.set(database=result.restored_as)
+                server_version = _server_version(dest.url, dest.source)
+
+                def restore_one() -> str:
+                    _create_database(dest.url, result.restored_as, dest.source)
+                    created.append((dest.url, result.restored_as, dest.source))
+                    run_pg_restore(restored_url, files[dump.role], jobs, server_version)
+                    return f"{result.restored_as} at {where(dest.url)}"
+
+                say(f"restoring {dump.role} into {result.restored_as} (pg_restore -j {jobs})")
+                _timed(report, f"pg_restore {dump.role}", restore_one)
+
+                def verify_one() -> str:
+                    conn = psycopg_connect(restored_url, options=CHECKSUM_SESSION_OPTIONS, source=dest.source)
+                    try:
+                        checks = table_checks(conn, checksums=any(t.checksum for t in dump.tables))
+                    finally:
+                        conn.close()
+                    result.problems = compare_checks(dump.tables, checks)
+                    result.tables = len(checks)
+                    result.rows = sum(t.rows for t in checks)
+                    return f"{result.tables} tables, {result.rows:,} rows compared: " + (
+                        "equal to the manifest" if not result.problems else f"{len(result.problems)} differences"
+                    )
+
+                _timed(report, f"verify {dump.role}", verify_one)
+                if result.problems:
+                    raise RestoreError(
+                        f"The restored {dump.role} database does not match backup {entry.backup_id}: "
+                        + "; ".join(result.problems[:5]),
+                        "The live database was not touched; pick another restore point",
+                    )
+                if dump.role == "platform" and upgrade_platform:
+                    from maestro_pipelines.platform_db.location import DatabaseLocation
+                    from maestro_pipelines.platform_db.migrate import upgrade
+
+                    def migrate() -> str:
+                        outcome = upgrade(DatabaseLocation(platform_url=restored_url, source=dest.source))
+                        return f"{outcome.before} -> {outcome.after}"
+
+                    _timed(report, "migrations (platform)", migrate)
+                result.url = restored_url
+
+            def artifacts() -> str:
+                report.artifacts_checked, report.missing_artifacts = check_artifacts(store, entry)
+                if report.missing_artifacts:
+                    return f"{len(report.missing_artifacts)} of {report.artifacts_checked} model artifacts missing"
+                return f"all {report.artifacts_checked} model artifacts present"
+
+            _timed(report, "artifacts", artifacts)
+
+            if target == LIVE:
+                def swap() -> str:
+                    moved = []
+                    for result, (_dump, dest) in zip(report.databases, plans):
+                        live_exists = _database_exists(dest.url, result.live, dest.source)
+                        kept = f"{result.live}_pre_restore_{stamp}"
+                        _swap(dest.url, result.live, result.restored_as, kept, live_exists, dest.source)
+                        result.kept_as = kept if live_exists else None
+                        result.restored_as = result.live
+                        result.url = dest.url
+                        moved.append(f"{result.live}" + (f" (old one kept as {kept})" if live_exists else " (was missing)"))
+                    return "swapped into place: " + ", ".join(moved)
+
+                say("swapping the restored databases into place")
+                _timed(report, "swap", swap)
+                swapped = True
+    except BaseException:
+        if not swapped:
+            for url, name, source in created:
+                try:
+                    drop_database(url, name, source)
+                except Exception:
+                    pass
+        raise
+    finally:
+        if own_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+    report.finished_at = utcnow()
+    return report
+
+
+# ---- leftovers ---------------------------------------------------------------------------
+
+
+@dataclass
+class Leftover:
+    name: str
+    kind: str
+    """pre_restore (an old live database kept aside) or restore (a scratch restore)."""
+    live: str
+    url: URL = field(repr=False)
+    source: str = "database"
+
+
+def restore_leftovers(destinations: list[DatabaseTarget]) -> list[Leftover]:
+    """Databases restores left on the destinations' servers: `<live>_pre_restore_<stamp>`
+    and `<live>_restore_<stamp>` of the configured live databases only."""
+    found = []
+    for dest in destinations:
+        with psycopg_connect(_admin(dest.url), autocommit=True, source=dest.source) as conn:
+            names = [r[0] for r in conn.execute("SELECT datname FROM pg_database ORDER BY datname").fetchall()]
+        for name in names:
+            match = LEFTOVER.match(name)
+            if match and match.group("live") == dest.database:
+                found.append(Leftover(name, match.group("kind"), dest.database, dest.url, dest.source))
+    return found
+
+
+def restore_cleanup(destinations: list[DatabaseTarget], dry_run: bool = False) -> list[Leftover]:
+    """Drop what `restore_leftovers` finds; return it."""
+    leftovers = restore_leftovers(destinations)
+    if not dry_run:
+        for leftover in leftovers:
+            drop_database(leftover.url, leftover.name, leftover.source)
+    return leftovers
