@@ -37,6 +37,12 @@ backup_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(backup_app, name="backup")
+restore_app = typer.Typer(
+    help="Restore a backup: into scratch databases (default) or, with --confirm, in place of the live ones. "
+    "Needs only MAESTRO_DATABASE_URL (or the embedded default) and MAESTRO_STORE_URL: works when Dagster is down.",
+    invoke_without_command=True,
+)
+app.add_typer(restore_app, name="restore")
 
 out = Console()
 err = Console(stderr=True)
@@ -441,6 +447,142 @@ def backup_archive(
     entry, copied = archive_month(_store(), month)
     state = "archived" if copied else "already archived"
     out.print(f"{state}: backup {entry.backup_id} as {entry.root}", highlight=False)
+
+
+def _destinations():
+    from maestro_pipelines.backup import database_targets
+
+    targets, notes = database_targets(load_settings())
+    return targets, notes
+
+
+def _steps_table(title: str, steps) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("step")
+    table.add_column("seconds", justify="right")
+    table.add_column("detail", overflow="fold")
+    for step in steps:
+        table.add_row(step.name, f"{step.seconds:.2f}", step.detail)
+    return table
+
+
+@restore_app.callback()
+def restore(
+    ctx: typer.Context,
+    backup: str = typer.Option("latest", help="Backup id, or `latest` (the newest verified backup)."),
+    before: str = typer.Option(None, help="Instead: the newest verified backup taken before this time (ISO 8601, UTC if no zone)."),
+    target: str = typer.Option("scratch", help="`scratch`: next to the live databases; `live`: in their place."),
+    confirm: str = typer.Option(None, "--confirm", help="The platform database's name: required with --target live."),
+    databases: str = typer.Option(None, help="Comma-separated roles to restore (platform,mlflow,dagster); default all."),
+    jobs: int = typer.Option(2, help="pg_restore parallel jobs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
+) -> None:
+    """Restore a backup: every object is checked before any database is touched; a live restore
+    swaps the verified copy into place and keeps the old database until `maestro restore cleanup`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from datetime import datetime, timezone
+
+    from maestro_pipelines.backup import resolve_restore_point, restore_backup
+
+    moment = None
+    if before:
+        try:
+            moment = datetime.fromisoformat(before.replace("Z", "+00:00"))
+        except ValueError:
+            raise MaestroError(f"--before '{before}' is not a time", "Write it as ISO 8601, e.g. 2026-11-26T14:00:00Z") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+    store = _store()
+    entry = resolve_restore_point(store, backup, before=moment)
+    destinations, _notes = _destinations()
+    roles = [r.strip() for r in databases.split(",") if r.strip()] if databases else None
+    err.print(
+        f"restoring backup {entry.backup_id} (snapshot {entry.manifest.snapshot_at:%Y-%m-%d %H:%M:%S} UTC) "
+        f"into {'the LIVE databases' if target == 'live' else 'scratch databases'}",
+        highlight=False,
+    )
+    with _ByteProgress("download") as progress:
+        report = restore_backup(
+            store, entry, destinations, target=target, confirm=confirm, roles=roles, jobs=jobs, progress=progress,
+            log=lambda message: err.print(message, highlight=False),
+        )
+    if as_json:
+        out.print_json(json.dumps({
+            "backup_id": report.backup_id,
+            "snapshot_at": report.snapshot_at.isoformat(),
+            "target": report.target,
+            "ok": report.ok,
+            "duration_s": round(report.duration_s, 3),
+            "steps": report.step_seconds(),
+            "databases": [{"role": d.role, "live": d.live, "restored_as": d.restored_as, "kept_as": d.kept_as,
+                           "tables": d.tables, "rows": d.rows} for d in report.databases],
+            "missing_artifacts": report.missing_artifacts,
+        }))
+        return
+    out.print(_steps_table(f"restore of backup {report.backup_id}: {report.duration_s:.1f} s", report.steps))
+    for d in report.databases:
+        where_now = f"swapped into place as {d.live}" if d.restored_as == d.live and report.target == "live" else f"in {d.restored_as}"
+        kept = f"; the old one is kept as {d.kept_as}" if d.kept_as else ""
+        out.print(f"{d.role}: {d.tables} tables, {d.rows:,} rows equal to the backup, {where_now}{kept}", highlight=False)
+    if report.missing_artifacts:
+        err.print(f"[yellow]warning:[/yellow] {len(report.missing_artifacts)} model artifacts listed in the backup are "
+                  f"missing from the store: {', '.join(report.missing_artifacts[:10])}", highlight=False)
+    out.print("when you no longer need the old or scratch databases: maestro restore cleanup", highlight=False)
+
+
+@restore_app.command("cleanup")
+def restore_cleanup_command(
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be dropped, drop nothing."),
+) -> None:
+    """Drop the databases restores left: `<db>_pre_restore_<time>` (old live databases kept aside)
+    and `<db>_restore_<time>` (scratch restores)."""
+    from maestro_pipelines.backup import restore_cleanup
+
+    destinations, _notes = _destinations()
+    dropped = restore_cleanup(destinations, dry_run=dry_run)
+    verb = "would drop" if dry_run else "dropped"
+    for leftover in dropped:
+        out.print(f"{verb} {leftover.name} ({'old live database' if leftover.kind == 'pre_restore' else 'scratch restore'} of {leftover.live})", highlight=False)
+    out.print(f"{verb} {len(dropped)} database(s)", highlight=False)
+
+
+@app.command("drill")
+def drill(
+    rto_minutes: float = typer.Option(15, help="RTO target: restore to verified within this many minutes."),
+    rpo_hours: float = typer.Option(26, help="RPO target: the newest verified backup at most this old."),
+    backup: str = typer.Option("latest", help="Backup to drill with (default: the newest verified)."),
+    jobs: int = typer.Option(2, help="pg_restore parallel jobs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
+) -> None:
+    """Disaster-recovery drill without Dagster: restore into scratch databases, verify counts,
+    checksums and indexes (amcheck), resolve MLflow's production aliases, measure RTO and RPO,
+    drop the scratch databases. Exits 1 when the drill fails."""
+    from datetime import timedelta
+
+    from maestro_pipelines.backup import run_drill
+
+    destinations, _notes = _destinations()
+    with _ByteProgress("download") as progress:
+        report = run_drill(
+            _store(), destinations, timedelta(minutes=rto_minutes), timedelta(hours=rpo_hours), jobs=jobs,
+            progress=progress, log=lambda message: err.print(message, highlight=False), backup=backup,
+        )
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+    else:
+        out.print(_steps_table(f"drill with backup {report.backup_id}", report.steps))
+        if report.rto_s is not None:
+            out.print(f"RTO {report.rto_s:.1f} s (target {report.rto_target_s:.0f} s): {'ok' if report.rto_ok else 'MISSED'}", highlight=False)
+        if report.rpo_s is not None:
+            out.print(f"RPO {report.rpo_s / 3600:.2f} h (target {report.rpo_target_s / 3600:.1f} h): {'ok' if report.rpo_ok else 'MISSED'}", highlight=False)
+        out.print(f"{report.indexes_checked} btree indexes checked, {report.aliases_resolved} production aliases resolved", highlight=False)
+        for note in report.notes:
+            err.print(f"note: {note}", highlight=False)
+        for failure in report.failures():
+            err.print(f"drill FAILED: {failure}", highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command("demo")

@@ -21,7 +21,9 @@ MAESTRO = str(Path(sys.executable).with_name("maestro"))
 
 
 def run_maestro(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAESTRO_")}
+    # MLflow exports MLFLOW_TRACKING_URI into os.environ when an in-process test sets it: a
+    # user's shell would not have it, nor the other tests' MAESTRO_* settings.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MAESTRO_", "MLFLOW_"))}
     return subprocess.run(
         [MAESTRO, *args], env={**clean, **(env or {})}, capture_output=True, text=True, timeout=180
     )
