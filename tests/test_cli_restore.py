@@ -1,0 +1,106 @@
+"""`maestro restore` and `maestro drill` as on-call runs them: the installed entry point, no
+Dagster instance, on the embedded default."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from maestro_pipelines.platform_db.embedded import EmbeddedPostgres, bin_dir
+
+from .test_cli import run_maestro
+
+
+def psql(home: Path, database: str, sql: str) -> str:
+    """psql from the wheel against the embedded server in `home` (its socket is in pgdata)."""
+    result = subprocess.run(
+        [str(bin_dir() / "psql"), "-h", str(home / "pgdata"), "-U", "postgres", "-d", database, "-At", "-c", sql],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def kept_server(tmp_path):
+    """An embedded server kept running between the CLI's processes (as `maestro db start` does),
+    so the test can break it between commands."""
+    home = tmp_path / "home"
+    env = {"MAESTRO_HOME": str(home)}
+    started = run_maestro("db", "start", env=env)
+    assert started.returncode == 0, started.stderr
+    yield home, env
+    EmbeddedPostgres(home).stop()
+
+
+def dagster_storage_url(home: Path) -> str:
+    return f"postgresql+psycopg2://postgres@/dagster?host={home / 'pgdata'}"
+
+
+def test_restore_brings_back_the_platform_and_dagster_databases_with_dagster_gone(kept_server):
+    """The worst night: the platform database and Dagster's own storage are both dropped. The
+    CLI needs neither Dagster nor its database to bring both back, with their data."""
+    from dagster import DagsterRun
+    from dagster_postgres import PostgresRunStorage
+
+    home, env = kept_server
+    assert run_maestro("db", "upgrade", env=env).returncode == 0
+    assert run_maestro("tenants", "add", "acme", env=env).returncode == 0
+    psql(home, "postgres", "CREATE DATABASE dagster")
+    storage = PostgresRunStorage(postgres_url=dagster_storage_url(home))
+    storage.add_run(DagsterRun(job_name="nightly_backup", run_id="0f1e2d3c-0000-4000-8000-000000000001"))
+    storage.dispose()
+    env = {**env, "MAESTRO_DAGSTER_DATABASE_URL": f"postgresql://postgres@/dagster?host={home / 'pgdata'}"}
+
+    backup = run_maestro("backup", "run", "--json", env=env)
+    assert backup.returncode == 0, backup.stderr
+    assert set(json.loads(backup.stdout)["databases"]) == {"platform", "dagster"}
+    assert run_maestro("tenants", "add", "globex", env=env).returncode == 0  # after the backup: lost
+
+    psql(home, "postgres", "DROP DATABASE maestro WITH (FORCE)")
+    psql(home, "postgres", "DROP DATABASE dagster WITH (FORCE)")
+
+    refused = run_maestro("restore", "--target", "live", env=env)
+    assert refused.returncode == 1 and "--confirm maestro" in refused.stderr
+    assert "maestro" not in psql(home, "postgres", "SELECT string_agg(datname, ',') FROM pg_database").split(",")
+
+    restored = run_maestro("restore", "--target", "live", "--confirm", "maestro", "--json", env=env)
+    assert restored.returncode == 0, restored.stderr
+    report = json.loads(restored.stdout)
+    assert {d["role"]: d["restored_as"] for d in report["databases"]} == {"platform": "maestro", "dagster": "dagster"}
+    assert all(d["kept_as"] is None for d in report["databases"])  # nothing was there to keep
+
+    assert psql(home, "maestro", "SELECT string_agg(name, ',' ORDER BY name) FROM tenants") == "acme"
+    storage = PostgresRunStorage(postgres_url=dagster_storage_url(home))
+    assert [run.run_id for run in storage.get_runs()] == ["0f1e2d3c-0000-4000-8000-000000000001"]
+    storage.dispose()
+
+    drill = run_maestro("drill", "--json", env=env)
+    assert drill.returncode == 0, drill.stderr
+    result = json.loads(drill.stdout)
+    assert result["ok"] and result["rto_s"] > 0 and result["indexes_checked"] > 0
+    names = psql(home, "postgres", "SELECT string_agg(datname, ',') FROM pg_database")
+    assert "_restore_" not in names  # the drill dropped its scratch databases
+
+
+def test_live_restore_keeps_the_old_database_until_cleanup(kept_server):
+    home, env = kept_server
+    assert run_maestro("db", "upgrade", env=env).returncode == 0
+    assert run_maestro("tenants", "add", "acme", env=env).returncode == 0
+    assert run_maestro("backup", "run", env=env).returncode == 0
+    assert run_maestro("tenants", "add", "globex", env=env).returncode == 0
+
+    restored = run_maestro("restore", "--target", "live", "--confirm", "maestro", env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert "the old one is kept as maestro_pre_restore_" in restored.stdout
+    assert psql(home, "maestro", "SELECT string_agg(name, ',' ORDER BY name) FROM tenants") == "acme"
+    kept = psql(home, "postgres", "SELECT datname FROM pg_database WHERE datname LIKE 'maestro_pre_restore_%'")
+    assert psql(home, kept, "SELECT string_agg(name, ',' ORDER BY name) FROM tenants") == "acme,globex"
+
+    cleanup = run_maestro("restore", "cleanup", env=env)
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert f"dropped {kept}" in cleanup.stdout
+    assert psql(home, "postgres", "SELECT count(*) FROM pg_database WHERE datname LIKE 'maestro_%restore_%'") == "0"
