@@ -540,7 +540,7 @@ def restore_cleanup_command(
     from maestro_pipelines.backup import restore_cleanup
 
     destinations, _notes = _destinations()
-    dropped = restore_cleanup(destinations, dry_run=dry_run)
+    dropped = restore_cleanup(destinations, dry_run=dry_run, store=_store())
     verb = "would drop" if dry_run else "dropped"
     for leftover in dropped:
         out.print(f"{verb} {leftover.name} ({'old live database' if leftover.kind == 'pre_restore' else 'scratch restore'} of {leftover.live})", highlight=False)

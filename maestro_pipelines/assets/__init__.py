@@ -6,9 +6,10 @@ and upkeep assets land here as their issues are built.
 """
 
 from maestro_pipelines.assets.backups import backup_assets
+from maestro_pipelines.assets.drills import drill_assets
 from maestro_pipelines.assets.ml import ml_assets
 from maestro_pipelines.assets.platform import platform_schema
 
-all_assets = [platform_schema, *ml_assets, *backup_assets]
+all_assets = [platform_schema, *ml_assets, *backup_assets, *drill_assets]
 
 __all__ = ["all_assets"]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL
 
-from maestro_pipelines.backup.activity import activity
+from maestro_pipelines.backup.activity import activity, running_activities
 from maestro_pipelines.backup.catalog import BackupEntry, get_backup, list_backups, object_key
 from maestro_pipelines.backup.consistency import compare_checks, table_checks
 from maestro_pipelines.backup.create import DatabaseTarget, MiB, Progress
@@ -45,7 +45,7 @@ from maestro_pipelines.backup.pgtools import (
     quote_ident,
     where,
 )
-from maestro_pipelines.storage import ObjectStore, StoreError
+from maestro_pipelines.storage import ChecksumMismatch, ObjectStore
 
 SCRATCH = "scratch"
 LIVE = "live"
@@ -121,7 +121,12 @@ def resolve_restore_point(store: ObjectStore, backup: str = "latest", before: da
     """`latest` (newest verified), a backup id, or with `before` the newest verified backup
     whose snapshot is older than that time."""
     if before is not None:
-        candidates = [e for e in list_backups(store) if e.verified and e.manifest and e.manifest.snapshot_at < before]
+        # Monthly archives count too: they outlive the daily backups by a year.
+        candidates = sorted(
+            (e for e in list_backups(store) + list_backups(store, monthly=True)
+             if e.verified and e.manifest and e.manifest.snapshot_at < before),
+            key=lambda e: e.manifest.snapshot_at,
+        )
         if not candidates:
             raise BackupNotFound(
                 f"There is no verified backup taken before {before.isoformat()} in the store at {store.url}",
@@ -210,7 +215,7 @@ def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, pa
                 written += len(block)
                 if progress is not None and written % (64 * MiB) < 4 * MiB:
                     progress(label, written, dump.dump_bytes)
-    except (StoreError, zstandard.ZstdError) as exc:
+    except (ChecksumMismatch, zstandard.ZstdError) as exc:  # damage; a store outage propagates as itself
         raise RestoreError(
             f"{key} of backup {entry.backup_id} is damaged: {getattr(exc, 'problem', exc)}",
             "Nothing was restored. Pick another restore point (`maestro backup list`)",
@@ -367,7 +372,7 @@ def restore_backup(
     own_dir = workdir is None
     folder = Path(tempfile.mkdtemp(prefix="maestro-restore-")) if own_dir else Path(workdir)
     created: list[tuple[URL, str, str]] = []
-    swapped = False
+    swapping = False
     try:
         with activity(store, "restore", stamp):
             files: dict[str, Path] = {}
@@ -442,7 +447,15 @@ def restore_backup(
                     for result, (_dump, dest) in zip(report.databases, plans):
                         live_exists = _database_exists(dest.url, result.live, dest.source)
                         kept = f"{result.live}_pre_restore_{stamp}"
-                        _swap(dest.url, result.live, result.restored_as, kept, live_exists, dest.source)
+                        try:
+                            _swap(dest.url, result.live, result.restored_as, kept, live_exists, dest.source)
+                        except RestoreError as exc:
+                            if moved:
+                                raise RestoreError(
+                                    f"{exc.problem}; already swapped into place: {', '.join(moved)}",
+                                    exc.hint,
+                                ) from exc
+                            raise
                         result.kept_as = kept if live_exists else None
                         result.restored_as = result.live
                         result.url = dest.url
@@ -450,10 +463,12 @@ def restore_backup(
                     return "swapped into place: " + ", ".join(moved)
 
                 say("swapping the restored databases into place")
+                # From here on the verified copies are kept whatever happens: a failed swap's
+                # message points to them.
+                swapping = True
                 _timed(report, "swap", swap)
-                swapped = True
     except BaseException:
-        if not swapped:
+        if not swapping:
             for url, name, source in created:
                 try:
                     drop_database(url, name, source)
@@ -494,9 +509,15 @@ def restore_leftovers(destinations: list[DatabaseTarget]) -> list[Leftover]:
     return found
 
 
-def restore_cleanup(destinations: list[DatabaseTarget], dry_run: bool = False) -> list[Leftover]:
-    """Drop what `restore_leftovers` finds; return it."""
-    leftovers = restore_leftovers(destinations)
+def restore_cleanup(destinations: list[DatabaseTarget], dry_run: bool = False,
+                    store: ObjectStore | None = None) -> list[Leftover]:
+    """Drop what `restore_leftovers` finds, except the scratch databases of restores and
+    drills still running (their activity markers in `store`); return what was dropped."""
+    running = {a.ident for a in running_activities(store) if a.kind == "restore"} if store is not None else set()
+    leftovers = [
+        leftover for leftover in restore_leftovers(destinations)
+        if LEFTOVER.match(leftover.name).group("stamp") not in running
+    ]
     if not dry_run:
         for leftover in leftovers:
             drop_database(leftover.url, leftover.name, leftover.source)

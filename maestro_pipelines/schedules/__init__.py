@@ -4,5 +4,6 @@ Drills and upkeep add theirs with their issues.
 """
 
 from maestro_pipelines.schedules.backups import backup_schedules
+from maestro_pipelines.schedules.drills import drill_schedules
 
-all_schedules: list = [*backup_schedules]
+all_schedules: list = [*backup_schedules, *drill_schedules]
