@@ -1,8 +1,8 @@
 """Software-defined assets, one module per part of the graph.
 
 `platform`: the platform database's schema. `ml`: the per-tenant ML graph, from training data
-to batch predictions. `backups`: the nightly database backup and the monthly archive. Drills
-and upkeep assets land here as their issues are built.
+to batch predictions. `backups`: the nightly database backup and the monthly archive. `drills`: the weekly DR drill
+with its RTO/RPO checks. Upkeep assets land here with their issue.
 """
 
 from maestro_pipelines.assets.backups import backup_assets
