@@ -1,0 +1,247 @@
+"""Restoring the platform database: our `restore_backup` vs. the restore floor, and the DR
+drill's RTO.
+
+    python -m benchmarks.restore [--size-mb 1024] [--repeat 2] [--jobs 2] [--home DIR]
+
+One run, everything sequential (the machine has 2 cores): a platform database of `--size-mb`
+MiB is generated (`benchmarks.platform_data`) on an embedded PostgreSQL 18 in a temporary
+MAESTRO_HOME and a moto S3 server is started in its own process. Not timed: our backup of
+it (`create_backup`, the library's defaults) into a `file://` store and into an `s3://` store
+on moto, and `pg_dump -Fc -Z0 -f FILE` (the floor's input: local, uncompressed). Then, each
+`--repeat` times, interleaved so that drift on the machine hits all three alike (the fastest
+run counts, every run is recorded):
+
+- floor: `CREATE DATABASE` + `pg_restore -j N --no-owner --no-privileges` of that local,
+  uncompressed file into the empty database: nothing restores a logical dump faster;
+- ours, local: `restore_backup(target="scratch")` from the file store: download and check
+  (sha256, zstd frame checksums, sizes) decompressing to a local file, `CREATE DATABASE`,
+  the same `pg_restore -j N`, row counts and content checksums of every table compared with
+  the manifest, `alembic upgrade head`, the artifact manifest checked;
+- ours, S3: the same from the S3 store on moto.
+
+The scratch databases are dropped after each run (not timed). Last, `run_drill` once from
+the local store: RTO (start to verified, amcheck included) and where its time goes.
+
+The order of the three rotates from run to run, and each run starts after a CHECKPOINT and a
+sync (not timed), so no contender inherits the previous one's writeback.
+
+Targets: ours from the local store within 1.3x of the floor; drill RTO under 3 minutes.
+Results go to benchmarks/results/restore.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.backup import AWS, BUCKET, pg_environment, pg_program, print_table, r, row
+
+RESULTS = Path(__file__).parent / "results" / "restore.json"
+MiB = 1024 * 1024
+MB = 1_000_000
+FLOOR_TARGET = 1.3          # ours (local store) vs. pg_restore -j N of a local uncompressed file
+RTO_TARGET_S = 180.0        # the drill, start to verified
+
+
+def admin_sql(db_url, sql: str) -> None:
+    from maestro_pipelines.backup.pgtools import psycopg_connect
+
+    with psycopg_connect(db_url.set(database="postgres"), autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def settle(db_url) -> None:
+    """Not timed: the previous run's dirty pages written out, so it does not slow the next one."""
+    admin_sql(db_url, "CHECKPOINT")
+    os.sync()
+
+
+def floor_restore(db_url, dump_file: Path, jobs: int, name: str) -> float:
+    """CREATE DATABASE + pg_restore -j N of the local uncompressed file (timed), then drop it."""
+    env, _ = pg_environment(db_url.render_as_string(hide_password=False))
+    started = time.perf_counter()
+    admin_sql(db_url, f'CREATE DATABASE "{name}"')
+    done = subprocess.run(
+        [pg_program("pg_restore"), "--no-owner", "--no-privileges", f"--jobs={jobs}", f"--dbname={name}",
+         "--no-password", str(dump_file)],
+        env=env, capture_output=True, text=True,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"pg_restore (floor) failed: {done.stderr[-2000:]}")
+    admin_sql(db_url, f'DROP DATABASE "{name}" WITH (FORCE)')
+    return seconds
+
+
+def ours_restore(store, destinations, jobs: int) -> dict:
+    """Our scratch restore of the newest backup in `store` (timed), then its databases dropped."""
+    from maestro_pipelines.backup import resolve_restore_point, restore_backup
+    from maestro_pipelines.backup.restore import drop_database
+
+    started = time.perf_counter()
+    entry = resolve_restore_point(store, "latest")
+    report = restore_backup(store, entry, destinations, jobs=jobs)
+    wall = time.perf_counter() - started
+    for db in report.databases:
+        drop_database(db.url, db.restored_as)
+    return {"wall_s": wall, "duration_s": report.duration_s, "steps_s": report.step_seconds(), "ok": report.ok,
+            "rows": sum(d.rows for d in report.databases), "tables": sum(d.tables for d in report.databases)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=float, default=1024, help="MiB of platform database (default 1024)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs of the floor and of ours; the fastest counts (default 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="pg_restore jobs, the floor's and ours (default 2: the CLI's)")
+    parser.add_argument("--home", type=Path,
+                        help="MAESTRO_HOME to use and keep; its database is generated once and reused after")
+    args = parser.parse_args()
+
+    from tests.services import free_port, server_process
+
+    from benchmarks.platform_data import generate_platform_database, start_embedded
+    from maestro_pipelines.backup import BackupOptions, DatabaseTarget, create_backup, run_drill, verify_backup
+    from maestro_pipelines.storage import open_store
+
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    workdir = Path(tempfile.mkdtemp(prefix="maestro-bench-restore-"))
+    home = args.home or workdir / "home"
+    server = None
+    results: dict = {"size_mib": args.size_mb, "jobs": args.jobs, "repeat": args.repeat,
+                     "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
+    try:
+        server, server_url = start_embedded(home)
+        db_url = server_url.set(database="maestro")
+        marker = home / "benchmark-platform-data.json"
+        if args.home and marker.exists() and json.loads(marker.read_text())["size_mb_requested"] == args.size_mb:
+            generation = json.loads(marker.read_text())
+            say(f"reusing the database generated in {home}")
+        else:
+            say(f"generating a {args.size_mb:g} MiB platform database ...")
+            generation = generate_platform_database(db_url, args.size_mb, progress=lambda m: say(f"  {m}"))
+            if args.home:
+                marker.write_text(json.dumps(generation))
+        results["database"] = {k: generation[k] for k in ("database_mib", "seconds", "rows")}
+        destinations = [DatabaseTarget("platform", db_url, "benchmark")]
+
+        say("floor's input: pg_dump -Fc -Z0 -f FILE (not timed) ...")
+        env, database = pg_environment(db_url.render_as_string(hide_password=False))
+        dump_file = workdir / "platform.dump"
+        started = time.perf_counter()
+        subprocess.run([pg_program("pg_dump"), "-Fc", "-Z0", "-f", str(dump_file), "-d", database], env=env, check=True)
+        results["floor_input"] = {"bytes": dump_file.stat().st_size, "dump_s": r(time.perf_counter() - started)}
+
+        port = free_port()
+        moto_dir = workdir / "moto"
+        moto_dir.mkdir()
+        moto = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+        with server_process(moto, port, moto_dir) as moto_process:
+            import boto3
+
+            endpoint = f"http://127.0.0.1:{port}"
+            results["moto_pid"] = moto_process.pid
+            boto3.client("s3", endpoint_url=endpoint, **AWS).create_bucket(Bucket=BUCKET)
+            stores = {
+                "local": open_store((workdir / "store").as_uri(), create=True),
+                "s3": open_store(f"s3://{BUCKET}/backups", endpoint_url=endpoint, **AWS),
+            }
+            backups = {}
+            for where, store in stores.items():
+                say(f"our backup into the {where} store (not timed) ...")
+                started = time.perf_counter()
+                manifest = create_backup(store, destinations, BackupOptions())
+                verified = verify_backup(store, manifest.backup_id)
+                assert verified.ok, verified.problems
+                dump = manifest.databases[0]
+                backups[where] = {"id": manifest.backup_id, "seconds": r(time.perf_counter() - started),
+                                  "dump_bytes": dump.dump_bytes, "stored_bytes": dump.compressed_bytes}
+            results["backups"] = backups
+
+            floors, ours_local, ours_s3 = [], [], []
+            contenders = [
+                ("floor", lambda attempt: floors.append(
+                    floor_restore(db_url, dump_file, args.jobs, f"maestro_floor_{attempt}"))),
+                ("ours, local store", lambda attempt: ours_local.append(
+                    ours_restore(stores["local"], destinations, args.jobs))),
+                ("ours, S3/moto", lambda attempt: ours_s3.append(ours_restore(stores["s3"], destinations, args.jobs))),
+            ]
+            for attempt in range(args.repeat):
+                # The order rotates from run to run (no one always goes first, right after a
+                # drop), and every run starts from a checkpointed, synced server.
+                for name, run in contenders[attempt % 3:] + contenders[:attempt % 3]:
+                    settle(db_url)
+                    started = time.perf_counter()
+                    run(attempt)
+                    say(f"run {attempt + 1}/{args.repeat}, {name}: {time.perf_counter() - started:.1f} s")
+
+            settle(db_url)
+            say("drill from the local store ...")
+            drill = run_drill(stores["local"], destinations, jobs=args.jobs)
+            drill_result = drill.as_dict()
+            say(f"  RTO {drill.rto_s:.1f} s")
+    finally:
+        if server is not None and args.home is None:
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    floor = min(floors)
+    local = min(ours_local, key=lambda run: run["wall_s"])
+    s3 = min(ours_s3, key=lambda run: run["wall_s"])
+    results["floor_s"] = [r(x) for x in floors]
+    results["ours"] = {"local": {**local, "runs_s": [r(x["wall_s"]) for x in ours_local]},
+                       "s3": {**s3, "runs_s": [r(x["wall_s"]) for x in ours_s3]},
+                       "every_run_steps_s": {"local": [x["steps_s"] for x in ours_local],
+                                             "s3": [x["steps_s"] for x in ours_s3]}}
+    results["drill"] = drill_result
+
+    def overhead(run: dict) -> str:
+        steps = run["steps_s"]
+        return ", ".join(f"{name} {seconds:.2f}" for name, seconds in steps.items())
+
+    rows = [
+        row(f"generate the {generation['database_mib']} MiB database (s)", None, r(generation["seconds"], 1), None,
+            "reported", None),
+        row(f"floor: CREATE DATABASE + pg_restore -j{args.jobs} of a local -Fc -Z0 file (s, best of {args.repeat})",
+            None, r(floor), None, "reported", None),
+        row("restore from the local store vs the floor (s)", r(local["wall_s"]), r(floor), r(local["wall_s"] / floor),
+            f"ours/floor <= {FLOOR_TARGET:g}", local["wall_s"] / floor <= FLOOR_TARGET),
+        row("restore from S3/moto vs the floor (s)", r(s3["wall_s"]), r(floor), r(s3["wall_s"] / floor),
+            "reported", None),
+        row("drill RTO, local store (s)", r(drill.rto_s), None, None, f"< {RTO_TARGET_S:g} s",
+            drill.rto_s is not None and drill.rto_s < RTO_TARGET_S and drill.ok),
+        row("  our pg_restore step alone vs the floor (s)", r(local["steps_s"].get("pg_restore platform")), r(floor),
+            r(local["steps_s"].get("pg_restore platform", 0) / floor), "reported", None),
+        row("  ours, every run: local / S3 (s)", f"{results['ours']['local']['runs_s']} / {results['ours']['s3']['runs_s']}",
+            f"{results['floor_s']}", None, "the fastest counts", None),
+        row("  steps of the best local restore (s)", overhead(local), None, None, "reported", None),
+        row("  steps of the best S3 restore (s)", overhead(s3), None, None, "reported", None),
+        row("  steps of the drill (s)", ", ".join(f"{k} {v:.2f}" for k, v in drill_result["steps"].items()), None, None,
+            f"{drill_result['indexes_checked']} indexes amchecked; problems: {drill_result['problems'] or 'none'}", None),
+        row("  backup restored: uncompressed dump / stored (MB)",
+            f"{r(backups['local']['dump_bytes'] / MB, 1)} / {r(backups['local']['stored_bytes'] / MB, 1)}",
+            r(results["floor_input"]["bytes"] / MB, 1), None, "floor's file (MB) as baseline", None),
+    ]
+    results["rows"] = rows
+    results["loadavg_end"] = os.getloadavg()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"platform database: {generation['database_mib']} MiB ({local['tables']} tables, {local['rows']:,} rows "
+          f"restored and compared); pg_restore -j{args.jobs}; load average at start "
+          f"{results['loadavg_start'][0]:.2f}, at end {results['loadavg_end'][0]:.2f}\n")
+    print_table(["figure", "ours", "baseline", "ratio", "target", "pass"],
+                [[x["figure"], x["ours"], x["baseline"], x["ratio"], x["target"],
+                  "" if x["pass"] is None else ("yes" if x["pass"] else "NO")] for x in rows])
+    passes = [x["pass"] for x in rows if x["pass"] is not None]
+    return 0 if all(passes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
