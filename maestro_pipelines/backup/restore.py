@@ -45,7 +45,7 @@ from maestro_pipelines.backup.pgtools import (
     quote_ident,
     where,
 )
-from maestro_pipelines.storage import ChecksumMismatch, ObjectStore
+from maestro_pipelines.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
 SCRATCH = "scratch"
 LIVE = "live"
@@ -194,7 +194,13 @@ def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, pa
     import zstandard
 
     key = object_key(entry, dump.key)
-    info = store.head(key)
+    try:
+        info = store.head(key)
+    except ObjectNotFound:
+        raise RestoreError(
+            f"{key} of backup {entry.backup_id} is missing from the store at {store.url}",
+            "Nothing was restored. Pick another restore point (`maestro backup list`)",
+        ) from None
     if info.size != dump.compressed_bytes or info.sha256 != dump.sha256:
         raise RestoreError(
             f"{key} in the store at {store.url} does not match backup {entry.backup_id}'s manifest "
