@@ -518,6 +518,7 @@ def restore(
             "databases": [{"role": d.role, "live": d.live, "restored_as": d.restored_as, "kept_as": d.kept_as,
                            "tables": d.tables, "rows": d.rows} for d in report.databases],
             "missing_artifacts": report.missing_artifacts,
+            "notes": report.notes,
         }))
         return
     out.print(_steps_table(f"restore of backup {report.backup_id}: {report.duration_s:.1f} s", report.steps))
@@ -528,6 +529,8 @@ def restore(
     if report.missing_artifacts:
         err.print(f"[yellow]warning:[/yellow] {len(report.missing_artifacts)} model artifacts listed in the backup are "
                   f"missing from the store: {', '.join(report.missing_artifacts[:10])}", highlight=False)
+    for note in report.notes:
+        err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     out.print("when you no longer need the old or scratch databases: maestro restore cleanup", highlight=False)
 
 

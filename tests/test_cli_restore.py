@@ -15,9 +15,9 @@ from .test_cli import run_maestro
 
 
 def psql(home: Path, database: str, sql: str) -> str:
-    """psql from the wheel against the embedded server in `home` (its socket is in pgdata)."""
+    """psql from the wheel against the embedded server in `home`."""
     result = subprocess.run(
-        [str(bin_dir() / "psql"), "-h", str(home / "pgdata"), "-U", "postgres", "-d", database, "-At", "-c", sql],
+        [str(bin_dir() / "psql"), "-h", str(socket_dir(home)), "-U", "postgres", "-d", database, "-At", "-c", sql],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
@@ -36,8 +36,14 @@ def kept_server(tmp_path):
     EmbeddedPostgres(home).stop()
 
 
+def socket_dir(home: Path) -> Path:
+    found = EmbeddedPostgres(home).socket_dir()
+    assert found is not None, f"the embedded server in {home} is not running"
+    return found
+
+
 def dagster_storage_url(home: Path) -> str:
-    return f"postgresql+psycopg2://postgres@/dagster?host={home / 'pgdata'}"
+    return f"postgresql+psycopg2://postgres@/dagster?host={socket_dir(home)}"
 
 
 def test_restore_brings_back_the_platform_and_dagster_databases_with_dagster_gone(kept_server):
@@ -53,7 +59,7 @@ def test_restore_brings_back_the_platform_and_dagster_databases_with_dagster_gon
     storage = PostgresRunStorage(postgres_url=dagster_storage_url(home))
     storage.add_run(DagsterRun(job_name="nightly_backup", run_id="0f1e2d3c-0000-4000-8000-000000000001"))
     storage.dispose()
-    env = {**env, "MAESTRO_DAGSTER_DATABASE_URL": f"postgresql://postgres@/dagster?host={home / 'pgdata'}"}
+    env = {**env, "MAESTRO_DAGSTER_DATABASE_URL": f"postgresql://postgres@/dagster?host={socket_dir(home)}"}
 
     backup = run_maestro("backup", "run", "--json", env=env)
     assert backup.returncode == 0, backup.stderr

@@ -131,7 +131,11 @@ def resolve_production_aliases(url, expect_registry: bool = True) -> tuple[int, 
         return 0, []
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=url.render_as_string(hide_password=False))
+    uri = url.render_as_string(hide_password=False)
+    # The registry URI too: left out, MLflow takes the process-wide one (mlflow.set_registry_uri,
+    # which Maestro's MLflow resource sets in the same Dagster process) and checks the live
+    # registry instead of the restored one.
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     problems = []
     for name in aliased:
         try:
@@ -139,7 +143,10 @@ def resolve_production_aliases(url, expect_registry: bool = True) -> tuple[int, 
             if not version.version:
                 problems.append(f"model {name}: alias production resolves to no version")
         except Exception as exc:  # MLflow raises its own exception types
-            problems.append(f"model {name}: alias production does not resolve ({type(exc).__name__})")
+            detail = (str(exc).strip().splitlines() or [""])[0][:200]
+            if url.password:
+                detail = detail.replace(str(url.password), "***")
+            problems.append(f"model {name}: alias production does not resolve ({type(exc).__name__}: {detail})")
     return len(aliased) - len(problems), problems
 
 
@@ -172,6 +179,7 @@ def run_drill(
             report.problems.append(str(exc))
             return report
         report.steps.extend(restored.steps)
+        report.notes.extend(restored.notes)
         if restored.missing_artifacts:
             report.problems.append(
                 f"{len(restored.missing_artifacts)} model artifacts of the backup are missing from the store: "

@@ -19,6 +19,7 @@ place a restore needs free space (about the uncompressed dump size, `dump_bytes`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -27,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.engine import URL
@@ -53,6 +54,16 @@ LEFTOVER = re.compile(r"^(?P<live>.+?)_(?P<kind>pre_restore|restore)_(?P<stamp>\
 # pg_restore 18 always sets transaction_timeout, which servers before 17 do not know; that
 # one statement failing is harmless (the setting does not exist there).
 _HARMLESS_ON_OLD_SERVERS = re.compile(r'unrecognized configuration parameter "transaction_timeout"')
+# Creating pg_stat_statements needs a privileged user, and Maestro works without it (migration
+# 0003 goes on with a warning): a restore by Maestro's own user leaves it out of pg_restore and
+# creates it afterwards where it may.
+OPTIONAL_EXTENSIONS = ("pg_stat_statements",)
+# Table of contents entries (`pg_restore --list`) of an extension and of its comment:
+#   215; 3079 16385 EXTENSION - pg_stat_statements
+#   4242; 0 0 COMMENT - EXTENSION pg_stat_statements
+_EXTENSION_ENTRY = re.compile(r"^\d+; \d+ \d+ (?:EXTENSION - |COMMENT - EXTENSION )(?P<name>\S+)")
+NAME_LIMIT = 63
+"""PostgreSQL's identifier limit in bytes; longer names are silently truncated."""
 
 
 class RestoreError(BackupError):
@@ -96,6 +107,8 @@ class RestoreReport:
     missing_artifacts: list[str] = field(default_factory=list)
     artifacts_checked: int = 0
     finished_at: datetime | None = None
+    notes: list[str] = field(default_factory=list)
+    """Worth knowing, not failures (an optional extension the user could not recreate)."""
 
     @property
     def duration_s(self) -> float:
@@ -149,6 +162,20 @@ def _stamp(now: datetime) -> str:
     return now.strftime("%Y%m%dt%H%M%S")
 
 
+def restore_database_name(live: str, kind: str, stamp: str) -> str:
+    """`<live>_<kind>_<stamp>` (kind `restore` or `pre_restore`), kept within PostgreSQL's
+    63 bytes: a longer live name is cut and followed by 8 hex digits of its hash, so the name
+    is still unique to that live database (`restore_leftovers` recomputes it to match)."""
+    suffix = f"_{kind}_{stamp}"
+    name = f"{live}{suffix}"
+    if len(name.encode()) <= NAME_LIMIT:
+        return name
+    tag = "_" + hashlib.sha256(live.encode()).hexdigest()[:8]
+    room = NAME_LIMIT - len((tag + suffix).encode())
+    prefix = live.encode()[:room].decode("utf-8", errors="ignore")  # never half a character
+    return f"{prefix}{tag}{suffix}"
+
+
 def _admin(url: URL) -> URL:
     return url.set(database="postgres")
 
@@ -164,8 +191,74 @@ def _database_exists(url: URL, name: str, source: str) -> bool:
 
 
 def _create_database(url: URL, name: str, source: str) -> None:
+    import psycopg
+
     with psycopg_connect(_admin(url), autocommit=True, source=source) as conn:
-        conn.execute(f"CREATE DATABASE {quote_ident(name)}")
+        try:
+            conn.execute(f"CREATE DATABASE {quote_ident(name)}")
+        except psycopg.errors.DuplicateDatabase:
+            raise RestoreError(
+                f"Database '{name}' at {where(url)} was created by someone else while this restore started",
+                "Another restore or drill started in the same second: run this one again",
+            ) from None
+        except psycopg.Error as exc:
+            raise RestoreError(
+                f"Cannot create database '{name}' at {where(url)}: {_first_line(exc)}",
+                "The restoring user needs CREATEDB (or use a user that has it) and the server free disk space",
+            ) from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _taken_names(url: URL, source: str) -> set[str]:
+    with psycopg_connect(_admin(url), autocommit=True, source=source) as conn:
+        return {r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()}
+
+
+def _free_stamp(store: ObjectStore, destinations: list[DatabaseTarget], start: datetime) -> str:
+    """The first one-second stamp from `start` on that names no existing database of any
+    destination and no running restore: a restore or drill started in the same second
+    (a scheduled drill while on-call restores) must not take over the other's databases."""
+    taken: set[str] = set()
+    for dest in destinations:
+        taken |= _taken_names(dest.url, dest.source)
+    running = {a.ident for a in running_activities(store) if a.kind == "restore"}
+    for offset in range(3600):
+        stamp = _stamp(start + timedelta(seconds=offset))
+        names = {restore_database_name(d.database, kind, stamp) for d in destinations for kind in ("restore", "pre_restore")}
+        if stamp not in running and not names & taken:
+            return stamp
+    raise RestoreRefused(
+        "Every restore name for the next hour is taken on the destination servers",
+        "Drop old restores with `maestro restore cleanup`",
+    )
+
+
+def _check_may_swap(destinations: list[DatabaseTarget]) -> None:
+    """A live restore renames every live database; refuse up front, before anything is
+    restored, when the connecting user may not rename one of them (superuser, or member of
+    the owning role with CREATEDB), so no restore ever swaps some databases and not others."""
+    for dest in destinations:
+        with psycopg_connect(_admin(dest.url), autocommit=True, source=dest.source) as conn:
+            row = conn.execute(
+                "SELECT r.rolsuper, r.rolcreatedb, d.datname IS NULL, "
+                "coalesce(pg_has_role(d.datdba, 'MEMBER'), true), pg_get_userbyid(d.datdba) "
+                "FROM pg_roles r LEFT JOIN pg_database d ON d.datname = %s WHERE r.rolname = current_user",
+                [dest.database],
+            ).fetchone()
+        superuser, createdb, missing, owns, owner = row
+        if superuser or (createdb and (missing or owns)):
+            continue
+        user = dest.url.username or "the connecting user"
+        need = "CREATEDB" if not createdb else f"to own it (it belongs to {owner})"
+        raise RestoreRefused(
+            f"{user} may not rename the live database '{dest.database}' at {where(dest.url)}: it needs {need}",
+            f"Nothing was restored. Restore as its owner or a superuser, or run "
+            f"ALTER DATABASE {quote_ident(dest.database)} OWNER TO {quote_ident(user)} (and ALTER ROLE ... CREATEDB); "
+            "a scratch restore needs neither",
+        )
 
 
 def drop_database(url: URL, name: str, source: str = "database") -> None:
@@ -235,13 +328,58 @@ def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, pa
         progress(label, written, dump.dump_bytes)
 
 
-def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int) -> None:
-    """pg_restore -j into `url`'s (empty) database; any error but the known harmless one fails."""
+def _restore_list(path: Path, env: dict[str, str]) -> tuple[Path | None, list[str]]:
+    """A `pg_restore --use-list` file without OPTIONAL_EXTENSIONS, and the extensions left
+    out; (None, []) when the dump holds none of them."""
+    listed = subprocess.run([program("pg_restore"), "--list", str(path)], env=env, capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise RestoreError(
+            f"pg_restore cannot read the dump {path.name}: {(listed.stderr.strip().splitlines() or [f'exit {listed.returncode}'])[0]}",
+            "The live database was not touched; pick another restore point",
+        )
+    kept, left_out = [], set()
+    for line in listed.stdout.splitlines():
+        match = _EXTENSION_ENTRY.match(line)
+        if match and match.group("name") in OPTIONAL_EXTENSIONS:
+            left_out.add(match.group("name"))
+            continue
+        kept.append(line)
+    if not left_out:
+        return None, []
+    list_path = path.with_suffix(".list")
+    list_path.write_text("\n".join(kept) + "\n")
+    return list_path, sorted(left_out)
+
+
+def _create_optional_extensions(url: URL, extensions: list[str]) -> list[str]:
+    """CREATE EXTENSION where the user may; notes for the ones it may not."""
+    import psycopg
+
+    notes = []
+    with psycopg_connect(url, autocommit=True, source="restored database") as conn:
+        for extension in extensions:
+            try:
+                conn.execute(f"CREATE EXTENSION IF NOT EXISTS {quote_ident(extension)}")
+            except psycopg.Error as exc:
+                notes.append(
+                    f"{extension} was not recreated in '{url.database}' ({_first_line(exc)}): Maestro works without "
+                    f"it; an administrator can run CREATE EXTENSION {extension}"
+                )
+    return notes
+
+
+def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int) -> list[str]:
+    """pg_restore -j into `url`'s (empty) database; any error but the known harmless one fails.
+    Returns notes (optional extensions that could not be recreated)."""
+    env = libpq_environment(url, "maestro-restore")
+    list_path, optional = _restore_list(path, env)
     command = [
         program("pg_restore"), "--no-owner", "--no-privileges", f"--jobs={max(1, jobs)}",
         f"--dbname={url.database}", "--no-password", str(path),
     ]
-    result = subprocess.run(command, env=libpq_environment(url, "maestro-restore"), capture_output=True, text=True)
+    if list_path is not None:
+        command.insert(-1, f"--use-list={list_path}")
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
     errors = [
         line for line in result.stderr.splitlines()
         if line.startswith("pg_restore: error:") and not (
@@ -251,13 +389,15 @@ def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int) -> 
     # pg_restore without --exit-on-error goes on after an error and exits 1 at the end; the
     # errors it printed decide (one harmless line on servers before 17).
     if errors or (result.returncode != 0 and "warning: errors ignored on restore" not in result.stderr):
-        shown = (errors or result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        # The first error is the cause; later ones usually follow from it.
+        shown = (errors or result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[0]
         if url.password:
             shown = shown.replace(str(url.password), "***")
         raise RestoreError(
             f"pg_restore into '{url.database}' at {where(url)} failed: {shown}",
             "The live database was not touched; fix the cause (disk space, permissions, extensions) and restore again",
         )
+    return _create_optional_extensions(url, optional)
 
 
 def _swap(url: URL, live: str, restored: str, kept: str, live_exists: bool, source: str) -> None:
@@ -269,11 +409,11 @@ def _swap(url: URL, live: str, restored: str, kept: str, live_exists: bool, sour
     last: Exception | None = None
     for _attempt in range(10):
         with psycopg_connect(_admin(url), autocommit=True, source=source) as conn:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ANY(%s) AND pid <> pg_backend_pid()",
-                [[live, restored]],
-            )
             try:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ANY(%s) AND pid <> pg_backend_pid()",
+                    [[live, restored]],
+                )
                 with conn.transaction():
                     if live_exists:
                         conn.execute(f"ALTER DATABASE {quote_ident(live)} RENAME TO {quote_ident(kept)}")
@@ -281,11 +421,37 @@ def _swap(url: URL, live: str, restored: str, kept: str, live_exists: bool, sour
                 return
             except psycopg.errors.ObjectInUse as exc:  # someone reconnected between terminate and rename
                 last = exc
+            except psycopg.Error as exc:
+                raise RestoreError(
+                    f"Could not swap '{restored}' into place as '{live}' at {where(url)}: {_first_line(exc)}",
+                    f"The restored data is verified in '{restored}'; fix the cause (rights to rename '{live}') and "
+                    "restore again",
+                ) from None
     raise RestoreError(
         f"Could not swap '{restored}' into place as '{live}': clients keep reconnecting ({last})",
         f"Stop the clients of '{live}' (Dagster daemon, webserver, MLflow) and run the restore again; "
         f"the restored data is verified in '{restored}'",
     )
+
+
+def _undo_swaps(moved: list) -> str:
+    """Rename back the databases a failed live restore had already swapped; say how it went."""
+    if not moved:
+        return ""
+    problems = []
+    for result, dest, kept, live_exists in reversed(moved):
+        try:
+            _dispose_engines()
+            with psycopg_connect(_admin(dest.url), autocommit=True, source=dest.source) as conn:
+                with conn.transaction():
+                    conn.execute(f"ALTER DATABASE {quote_ident(result.live)} RENAME TO {quote_ident(result.restored_as)}")
+                    if live_exists:
+                        conn.execute(f"ALTER DATABASE {quote_ident(kept)} RENAME TO {quote_ident(result.live)}")
+        except Exception as exc:
+            problems.append(f"{result.live} (restored data now live; the old one is {kept}: {_first_line(exc)})")
+    if problems:
+        return "; could NOT put back: " + ", ".join(problems)
+    return "; the databases already swapped were put back: " + ", ".join(r.live for r, *_ in moved)
 
 
 def check_artifacts(store: ObjectStore, entry: BackupEntry) -> tuple[int, list[str]]:
@@ -343,23 +509,24 @@ def restore_backup(
     if not wanted:
         raise RestoreRefused(f"Backup {entry.backup_id} holds none of the configured databases",
                              f"It holds: {', '.join(d.role for d in manifest.databases)}")
+    if target == LIVE:
+        primary = by_role["platform"].database if "platform" in wanted else by_role[wanted[0]].database
+        if confirm != primary:
+            raise RestoreRefused(
+                f"Restoring into the live databases ({', '.join(by_role[r].database for r in wanted)}) replaces them",
+                f"Confirm with confirm={primary} (CLI: --confirm {primary}); the old ones are kept aside until "
+                "`maestro restore cleanup`",
+            )
+        _check_may_swap([by_role[role] for role in wanted])
     started_at = utcnow()
-    stamp = _stamp(started_at)
+    stamp = _free_stamp(store, [by_role[role] for role in wanted], started_at)
     report = RestoreReport(entry.backup_id, manifest.snapshot_at, target, started_at)
     plans = []
     for role in wanted:
         dest = by_role[role]
         live = dest.database
-        report.databases.append(DatabaseRestore(role, live, f"{live}_restore_{stamp}", url=dest.url))
+        report.databases.append(DatabaseRestore(role, live, restore_database_name(live, "restore", stamp), url=dest.url))
         plans.append((manifest.database(role), dest))
-    if target == LIVE:
-        primary = next((d.live for d in report.databases if d.role == "platform"), report.databases[0].live)
-        if confirm != primary:
-            raise RestoreRefused(
-                f"Restoring into the live databases ({', '.join(d.live for d in report.databases)}) replaces them",
-                f"Confirm with confirm={primary} (CLI: --confirm {primary}); the old ones are kept aside until "
-                "`maestro restore cleanup`",
-            )
 
     def versions() -> str:
         details = []
@@ -402,7 +569,8 @@ def restore_backup(
                 def restore_one() -> str:
                     _create_database(dest.url, result.restored_as, dest.source)
                     created.append((dest.url, result.restored_as, dest.source))
-                    run_pg_restore(restored_url, files[dump.role], jobs, server_version)
+                    notes = run_pg_restore(restored_url, files[dump.role], jobs, server_version)
+                    report.notes.extend(f"{dump.role}: {note}" for note in notes)
                     return f"{result.restored_as} at {where(dest.url)}"
 
                 say(f"restoring {dump.role} into {result.restored_as} (pg_restore -j {jobs})")
@@ -449,24 +617,26 @@ def restore_backup(
 
             if target == LIVE:
                 def swap() -> str:
-                    moved = []
+                    moved: list[tuple[DatabaseRestore, DatabaseTarget, str, bool]] = []
                     for result, (_dump, dest) in zip(report.databases, plans):
                         live_exists = _database_exists(dest.url, result.live, dest.source)
-                        kept = f"{result.live}_pre_restore_{stamp}"
+                        kept = restore_database_name(result.live, "pre_restore", stamp)
                         try:
                             _swap(dest.url, result.live, result.restored_as, kept, live_exists, dest.source)
                         except RestoreError as exc:
-                            if moved:
-                                raise RestoreError(
-                                    f"{exc.problem}; already swapped into place: {', '.join(moved)}",
-                                    exc.hint,
-                                ) from exc
-                            raise
+                            # The live databases describe one moment: put back the ones
+                            # already swapped rather than leave a mix of old and restored.
+                            undone = _undo_swaps(moved)
+                            raise RestoreError(exc.problem + undone, exc.hint) from exc
+                        moved.append((result, dest, kept, live_exists))
+                    for result, dest, kept, live_exists in moved:
                         result.kept_as = kept if live_exists else None
                         result.restored_as = result.live
                         result.url = dest.url
-                        moved.append(f"{result.live}" + (f" (old one kept as {kept})" if live_exists else " (was missing)"))
-                    return "swapped into place: " + ", ".join(moved)
+                    return "swapped into place: " + ", ".join(
+                        f"{result.live}" + (f" (old one kept as {kept})" if live_exists else " (was missing)")
+                        for result, _dest, kept, live_exists in moved
+                    )
 
                 say("swapping the restored databases into place")
                 # From here on the verified copies are kept whatever happens: a failed swap's
@@ -510,7 +680,7 @@ def restore_leftovers(destinations: list[DatabaseTarget]) -> list[Leftover]:
             names = [r[0] for r in conn.execute("SELECT datname FROM pg_database ORDER BY datname").fetchall()]
         for name in names:
             match = LEFTOVER.match(name)
-            if match and match.group("live") == dest.database:
+            if match and name == restore_database_name(dest.database, match.group("kind"), match.group("stamp")):
                 found.append(Leftover(name, match.group("kind"), dest.database, dest.url, dest.source))
     return found
 

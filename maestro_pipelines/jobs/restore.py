@@ -223,6 +223,8 @@ def restore_from_backup(
             f"{len(report.missing_artifacts)} of {report.artifacts_checked} model artifacts listed in the backup are "
             f"missing from the store: {', '.join(report.missing_artifacts[:10])}"
         )
+    for note in report.notes:
+        context.log.warning(note)
     context.log.info(CLEANUP_HINT)
     return dg.Output(
         None,
@@ -238,6 +240,7 @@ def restore_from_backup(
             "missing_artifacts": dg.MetadataValue.md(
                 "\n".join(f"- `{key}`" for key in report.missing_artifacts) or "none"
             ),
+            "notes": dg.MetadataValue.md("\n".join(f"- {note}" for note in report.notes) or "none"),
             "next_step": dg.MetadataValue.text(CLEANUP_HINT),
         },
     )

@@ -137,6 +137,16 @@ class EmbeddedPostgres:
             _wheel().PostgresServer._instances.pop(self.pgdata, None)
         (self.pgdata / ".handle_pids.json").unlink(missing_ok=True)
 
+    def socket_dir(self) -> Path | None:
+        """Folder of the running server's Unix socket, or None when it is not running. Usually
+        pgdata, but the wheel picks a shorter folder when pgdata's path is longer than a socket
+        path may be (107 bytes), so never assume it."""
+        wheel = _wheel()
+        if not (self.pgdata / "postmaster.pid").exists():
+            return None
+        info = wheel.utils.PostmasterInfo.read_from_pgdata(self.pgdata)
+        return info.socket_dir if info is not None and info.is_running() else None
+
     def is_running(self) -> bool:
         wheel = _wheel()
         if not (self.pgdata / "postmaster.pid").exists():

@@ -64,6 +64,26 @@ def test_drill_over_its_rto_target_fails_with_the_reason(pg18_mlflow_installatio
     assert inst.leftovers() == []
 
 
+def test_drill_checks_the_restored_registry_in_a_process_that_set_its_own(pg18_mlflow_installation, local_case,
+                                                                        monkeypatch):
+    """In a Dagster run worker Maestro's MLflow resource has set the process-wide registry URI
+    (mlflow.set_registry_uri) to the live registry; the drill's smoke test must still ask the
+    restored registry. Here the process-wide one points at a database that does not exist."""
+    import mlflow.tracking._model_registry.utils as registry_utils
+
+    inst = pg18_mlflow_installation
+    store = local_case.store
+    verified_backup(inst, store)
+    elsewhere = inst.dbs.url("no_such_registry").set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    monkeypatch.setattr(registry_utils, "_registry_uri", elsewhere)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", elsewhere)
+
+    report = run_drill(store, inst.destinations())
+
+    assert report.ok, report.failures()
+    assert report.aliases_resolved == 1
+
+
 def test_drill_on_a_corrupted_backup_fails_and_leaves_nothing(pg18_installation, case):
     """A verified backup whose dump rotted afterwards fails the drill with the damaged object
     named in its problems; no scratch database is left behind."""

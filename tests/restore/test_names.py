@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
-
 from maestro_pipelines.backup import (
     LIVE,
     RestoreError,
@@ -37,8 +35,6 @@ def occupy(inst: Installation, live: str, kind: str) -> list[str]:
     inst.dbs.execute(names[0], "CREATE TABLE precious (id int)")
     return names
 
-
-pytestmark = pytest.mark.xfail(strict=True, reason='known bug: one-second restore stamps collide; names over 63 bytes are truncated (issue 6, open)')
 
 def test_scratch_restore_beside_one_from_the_same_second(pg18_installation, local_case):
     """A scratch restore started in the same second as an earlier one (whose database is
@@ -78,7 +74,8 @@ def test_long_live_database_names_are_restored_and_cleaned_up(pg18_databases, in
                                                               tmp_path):
     """A live database whose name is close to PostgreSQL's 63-byte limit: the restore either
     refuses up front or the names it reports are the databases it created, and
-    `restore_cleanup` finds and drops them (PostgreSQL silently truncates longer names)."""
+    `restore_cleanup` finds and drops them (PostgreSQL silently truncates longer names; the
+    restore may shorten them its own way, so they need not start with the live name)."""
     dbs = pg18_databases
     long_name = f"maestro_production_platform_{fresh_suffix()}"  # 36 characters
     templates.clone(dbs, "platform", long_name)
@@ -96,10 +93,32 @@ def test_long_live_database_names_are_restored_and_cleaned_up(pg18_databases, in
         assert "63" in str(refused) or "too long" in str(refused)
         assert database_names(dbs, long_name) == sorted(inst.names)
         return
-    on_server = database_names(dbs, long_name)
+    this_tests = "maestro_production_"  # no other test's databases start so
+    on_server = database_names(dbs, this_tests)
     for restored in report.databases:
         assert restored.kept_as in on_server, f"reported {restored.kept_as}, the server has {on_server}"
+        assert len(restored.kept_as.encode()) <= 63
     assert sorted(leftover.name for leftover in restore_cleanup(inst.destinations())) == sorted(
         d.kept_as for d in report.databases
     )
-    assert database_names(dbs, long_name) == sorted(inst.names)
+    assert database_names(dbs, this_tests) == sorted(inst.names)
+    assert tenants(dbs, long_name) == ["acme", "globex", "initech"]
+
+
+def test_restore_names_fit_postgres_and_stay_apart():
+    """Without a server: names of restores of long live databases (multi-byte characters
+    included) fit in 63 bytes, begin with as much of the live name as fits, and two live
+    databases that share a long prefix get different names."""
+    from maestro_pipelines.backup.restore import LEFTOVER, restore_database_name
+
+    stamp = "20261127t031500"
+    short = restore_database_name("maestro", "pre_restore", stamp)
+    assert short == f"maestro_pre_restore_{stamp}"
+    first, second = ("données_plateforme_production_" * 2) + "a", ("données_plateforme_production_" * 2) + "b"
+    names = {restore_database_name(live, kind, stamp) for live in (first, second) for kind in ("restore", "pre_restore")}
+    assert len(names) == 4
+    for name in names:
+        assert len(name.encode()) <= 63
+        assert first.startswith(name[:20])
+        match = LEFTOVER.match(name)
+        assert match and match.group("stamp") == stamp

@@ -20,8 +20,6 @@ def restorer(inst: Installation, owns: list[str]) -> list[DatabaseTarget]:
     return [DatabaseTarget(d.role, d.url.set(username=role, password=PASSWORD), d.source) for d in inst.destinations()]
 
 
-pytestmark = pytest.mark.xfail(strict=True, reason='known bug: partial swap without rename rights; pg_stat_statements for non-superusers (issue 6, open)')
-
 def test_restore_by_the_owner_of_a_database_with_an_administrators_extension(pg18_installation, local_case):
     """An administrator created pg_stat_statements in the platform database (as migration
     0003 tells them to when Maestro's user may not); Maestro's user, which cannot create
