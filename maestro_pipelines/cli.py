@@ -472,7 +472,11 @@ def restore(
     backup: str = typer.Option("latest", help="Backup id, or `latest` (the newest verified backup)."),
     before: str = typer.Option(None, help="Instead: the newest verified backup taken before this time (ISO 8601, UTC if no zone)."),
     target: str = typer.Option("scratch", help="`scratch`: next to the live databases; `live`: in their place."),
-    confirm: str = typer.Option(None, "--confirm", help="The platform database's name: required with --target live."),
+    confirm: str = typer.Option(
+        None, "--confirm",
+        help="Required with --target live: the platform database's name (or, when --databases leaves the platform "
+             "database out, the first database restored, e.g. Dagster's).",
+    ),
     databases: str = typer.Option(None, help="Comma-separated roles to restore (platform,mlflow,dagster); default all."),
     jobs: int = typer.Option(2, help="pg_restore parallel jobs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),

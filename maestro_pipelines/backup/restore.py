@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -210,6 +211,37 @@ def _create_database(url: URL, name: str, source: str) -> None:
 
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+WORKDIR_PREFIX = "maestro-restore-"
+
+
+def _make_workdir() -> Path:
+    # The pid in the name lets a later restore know the folder's owner is gone.
+    return Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
+
+
+def remove_stale_workdirs(tmp: Path | None = None) -> list[Path]:
+    """Remove the download folders of restores whose process died (killed, OOM, power): each
+    holds a whole decompressed dump, the disk space the next restore needs."""
+    removed = []
+    for folder in Path(tmp or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = folder.name[len(WORKDIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not folder.is_dir() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def _taken_names(url: URL, source: str) -> set[str]:
@@ -543,7 +575,10 @@ def restore_backup(
 
     _timed(report, "check versions", versions)
     own_dir = workdir is None
-    folder = Path(tempfile.mkdtemp(prefix="maestro-restore-")) if own_dir else Path(workdir)
+    if own_dir:
+        for stale in remove_stale_workdirs():
+            say(f"removed {stale}, left by a restore whose process is gone")
+    folder = _make_workdir() if own_dir else Path(workdir)
     created: list[tuple[URL, str, str]] = []
     swapping = False
     try:

@@ -81,7 +81,9 @@ def translate_error(exc: BaseException, url: URL, source: str) -> MaestroError:
     if match:
         return MaestroError(
             f"{source}: database '{match.group(1)}' does not exist at {where}",
-            "Run `maestro db upgrade`, which creates it when the user may, or create it yourself",
+            "New install: run `maestro db upgrade`, which creates it when the user may. Lost it: "
+            "`maestro restore --target live` brings it back from the newest backup "
+            "(docs/runbooks/total-database-loss.md)",
         )
     if "role" in lowered and "does not exist" in lowered:
         return MaestroError(

@@ -1,6 +1,6 @@
 """A restore killed with SIGKILL in the middle of pg_restore leaves the live databases as
 they were; what it left half-restored is listed by `restore_leftovers` and dropped by
-`restore_cleanup`.
+`restore_cleanup`; its download folder is removed by the next restore.
 
 The restore runs in a child process (child.py). To kill it at a known point rather than
 race a timer, the backed-up platform database holds a table whose CHECK constraint, in a
@@ -19,6 +19,7 @@ import time
 import pytest
 
 from maestro_pipelines.backup import LIVE, restore_cleanup, running_activities
+from maestro_pipelines.backup.restore import remove_stale_workdirs
 from tests.backup.conftest import REPO_ROOT, child_environment, store_spec
 from tests.restore.conftest import contents, fresh_suffix
 
@@ -116,3 +117,12 @@ def test_restore_killed_during_pg_restore_leaves_the_live_database_untouched(pg1
     ]
     assert inst.leftovers() == []
     assert {name: contents(dbs, name, schema=False) for name in inst.names} == live_before
+
+    # Its download folder (a whole decompressed dump) is removed by the next restore; a
+    # running restore's folder (this process's) is not.
+    [left] = list(scratch.glob("maestro-restore-*"))
+    assert (left / "platform.dump").stat().st_size > 0
+    running = scratch / f"maestro-restore-{os.getpid()}-running"
+    running.mkdir()
+    assert remove_stale_workdirs(scratch) == [left]
+    assert list(scratch.iterdir()) == [running]
