@@ -41,8 +41,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "backup.json"
 REPO = Path(__file__).parent.parent
-AWS = {"region_name": "us-east-1", "aws_access_key_id": "bench", "aws_secret_access_key": "bench"}
-BUCKET = "maestro-bench"
+from benchmarks.platform_data import AWS, BUCKET
+
 MiB = 1024 * 1024
 MB = 1_000_000
 SPEEDUP_TARGET = 4.0        # ours vs. the original method (dump gzip-9, then upload)
@@ -351,9 +351,7 @@ def main() -> int:
         print(json.dumps(child_explore(args.db_url, json.loads(args.spec), args.scratch)))
         return 0
 
-    from tests.services import free_port, server_process
-
-    from benchmarks.platform_data import generate_platform_database, start_embedded
+    from benchmarks.platform_data import moto_bucket, prepare_platform_database
 
     say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     workdir = Path(tempfile.mkdtemp(prefix="maestro-bench-backup-"))
@@ -362,17 +360,7 @@ def main() -> int:
     # Other work on the machine skews every figure here: the load averages are recorded.
     results: dict = {"size_mib": args.size_mb, "loadavg_start": os.getloadavg()}
     try:
-        server, server_url = start_embedded(home)
-        db_url = server_url.set(database="maestro")
-        marker = home / "benchmark-platform-data.json"
-        if args.home and marker.exists() and json.loads(marker.read_text())["size_mb_requested"] == args.size_mb:
-            generation = json.loads(marker.read_text())
-            say(f"reusing the database generated in {home}")
-        else:
-            say(f"generating a {args.size_mb:g} MiB platform database ...")
-            generation = generate_platform_database(db_url, args.size_mb, progress=lambda m: say(f"  {m}"))
-            if args.home:
-                marker.write_text(json.dumps(generation))
+        server, db_url, generation = prepare_platform_database(home, args.size_mb, reuse=bool(args.home), say=say)
         results["database"] = {k: generation[k] for k in ("database_mib", "seconds", "steps_s", "rows")}
         db = db_url.render_as_string(hide_password=False)
         env, database = pg_environment(db)
@@ -382,16 +370,8 @@ def main() -> int:
         floor = min(floors)
         missing = library_available()
 
-        port = free_port()
-        moto_dir = workdir / "moto"
-        moto_dir.mkdir()
-        moto = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-        with server_process(moto, port, moto_dir) as moto_process:
-            import boto3
-
-            endpoint = f"http://127.0.0.1:{port}"
-            results["moto_pid"] = moto_process.pid
-            boto3.client("s3", endpoint_url=endpoint, **AWS).create_bucket(Bucket=BUCKET)
+        with moto_bucket(workdir) as (endpoint, moto_pid):
+            results["moto_pid"] = moto_pid
 
             say("original method (pg_dump -Fc --compress=9 -f FILE, then copy / upload_file) ...")
             original = original_method(env, database, workdir, endpoint)

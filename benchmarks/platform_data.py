@@ -31,7 +31,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -57,6 +59,43 @@ def start_embedded(home: Path):
 
     server = EmbeddedPostgres(Path(home))
     return server, server.start()
+
+
+def prepare_platform_database(home: Path, size_mb: float, reuse: bool, say: Callable[[str], None]):
+    """Start the embedded server in `home` and generate a `size_mb` platform database in its
+    `maestro` database; with `reuse`, keep the one an earlier run generated at that size (a
+    marker file in `home` says which). Returns `(server, db_url, generation)`."""
+    server, server_url = start_embedded(home)
+    db_url = server_url.set(database="maestro")
+    marker = Path(home) / "benchmark-platform-data.json"
+    if reuse and marker.exists() and json.loads(marker.read_text())["size_mb_requested"] == size_mb:
+        say(f"reusing the database generated in {home}")
+        return server, db_url, json.loads(marker.read_text())
+    say(f"generating a {size_mb:g} MiB platform database ...")
+    generation = generate_platform_database(db_url, size_mb, progress=lambda m: say(f"  {m}"))
+    if reuse:
+        marker.write_text(json.dumps(generation))
+    return server, db_url, generation
+
+
+AWS = {"region_name": "us-east-1", "aws_access_key_id": "bench", "aws_secret_access_key": "bench"}
+BUCKET = "maestro-bench"
+
+
+@contextmanager
+def moto_bucket(workdir: Path) -> Iterator[tuple[str, int]]:
+    """A moto S3 server on 127.0.0.1 with an empty BUCKET: yields (endpoint, server pid)."""
+    import boto3
+    from tests.services import free_port, server_process
+
+    port = free_port()
+    moto_dir = Path(workdir) / "moto"
+    moto_dir.mkdir()
+    moto = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with server_process(moto, port, moto_dir) as process:
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=endpoint, **AWS).create_bucket(Bucket=BUCKET)
+        yield endpoint, process.pid
 
 
 def _month_start(day: date, months_later: int = 0) -> date:

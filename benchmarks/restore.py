@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.backup import AWS, BUCKET, pg_environment, pg_program, print_table, r, row
+from benchmarks.backup import pg_environment, pg_program, print_table, r, row
 
 RESULTS = Path(__file__).parent / "results" / "restore.json"
 MiB = 1024 * 1024
@@ -104,9 +104,7 @@ def main() -> int:
                         help="MAESTRO_HOME to use and keep; its database is generated once and reused after")
     args = parser.parse_args()
 
-    from tests.services import free_port, server_process
-
-    from benchmarks.platform_data import generate_platform_database, start_embedded
+    from benchmarks.platform_data import AWS, BUCKET, moto_bucket, prepare_platform_database
     from maestro_pipelines.backup import BackupOptions, DatabaseTarget, create_backup, run_drill, verify_backup
     from maestro_pipelines.storage import open_store
 
@@ -117,17 +115,7 @@ def main() -> int:
     results: dict = {"size_mib": args.size_mb, "jobs": args.jobs, "repeat": args.repeat,
                      "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
     try:
-        server, server_url = start_embedded(home)
-        db_url = server_url.set(database="maestro")
-        marker = home / "benchmark-platform-data.json"
-        if args.home and marker.exists() and json.loads(marker.read_text())["size_mb_requested"] == args.size_mb:
-            generation = json.loads(marker.read_text())
-            say(f"reusing the database generated in {home}")
-        else:
-            say(f"generating a {args.size_mb:g} MiB platform database ...")
-            generation = generate_platform_database(db_url, args.size_mb, progress=lambda m: say(f"  {m}"))
-            if args.home:
-                marker.write_text(json.dumps(generation))
+        server, db_url, generation = prepare_platform_database(home, args.size_mb, reuse=bool(args.home), say=say)
         results["database"] = {k: generation[k] for k in ("database_mib", "seconds", "rows")}
         destinations = [DatabaseTarget("platform", db_url, "benchmark")]
 
@@ -138,16 +126,8 @@ def main() -> int:
         subprocess.run([pg_program("pg_dump"), "-Fc", "-Z0", "-f", str(dump_file), "-d", database], env=env, check=True)
         results["floor_input"] = {"bytes": dump_file.stat().st_size, "dump_s": r(time.perf_counter() - started)}
 
-        port = free_port()
-        moto_dir = workdir / "moto"
-        moto_dir.mkdir()
-        moto = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-        with server_process(moto, port, moto_dir) as moto_process:
-            import boto3
-
-            endpoint = f"http://127.0.0.1:{port}"
-            results["moto_pid"] = moto_process.pid
-            boto3.client("s3", endpoint_url=endpoint, **AWS).create_bucket(Bucket=BUCKET)
+        with moto_bucket(workdir) as (endpoint, moto_pid):
+            results["moto_pid"] = moto_pid
             stores = {
                 "local": open_store((workdir / "store").as_uri(), create=True),
                 "s3": open_store(f"s3://{BUCKET}/backups", endpoint_url=endpoint, **AWS),

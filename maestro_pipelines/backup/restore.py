@@ -256,7 +256,7 @@ def _free_stamp(store: ObjectStore, destinations: list[DatabaseTarget], start: d
     taken: set[str] = set()
     for dest in destinations:
         taken |= _taken_names(dest.url, dest.source)
-    running = {a.ident for a in running_activities(store) if a.kind == "restore"}
+    running = running_restore_stamps(store)
     for offset in range(3600):
         stamp = _stamp(start + timedelta(seconds=offset))
         names = {restore_database_name(d.database, kind, stamp) for d in destinations for kind in ("restore", "pre_restore")}
@@ -705,6 +705,16 @@ class Leftover:
     url: URL = field(repr=False)
     source: str = "database"
 
+    @property
+    def stamp(self) -> str:
+        """The stamp of the restore that made it (its activity marker's ident)."""
+        return LEFTOVER.match(self.name).group("stamp")
+
+
+def running_restore_stamps(store: ObjectStore) -> set[str]:
+    """Stamps of the restores and drills whose activity marker says they are running."""
+    return {a.ident for a in running_activities(store) if a.kind == "restore"}
+
 
 def restore_leftovers(destinations: list[DatabaseTarget]) -> list[Leftover]:
     """Databases restores left on the destinations' servers: `<live>_pre_restore_<stamp>`
@@ -724,11 +734,8 @@ def restore_cleanup(destinations: list[DatabaseTarget], dry_run: bool = False,
                     store: ObjectStore | None = None) -> list[Leftover]:
     """Drop what `restore_leftovers` finds, except the scratch databases of restores and
     drills still running (their activity markers in `store`); return what was dropped."""
-    running = {a.ident for a in running_activities(store) if a.kind == "restore"} if store is not None else set()
-    leftovers = [
-        leftover for leftover in restore_leftovers(destinations)
-        if LEFTOVER.match(leftover.name).group("stamp") not in running
-    ]
+    running = running_restore_stamps(store) if store is not None else set()
+    leftovers = [leftover for leftover in restore_leftovers(destinations) if leftover.stamp not in running]
     if not dry_run:
         for leftover in leftovers:
             drop_database(leftover.url, leftover.name, leftover.source)

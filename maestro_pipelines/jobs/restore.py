@@ -272,15 +272,15 @@ def drop_restore_leftovers(
 ):
     """Drop `<db>_pre_restore_<time>` (old live databases kept aside) and `<db>_restore_<time>`
     (scratch restores) of the live databases; never those of a restore still running."""
-    from maestro_pipelines.backup import restore_leftovers, running_activities
-    from maestro_pipelines.backup.restore import LEFTOVER, drop_database
+    from maestro_pipelines.backup import restore_leftovers
+    from maestro_pipelines.backup.restore import drop_database, running_restore_stamps
 
     destinations, _notes = live_destinations(platform_db, mlflow)
-    running = {a.ident for a in running_activities(store.get_store()) if a.kind == "restore"}
+    running = running_restore_stamps(store.get_store())
     rows, dropped, skipped = [], 0, 0
     for leftover in restore_leftovers(destinations):
         what = "old live database" if leftover.kind == "pre_restore" else "scratch restore"
-        if LEFTOVER.match(leftover.name).group("stamp") in running:
+        if leftover.stamp in running:
             action = "skipped: its restore is running"
             skipped += 1
         elif config.dry_run:

@@ -5,13 +5,10 @@ on 127.0.0.1. No mocks: backups are real pg_dumps, alerts real HTTP POSTs."""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from unittest import mock
 
@@ -24,6 +21,7 @@ from maestro_pipelines.platform_db.migrate import upgrade
 from maestro_pipelines.platform_db.tenants import add_tenant
 
 from ..conftest import create_database, drop_database
+from ..webhook import Webhook, webhook_receiver
 
 WEBHOOK_SECRET = "XoXb7SeCrEtT0kEn42"
 """The token in the webhook's path: a Slack webhook URL is its own credential."""
@@ -51,43 +49,10 @@ def backup_databases(pg18) -> Iterator[BackupDatabases]:
     drop_database(pg18, platform)
 
 
-@dataclass
-class Webhook:
-    """A Slack-compatible webhook receiver: records each POST, answers `status`."""
-
-    url: str
-    posts: list[dict] = field(default_factory=list)
-    raw: list[bytes] = field(default_factory=list)
-    status: int = 200
-
-
 @pytest.fixture
 def webhook() -> Iterator[Webhook]:
-    receiver = Webhook(url="")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's naming)
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            receiver.raw.append(self.path.encode() + b" " + body)
-            if receiver.status == 200:
-                receiver.posts.append(json.loads(body))
-            self.send_response(receiver.status)
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/services/T0000/B0000/{WEBHOOK_SECRET}"
-    try:
+    with webhook_receiver(WEBHOOK_SECRET) as receiver:
         yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @dataclass

@@ -9,11 +9,8 @@ every test ends by dropping whatever its restores left, so the next one starts c
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -25,6 +22,7 @@ from maestro_pipelines.platform_db.migrate import upgrade
 from maestro_pipelines.platform_db.tenants import add_tenant
 
 from ..conftest import create_database, drop_database
+from ..webhook import Webhook, webhook_receiver
 
 TENANTS = ("acme", "globex", "initech")
 MODEL = "acme-churn"
@@ -52,7 +50,7 @@ def _mlflow_with_a_production_model(url: str) -> None:
     """MLflow creates its schema on first use; one model version carries the `production` alias."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=url)
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
     client.create_registered_model(MODEL)
     version = client.create_model_version(MODEL, source="s3://maestro-test/models/acme-churn/1")
     client.set_registered_model_alias(MODEL, "production", version.version)
@@ -75,44 +73,10 @@ def drill_databases(pg18) -> Iterator[DrillDatabases]:
     drop_database(pg18, platform)
 
 
-@dataclass
-class Webhook:
-    """A Slack-compatible webhook receiver: records each POST's JSON."""
-
-    url: str
-    posts: list[dict] = field(default_factory=list)
-    raw: list[bytes] = field(default_factory=list)
-
-    def texts(self) -> list[str]:
-        return [post["text"] for post in self.posts]
-
-
 @pytest.fixture
 def webhook() -> Iterator[Webhook]:
-    receiver = Webhook(url="")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's naming)
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            receiver.raw.append(body)
-            receiver.posts.append(json.loads(body))
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/services/T0000/B0000/{WEBHOOK_SECRET}"
-    try:
+    with webhook_receiver(WEBHOOK_SECRET) as receiver:
         yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @dataclass
