@@ -1,5 +1,6 @@
 """restore_database and restore_cleanup_job launched in process as on-call would from the
-launchpad: real backups of the embedded PostgreSQL in a local store, real pg_restores."""
+launchpad: real backups of the embedded PostgreSQL in a local store (and moto S3), real
+pg_restores."""
 
 from __future__ import annotations
 
@@ -146,3 +147,38 @@ def test_restore_ops_share_the_backup_pool_and_jobs_are_tagged_for_alerts():
         tags = defs.resolve_job_def(job).tags
         assert tags["maestro/kind"] == kind and kind in ALERTED_KINDS
         assert int(tags["dagster/max_runtime"]) > 0
+
+
+def test_the_restore_job_brings_back_dropped_databases_from_s3(drill_env, moto_endpoint):
+    """The worst night, through the launchpad: the platform database and MLflow's registry
+    are both dropped; restore_database (target live) brings both back from S3 (moto over
+    HTTP), with every tenant and the model aliased `production`."""
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    from maestro_pipelines.backup.restore import drop_database
+    from maestro_pipelines.resources import ObjectStoreResource
+    from tests.stores.conftest import AWS
+
+    from .conftest import MODEL
+
+    boto3.client("s3", endpoint_url=moto_endpoint, **AWS).create_bucket(Bucket="maestro-dr")
+    drill_env.resources["store"] = ObjectStoreResource(url="s3://maestro-dr/backups", endpoint_url=moto_endpoint, **AWS)
+    manifest = drill_env.take_backup()
+    platform, server = drill_env.databases.platform, drill_env.databases.server
+    for name in (platform, f"{platform}_mlflow"):
+        drop_database(server.admin_url, name)
+    assert platform not in drill_env.database_names()
+
+    result = drill_env.run("restore_database", {"target": "live", "confirm": platform})
+
+    assert result.success, step_failures(result)
+    databases = by_role(output_metadata(result, "restore_from_backup")["databases"].value)
+    assert {role: row["kept_as"] for role, row in databases.items()} == {"platform": "", "mlflow": ""}, "nothing to keep"
+    assert {role: row["rows"] for role, row in databases.items()} == {
+        d.role: d.rows for d in manifest.databases
+    }
+    assert drill_env.tenants(platform) == sorted(TENANTS)
+    uri = server.admin_url.set(database=f"{platform}_mlflow").render_as_string(hide_password=False)
+    assert str(MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(MODEL, "production").version) == "1"
+    assert drill_env.leftovers() == []
