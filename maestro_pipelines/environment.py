@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from maestro_pipelines.resources import AlertResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
+from maestro_pipelines.resources import AlertResource, CacheResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
 from maestro_pipelines.settings import Settings, load_settings
 
 
@@ -46,6 +46,19 @@ def alerts(settings: Settings) -> AlertResource:
     return AlertResource(webhook_url=_env_or_none(settings.alert_webhook, "MAESTRO_ALERT_WEBHOOK"))
 
 
+def cache(settings: Settings) -> CacheResource:
+    # The URL may hold a password: passed by name, read at run time. Unset: the LRU alone.
+    if settings.redis_url is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("redis") is None:  # found without importing it
+            from maestro_pipelines.errors import MaestroError
+
+            raise MaestroError("MAESTRO_REDIS_URL is set but the redis package is not installed",
+                               "pip install 'maestro-pipelines[redis]', or unset MAESTRO_REDIS_URL")
+    return CacheResource(redis_url=_env_or_none(settings.redis_url, "MAESTRO_REDIS_URL"))
+
+
 def data_source(settings: Settings):
     from maestro_pipelines.resources.sources import PostgresDataSource, source_from_environment
 
@@ -68,4 +81,5 @@ def resources_for_environment(settings: Settings | None = None) -> dict[str, dg.
         "source": data_source(settings),
         "store": object_store(settings),
         "alerts": alerts(settings),
+        "cache": cache(settings),
     }

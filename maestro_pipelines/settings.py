@@ -40,6 +40,9 @@ class Settings:
     alert_webhook: str | None = None
     """`MAESTRO_ALERT_WEBHOOK`: a Slack-compatible incoming-webhook URL for alerts. Unset: alerts are logged only."""
 
+    redis_url: str | None = None
+    """`MAESTRO_REDIS_URL`: Redis behind the in-process cache (models, predictions). Unset: the in-process LRU alone."""
+
     timezone: str = "UTC"
     """`MAESTRO_TIMEZONE`: the time zone of the schedules (nightly backup at 02:00 there)."""
 
@@ -72,5 +75,6 @@ def load_settings() -> Settings:
         mlflow_tracking_uri=_non_empty("MLFLOW_TRACKING_URI"),
         dagster_database_url=_non_empty("MAESTRO_DAGSTER_DATABASE_URL"),
         alert_webhook=_non_empty("MAESTRO_ALERT_WEBHOOK"),
+        redis_url=_non_empty("MAESTRO_REDIS_URL"),
         timezone=_non_empty("MAESTRO_TIMEZONE") or "UTC",
     )

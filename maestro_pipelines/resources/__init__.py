@@ -5,8 +5,9 @@ Which concrete resources a deployment gets is decided in one place,
 """
 
 from maestro_pipelines.resources.alerts import AlertResource
+from maestro_pipelines.resources.cache import CacheResource
 from maestro_pipelines.resources.mlflow import MLflowRegistry
 from maestro_pipelines.resources.object_store import ObjectStoreResource
 from maestro_pipelines.resources.platform_database import PlatformDatabase
 
-__all__ = ["AlertResource", "MLflowRegistry", "ObjectStoreResource", "PlatformDatabase"]
+__all__ = ["AlertResource", "CacheResource", "MLflowRegistry", "ObjectStoreResource", "PlatformDatabase"]
