@@ -1,4 +1,5 @@
-"""`maestro demo`: seed demo tenants and materialize the whole ML graph for each of them.
+"""`maestro demo`: seed demo tenants, materialize the whole ML graph for each of them, then
+the platform upkeep (statistics tables, summary chart, slow queries).
 
 Runs are recorded in a persistent Dagster instance (DAGSTER_HOME, or MAESTRO_HOME/dagster) so
 `dagster dev` started with the same DAGSTER_HOME shows them afterwards.
@@ -100,7 +101,7 @@ def run_demo(tenant_names: list[str], out: Console, err: Console) -> list[Tenant
     outcomes = []
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=False) as progress:
-        task = progress.add_task("training", total=len(tenant_names))
+        task = progress.add_task("training", total=len(tenant_names) + 1)
         for tenant in tenant_names:
             progress.update(task, description=f"train_and_deploy[{tenant}]")
             # The progress bar is the console's view; step logs stay in the instance for Dagit.
@@ -110,6 +111,13 @@ def run_demo(tenant_names: list[str], out: Console, err: Console) -> list[Tenant
             )
             outcomes.append(outcome_of(tenant, result))
             progress.advance(task)
+        # The admin's view: statistics, partitions, slow queries and the summary chart.
+        progress.update(task, description="platform_upkeep")
+        upkeep = defs.resolve_job_def("platform_upkeep").execute_in_process(
+            instance=instance, raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        )
+        progress.advance(task)
 
     table = Table(title="maestro demo", title_justify="left")
     for column in ("tenant", "version", "accuracy", "f1", "roc auc", "gates", "predictions"):
@@ -128,6 +136,8 @@ def run_demo(tenant_names: list[str], out: Console, err: Console) -> list[Tenant
             out.print(f"{o.tenant}: run failed at {o.error or 'a step (see Dagit)'}", highlight=False, soft_wrap=True)
     out.print(f"Open Dagit to see the graph, partitions, checks and pictures:\n"
               f"  DAGSTER_HOME={home} dagster dev", highlight=False, soft_wrap=True)
+    if not upkeep.success:
+        out.print("platform_upkeep failed (see Dagit)", highlight=False)
     if not all(o.success for o in outcomes):
         raise MaestroError("the demo did not finish for every tenant", "Open Dagit (command above) for each failed run's logs")
     return outcomes

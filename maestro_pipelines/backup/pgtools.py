@@ -91,7 +91,8 @@ def libpq_environment(url: URL, application: str = "maestro-backup") -> dict[str
     return env
 
 
-def psycopg_connect(url: URL, *, options: str | None = None, autocommit: bool = False, source: str = "database"):
+def psycopg_connect(url: URL, *, options: str | None = None, autocommit: bool = False, source: str = "database",
+                    application_name: str = "maestro-backup"):
     """A dedicated psycopg 3 connection (not pooled): for snapshots held across a dump and
     for CREATE/ALTER DATABASE."""
     import psycopg
@@ -110,7 +111,7 @@ def psycopg_connect(url: URL, *, options: str | None = None, autocommit: bool = 
         value = url.query.get(name)
         if value:
             params[name] = value if isinstance(value, str) else value[0]
-    params["application_name"] = "maestro-backup"
+    params["application_name"] = application_name  # what pg_stat_activity shows the DBA
     if options:
         params["options"] = options
     try:

@@ -1,7 +1,8 @@
 """Sensors: tenant partitions, retraining on new data; backups' RPO breaches, failed backup runs
-and verification of backups taken outside Dagster."""
+and verification of backups taken outside Dagster; the statistics views' refresh."""
 
 from maestro_pipelines.sensors.backups import backup_sensors
+from maestro_pipelines.sensors.upkeep import upkeep_sensors
 from maestro_pipelines.sensors.tenants import retraining_sensor, tenant_partitions_sensor
 
-all_sensors = [tenant_partitions_sensor, retraining_sensor, *backup_sensors]
+all_sensors = [tenant_partitions_sensor, retraining_sensor, *backup_sensors, *upkeep_sensors]

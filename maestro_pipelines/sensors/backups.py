@@ -9,8 +9,8 @@ taken outside Dagster.
   next evaluation. A new production deployment alerts once, until its first backup is
   verified (`maestro backup run`, or materialize today's `database_backup` partition).
 - `backup_failure_alert_sensor` alerts on every failed run of a backup-family job: runs
-  tagged `maestro/kind` in `ALERTED_KINDS` (backup, archive, retention, verify, and the
-  restore and drill jobs to come) and runs that materialize a backup asset from the UI
+  tagged `maestro/kind` in `ALERTED_KINDS` (backup, archive, retention, verify, restore,
+  drill, and the platform upkeep) and runs that materialize a backup asset from the UI
   (those carry no job tags).
 - `verify_new_backup_sensor` requests `verify_backup_job` (run_key = backup id) for each
   committed, unverified backup it has not seen: `database_backup` verifies its own backup,
@@ -35,7 +35,7 @@ RPO_TARGET = timedelta(hours=26)
 """Oldest acceptable snapshot of the newest verified backup: a day between nightly backups,
 plus two hours for the backup to run and for DST days (25 h between two 02:00s)."""
 
-ALERTED_KINDS = frozenset({"backup", "archive", "retention", "verify", "restore", "drill"})
+ALERTED_KINDS = frozenset({"backup", "archive", "retention", "verify", "restore", "drill", "upkeep"})
 BACKUP_ASSETS = frozenset({"database_backup", "monthly_archive"})
 MAX_VERIFY_REQUESTS = 20
 """Verification runs one evaluation requests at most; the rest come on the next ones."""

@@ -31,7 +31,8 @@ def test_tenants_add_and_list(pg18):
 
 
 def test_demo_on_the_embedded_default_trains_every_tenant(tmp_path):
-    """The README's first command, end to end: nothing configured but MAESTRO_HOME."""
+    """The README's first command, end to end: nothing configured but MAESTRO_HOME. It trains
+    every tenant, then runs the platform upkeep so Dagit shows the statistics and summary."""
     home = tmp_path / "home"
     result = run_maestro("demo", "--tenants", "acme,globex", env={"MAESTRO_HOME": str(home)})
     assert result.returncode == 0, result.stdout + result.stderr
@@ -45,5 +46,16 @@ def test_demo_on_the_embedded_default_trains_every_tenant(tmp_path):
     # The runs are in the persistent instance that `dagster dev` will open.
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         runs = instance.get_runs()
-        assert len(runs) == 2 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        assert sorted(r.job_name for r in runs) == ["platform_upkeep", "train_and_deploy", "train_and_deploy"]
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
         assert sorted(instance.get_dynamic_partitions("tenants")) == ["acme", "globex"]
+
+        # What the admin opens in Dagit: statistics tables, the summary chart, slow queries.
+        def latest(asset: str) -> dict:
+            return instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata
+
+        usage = {r.data["tenant_name"]: r.data["predictions"] for r in latest("tenant_usage_statistics")["rows"].value.records}
+        assert usage == {"acme": 569, "globex": 178}
+        assert len(latest("model_statistics")["rows"].value.records) == 2
+        assert "data:image/png;base64," in latest("platform_summary")["chart"].value
+        assert latest("slow_queries")["available"].value is True
