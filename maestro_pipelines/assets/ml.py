@@ -16,6 +16,7 @@ from pydantic import Field
 
 from maestro_pipelines.failures import fail_fast_on_user_errors
 from maestro_pipelines.partitions import tenant_partitions
+from maestro_pipelines.profiling import profile_when_tagged
 from maestro_pipelines.resources import MLflowRegistry, PlatformDatabase
 from maestro_pipelines.resources.sources import DataSource
 
@@ -26,10 +27,12 @@ PREVIEW_ROWS = 10
 
 
 def ml_asset(**kwargs):
-    """An asset of the ML graph: group `ml`, one partition per tenant, user errors fail fast."""
+    """An asset of the ML graph: group `ml`, one partition per tenant, user errors fail fast,
+    profiled when its run has the tag `maestro/profile` (see `maestro_pipelines.profiling`)."""
 
     def decorate(fn):
-        return dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, **kwargs)(fail_fast_on_user_errors(fn))
+        body = fail_fast_on_user_errors(profile_when_tagged(fn))
+        return dg.asset(group_name=ML_GROUP, partitions_def=tenant_partitions, **kwargs)(body)
 
     return decorate
 

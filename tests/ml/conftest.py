@@ -34,7 +34,7 @@ class MLEnvironment:
             result = conn.execute(text(statement), params)
             return result.all() if result.returns_rows else None
 
-    def run(self, tenant: str, run_config: dict | None = None, job: str = "train_and_deploy"):
+    def run(self, tenant: str, run_config: dict | None = None, job: str = "train_and_deploy", tags: dict | None = None):
         from maestro_pipelines.definitions import defs
         from maestro_pipelines.jobs import ml as ml_jobs
 
@@ -43,6 +43,7 @@ class MLEnvironment:
         return definition.execute_in_process(
             partition_key=tenant if job == "train_and_deploy" else None,
             instance=self.instance, resources=self.resources, run_config=run_config or {}, raise_on_error=False,
+            tags=tags,
         )
 
     def registry(self):
