@@ -7,11 +7,12 @@ the platform summary.
 """
 
 from maestro_pipelines.assets.backups import backup_assets
+from maestro_pipelines.assets.checks import ml_duration_checks
 from maestro_pipelines.assets.drills import drill_assets
 from maestro_pipelines.assets.ml import ml_assets
 from maestro_pipelines.assets.platform import platform_schema
 from maestro_pipelines.assets.upkeep import upkeep_assets
 
-all_assets = [platform_schema, *ml_assets, *backup_assets, *drill_assets, *upkeep_assets]
+all_assets = [platform_schema, *ml_assets, *ml_duration_checks, *backup_assets, *drill_assets, *upkeep_assets]
 
 __all__ = ["all_assets"]
