@@ -18,6 +18,7 @@ from maestro_pipelines.failures import fail_fast_on_user_errors
 from maestro_pipelines.partitions import tenant_partitions
 from maestro_pipelines.profiling import profile_when_tagged
 from maestro_pipelines.resources import MLflowRegistry, PlatformDatabase
+from maestro_pipelines.resources.cache import CacheResource
 from maestro_pipelines.resources.sources import DataSource
 
 ML_GROUP = "ml"
@@ -320,7 +321,8 @@ def registered_model(context: dg.AssetExecutionContext, trained_model, model_eva
           retry_policy=NETWORK_RETRY, pool="platform_database",
           description="Alias `production` moved to the new version and a `deployments` row written (the previous one retired).")
 def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, registered_model,
-               platform_db: PlatformDatabase, mlflow: MLflowRegistry):
+               platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource):
+    from maestro_pipelines.ml.scoring import tenant_cache_prefix
     from maestro_pipelines.platform_db import ml_records
 
     tenant = _tenant(context, platform_db)
@@ -334,6 +336,14 @@ def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, regi
         if config.environment == "production":
             registry.set_production(tenant.name, registered_model.version)
     context.log.info(f"{registered_model.name}: production {record.previous_version} -> {record.version}")
+    invalidated = 0
+    if config.environment == "production":
+        # The alias moved: drop everything cached for this tenant (models, predictions), in
+        # both levels. Redis being down only costs a warning (the keys also carry the version).
+        cached = cache.cache(context.log)
+        invalidated = cached.delete_prefix(tenant_cache_prefix(tenant.name))
+        cached.close()
+        context.log.info(f"cache: {invalidated} entries of {tenant.name} invalidated (redis {cached.redis_state})")
     return dg.Output(
         Deployment(tenant.name, record.version, record.id, record.model_version_id, config.environment, record.previous_version),
         metadata={
@@ -343,6 +353,7 @@ def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, regi
             "replicas": config.replicas,
             "deployment_id": record.id,
             "served_as": f"models:/{registered_model.name}@production",
+            "cache_invalidated": invalidated,
         },
     )
 
@@ -351,13 +362,25 @@ def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, regi
           retry_policy=NETWORK_RETRY, pool="platform_database",
           description="The tenant's new rows scored with models:/maestro-<tenant>@production, written to `predictions` with COPY.")
 def batch_predictions(context: dg.AssetExecutionContext, deployment, source: DataSource,
-                      platform_db: PlatformDatabase, mlflow: MLflowRegistry) -> dg.MaterializeResult:
-    from maestro_pipelines.ml.scoring import score_batches
+                      platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource) -> dg.MaterializeResult:
+    from maestro_pipelines.ml.scoring import load_model_cached, model_cache_key, prediction_cache_prefix, score_and_copy
 
     tenant = _tenant(context, platform_db)
     registry = mlflow.registry()
-    model = registry.load_production_model(tenant.name)
+    cached = cache.cache(context.log)
     live = registry.production_version(tenant.name)
+    if live is None:
+        model, model_source = registry.load_production_model(tenant.name), "loaded"
+    else:
+        # The model of a version is loaded from MLflow once, then served from the cache.
+        model, model_source = load_model_cached(
+            cached, model_cache_key(tenant.name, live.version, live.run_id), lambda: registry.load_production_model(tenant.name)
+        )
+        if model_source == "loaded":
+            moved = registry.production_version(tenant.name)
+            if moved is None or moved.version != live.version:  # the alias moved while loading
+                cached.delete(model_cache_key(tenant.name, live.version, live.run_id))
+                live = moved
     previous = _previous_scoring(context, live.version if live else None)
     started = time.perf_counter()
     with platform_db.get_connection() as conn:
@@ -367,9 +390,19 @@ def batch_predictions(context: dg.AssetExecutionContext, deployment, source: Dat
         model_version_id = active.model_version_id if active else deployment.model_version_id
         deployment_id = active.id if active else deployment.deployment_id
         batches = source.iter_tenant_batches(tenant.name, since=previous)
-        written, watermark = score_batches(conn, model, batches, tenant.id, model_version_id, deployment_id)
+        scored = score_and_copy(
+            conn, model, batches, tenant.id, model_version_id, deployment_id, cache=cached,
+            cache_prefix=prediction_cache_prefix(tenant.name, live.version, live.run_id) if live else None,
+        )
     seconds = time.perf_counter() - started
-    context.log.info(f"scored {written:,} rows for {tenant.name} with version {live.version if live else '?'} in {seconds:.2f} s")
+    written, watermark = scored.written, scored.watermark
+    counters = cached.counters()
+    cached.close()
+    context.log.info(
+        f"scored {written:,} rows for {tenant.name} with version {live.version if live else '?'} in {seconds:.2f} s "
+        f"({scored.predicted:,} predicted, {scored.from_cache:,} from the cache; model {model_source}; "
+        f"cache hit rate {counters.hit_rate:.0%}, redis {cached.redis_state})"
+    )
     return dg.MaterializeResult(
         metadata={
             "rows_scored": written,
@@ -378,6 +411,19 @@ def batch_predictions(context: dg.AssetExecutionContext, deployment, source: Dat
             "rows_per_second": round(written / seconds, 1) if seconds > 0 else 0.0,
             "scored_through": watermark.isoformat() if watermark else (previous.isoformat() if previous else ""),
             "incremental_since": previous.isoformat() if previous else "all rows",
+            "rows_predicted": scored.predicted,
+            "rows_from_cache": scored.from_cache,
+            "model_from": model_source,
+            "cache_l1_hits": counters.l1_hits,
+            "cache_l2_hits": counters.l2_hits,
+            "cache_misses": counters.misses,
+            "cache_hit_rate": dg.MetadataValue.float(round(counters.hit_rate, 4)),
+            "cache_l1_hit_rate": dg.MetadataValue.float(round(counters.l1_hit_rate, 4)),
+            "cache_l2_hit_rate": dg.MetadataValue.float(round(counters.l2_hit_rate, 4)),
+            "cache_redis": cached.redis_state,
+            "cache_redis_at": cache.redis_location(),
+            "cache_redis_errors": counters.redis_errors,
+            "cache": dg.MetadataValue.json(counters.as_dict()),
         }
     )
 
