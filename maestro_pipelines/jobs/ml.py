@@ -6,6 +6,7 @@ from pydantic import Field
 from maestro_pipelines.assets.ml import ml_assets
 from maestro_pipelines.failures import fail_fast_on_user_errors
 from maestro_pipelines.resources import MLflowRegistry, PlatformDatabase
+from maestro_pipelines.resources.cache import CacheResource
 
 train_and_deploy_job = dg.define_asset_job(
     "train_and_deploy",
@@ -24,7 +25,7 @@ class RollbackConfig(dg.Config):
 @dg.op(retry_policy=dg.RetryPolicy(max_retries=2, delay=2), pool="platform_database")
 @fail_fast_on_user_errors
 def roll_back_deployment(context: dg.OpExecutionContext, config: RollbackConfig,
-                         platform_db: PlatformDatabase, mlflow: MLflowRegistry) -> None:
+                         platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource) -> None:
     """Move alias `production` back to the previous version and record the rollback."""
     from maestro_pipelines.platform_db import ml_records
     from maestro_pipelines.platform_db.tenants import get_tenant
@@ -41,6 +42,12 @@ def roll_back_deployment(context: dg.OpExecutionContext, config: RollbackConfig,
         if config.environment == "production":
             registry.set_production(tenant.name, target)
     context.log.info(f"{tenant.registry_name}: production {record.previous_version} -> {target} (rollback)")
+    # As after a deployment: what was cached for the tenant described the version rolled back.
+    from maestro_pipelines.ml.scoring import tenant_cache_prefix
+
+    cached = cache.cache(context.log)
+    invalidated = cached.delete_prefix(tenant_cache_prefix(tenant.name))
+    cached.close()
     # The deployment asset's state changed: say so on its partition, so Dagit tells the truth.
     context.log_event(
         dg.AssetMaterialization(
@@ -48,7 +55,8 @@ def roll_back_deployment(context: dg.OpExecutionContext, config: RollbackConfig,
             partition=tenant.name,
             description=f"rolled back from version {record.previous_version} to {target}",
             metadata={"version": target, "previous_version": record.previous_version or -1,
-                      "environment": config.environment, "deployment_id": record.id, "rollback": True},
+                      "environment": config.environment, "deployment_id": record.id, "rollback": True,
+                      "cache_invalidated": invalidated},
         )
     )
 

@@ -101,7 +101,7 @@ def test_the_next_scoring_serves_the_model_and_scored_rows_from_the_cache(cached
     assert copies == 14
 
 
-def test_a_new_deployment_invalidates_the_tenants_entries(cached_env, redis_server):
+def test_a_new_deployment_or_a_rollback_invalidates_the_tenants_entries(cached_env, redis_server):
     env = cached_env
     assert env.run("acme").success
     v1 = env.registry().production_version("acme")
@@ -122,6 +122,15 @@ def test_a_new_deployment_invalidates_the_tenants_entries(cached_env, redis_serv
     v2 = env.registry().production_version("acme")
     assert v2.run_id != v1.run_id
     assert redis_keys(redis_server, f"{env.namespace}:tenant:acme:v2:{v2.run_id}:model")
+
+    # Rolling back moves the alias too: the tenant's entries go, other tenants' stay.
+    rolled = env.run("acme", job="rollback_deployment",
+                     run_config={"ops": {"roll_back_deployment": {"config": {"tenant": "acme"}}}})
+    assert rolled.success
+    [event] = [e for e in rolled.all_events if e.event_type_value == "ASSET_MATERIALIZATION"]
+    assert event.event_specific_data.materialization.metadata["cache_invalidated"].value > 0
+    assert redis_keys(redis_server, f"{env.namespace}:tenant:acme:*") == []
+    assert client.exists(f"{env.namespace}:tenant:globex:v1:run:model") == 1
 
 
 def test_a_dead_redis_costs_a_warning_not_the_run(cached_env, redis_server):
