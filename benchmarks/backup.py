@@ -2,7 +2,7 @@
 (`pg_dump -Fc --compress=9` to a file, then upload it) and vs. the dump floor.
 
     python -m benchmarks.backup [--size-mb 1024] [--explore] [--repeat 2] [--level L] [--threads T]
-                                [--no-checksums] [--home DIR]
+                                [--no-checksums] [--home DIR] [--results PATH]
 
 One run, everything sequential (the machine has 2 cores): a platform database of
 `--size-mb` MiB is generated (`benchmarks.platform_data`) on an embedded PostgreSQL 18 in a
@@ -23,7 +23,7 @@ temporary MAESTRO_HOME and a moto S3 server is started in its own process. Then:
 
 Targets: ours at least 4x faster than the original method, within 1.25x of the floor into
 the local store, no more than 1.1x the size of the gzip-9 file, our peak RSS under 300 MB.
-Results go to benchmarks/results/backup.json.
+Results go to benchmarks/results/backup.json (or `--results PATH`).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "backup.json"
 REPO = Path(__file__).parent.parent
 from benchmarks.platform_data import AWS, BUCKET
+from benchmarks.report import add_results_option, print_rows, print_table, r, row, write_results
 
 MiB = 1024 * 1024
 MB = 1_000_000
@@ -311,20 +311,6 @@ def library_available() -> str | None:
     return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["?"])[-1]
 
 
-def row(figure, ours, baseline, ratio, target, passed) -> dict:
-    return {"figure": figure, "ours": ours, "baseline": baseline, "ratio": ratio, "target": target, "pass": passed}
-
-
-def r(value, digits=2):
-    return None if value is None else round(value, digits)
-
-
-def print_table(header: list[str], rows: list[list]) -> None:
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for cells in rows:
-        print("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=1024, help="MiB of platform database (default 1024)")
@@ -336,6 +322,7 @@ def main() -> int:
                         help="runs of ours and of each explore candidate; the fastest counts (default 2)")
     parser.add_argument("--home", type=Path,
                         help="MAESTRO_HOME to use and keep; its database is generated once and reused after")
+    add_results_option(parser, "backup")
     parser.add_argument("--child", choices=["ours", "explore"], help=argparse.SUPPRESS)
     parser.add_argument("--db-url", help=argparse.SUPPRESS)
     parser.add_argument("--store-url", help=argparse.SUPPRESS)
@@ -490,15 +477,12 @@ def main() -> int:
         results["dump_bytes"] = dump_bytes
 
     results["loadavg_end"] = os.getloadavg()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.results, results)
 
     print(f"platform database: {generation['database_mib']} MiB, generated in {generation['seconds']} s; "
           f"uncompressed dump {r(dump_bytes / MB, 1) if dump_bytes else '?'} MB; floor runs {results['floor_s']} s; "
           f"load average at start {results['loadavg_start'][0]:.2f}, at end {results['loadavg_end'][0]:.2f}\n")
-    print_table(["figure", "ours", "baseline", "ratio", "target", "pass"],
-                [[x["figure"], x["ours"], x["baseline"], x["ratio"], x["target"],
-                  "" if x["pass"] is None else ("yes" if x["pass"] else "NO")] for x in rows])
+    print_rows(rows)
     if explore_rows:
         print()
         print_table(["candidate", "time (s)", "x floor", "size (MB)", "x gzip-9", "dump/size", "python RSS (MB)",

@@ -1,6 +1,6 @@
 """Batch predictions with the two-level cache: the first (cold) scoring vs. a second one.
 
-    python -m benchmarks.cache [--rows 50000] [--tenant acme]
+    python -m benchmarks.cache [--rows 50000] [--tenant acme] [--results PATH]
 
 One tenant is trained and deployed through the real graph on an embedded PostgreSQL 18 with
 its MLflow backend beside it, and a redis-server (Debian's) on a free loopback port as level 2.
@@ -13,7 +13,9 @@ is wiped in between, as after a rollback or in a fresh Dagster instance):
 3. warm, another process: level 1 emptied, so model and predictions come from Redis.
 
 Printed: wall time of each materialization and its ratio to the cold one, and the hit rates
-per level from the step's metadata. Without redis-server, run 3 is skipped.
+per level from the step's metadata. Without redis-server, run 3 is skipped. The results JSON
+holds `tenant`, `tenant_rows` (the `--rows` scored), `padded_rows`, `runs` (every run's
+metadata) and `rows` (the figures, in the shared row format of `benchmarks.report`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "cache.json"
+from benchmarks.report import add_results_option, row, write_results
+
 WARM_TARGET = 1.0  # a warm scoring must not be slower than the cold one
 
 
@@ -73,7 +76,7 @@ def start_redis(stack: ExitStack, workdir: Path) -> str | None:
     return f"redis://127.0.0.1:{port}/0"
 
 
-def run(tenant: str, rows: int) -> int:
+def run(tenant: str, rows: int, results: Path) -> int:
     import dagster as dg
 
     from maestro_pipelines.assets.ml import ml_assets
@@ -147,13 +150,19 @@ def run(tenant: str, rows: int) -> int:
 
     cold = runs[0]["seconds"]
     figures = []
-    for r in runs:
-        ratio = r["seconds"] / cold
-        warm = r is not runs[0]
-        figures.append({**r, "ratio_to_cold": ratio, "target": f"<= {WARM_TARGET}" if warm else "",
+    for run_ in runs:
+        ratio = run_["seconds"] / cold
+        warm = run_ is not runs[0]
+        figures.append({**run_, "ratio_to_cold": ratio, "target": f"<= {WARM_TARGET}" if warm else "",
                         "pass": (ratio <= WARM_TARGET) if warm else None})
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"tenant": tenant, "rows": rows, "padded_rows": added, "runs": figures}, indent=2) + "\n")
+    table = [row(f"batch_predictions, {rows:,} rows of {tenant}: run {f['run']} vs cold (s)", round(f["seconds"], 2),
+                 round(cold, 2), round(f["ratio_to_cold"], 2), f["target"] or "reported", f["pass"])
+             for f in figures]
+    table += [row(f"  run {f['run']}: hit rate (L1 / L2 / all)",
+                  f"{f['cache_l1_hit_rate']:.0%} / {f['cache_l2_hit_rate']:.0%} / {f['cache_hit_rate']:.0%}",
+                  None, None, f"reported; model from {f['model_from']}", None) for f in figures[1:]]
+    write_results(results, {"tenant": tenant, "tenant_rows": rows, "padded_rows": added, "runs": figures,
+                            "rows": table})
     print(f"batch_predictions for {tenant}, {rows:,} rows, Redis {'on' if redis_url else 'off'}\n")
     print("| run | seconds | ratio to cold | predicted | from cache | model from | L1 hit rate | L2 hit rate | hit rate | target | pass |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -169,8 +178,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50_000, help="rows of the tenant to score (padded with noisy copies)")
     parser.add_argument("--tenant", default="acme", choices=["acme", "globex", "initech"])
+    add_results_option(parser, "cache")
     args = parser.parse_args()
-    return run(args.tenant, args.rows)
+    return run(args.tenant, args.rows, args.results)
 
 
 if __name__ == "__main__":

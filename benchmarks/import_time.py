@@ -5,21 +5,20 @@ Every Dagster process (webserver, daemon, each run worker) imports
 Target: within 1.3x of `python -c "import dagster"`, measured side by side, alternating so
 both see the same machine state.
 
-    python -m benchmarks.import_time [--rounds 9]
+    python -m benchmarks.import_time [--rounds 9] [--results PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from benchmarks.report import add_results_option, print_rows, row, write_results
 
 TARGET_RATIO = 1.3
-RESULTS = Path(__file__).parent / "results" / "import_time.json"
 
 
 def time_import(statement: str) -> float:
@@ -31,6 +30,7 @@ def time_import(statement: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
+    add_results_option(parser, "import_time")
     args = parser.parse_args()
 
     baseline, ours = [], []
@@ -49,10 +49,10 @@ def main() -> int:
         "pass": ratio <= TARGET_RATIO,
         "rounds": args.rounds,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print("| figure | ours | baseline | ratio | target | pass |\n|---|---|---|---|---|---|")
-    print(f"| {result['figure']} | {our_median:.3f} s | {base_median:.3f} s | {ratio:.2f} | <= {TARGET_RATIO} | {'yes' if result['pass'] else 'NO'} |")
+    result["rows"] = [row(result["figure"], result["ours"], result["baseline"], result["ratio"], result["target"],
+                          result["pass"])]
+    write_results(args.results, result)
+    print_rows(result["rows"])
     return 0 if result["pass"] else 1
 
 

@@ -1,16 +1,17 @@
 """The ML graph's cost: Dagster's whole graph vs. a plain script doing the same work, and
 our prediction writer vs. a raw COPY of the same rows.
 
-    python -m benchmarks.ml_graph [--predictions 1000000] [--tenants acme,globex]
+    python -m benchmarks.ml_graph [--predictions 1000000] [--tenants acme,globex] [--rounds 3] [--results PATH]
 
 Both sides run against the same embedded PostgreSQL 18 and MLflow backend (a database on
-it) in a temporary MAESTRO_HOME, one after the other, and the ratios are printed.
+it) in a temporary MAESTRO_HOME, one after the other, and the ratios are printed. The results
+JSON holds `tenants`, `predictions`, `rounds` and `rows` (the figures, in the shared row format
+of `benchmarks.report`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -18,7 +19,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "ml_graph.json"
+from benchmarks.report import add_results_option, print_rows, r, row, write_results
+
 # The demo datasets are tiny (150 to 1,800 rows), so Dagster's fixed cost per run (event log,
 # IO manager, platform records: about 1 s) dominates; the target catches regressions of that.
 GRAPH_TARGET = 3.0
@@ -115,7 +117,7 @@ def truncate_predictions(platform_url) -> None:
         conn.execute(text("TRUNCATE predictions"))
 
 
-def run(tenants: list[str], predictions: int, rounds: int) -> int:
+def run(tenants: list[str], predictions: int, rounds: int, results: Path) -> int:
     import dagster as dg
 
     from maestro_pipelines.ml.demo import seed_demo_tenant
@@ -177,21 +179,17 @@ def run(tenants: list[str], predictions: int, rounds: int) -> int:
     graph_base = sum(r["baseline"] for r in graph_rows)
     writer_ours, writer_raw = statistics.median(ours_times), statistics.median(raw_times)
     figures = [
-        {"figure": f"whole ML graph, {len(tenants)} tenants (s)", "ours": graph_ours, "baseline": graph_base,
-         "ratio": graph_ours / graph_base, "target": f"<= {GRAPH_TARGET}", "pass": graph_ours / graph_base <= GRAPH_TARGET},
-        *[{"figure": f"  tenant {r['tenant']} (s)", "ours": r["ours"], "baseline": r["baseline"],
-           "ratio": r["ours"] / r["baseline"], "target": "", "pass": None} for r in graph_rows],
-        {"figure": f"write {predictions:,} predictions (s)", "ours": writer_ours, "baseline": writer_raw,
-         "ratio": writer_ours / writer_raw, "target": f"<= {WRITER_TARGET}", "pass": writer_ours / writer_raw <= WRITER_TARGET},
-        {"figure": "  predictions per second", "ours": predictions / writer_ours, "baseline": predictions / writer_raw,
-         "ratio": writer_raw / writer_ours, "target": "", "pass": None},
+        row(f"whole ML graph, {len(tenants)} tenants: Dagster vs a plain script (s)", r(graph_ours), r(graph_base),
+            r(graph_ours / graph_base), f"<= {GRAPH_TARGET}", graph_ours / graph_base <= GRAPH_TARGET),
+        *[row(f"  tenant {t['tenant']} (s)", r(t["ours"]), r(t["baseline"]), r(t["ours"] / t["baseline"]),
+              "reported", None) for t in graph_rows],
+        row(f"write {predictions:,} predictions: ours vs a raw COPY (s, median of {rounds})", r(writer_ours),
+            r(writer_raw), r(writer_ours / writer_raw), f"<= {WRITER_TARGET}", writer_ours / writer_raw <= WRITER_TARGET),
+        row("  predictions per second", r(predictions / writer_ours, 0), r(predictions / writer_raw, 0),
+            r(writer_raw / writer_ours), "reported", None),
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
-    print("| figure | ours | baseline | ratio | target | pass |\n|---|---|---|---|---|---|")
-    for f in figures:
-        verdict = "" if f["pass"] is None else ("yes" if f["pass"] else "NO")
-        print(f"| {f['figure']} | {f['ours']:,.2f} | {f['baseline']:,.2f} | {f['ratio']:.2f} | {f['target']} | {verdict} |")
+    write_results(results, {"tenants": tenants, "predictions": predictions, "rounds": rounds, "rows": figures})
+    print_rows(figures)
     from maestro_pipelines.platform_db.connection import dispose_engines
 
     dispose_engines()
@@ -204,9 +202,10 @@ def main() -> int:
     parser.add_argument("--predictions", type=int, default=1_000_000)
     parser.add_argument("--tenants", default="acme,globex,initech")
     parser.add_argument("--rounds", type=int, default=3, help="writer rounds (median)")
+    add_results_option(parser, "ml_graph")
     args = parser.parse_args()
     tenants = [t for t in args.tenants.split(",") if t]
-    return run(tenants, args.predictions, args.rounds)
+    return run(tenants, args.predictions, args.rounds, args.results)
 
 
 if __name__ == "__main__":

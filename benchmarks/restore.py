@@ -1,7 +1,7 @@
 """Restoring the platform database: our `restore_backup` vs. the restore floor, and the DR
 drill's RTO.
 
-    python -m benchmarks.restore [--size-mb 1024] [--repeat 2] [--jobs 2] [--home DIR]
+    python -m benchmarks.restore [--size-mb 1024] [--repeat 2] [--jobs 2] [--home DIR] [--results PATH]
 
 One run, everything sequential (the machine has 2 cores): a platform database of `--size-mb`
 MiB is generated (`benchmarks.platform_data`) on an embedded PostgreSQL 18 in a temporary
@@ -26,13 +26,12 @@ The order of the three rotates from run to run, and each run starts after a CHEC
 sync (not timed), so no contender inherits the previous one's writeback.
 
 Targets: ours from the local store within 1.3x of the floor; drill RTO under 3 minutes.
-Results go to benchmarks/results/restore.json.
+Results go to benchmarks/results/restore.json (or `--results PATH`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -41,9 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.backup import pg_environment, pg_program, print_table, r, row
+from benchmarks.backup import pg_environment, pg_program
+from benchmarks.report import add_results_option, print_rows, r, row, write_results
 
-RESULTS = Path(__file__).parent / "results" / "restore.json"
 MiB = 1024 * 1024
 MB = 1_000_000
 FLOOR_TARGET = 1.3          # ours (local store) vs. pg_restore -j N of a local uncompressed file
@@ -102,6 +101,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="pg_restore jobs, the floor's and ours (default 2: the CLI's)")
     parser.add_argument("--home", type=Path,
                         help="MAESTRO_HOME to use and keep; its database is generated once and reused after")
+    add_results_option(parser, "restore")
     args = parser.parse_args()
 
     from benchmarks.platform_data import AWS, BUCKET, moto_bucket, prepare_platform_database
@@ -210,15 +210,12 @@ def main() -> int:
     ]
     results["rows"] = rows
     results["loadavg_end"] = os.getloadavg()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.results, results)
 
     print(f"platform database: {generation['database_mib']} MiB ({local['tables']} tables, {local['rows']:,} rows "
           f"restored and compared); pg_restore -j{args.jobs}; load average at start "
           f"{results['loadavg_start'][0]:.2f}, at end {results['loadavg_end'][0]:.2f}\n")
-    print_table(["figure", "ours", "baseline", "ratio", "target", "pass"],
-                [[x["figure"], x["ours"], x["baseline"], x["ratio"], x["target"],
-                  "" if x["pass"] is None else ("yes" if x["pass"] else "NO")] for x in rows])
+    print_rows(rows)
     passes = [x["pass"] for x in rows if x["pass"] is not None]
     return 0 if all(passes) else 1
 

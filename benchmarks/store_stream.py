@@ -1,7 +1,7 @@
 """Streaming a big object to S3 through `ObjectStore.put_stream` vs. `aws s3 cp` (boto3's
 `upload_file`) of the same bytes from a file, against the same moto server.
 
-    python -m benchmarks.store_stream [--size-mb 1024]
+    python -m benchmarks.store_stream [--size-mb 1024] [--results PATH]
 
 A moto server runs in its own process (its memory is not ours). Each side then runs in a
 fresh child process so that its peak RSS (`ru_maxrss`) is its own:
@@ -32,9 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import add_results_option, print_rows, row, write_results
 from tests.services import free_port, wait_for_port  # one way to start and wait for a server
 
-RESULTS = Path(__file__).parent / "results" / "store_stream.json"
 RSS_TARGET_MB = 200
 MiB = 1024 * 1024
 AWS = {"region_name": "us-east-1", "aws_access_key_id": "bench", "aws_secret_access_key": "bench"}
@@ -130,15 +130,12 @@ def run_child(side: str, endpoint: str, size_mb: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def row(figure, ours, baseline, ratio, target, passed) -> dict:
-    return {"figure": figure, "ours": ours, "baseline": baseline, "ratio": ratio, "target": target, "pass": passed}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=1024, help="MiB to stream (default 1024)")
     parser.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
+    add_results_option(parser, "store_stream")
     args = parser.parse_args()
     if args.child:
         result = (child_ours if args.child == "ours" else child_baseline)(args.endpoint, args.size_mb)
@@ -188,16 +185,8 @@ def main() -> int:
         row("peak RSS after the read too (MB)", round(ours["rss_peak_mb"], 1), round(baseline["rss_peak_mb"], 1),
             round(ours["rss_peak_mb"] / baseline["rss_peak_mb"], 2), f"< {RSS_TARGET_MB} MB", rss_pass),
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"size_mib": size, "server": "moto (separate process)", "rows": rows}, indent=2) + "\n")
-
-    def cell(value):
-        return "" if value is None else value
-
-    print("| figure | ours | baseline | ratio | target | pass |\n|---|---|---|---|---|---|")
-    for r in rows:
-        passed = "" if r["pass"] is None else ("yes" if r["pass"] else "NO")
-        print(f"| {r['figure']} | {cell(r['ours'])} | {cell(r['baseline'])} | {cell(r['ratio'])} | {r['target']} | {passed} |")
+    write_results(args.results, {"size_mib": size, "server": "moto (separate process)", "rows": rows})
+    print_rows(rows)
     return 0 if rss_pass else 1
 
 
