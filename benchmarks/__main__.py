@@ -15,7 +15,8 @@ Where results go:
   `benchmarks.report`) into `benchmarks/results/latest.json`, with the date, the mode, the
   machine (CPUs, load averages at start and end, Python) and each benchmark's arguments,
   wall time and exit status; the same rows as a markdown table in
-  `benchmarks/results/latest.md`, which is also printed;
+  `benchmarks/results/latest.md`, which is also printed. Every run rewrites both, `--only`
+  too (their first line then says which benchmarks ran);
 - each benchmark's own results JSON: with `--quick` into `benchmarks/results/quick/` (not
   committed), so small runs never overwrite the full-size `benchmarks/results/<name>.json`
   that the docs quote; with `--full` into those files.
