@@ -102,6 +102,11 @@ class ModelRegistry:
                 self.client.create_registered_model(name, tags={"tenant": tenant})
             except Exception:
                 pass  # created concurrently
+        # MLflow resolves a `models:/m-...` source through the process-wide tracking URI, not
+        # this client's: in a step process of its own (the multiprocess executor, every
+        # production run) nothing else has set it, and the logged model is "not found".
+        self._mlflow.set_tracking_uri(self.tracking_uri)
+        self._mlflow.set_registry_uri(self.tracking_uri)
         version = self.client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
         return RegisteredVersion(name, int(version.version), run_id, dict(tags))
 
