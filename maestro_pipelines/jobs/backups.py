@@ -28,20 +28,25 @@ from maestro_pipelines.assets.backups import (
 from maestro_pipelines.resources import ObjectStoreResource
 
 KIND_TAG = "maestro/kind"
+LANE_TAG = "maestro/lane"
+DATABASE_LANE = {LANE_TAG: "database"}
+"""Runs that dump, restore or alter the databases wholesale carry this tag; the production
+instance (deploy/dagster.yaml) lets one such run at a time out of the queue, so a backup, a
+restore, a drill and the upkeep's DDL never run together."""
 NIGHTLY_BACKUP_MAX_RUNTIME_S = 3 * 3600
 
 nightly_backup = dg.define_asset_job(
     "nightly_backup",
     selection=dg.AssetSelection.assets(database_backup),
     description="Back up every stateful database into the object store and verify it (one daily partition).",
-    tags={KIND_TAG: "backup", "dagster/max_runtime": str(NIGHTLY_BACKUP_MAX_RUNTIME_S)},
+    tags={KIND_TAG: "backup", **DATABASE_LANE, "dagster/max_runtime": str(NIGHTLY_BACKUP_MAX_RUNTIME_S)},
 )
 
 monthly_archive_job = dg.define_asset_job(
     "monthly_archive_job",
     selection=dg.AssetSelection.assets(monthly_archive),
     description="Copy the month's newest verified backup into monthly/<YYYY-MM>/ (one monthly partition).",
-    tags={KIND_TAG: "archive", "dagster/max_runtime": str(2 * 3600)},
+    tags={KIND_TAG: "archive", **DATABASE_LANE, "dagster/max_runtime": str(2 * 3600)},
 )
 
 

@@ -36,7 +36,7 @@ from pydantic import Field
 from maestro_pipelines.assets.backups import BACKUP_POOL, STORE_RETRY, _ProgressLog, backup_step
 from maestro_pipelines.assets.drills import DRILL_KIND, dr_drill, live_destinations, steps_table
 from maestro_pipelines.errors import MaestroError
-from maestro_pipelines.jobs.backups import KIND_TAG
+from maestro_pipelines.jobs.backups import DATABASE_LANE, KIND_TAG
 from maestro_pipelines.resources import MLflowRegistry, ObjectStoreResource, PlatformDatabase
 
 RESTORE_KIND = "restore"
@@ -247,7 +247,7 @@ def restore_from_backup(
 
 
 @dg.job(
-    tags={KIND_TAG: RESTORE_KIND, "dagster/max_runtime": str(RESTORE_MAX_RUNTIME_S)},
+    tags={KIND_TAG: RESTORE_KIND, **DATABASE_LANE, "dagster/max_runtime": str(RESTORE_MAX_RUNTIME_S)},
     description=(
         "On-call: restore a backup (latest, an id, or the newest before a time) into scratch databases, or with "
         "target: live and confirm: <platform database> in place of the live ones (old ones kept aside)."
@@ -316,7 +316,7 @@ def drop_restore_leftovers(
 
 
 @dg.job(
-    tags={KIND_TAG: RESTORE_KIND, "dagster/max_runtime": str(3600)},
+    tags={KIND_TAG: RESTORE_KIND, **DATABASE_LANE, "dagster/max_runtime": str(3600)},
     description=(
         "Drop the databases restores left (<db>_pre_restore_<time>, <db>_restore_<time>); "
         "a dry run unless dry_run: false."
@@ -330,7 +330,7 @@ dr_drill_job = dg.define_asset_job(
     "dr_drill_job",
     selection=dg.AssetSelection.assets(dr_drill),
     description="The DR drill: restore the newest verified backup into scratch databases, verify, time, drop.",
-    tags={KIND_TAG: DRILL_KIND, "dagster/max_runtime": str(DRILL_MAX_RUNTIME_S)},
+    tags={KIND_TAG: DRILL_KIND, **DATABASE_LANE, "dagster/max_runtime": str(DRILL_MAX_RUNTIME_S)},
 )
 
 restore_jobs = [restore_database, restore_cleanup_job, dr_drill_job]
