@@ -77,10 +77,31 @@ def artifact_root_for(settings: Settings) -> str:
     if store.startswith(("file://", "s3://", "gs://")):
         return f"{store}/mlflow-artifacts"
     if store.startswith("az://"):
-        from maestro_pipelines.errors import MaestroError
-
-        raise MaestroError(
-            "MLflow cannot derive an artifact location from an az:// MAESTRO_STORE_URL",
-            "Set the MLflowRegistry artifact_root to a wasbs://CONTAINER@ACCOUNT.blob.core.windows.net/PATH URI",
-        )
+        return _azure_artifact_root(store)
     return f"{Path(store).resolve().as_uri()}/mlflow-artifacts"
+
+
+def _azure_artifact_root(store: str) -> str:
+    """az://container/prefix -> wasbs://container@ACCOUNT.blob.SUFFIX/prefix/mlflow-artifacts,
+    the account (and cloud) from AZURE_STORAGE_CONNECTION_STRING, which MLflow's Azure
+    artifact repository also connects with (its BlobEndpoint included, so Azurite works)."""
+    import os
+
+    from maestro_pipelines.errors import MaestroError
+    from maestro_pipelines.storage.azure import CONNECTION_STRING_VARIABLE
+
+    container, _, prefix = store[len("az://"):].partition("/")
+    fields = dict(
+        part.split("=", 1) for part in os.environ.get(CONNECTION_STRING_VARIABLE, "").split(";") if "=" in part
+    )
+    account = fields.get("AccountName", "").strip()
+    if not account:
+        raise MaestroError(
+            f"MLflow's artifact location for the az:// MAESTRO_STORE_URL needs the storage account, and "
+            f"{CONNECTION_STRING_VARIABLE} names none",
+            f"Set {CONNECTION_STRING_VARIABLE} (AccountName=...;AccountKey=...), or give the MLflowRegistry "
+            "artifact_root as wasbs://CONTAINER@ACCOUNT.blob.core.windows.net/PATH",
+        )
+    suffix = fields.get("EndpointSuffix", "core.windows.net").strip()
+    path = f"{prefix.strip('/')}/mlflow-artifacts" if prefix.strip("/") else "mlflow-artifacts"
+    return f"wasbs://{container}@{account}.blob.{suffix}/{path}"
