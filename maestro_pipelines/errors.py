@@ -17,3 +17,9 @@ class MaestroError(Exception):
 
     def __str__(self) -> str:
         return f"{self.problem}. {self.hint}" if self.hint else f"{self.problem}."
+
+
+class TransientError(MaestroError):
+    """A problem that may pass by itself: a database restarting or failing over, a store
+    that stopped answering. Dagster steps retry it under their RetryPolicy (a configuration
+    problem, any other MaestroError, fails at once); the CLI reports it like any other."""

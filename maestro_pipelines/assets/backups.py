@@ -36,7 +36,6 @@ The pool `maestro_backup`
     markers make retention wait for them, and the asset logs when one is running.
 """
 
-import functools
 import time
 import zoneinfo
 from datetime import date, datetime, timedelta, timezone
@@ -86,27 +85,10 @@ STORE_RETRY = dg.RetryPolicy(max_retries=2, delay=60, backoff=dg.Backoff.EXPONEN
 already). A configuration problem (any other MaestroError) fails at once."""
 
 
-def _transient_store_errors_retry(fn):
-    """StoreUnavailable / ObjectChanged (transient) -> a retryable Failure; the MaestroError
-    they are would otherwise fail fast under `fail_fast_on_user_errors`."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MaestroError as exc:
-            from maestro_pipelines.storage import ObjectChanged, StoreUnavailable
-
-            if isinstance(exc, (StoreUnavailable, ObjectChanged)):
-                raise dg.Failure(description=f"{exc} (transient: retried)", allow_retries=True) from exc
-            raise
-
-    return wrapper
-
-
 def backup_step(fn):
-    """Decorate a backup asset/op body: transient store errors retry, other MaestroErrors fail at once."""
-    return fail_fast_on_user_errors(_transient_store_errors_retry(fn))
+    """Decorate a backup asset/op body: transient errors (store or database unavailable) retry
+    under STORE_RETRY, other MaestroErrors fail at once."""
+    return fail_fast_on_user_errors(fn)
 
 
 def local_day(moment: datetime, tz: str) -> str:

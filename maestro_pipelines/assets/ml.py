@@ -22,8 +22,10 @@ from maestro_pipelines.resources.cache import CacheResource
 from maestro_pipelines.resources.sources import DataSource
 
 ML_GROUP = "ml"
-# Reading the source and talking to MLflow cross the network in production.
-NETWORK_RETRY = dg.RetryPolicy(max_retries=2, delay=2, backoff=dg.Backoff.EXPONENTIAL)
+# Reading the source and talking to MLflow and the platform database cross the network in
+# production. 5, 10 then 20 s (and the connect timeouts) outlast a managed database's failover;
+# configuration errors do not wait for them (maestro_pipelines.failures).
+NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 PREVIEW_ROWS = 10
 
 

@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from maestro_pipelines.assets.ml import ml_assets
+from maestro_pipelines.assets.ml import NETWORK_RETRY, ml_assets
 from maestro_pipelines.failures import fail_fast_on_user_errors
 from maestro_pipelines.resources import MLflowRegistry, PlatformDatabase
 from maestro_pipelines.resources.cache import CacheResource
@@ -22,7 +22,7 @@ class RollbackConfig(dg.Config):
     replicas: int = Field(default=2, ge=0, description="Replicas recorded for the restored deployment.")
 
 
-@dg.op(retry_policy=dg.RetryPolicy(max_retries=2, delay=2), pool="platform_database")
+@dg.op(retry_policy=NETWORK_RETRY, pool="platform_database")
 @fail_fast_on_user_errors
 def roll_back_deployment(context: dg.OpExecutionContext, config: RollbackConfig,
                          platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource) -> None:

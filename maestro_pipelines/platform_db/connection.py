@@ -9,7 +9,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.errors import MaestroError, TransientError
 from maestro_pipelines.platform_db.urls import describe
 
 CONNECT_TIMEOUT_SECONDS = 10
@@ -68,12 +68,28 @@ def translate_error(exc: BaseException, url: URL, source: str) -> MaestroError:
             f"Check the host name in {source}",
         )
     if "connection refused" in lowered or "no such file or directory" in lowered:
-        return MaestroError(
+        # Transient: a server restarting or failing over refuses connections for a while
+        # (a wrong port too: it fails after the step's retries, with the same message).
+        return TransientError(
             f"{source}: nothing accepts connections at {where}",
             f"Start the server or fix the host and port in {source}",
         )
+    if any(sign in lowered for sign in (
+        "the database system is starting up", "the database system is shutting down",
+        "the database system is in recovery mode", "the database system is not yet accepting connections",
+    )):
+        return TransientError(
+            f"{source}: the server at {where} is starting, stopping or recovering",
+            "Wait for it (a restart or failover) and try again",
+        )
+    if "server closed the connection unexpectedly" in lowered and "ssl" not in lowered:
+        return TransientError(
+            f"{source}: the server at {where} closed the connection (a restart or failover?) "
+            "or did not answer as PostgreSQL",
+            f"Try again once it is back; if it persists, check that the host and port in {source} are a PostgreSQL server's",
+        )
     if "timeout expired" in lowered or "timed out" in lowered:
-        return MaestroError(
+        return TransientError(
             f"{source}: no answer from {where} within {CONNECT_TIMEOUT_SECONDS} s",
             f"Check the host, port and firewall for {source}",
         )

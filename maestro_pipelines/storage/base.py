@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, BinaryIO
 
-from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.errors import MaestroError, TransientError
 
 MiB = 1024 * 1024
 CHUNK_SIZE = 8 * MiB
@@ -74,11 +74,11 @@ class ChecksumMissing(ChecksumMismatch):
     or a write that never finished)."""
 
 
-class ObjectChanged(StoreError):
+class ObjectChanged(StoreError, TransientError):
     """The object was replaced while it was being read."""
 
 
-class StoreUnavailable(StoreError):
+class StoreUnavailable(StoreError, TransientError):
     """The store could not be reached (network, server errors, throttling) after retries."""
 
 

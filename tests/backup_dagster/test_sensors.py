@@ -113,10 +113,12 @@ def failure_context(env, result, alerts):
 
 
 def test_a_failed_backup_run_alerts_with_run_id_job_and_error_and_no_secret(backup_env, webhook):
-    unreachable = PlatformDatabase(database_url="postgresql://maestro:hunter2-Secret@127.0.0.1:1/maestro")
+    # A host that does not resolve fails at once (a refused connection would be retried as
+    # transient, minutes later).
+    unreachable = PlatformDatabase(database_url="postgresql://maestro:hunter2-Secret@no-such-host.invalid:5432/maestro")
     result = backup_env.run("nightly_backup", partition_key=today(), platform_db=unreachable)
     assert not result.success
-    assert "nothing accepts connections" in step_failures(result)[0]
+    assert "cannot be resolved" in step_failures(result)[0]
 
     alerts = AlertResource(webhook_url=webhook.url)
     backup_failure_alert_sensor(failure_context(backup_env, result, alerts))
@@ -124,7 +126,7 @@ def test_a_failed_backup_run_alerts_with_run_id_job_and_error_and_no_secret(back
     text = alert["text"]
     assert text.startswith(":rotating_light: [ERROR] Maestro backup run failed: nightly_backup")
     assert result.run_id in text and f"partition {today()}" in text
-    assert "Error: database_backup: MAESTRO_DATABASE_URL: nothing accepts connections at 127.0.0.1:1/" in text
+    assert "Error: database_backup: MAESTRO_DATABASE_URL: the host 'no-such-host.invalid' cannot be resolved" in text
     sent = b"".join(webhook.raw)
     assert b"hunter2" not in sent and WEBHOOK_SECRET.encode() not in sent
 
