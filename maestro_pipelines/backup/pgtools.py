@@ -68,9 +68,19 @@ def _host(url: URL) -> str | None:
     return host
 
 
+_CREDENTIAL_ENV = frozenset({"PGPASSWORD", "PGPASSFILE", "PGSSLCERT", "PGSSLKEY", "PGSSLROOTCERT", "PGSSLCRL"})
+
+
 def libpq_environment(url: URL, application: str = "maestro-backup") -> dict[str, str]:
-    """Environment for pg_dump/pg_restore/psql connecting to `url` (password included)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    """Environment for pg_dump/pg_restore/psql connecting to `url` (password included).
+
+    The shell's PG* variables that say *where* to connect (PGHOST, PGDATABASE, PGSERVICE...)
+    are dropped: the client programs must reach the server the URL names, as Maestro's own
+    connections do. Those that only say *how to authenticate* (PGPASSWORD, PGPASSFILE, client
+    certificates) pass when the URL does not say otherwise, as they do for Maestro's own
+    psycopg connections: a password given that way must not work for Maestro and then fail
+    its backups."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k in _CREDENTIAL_ENV}
     host = _host(url)
     if host:
         env["PGHOST"] = host

@@ -91,3 +91,22 @@ def test_failed_backup_removes_what_it_wrote(databases, local_case):
     with pytest.raises(BackupError):
         create_backup(local_case.store, targets)
     assert keys(local_case.store, "backups/") == []
+
+
+def test_a_password_from_pgpassword_works_for_the_dump_too(pg15, local_case, monkeypatch):
+    """MAESTRO_DATABASE_URL without a password and PGPASSWORD in the environment (a common way
+    to keep it out of URLs): Maestro's own connections use it through libpq, and so must
+    pg_dump, or the backup fails where everything else works. A stray PGHOST must not
+    redirect the dump to another server."""
+    from tests.conftest import create_database, drop_database
+
+    name = create_database(pg15, "pgpass")
+    try:
+        url = pg15.admin_url.set(database=name)
+        monkeypatch.setenv("PGPASSWORD", str(url.password))
+        monkeypatch.setenv("PGHOST", "no-such-host.invalid")
+        manifest = create_backup(local_case.store, [DatabaseTarget("platform", url._replace(password=None), "MAESTRO_DATABASE_URL")])
+        assert [d.role for d in manifest.databases] == ["platform"]
+        assert list_backups(local_case.store)[0].backup_id == manifest.backup_id
+    finally:
+        drop_database(pg15, name)
