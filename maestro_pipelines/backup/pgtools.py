@@ -61,11 +61,27 @@ def program_version(name: str) -> str:
     return match.group(1) if match else out.strip()
 
 
-def _host(url: URL) -> str | None:
-    host = url.host or url.query.get("host")
-    if isinstance(host, tuple):
-        host = ",".join(host)
-    return host
+def _host_and_port(url: URL) -> tuple[str | None, str | None]:
+    """libpq's host and port lists for `url`. A multi-host URL (`?host=a:5432&host=b:5433`,
+    how a Patroni cluster or a managed failover pair is often given) becomes host `a,b` and
+    port `5432,5433`: libpq reads `a:5432` as a host name, not a host and a port."""
+    raw = url.host or url.query.get("host")
+    if raw is None:
+        return None, str(url.port) if url.port else None
+    entries = list(raw) if isinstance(raw, tuple) else [raw]
+    hosts, ports = [], []
+    for entry in entries:
+        name, sep, port = entry.rpartition(":")
+        if sep and port.isdigit() and not entry.startswith("/"):
+            hosts.append(name)
+            ports.append(port)
+        else:
+            hosts.append(entry)
+            ports.append(str(url.port) if url.port else "")
+    if not any(ports):
+        return ",".join(hosts), None
+    # libpq takes one port for all hosts, or one per host; an empty entry means the default.
+    return ",".join(hosts), ",".join(ports)
 
 
 _CREDENTIAL_ENV = frozenset({"PGPASSWORD", "PGPASSFILE", "PGSSLCERT", "PGSSLKEY", "PGSSLROOTCERT", "PGSSLCRL"})
@@ -81,11 +97,11 @@ def libpq_environment(url: URL, application: str = "maestro-backup") -> dict[str
     psycopg connections: a password given that way must not work for Maestro and then fail
     its backups."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG") or k in _CREDENTIAL_ENV}
-    host = _host(url)
+    host, port = _host_and_port(url)
     if host:
         env["PGHOST"] = host
-    if url.port:
-        env["PGPORT"] = str(url.port)
+    if port:
+        env["PGPORT"] = port
     if url.username:
         env["PGUSER"] = url.username
     if url.password is not None:
@@ -108,11 +124,11 @@ def psycopg_connect(url: URL, *, options: str | None = None, autocommit: bool = 
     import psycopg
 
     params: dict[str, object] = {"dbname": url.database or "postgres", "connect_timeout": 10}
-    host = _host(url)
+    host, port = _host_and_port(url)
     if host:
         params["host"] = host
-    if url.port:
-        params["port"] = url.port
+    if port:
+        params["port"] = port
     if url.username:
         params["user"] = url.username
     if url.password is not None:
