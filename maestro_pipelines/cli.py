@@ -620,7 +620,7 @@ def main() -> None:
         err.print("interrupted", highlight=False)
         sys.exit(130)
     except Exception as exc:  # a bug, not a user error: say so in one line
-        if os.environ.get("MAESTRO_DEBUG"):
+        if os.environ.get("MAESTRO_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off"):
             raise
         first_line = (str(exc).strip().splitlines() or [""])[0]
         err.print(
