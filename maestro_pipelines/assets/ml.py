@@ -324,7 +324,6 @@ def registered_model(context: dg.AssetExecutionContext, trained_model, model_eva
           description="Alias `production` moved to the new version and a `deployments` row written (the previous one retired).")
 def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, registered_model,
                platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource):
-    from maestro_pipelines.ml.scoring import tenant_cache_prefix
     from maestro_pipelines.platform_db import ml_records
 
     tenant = _tenant(context, platform_db)
@@ -339,13 +338,8 @@ def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, regi
             registry.set_production(tenant.name, registered_model.version)
     context.log.info(f"{registered_model.name}: production {record.previous_version} -> {record.version}")
     invalidated = 0
-    if config.environment == "production":
-        # The alias moved: drop everything cached for this tenant (models, predictions), in
-        # both levels. Redis being down only costs a warning (the keys also carry the version).
-        cached = cache.cache(context.log)
-        invalidated = cached.delete_prefix(tenant_cache_prefix(tenant.name))
-        cached.close()
-        context.log.info(f"cache: {invalidated} entries of {tenant.name} invalidated (redis {cached.redis_state})")
+    if config.environment == "production":  # the alias moved
+        invalidated = cache.invalidate_tenant(tenant.name, context.log)
     return dg.Output(
         Deployment(tenant.name, record.version, record.id, record.model_version_id, config.environment, record.previous_version),
         metadata={

@@ -43,11 +43,7 @@ def roll_back_deployment(context: dg.OpExecutionContext, config: RollbackConfig,
             registry.set_production(tenant.name, target)
     context.log.info(f"{tenant.registry_name}: production {record.previous_version} -> {target} (rollback)")
     # As after a deployment: what was cached for the tenant described the version rolled back.
-    from maestro_pipelines.ml.scoring import tenant_cache_prefix
-
-    cached = cache.cache(context.log)
-    invalidated = cached.delete_prefix(tenant_cache_prefix(tenant.name))
-    cached.close()
+    invalidated = cache.invalidate_tenant(tenant.name, context.log)
     # The deployment asset's state changed: say so on its partition, so Dagit tells the truth.
     context.log_event(
         dg.AssetMaterialization(

@@ -65,3 +65,19 @@ class CacheResource(dg.ConfigurableResource):
         if client is not None:
             cache.ping()  # learn now whether Redis is there (a failure is the one warning)
         return cache
+
+    def invalidate_tenant(self, tenant: str, log: Optional[logging.Logger] = None) -> int:
+        """Drop everything cached for `tenant` (models, predictions) in both levels, after its
+        `production` alias moved; return how many entries went. Redis being down only costs a
+        warning (the keys also carry the version)."""
+        from maestro_pipelines.ml.scoring import tenant_cache_prefix
+
+        cached = self.cache(log)
+        try:
+            invalidated = cached.delete_prefix(tenant_cache_prefix(tenant))
+        finally:
+            cached.close()
+        (log or logging.getLogger("maestro.cache")).info(
+            f"cache: {invalidated} entries of {tenant} invalidated (redis {cached.redis_state})"
+        )
+        return invalidated
