@@ -19,19 +19,23 @@ import sys
 from pathlib import Path
 
 
-def main() -> None:
-    config = json.loads(Path(sys.argv[1]).read_text())
-    from maestro_pipelines.backup import DatabaseTarget, create_backup
-    from maestro_pipelines.platform_db.urls import parse_postgres_url
+def open_spec_store(spec: dict):
+    """The store `tests.backup.conftest.store_spec` describes, opened in a child process."""
     from maestro_pipelines.storage import open_store
     from maestro_pipelines.storage.local import LocalObjectStore
     from tests.stores.conftest import AWS, FAST_RETRY
 
-    spec = config["store"]
     if spec["kind"] == "local":
-        store = LocalObjectStore(Path(spec["root"]), retry=FAST_RETRY)
-    else:
-        store = open_store(spec["url"], endpoint_url=spec["endpoint"], retry=FAST_RETRY, **AWS)
+        return LocalObjectStore(Path(spec["root"]), retry=FAST_RETRY)
+    return open_store(spec["url"], endpoint_url=spec["endpoint"], retry=FAST_RETRY, **AWS)
+
+
+def main() -> None:
+    config = json.loads(Path(sys.argv[1]).read_text())
+    from maestro_pipelines.backup import DatabaseTarget, create_backup
+    from maestro_pipelines.platform_db.urls import parse_postgres_url
+
+    store = open_spec_store(config["store"])
     targets = [DatabaseTarget(t["role"], parse_postgres_url(t["url"], "test"), "MAESTRO_DATABASE_URL")
                for t in config["targets"]]
     pause = config.get("pause")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -251,4 +252,24 @@ def restore_dump(store: ObjectStore, key: str, dbs: Databases) -> str:
 def child_environment() -> dict[str, str]:
     """The environment of a backup run in a child process (the repo importable)."""
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+
+CHILD_DEADLINE_S = 60
+
+
+def wait_until(what: str, condition, child: subprocess.Popen, deadline_s: float = CHILD_DEADLINE_S,
+               running: str = "backup"):
+    """Poll `condition` until it is true; fail if the child (`running` a backup, a restore)
+    exits or the deadline passes."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if child.poll() is not None:
+            out, err = child.communicate()
+            pytest.fail(f"the {running} exited ({child.returncode}) before {what}:\n{out.decode()}\n{err.decode()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {deadline_s} s")
+        time.sleep(0.02)
 

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,24 +34,9 @@ from tests.backup.conftest import (
     keys,
     local_raw_files,
     store_spec,
+    wait_until,
 )
 
-DEADLINE_S = 60
-
-
-def wait_until(what: str, condition, child: subprocess.Popen, deadline_s: float = DEADLINE_S):
-    """Poll `condition` until it is true; fail if the child exits or the deadline passes."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if child.poll() is not None:
-            out, err = child.communicate()
-            pytest.fail(f"the backup exited ({child.returncode}) before {what}:\n{out.decode()}\n{err.decode()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {deadline_s} s")
-        time.sleep(0.02)
 
 
 def start_backup(tmp_path, case, targets, pause=None) -> tuple[subprocess.Popen, Path]:

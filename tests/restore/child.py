@@ -17,15 +17,9 @@ def main() -> None:
     config = json.loads(Path(sys.argv[1]).read_text())
     from maestro_pipelines.backup import DatabaseTarget, get_backup, restore_backup
     from maestro_pipelines.platform_db.urls import parse_postgres_url
-    from maestro_pipelines.storage import open_store
-    from maestro_pipelines.storage.local import LocalObjectStore
-    from tests.stores.conftest import AWS, FAST_RETRY
+    from tests.backup.child import open_spec_store
 
-    spec = config["store"]
-    if spec["kind"] == "local":
-        store = LocalObjectStore(Path(spec["root"]), retry=FAST_RETRY)
-    else:
-        store = open_store(spec["url"], endpoint_url=spec["endpoint"], retry=FAST_RETRY, **AWS)
+    store = open_spec_store(config["store"])
     destinations = [DatabaseTarget(d["role"], parse_postgres_url(d["url"], "test"), d["source"])
                     for d in config["destinations"]]
     report = restore_backup(

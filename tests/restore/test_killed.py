@@ -14,16 +14,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from maestro_pipelines.backup import LIVE, restore_cleanup, running_activities
 from maestro_pipelines.backup.restore import remove_stale_workdirs
-from tests.backup.conftest import REPO_ROOT, child_environment, store_spec
+from tests.backup.conftest import REPO_ROOT, child_environment, store_spec, wait_until
 from tests.restore.conftest import contents, fresh_suffix
 
-DEADLINE_S = 60
 
 GATE_FUNCTION = """
 CREATE FUNCTION restore_gate(id int) RETURNS boolean LANGUAGE plpgsql AS $$
@@ -40,18 +38,6 @@ END $$
 """
 
 
-def wait_until(what: str, condition, child: subprocess.Popen):
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        value = condition()
-        if value:
-            return value
-        if child.poll() is not None:
-            out, err = child.communicate()
-            pytest.fail(f"the restore exited ({child.returncode}) before {what}:\n{out.decode()}\n{err.decode()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {DEADLINE_S} s")
-        time.sleep(0.02)
 
 
 def waiting_at_gate(dbs, platform: str) -> list[str]:
@@ -99,7 +85,8 @@ def test_restore_killed_during_pg_restore_leaves_the_live_database_untouched(pg1
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
         try:
-            [restoring] = wait_until("pg_restore waiting at the gate", lambda: waiting_at_gate(dbs, inst.platform), child)
+            [restoring] = wait_until("pg_restore waiting at the gate", lambda: waiting_at_gate(dbs, inst.platform), child,
+                                     running="restore")
         finally:
             os.killpg(child.pid, signal.SIGKILL)
             out, err = child.communicate()
