@@ -69,6 +69,7 @@ class EmbeddedPostgres:
                 "Point MAESTRO_HOME at a folder you can write to",
             ) from None
         cleanup_mode = None if self.keep_running_marker.exists() else "stop"
+        self._forget_dead_handles(wheel)
         try:
             server = wheel.get_server(self.pgdata, cleanup_mode=cleanup_mode)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, AssertionError) as exc:
@@ -79,25 +80,46 @@ class EmbeddedPostgres:
         self._apply_settings(server)
         return server
 
-    def _apply_settings(self, server) -> None:
-        """Write SERVER_SETTINGS with ALTER SYSTEM and restart once if a restart is needed."""
-        import psycopg
+    def _forget_dead_handles(self, wheel) -> None:
+        """Drop processes that died without detaching (kill -9) from the wheel's list of
+        processes using the server, so the last live one still stops it at exit."""
+        import psutil
 
+        handles = wheel.utils.DiskList(self.pgdata / ".handle_pids.json")
+        with wheel.PostgresServer._lock:
+            try:
+                pids = handles.get()
+            except (OSError, ValueError):
+                return
+            alive = [pid for pid in pids if psutil.pid_exists(pid)]
+            if alive != pids:
+                handles.put(alive)
+
+    def _apply_settings(self, server) -> None:
+        """Write SERVER_SETTINGS with ALTER SYSTEM where the server differs; reload, and restart
+        only when a changed setting can only change at server start (once per data folder).
+
+        Every Maestro process (each CLI command, each Dagster step) comes through here, so it
+        must find nothing to do on a server that is already set up: a restart kills every
+        other process's connections.
+        """
         wheel = _wheel()
         with server._lock:
             socket_dir = str(server.get_postmaster_info().socket_dir)
-            with psycopg.connect(host=socket_dir, user="postgres", dbname="postgres", autocommit=True) as conn:
-                current = dict(
-                    conn.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", [list(SERVER_SETTINGS)]).fetchall()
-                )
-                missing = {k: v for k, v in SERVER_SETTINGS.items() if current.get(k) != v}
-                for name, value in missing.items():
-                    conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
-            if not missing:
+            changed = _write_missing_settings(socket_dir)
+            if not changed:
                 return
-            wheel.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.pgdata, user=server.system_user, timeout=30)
-            # The wheel remembers the postmaster's pid to stop it at exit: refresh it.
-            server._postmaster_info = wheel.utils.PostmasterInfo.read_from_pgdata(self.pgdata)
+            # timezone and pg_stat_statements.track take effect on reload; only
+            # shared_preload_libraries needs the restart.
+            if any(context == "postmaster" for context in changed.values()):
+                # -l: the server keeps logging to the file the wheel started it with (pg_ctl
+                # restart would otherwise send its output to pg_ctl's own, discarded stdout).
+                wheel.pg_ctl(
+                    ["-w", "-m", "fast", "-l", str(self.pgdata / "log"), "restart"],
+                    pgdata=self.pgdata, user=server.system_user, timeout=30,
+                )
+                # The wheel remembers the postmaster's pid to stop it at exit: refresh it.
+                server._postmaster_info = wheel.utils.PostmasterInfo.read_from_pgdata(self.pgdata)
 
     def start(self, keep_running: bool = False) -> URL:
         """Start (or attach to) the server; return the URL of its `postgres` database."""
@@ -153,6 +175,28 @@ class EmbeddedPostgres:
             return False
         info = wheel.utils.PostmasterInfo.read_from_pgdata(self.pgdata)
         return info is not None and info.is_running()
+
+
+def _write_missing_settings(socket_dir: str) -> dict[str, str]:
+    """ALTER SYSTEM each of SERVER_SETTINGS the server does not have; return {name: context}
+    of those changed, after a reload when none needs a restart. pg_settings spells some names in mixed case (`TimeZone`): compare lowered."""
+    import psycopg
+
+    with psycopg.connect(host=socket_dir, user="postgres", dbname="postgres", autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT lower(name), setting, context FROM pg_settings WHERE lower(name) = ANY(%s)",
+            [[name.lower() for name in SERVER_SETTINGS]],
+        ).fetchall()
+        current = {name: (setting, context) for name, setting, context in rows}
+        changed = {}
+        for name, value in SERVER_SETTINGS.items():
+            setting, context = current.get(name.lower(), (None, "postmaster"))
+            if setting != value:
+                conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+                changed[name] = context
+        if changed and all(context != "postmaster" for context in changed.values()):
+            conn.execute("SELECT pg_reload_conf()")
+    return changed
 
 
 def _is_root() -> bool:
