@@ -11,12 +11,15 @@ from maestro_pipelines.platform_db.location import DatabaseLocation
 from maestro_pipelines.platform_db.migrate import current_revision, head_revision
 
 # Partitions are summed into their parent: one row for `predictions`, not one per month.
+# reltuples is -1 for a table never vacuumed or analyzed (PostgreSQL 14+): `unknown` says so.
 TABLE_SIZES = text(
     """
     SELECT coalesce(parent.relname, c.relname)                        AS table_name,
            sum(greatest(c.reltuples, 0))::bigint                      AS estimated_rows,
            sum(pg_total_relation_size(c.oid))::bigint                 AS total_bytes,
-           count(*) FILTER (WHERE parent.relname IS NOT NULL)::int    AS partitions
+           count(*) FILTER (WHERE parent.relname IS NOT NULL)::int    AS partitions,
+           bool_or(c.reltuples < 0)                                   AS unknown,
+           sum(pg_relation_size(c.oid))::bigint                       AS heap_bytes
     FROM pg_class c
     JOIN pg_namespace n ON n.oid = c.relnamespace
     LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
@@ -28,12 +31,24 @@ TABLE_SIZES = text(
 )
 
 
+EXACT_COUNT_BELOW = 10_000
+"""Tables the statistics put below this many rows (or know nothing about) are counted with
+count(*): a fresh database's statistics say 0 (or nothing) for every table."""
+EXACT_COUNT_MAX_BYTES = 64 * 2**20
+"""...unless the table is bigger than this on disk (statistics far behind a bulk load):
+count(*) reads the whole table, and `db status` must stay quick."""
+
+
 @dataclass
 class TableSize:
     table_name: str
     estimated_rows: int
     total_bytes: int
     partitions: int
+    rows: int | None = None
+    """Exact when `rows_exact`, else the planner's estimate; None: unknown (never analyzed
+    and too big to count)."""
+    rows_exact: bool = False
 
 
 @dataclass
@@ -55,22 +70,56 @@ class DatabaseStatus:
         return {**asdict(self), "up_to_date": self.up_to_date}
 
 
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def pg_stat_statements_state(conn) -> str:
-    installed = conn.execute(
-        text("SELECT extversion FROM pg_extension WHERE extname = 'pg_stat_statements'")
-    ).scalar()
-    preload = conn.execute(text("SHOW shared_preload_libraries")).scalar() or ""
-    if installed and "pg_stat_statements" in preload:
-        return f"on (version {installed})"
-    if installed:
-        return "created but not in shared_preload_libraries"
-    return "off"
+    """on / created but not loaded / off. Asked of the view itself, not of
+    shared_preload_libraries: only superusers and pg_read_all_settings may read that setting,
+    and a managed database's user is neither."""
+    from sqlalchemy.exc import DBAPIError
+
+    row = conn.execute(
+        text(
+            "SELECT e.extversion, n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+            "WHERE e.extname = 'pg_stat_statements'"
+        )
+    ).first()
+    if row is None:
+        return "off"
+    version, schema = row
+    try:
+        with conn.begin_nested():
+            conn.execute(text(f"SELECT 1 FROM {_quoted(schema)}.pg_stat_statements LIMIT 1")).all()
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == "55000":  # object_not_in_prerequisite_state
+            return "created but not in shared_preload_libraries"
+        return f"created, not readable by this user ({str(exc.orig).strip().splitlines()[0]})"
+    return f"on (version {version})"
+
+
+def _table_sizes(conn) -> list[TableSize]:
+    from sqlalchemy.exc import DBAPIError
+
+    tables = []
+    for name, estimated, total_bytes, partitions, unknown, heap_bytes in conn.execute(TABLE_SIZES).all():
+        table = TableSize(name, estimated, total_bytes, partitions, rows=None if unknown else estimated)
+        if (unknown or estimated < EXACT_COUNT_BELOW) and heap_bytes <= EXACT_COUNT_MAX_BYTES:
+            try:
+                with conn.begin_nested():  # an unpopulated materialized view cannot be read
+                    table.rows = conn.execute(text(f"SELECT count(*) FROM public.{_quoted(name)}")).scalar_one()
+                table.rows_exact = True
+            except DBAPIError:
+                pass
+        tables.append(table)
+    return tables
 
 
 def database_status(location: DatabaseLocation) -> DatabaseStatus:
     with connect(location.platform_url, location.source) as conn:
         version = conn.execute(text("SHOW server_version")).scalar_one()
-        tables = [TableSize(*row) for row in conn.execute(TABLE_SIZES)]
+        tables = _table_sizes(conn)
         return DatabaseStatus(
             where=location.where,
             url=location.redacted_url,

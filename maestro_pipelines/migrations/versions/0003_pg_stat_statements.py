@@ -28,9 +28,13 @@ log = logging.getLogger("maestro.migrations")
 
 
 def warn(message: str) -> None:
-    """Log and hand the warning to whoever runs the migration (CLI, Dagster asset)."""
-    log.warning(message)
-    op.get_context().config.attributes.setdefault("warnings", []).append(message)
+    """Hand the warning to whoever runs the migration (the CLI and the Dagster asset print
+    it once themselves); logged only for the `alembic` command, which prints nothing else."""
+    attributes = op.get_context().config.attributes
+    if "connection" in attributes:  # run by maestro_pipelines.platform_db.migrate
+        attributes.setdefault("warnings", []).append(message)
+    else:
+        log.warning(message)
 
 
 def upgrade() -> None:
@@ -54,8 +58,11 @@ def upgrade() -> None:
             "off (an administrator can run CREATE EXTENSION pg_stat_statements)"
         )
         return
-    preload = conn.execute(text("SHOW shared_preload_libraries")).scalar() or ""
-    if "pg_stat_statements" not in preload:
+    # Not `SHOW shared_preload_libraries`: a managed database's user may not read it (an
+    # administrator may have created the extension, making the CREATE above a no-op).
+    from maestro_pipelines.platform_db.status import pg_stat_statements_state
+
+    if pg_stat_statements_state(conn) == "created but not in shared_preload_libraries":
         warn(
             "pg_stat_statements is created but not loaded: add it to shared_preload_libraries "
             "and restart the server to collect slow-query statistics"
