@@ -121,11 +121,14 @@ def db_status(
     if status.tables:
         tables = Table(title="tables", title_justify="left")
         tables.add_column("table")
-        tables.add_column("rows (estimate)", justify="right")
+        tables.add_column("rows", justify="right")
+        tables.add_column("counted", justify="left")
         tables.add_column("size", justify="right")
         tables.add_column("partitions", justify="right")
         for t in status.tables:
-            tables.add_row(t.table_name, f"{t.estimated_rows:,}", _human_bytes(t.total_bytes), str(t.partitions or ""))
+            rows = "?" if t.rows is None else f"{t.rows:,}"
+            counted = "exact" if t.rows_exact else ("never analyzed" if t.rows is None else "estimate")
+            tables.add_row(t.table_name, rows, counted, _human_bytes(t.total_bytes), str(t.partitions or ""))
         out.print(tables)
 
 

@@ -29,6 +29,8 @@ def platform_schema(context: dg.AssetExecutionContext, platform_db: PlatformData
             {
                 "table": t.table_name,
                 "estimated_rows": t.estimated_rows,
+                "rows": t.rows,
+                "rows_exact": t.rows_exact,
                 "size_mb": round(t.total_bytes / 2**20, 2),
                 "partitions": t.partitions,
             }
@@ -49,6 +51,8 @@ def platform_schema(context: dg.AssetExecutionContext, platform_db: PlatformData
                     columns=[
                         dg.TableColumn("table", "string"),
                         dg.TableColumn("estimated_rows", "int"),
+                        dg.TableColumn("rows", "int", description="exact when rows_exact, else the estimate"),
+                        dg.TableColumn("rows_exact", "bool"),
                         dg.TableColumn("size_mb", "float"),
                         dg.TableColumn("partitions", "int"),
                     ]
