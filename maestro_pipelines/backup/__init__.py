@@ -15,7 +15,14 @@ It never imports Dagster, so the `maestro` CLI can back up and restore when the 
 
 from maestro_pipelines.backup.activity import Activity, activity, running_activities
 from maestro_pipelines.backup.archive import archive_month
-from maestro_pipelines.backup.catalog import BackupEntry, get_backup, list_backups, newest_verified, object_key
+from maestro_pipelines.backup.catalog import (
+    BackupEntry,
+    check_objects,
+    get_backup,
+    list_backups,
+    newest_verified,
+    object_key,
+)
 from maestro_pipelines.backup.create import BackupOptions, DatabaseTarget, Progress, create_backup
 from maestro_pipelines.backup.manifest import (
     BackupError,
@@ -66,6 +73,7 @@ __all__ = [
     "apply_retention",
     "archive_month",
     "backup_targets",
+    "check_objects",
     "create_backup",
     "database_targets",
     "resolve_restore_point",

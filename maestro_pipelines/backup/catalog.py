@@ -35,6 +35,9 @@ class BackupEntry:
     manifest_sha256: str | None
     verification: VerificationRecord | None
     problem: str | None = None
+    damage: str | None = None
+    """Set by `check_objects` when an object no longer matches the manifest (missing,
+    another size or sha256, altered in place): the backup then no longer counts as verified."""
 
     @property
     def started_at(self) -> datetime | None:
@@ -45,8 +48,26 @@ class BackupEntry:
         return (
             self.manifest is not None
             and self.verification is not None
+            and self.verification.ok
             and self.verification.manifest_sha256 == self.manifest_sha256
+            and self.damage is None
         )
+
+    @property
+    def verification_failed(self) -> bool:
+        """The last verification of this backup failed (listed as BAD, never restored as latest)."""
+        return self.verification is not None and not self.verification.ok
+
+    @property
+    def bad(self) -> str | None:
+        """Why this backup is known to be bad (unreadable manifest, failed verification,
+        damaged object), or None."""
+        if self.problem:
+            return self.problem
+        if self.verification_failed:
+            problems = self.verification.problems
+            return "its last verification failed: " + (problems[0] if problems else "no detail recorded")
+        return self.damage
 
     @property
     def stored_bytes(self) -> int:
@@ -114,10 +135,27 @@ def incomplete_backups(store: ObjectStore) -> dict[str, set[str]]:
     return found
 
 
+def incomplete_archives(store: ObjectStore) -> dict[str, datetime | None]:
+    """Monthly archive folders without a manifest (a copy in progress, or left by a killed or
+    failed archive) -> when their newest object was written (None if the store cannot say)."""
+    found: dict[str, datetime | None] = {}
+    complete = set()
+    for info in store.list(MONTHLY_PREFIX + "/", with_metadata=False):
+        root, _, name = info.key.rpartition("/")
+        if len(root.split("/")) != 3:
+            continue
+        if name == MANIFEST_NAME:
+            complete.add(root)
+        newest = found.get(root)
+        written = info.last_modified
+        found[root] = written if newest is None or (written is not None and written > newest) else newest
+    return {root: written for root, written in found.items() if root not in complete}
+
+
 def get_backup(store: ObjectStore, backup_id: str, month: str | None = None) -> BackupEntry:
     """One committed backup by id (or the newest verified for `latest`)."""
     if backup_id == "latest":
-        entry = newest_verified(store)
+        entry = newest_verified(store, check=True)
         if entry is None:
             raise BackupNotFound(
                 f"There is no verified backup in the store at {store.url}",
@@ -136,9 +174,62 @@ def get_backup(store: ObjectStore, backup_id: str, month: str | None = None) -> 
     return _load(store, root, names)
 
 
-def newest_verified(store: ObjectStore) -> BackupEntry | None:
+def newest_verified(store: ObjectStore, check: bool = False) -> BackupEntry | None:
+    """The newest verified backup; with `check`, the newest whose objects still match its
+    manifest (`check_objects`), damaged newer ones marked on the way."""
     verified = [e for e in list_backups(store) if e.verified]
-    return verified[-1] if verified else None
+    for entry in reversed(verified):
+        if not check or check_objects(store, entry) is None:
+            return entry
+    return None
+
+
+def object_problem(store: ObjectStore, key: str, size: int, sha256: str,
+                   read_at: datetime | None = None, check_altered: bool = True) -> str | None:
+    """What a head of `key` shows wrong against the manifest's size and sha256, or None.
+
+    Cheap (one HEAD), and it sees: a deleted object; a truncated or extended one (size); one
+    swapped for another object (another recorded sha256, e.g. a dump of another backup copied
+    over it), or rewritten by a tool that records no sha256 (`aws s3 cp`, a plain file copy);
+    on the local store, a file written to in place (its modification time changed). It
+    cannot see bytes changed with the size, the recorded sha256 and (locally) the mtime left
+    as they were (bit rot, a deliberate edit): `verify_backup` reads every byte for that.
+
+    `read_at`: when a verification last read every byte; a file altered before then (a
+    `touch`) was proven intact by it. `check_altered` False: the caller reads every byte."""
+    try:
+        info = store.head(key)
+    except ObjectNotFound:
+        return f"{key} is missing"
+    if info.size != size:
+        return f"{key} has {info.size} bytes, the manifest says {size} (truncated or replaced)"
+    if info.sha256 is None:
+        return f"{key} has no recorded sha256 (rewritten outside Maestro), the manifest says {sha256[:12]}..."
+    if info.sha256 != sha256:
+        return f"{key} is recorded with sha256 {info.sha256[:12]}..., the manifest says {sha256[:12]}... (replaced)"
+    if check_altered and info.altered and (
+        read_at is None or info.last_modified is None or info.last_modified >= read_at
+    ):
+        return f"{key} was written to in place after the backup (its modification time changed)"
+    return None
+
+
+def check_objects(store: ObjectStore, entry: BackupEntry) -> str | None:
+    """Head every object the manifest names (dumps and the artifact manifest): the first
+    problem found (see `object_problem`), also kept as `entry.damage`; None when all match."""
+    manifest = entry.manifest
+    if manifest is None:
+        return entry.problem or "the manifest cannot be read"
+    expected = [(d.key, d.compressed_bytes, d.sha256) for d in manifest.databases]
+    if manifest.artifacts:
+        expected.append((manifest.artifacts.key, manifest.artifacts.size, manifest.artifacts.sha256))
+    read_at = entry.verification.verified_at if entry.verified else None
+    for manifest_key, size, sha256 in expected:
+        problem = object_problem(store, object_key(entry, manifest_key), size, sha256, read_at)
+        if problem:
+            entry.damage = problem
+            return problem
+    return None
 
 
 def object_key(entry: BackupEntry, manifest_key: str) -> str:

@@ -250,7 +250,9 @@ def _digest(body: dict[str, Any]) -> str:
 @dataclass
 class VerificationRecord:
     """What verify wrote after checking a backup: it is valid only for the manifest bytes
-    whose sha256 it names."""
+    whose sha256 it names. `ok` False: the last verification failed (`problems` says why),
+    and the backup is listed as BAD until a verification passes. (Maestro before `ok` was
+    recorded cannot read a failed record, and so takes the backup as not verified.)"""
 
     backup_id: str
     manifest_sha256: str
@@ -258,6 +260,8 @@ class VerificationRecord:
     objects: int
     bytes_read: int
     duration_s: float
+    ok: bool = True
+    problems: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         body = asdict(self)
@@ -269,6 +273,9 @@ class VerificationRecord:
         try:
             body = json.loads(data)
             body["verified_at"] = _parse_time(body["verified_at"])
-            return cls(**body)
+            record = cls(**body)
+            if not isinstance(record.ok, bool) or not isinstance(record.problems, list):
+                return None
+            return record
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             return None

@@ -155,3 +155,31 @@ def quote_ident(name: str) -> str:
 def where(url: URL) -> str:
     """host:port/database or socket/database: for manifests and messages, never a password."""
     return describe(url)
+
+
+# The sessions on some databases, and whether the connected user may end each one
+# (pg_terminate_backend): a superuser ends any; anyone else only those of roles it has the
+# privileges of, or any but a superuser's with pg_signal_backend. A managed database's user
+# may not end a DBA's psql or a monitoring agent's session. Background processes (usesysid
+# NULL, e.g. autovacuum) are left out: DROP and RENAME DATABASE stop them themselves.
+_SESSIONS = """
+SELECT a.pid, coalesce(a.usename, a.backend_type, 'a background process'),
+       me.rolsuper OR (a.usesysid IS NOT NULL AND NOT coalesce(r.rolsuper, false)
+                       AND (pg_has_role(a.usesysid, 'USAGE') OR pg_has_role('pg_signal_backend', 'USAGE')))
+FROM pg_stat_activity a
+JOIN pg_roles me ON me.rolname = current_user
+LEFT JOIN pg_roles r ON r.oid = a.usesysid
+WHERE a.datname = ANY(%s) AND a.pid <> pg_backend_pid() AND (a.usesysid IS NOT NULL OR me.rolsuper)
+"""
+
+
+def end_sessions(conn, databases: list[str]) -> list[str]:
+    """End the sessions on `databases` that the user of `conn` (psycopg, autocommit) may end;
+    return the others, described for a message ("2 sessions of postgres")."""
+    others: dict[str, int] = {}
+    for pid, user, may_end in conn.execute(_SESSIONS, [list(databases)]).fetchall():
+        if may_end:
+            conn.execute("SELECT pg_terminate_backend(%s)", [pid])
+        else:
+            others[user] = others.get(user, 0) + 1
+    return [f"{n} session{'s' if n > 1 else ''} of {user}" for user, n in sorted(others.items())]

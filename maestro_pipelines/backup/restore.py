@@ -41,6 +41,7 @@ from maestro_pipelines.backup.create import DatabaseTarget, MiB, Progress
 from maestro_pipelines.backup.manifest import BackupError, BackupNotFound, DatabaseDump, utcnow
 from maestro_pipelines.backup.pgtools import (
     CHECKSUM_SESSION_OPTIONS,
+    end_sessions,
     libpq_environment,
     program,
     psycopg_connect,
@@ -55,10 +56,12 @@ LEFTOVER = re.compile(r"^(?P<live>.+?)_(?P<kind>pre_restore|restore)_(?P<stamp>\
 # pg_restore 18 always sets transaction_timeout, which servers before 17 do not know; that
 # one statement failing is harmless (the setting does not exist there).
 _HARMLESS_ON_OLD_SERVERS = re.compile(r'unrecognized configuration parameter "transaction_timeout"')
-# Creating pg_stat_statements needs a privileged user, and Maestro works without it (migration
-# 0003 goes on with a warning): a restore by Maestro's own user leaves it out of pg_restore and
-# creates it afterwards where it may.
-OPTIONAL_EXTENSIONS = ("pg_stat_statements",)
+# Creating pg_stat_statements or amcheck needs a privileged user, and Maestro works without
+# them (migration 0003 goes on with a warning; the drill notes indexes it could not check): a
+# restore by Maestro's own user (a managed database's LOGIN CREATEDB role, whose administrator
+# created them in the live database) leaves them out of pg_restore and creates them afterwards
+# where it may.
+OPTIONAL_EXTENSIONS = ("pg_stat_statements", "amcheck")
 # Table of contents entries (`pg_restore --list`) of an extension and of its comment:
 #   215; 3079 16385 EXTENSION - pg_stat_statements
 #   4242; 0 0 COMMENT - EXTENSION pg_stat_statements
@@ -293,10 +296,45 @@ def _check_may_swap(destinations: list[DatabaseTarget]) -> None:
         )
 
 
+class DatabaseInUse(RestoreError):
+    """A database kept open by sessions the connecting user may not end (another role's)."""
+
+
 def drop_database(url: URL, name: str, source: str = "database") -> None:
+    """DROP DATABASE, ending its sessions first. WITH (FORCE) ends them all, but only for a
+    user that may end every one of them: a managed database's user (LOGIN CREATEDB) may not
+    end a superuser's session nor an autovacuum worker's. It then ends its own role's, lets
+    plain DROP DATABASE stop autovacuum (the server does), and raises DatabaseInUse naming
+    any other role's sessions, dropping nothing."""
+    import psycopg
+
     _dispose_engines()
+    quoted = quote_ident(name)
     with psycopg_connect(_admin(url), autocommit=True, source=source) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+        try:
+            conn.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            pass  # FORCE checks every session before ending any: nothing was ended
+        others: list[str] = []
+        for _attempt in range(3):  # a client of ours may reconnect in between
+            others = end_sessions(conn, [name])
+            try:
+                # Waits up to 5 s for sessions to end (one just closed is still exiting).
+                conn.execute(f"DROP DATABASE IF EXISTS {quoted}")
+                return
+            except psycopg.errors.ObjectInUse:
+                if others:
+                    break
+            except psycopg.Error as exc:
+                raise RestoreError(f"Cannot drop '{name}' at {where(url)}: {_first_line(exc)}",
+                                   "Drop it as its owner or an administrator") from None
+    user = url.username or "the connecting user"
+    raise DatabaseInUse(
+        f"'{name}' at {where(url)} is in use by {', '.join(others) or 'clients that keep reconnecting'}, "
+        f"which {user} may not end",
+        "Ask them to disconnect (or an administrator to end them), then run it again",
+    )
 
 
 def _dispose_engines() -> None:
@@ -442,16 +480,20 @@ def _swap(url: URL, live: str, restored: str, kept: str, live_exists: bool, sour
     for _attempt in range(10):
         with psycopg_connect(_admin(url), autocommit=True, source=source) as conn:
             try:
-                conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ANY(%s) AND pid <> pg_backend_pid()",
-                    [[live, restored]],
-                )
+                others = end_sessions(conn, [live, restored])
                 with conn.transaction():
                     if live_exists:
                         conn.execute(f"ALTER DATABASE {quote_ident(live)} RENAME TO {quote_ident(kept)}")
                     conn.execute(f"ALTER DATABASE {quote_ident(restored)} RENAME TO {quote_ident(live)}")
                 return
             except psycopg.errors.ObjectInUse as exc:  # someone reconnected between terminate and rename
+                if others:  # or another role's session, which this user may not end
+                    raise RestoreError(
+                        f"Could not swap '{restored}' into place as '{live}' at {where(url)}: it is held open by "
+                        f"{', '.join(others)}, which {url.username or 'the connecting user'} may not end",
+                        f"Ask them to disconnect (or an administrator to end them) and restore again; "
+                        f"the restored data is verified in '{restored}'",
+                    ) from None
                 last = exc
             except psycopg.Error as exc:
                 raise RestoreError(
@@ -737,6 +779,15 @@ def restore_cleanup(destinations: list[DatabaseTarget], dry_run: bool = False,
     running = running_restore_stamps(store) if store is not None else set()
     leftovers = [leftover for leftover in restore_leftovers(destinations) if leftover.stamp not in running]
     if not dry_run:
+        in_use: list[str] = []
         for leftover in leftovers:
-            drop_database(leftover.url, leftover.name, leftover.source)
+            try:
+                drop_database(leftover.url, leftover.name, leftover.source)
+            except DatabaseInUse as exc:  # the others are still dropped
+                in_use.append(exc.problem)
+        if in_use:
+            raise DatabaseInUse(
+                f"Kept {len(in_use)} of {len(leftovers)} restore leftovers, the others were dropped: " + "; ".join(in_use),
+                "Ask those sessions to disconnect (or an administrator to end them), then run the cleanup again",
+            )
     return leftovers

@@ -2,8 +2,9 @@
 dump decompressed and its table of contents read by `pg_restore --list`.
 
 This proves the archive is intact and readable by pg_restore, not that it restores: the DR
-drill proves that. A verified backup gets `verified.json`, naming the manifest's sha256; a
-backup that fails loses any earlier `verified.json`, so it stops counting as good.
+drill proves that. Every verification writes `verified.json`, naming the manifest's sha256
+and whether it passed: a backup that fails replaces an earlier success with its failure, so
+it stops counting as good and `maestro backup list` shows it as BAD.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from maestro_pipelines.backup.catalog import BackupEntry, get_backup, object_key
+from maestro_pipelines.backup.catalog import BackupEntry, get_backup, object_key, object_problem
 from maestro_pipelines.backup.create import MiB, Progress
 from maestro_pipelines.backup.manifest import VERIFIED_NAME, VerificationRecord, utcnow
 from maestro_pipelines.backup.pgtools import program
@@ -35,18 +36,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _check_object(store: ObjectStore, key: str, size: int, sha256: str) -> str | None:
-    try:
-        info = store.head(key)
-    except ObjectNotFound:
-        return f"{key} is missing"
-    if info.size != size:
-        return f"{key} has {info.size} bytes, the manifest says {size} (truncated or replaced)"
-    if info.sha256 != sha256:
-        return f"{key} has sha256 {str(info.sha256)[:12]}..., the manifest says {sha256[:12]}..."
-    return None
 
 
 def _read_dump(store: ObjectStore, key: str, expected_dump_bytes: int, report: VerifyReport,
@@ -115,7 +104,7 @@ def verify_backup(store: ObjectStore, backup_id: str, month: str | None = None,
         for dump in manifest.databases:
             key = object_key(entry, dump.key)
             report.objects += 1
-            problem = _check_object(store, key, dump.compressed_bytes, dump.sha256)
+            problem = object_problem(store, key, dump.compressed_bytes, dump.sha256, check_altered=False)
             if problem is None:
                 label = f"{dump.role} ({dump.database})"
                 problem, entries = _read_dump(store, key, dump.dump_bytes, report, label, progress)
@@ -131,7 +120,7 @@ def verify_backup(store: ObjectStore, backup_id: str, month: str | None = None,
             record = manifest.artifacts
             key = object_key(entry, record.key)
             report.objects += 1
-            problem = _check_object(store, key, record.size, record.sha256)
+            problem = object_problem(store, key, record.size, record.sha256, check_altered=False)
             if problem is None:
                 try:
                     body = json.loads(store.get_bytes(key))
@@ -143,16 +132,17 @@ def verify_backup(store: ObjectStore, backup_id: str, month: str | None = None,
             if problem:
                 report.problems.append(problem)
     report.duration_s = round(time.monotonic() - started, 3)
-    if report.ok:
-        record = VerificationRecord(
-            backup_id=entry.backup_id,
-            manifest_sha256=entry.manifest_sha256 or "",
-            verified_at=utcnow(),
-            objects=report.objects,
-            bytes_read=report.bytes_read,
-            duration_s=report.duration_s,
-        )
-        store.put_bytes(verified_key, record.to_json(), {"backup_id": entry.backup_id})
-    else:
-        store.delete(verified_key)
+    # Recorded either way: a failure replaces an earlier success, so the backup stops
+    # counting as good and is listed as BAD (not as merely unverified).
+    record = VerificationRecord(
+        backup_id=entry.backup_id,
+        manifest_sha256=entry.manifest_sha256 or "",
+        verified_at=utcnow(),
+        objects=report.objects,
+        bytes_read=report.bytes_read,
+        duration_s=report.duration_s,
+        ok=report.ok,
+        problems=[p if len(p) <= 300 else p[:297] + "..." for p in report.problems[:10]],
+    )
+    store.put_bytes(verified_key, record.to_json(), {"backup_id": entry.backup_id})
     return report

@@ -273,11 +273,12 @@ def drop_restore_leftovers(
     """Drop `<db>_pre_restore_<time>` (old live databases kept aside) and `<db>_restore_<time>`
     (scratch restores) of the live databases; never those of a restore still running."""
     from maestro_pipelines.backup import restore_leftovers
-    from maestro_pipelines.backup.restore import drop_database, running_restore_stamps
+    from maestro_pipelines.backup.restore import DatabaseInUse, drop_database, running_restore_stamps
 
     destinations, _notes = live_destinations(platform_db, mlflow)
     running = running_restore_stamps(store.get_store())
     rows, dropped, skipped = [], 0, 0
+    in_use: list[str] = []
     for leftover in restore_leftovers(destinations):
         what = "old live database" if leftover.kind == "pre_restore" else "scratch restore"
         if leftover.stamp in running:
@@ -286,13 +287,22 @@ def drop_restore_leftovers(
         elif config.dry_run:
             action = "would drop"
         else:
-            drop_database(leftover.url, leftover.name, leftover.source)
-            action = "dropped"
-            dropped += 1
+            try:
+                drop_database(leftover.url, leftover.name, leftover.source)
+                action = "dropped"
+                dropped += 1
+            except DatabaseInUse as exc:  # another role's session: the others are still dropped
+                action = "kept: in use"
+                in_use.append(exc.problem)
         context.log.info(f"{action}: {leftover.name} ({what} of {leftover.live})")
         rows.append(dg.TableRecord({"database": leftover.name, "kind": what, "live": leftover.live, "action": action}))
     done = f"Would drop {len(rows) - skipped}" if config.dry_run else f"Dropped {dropped}"
     context.log.info(f"{done} database(s), {skipped} skipped (their restore is running)")
+    if in_use:
+        raise DatabaseInUse(
+            f"Kept {len(in_use)} restore leftovers, {dropped} dropped: " + "; ".join(in_use),
+            "Ask those sessions to disconnect (or an administrator to end them), then run the cleanup again",
+        )
     return dg.Output(
         None,
         metadata={

@@ -134,6 +134,11 @@ class ObjectInfo:
     sha256: str | None
     last_modified: datetime | None
     metadata: dict[str, str] = field(default_factory=dict)
+    altered: bool = False
+    """True when the store itself can tell the bytes were changed in place after they were
+    written and recorded (the local folder store: the file's modification time is not the one
+    recorded), so the recorded sha256 no longer vouches for them. False means "not seen",
+    not "intact": only reading every byte proves that."""
 
 
 def check_key(key: Any, url: str, source: str) -> str:
@@ -497,6 +502,17 @@ class ObjectStore(ABC):
     def copy(self, source_key: str, dest_key: str) -> ObjectInfo:
         """Server-side copy that keeps the recorded sha256 and the metadata."""
 
+    def discard_unfinished(self, prefix: str = "", started_before: datetime | None = None) -> list[str]:
+        """Remove what writes of keys starting with `prefix` left behind when they never
+        finished (killed, or their own clean-up failed with the store): S3's open multipart
+        uploads and temporary objects, GCS's temporary objects, the local store's temporary
+        files. Only those started before `started_before` when given: call it without only
+        for keys no running process can be writing. Returns one line per thing removed.
+
+        Not reachable through the APIs, so left to the store's own expiry: GCS resumable
+        sessions that never got a byte (a week), Azure's uncommitted blocks (a week)."""
+        return []
+
 
 def _close_quietly(stream: Any) -> None:
     try:
@@ -620,8 +636,18 @@ class PrefixedStore(ObjectStore):
             return None
         return key
 
-    def _temp_name(self) -> str:
-        return f"{self._base}{RESERVED_PREFIX}tmp/{uuid.uuid4().hex}"
+    def _temp_name(self, key: str | None = None) -> str:
+        """`<prefix>/.maestro-tmp/<key>/<uuid>`: what a failed or killed write of `key` left
+        can be found by the key (`discard_unfinished`); without the key when it would be too long."""
+        unique = uuid.uuid4().hex
+        temp_root = f"{self._base}{RESERVED_PREFIX}tmp/"
+        if key is not None and len((temp_root + key).encode("utf-8")) + 40 <= MAX_KEY_BYTES:
+            return f"{temp_root}{key}/{unique}"
+        return f"{temp_root}{unique}"
+
+    def _temp_search(self, prefix: str) -> str:
+        """The name prefix of the temporary objects of writes of keys starting with `prefix`."""
+        return f"{self._base}{RESERVED_PREFIX}tmp/{check_prefix(prefix, self.url, self.source)}"
 
     def missing_container(self) -> StoreNotFound:
         word = self.container_word

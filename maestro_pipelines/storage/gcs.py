@@ -182,7 +182,7 @@ class GCSObjectStore(PrefixedStore):
         return blob.updated
 
     def _begin_upload(self, key: str, metadata: dict[str, str]) -> PartUpload:
-        temp = self._bucket.blob(self._temp_name())
+        temp = self._bucket.blob(self._temp_name(key))
         session = temp.create_resumable_upload_session(
             content_type=CONTENT_TYPE, checksum=None, retry=None, timeout=_TIMEOUT
         )
@@ -249,6 +249,33 @@ class GCSObjectStore(PrefixedStore):
             source_key,
         )
         return self.head(dest_key)
+
+
+    def discard_unfinished(self, prefix: str = "", started_before: datetime | None = None) -> list[str]:
+        # A resumable session's object exists only once its last byte is in: what a write
+        # killed before then left is a session GCS expires after a week, not listable here.
+        search = self._temp_search(prefix)
+        removed = []
+        token = None
+        while True:
+            def page(token=token):
+                iterator = self.client.list_blobs(self._bucket, prefix=search, page_size=self.list_page_size,
+                                                  page_token=token, retry=None, timeout=_TIMEOUT)
+                first = next(iterator.pages, None)
+                return (list(first) if first is not None else []), iterator.next_page_token
+
+            blobs, token = self._call("list temporary objects", page)
+            for blob in blobs:
+                created = blob.time_created
+                if started_before is not None and (created is None or created >= started_before):
+                    continue
+                try:
+                    self._call("delete a temporary object", lambda: blob.delete(retry=None, timeout=_TIMEOUT), blob.name)
+                except ObjectNotFound:
+                    continue
+                removed.append(f"temporary object {blob.name}")
+            if not token:
+                return removed
 
 
 class _RangedReader:

@@ -20,6 +20,12 @@ is described by its own sidecar: an overwrite can never pair new metadata with o
 good object (plus a stale sidecar or temp file, both ignored and cleaned on the next write
 or delete). A file put there by something else has no sidecar, so it reads as unverified.
 
+**What a head can tell.** The sidecar also records the file's modification time (ns) when
+it was written: a file written to in place afterwards (an editor, `dd conv=notrunc`, a
+truncation) has another one, and `head` reports it as `altered`. Bit rot on the disk and a
+writer that restores the old mtime are not seen that way: only reading the bytes against
+the sha256 (`open_read`, `maestro backup verify`) catches those.
+
 A folder cannot hold both an object `a` and objects under `a/`: that write raises InvalidKey.
 """
 
@@ -228,19 +234,24 @@ class LocalObjectStore(ObjectStore):
     def _info(self, key: str, st: os.stat_result, record: dict[str, Any] | None) -> ObjectInfo:
         record = record or {}
         metadata = record.get("metadata") or {}
+        recorded_mtime = record.get("mtime_ns")
         return ObjectInfo(
             key=key,
             size=st.st_size,
             sha256=recorded_sha256(record.get("sha256")),
             last_modified=_mtime(st),
             metadata={str(k): str(v) for k, v in metadata.items()},
+            # Same inode, other modification time: written to in place (bit rot does not
+            # change it; an editor, `dd conv=notrunc` or a truncation does). Sidecars written
+            # before mtime_ns was recorded cannot tell.
+            altered=isinstance(recorded_mtime, int) and recorded_mtime != st.st_mtime_ns,
         )
 
     # ---- writing -------------------------------------------------------------------------
 
     def _write(
         self, key: str, chunks: Iterable[bytes], metadata: dict[str, str], expected_sha256: str | None = None,
-        record_sha256: bool = True,
+        record_sha256: bool = True, copied_from: str | None = None,
     ) -> ObjectInfo:
         self._root_ready(writing=True)
         path = self._path(key)
@@ -276,15 +287,18 @@ class LocalObjectStore(ObjectStore):
                 st = os.fstat(f.fileno())
             digest = hasher.hexdigest()
             if expected_sha256 is not None and digest != expected_sha256:
+                # The corrupt object is the source: naming the destination sends the user to a
+                # key that was never written.
                 raise ChecksumMismatch(
-                    f"Copy source for {key!r} in the store at {self.source} ({self.url}) is corrupt: "
-                    "its bytes do not match its recorded sha256",
+                    f"Object {copied_from or key!r} in the store at {self.source} ({self.url}) is corrupt: "
+                    f"its bytes do not match its recorded sha256 (found while copying it to {key!r}, not written)",
                     "Restore the source object from another copy or write it again",
                 )
             sidecar = self._sidecar(key, st.st_ino)
             self._write_json(
                 sidecar,
-                {"inode": st.st_ino, "sha256": digest if record_sha256 else None, "size": size, "metadata": metadata},
+                {"inode": st.st_ino, "sha256": digest if record_sha256 else None, "size": size, "metadata": metadata,
+                 "mtime_ns": st.st_mtime_ns},
             )
             os.replace(tmp, path)
             published = True
@@ -423,6 +437,38 @@ class LocalObjectStore(ObjectStore):
 
         self._call("delete", delete, key)
 
+    def discard_unfinished(self, prefix: str = "", started_before: datetime | None = None) -> list[str]:
+        """Temporary files (`.maestro-tmp-*`) of writes of keys under `prefix` that never
+        finished; with `started_before`, only those not written to since then."""
+        prefix = check_prefix(prefix, self.url, self.source)
+        if not self._root_ready(writing=False):
+            return []
+        folder_key = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self._path(folder_key) if folder_key else self.root
+        cutoff = started_before.timestamp() if started_before is not None else None
+        removed = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            folder = Path(dirpath)
+            rel = folder.relative_to(self.root).as_posix()
+            rel = "" if rel == "." else rel + "/"
+            # Not into the store's records, nor folders no key under prefix can be in.
+            dirnames[:] = [d for d in dirnames if not d.startswith(RESERVED_PREFIX)
+                           and ((rel + d + "/").startswith(prefix) or prefix.startswith(rel + d + "/"))]
+            if not (rel.startswith(prefix) or (prefix.startswith(rel) and "/" not in prefix[len(rel):])):
+                continue  # a temporary file here is for a key outside prefix
+            for name in filenames:
+                path = folder / name
+                try:
+                    if not name.startswith(TMP_PREFIX) or (cutoff is not None and path.stat().st_mtime >= cutoff):
+                        continue
+                    path.unlink()
+                except FileNotFoundError:
+                    continue  # finished (renamed) or removed meanwhile
+                removed.append(f"temporary file {rel}{name}")
+            if folder != self.root:
+                self._prune(folder, self.root)
+        return removed
+
     def copy(self, source_key: str, dest_key: str) -> ObjectInfo:
         source_key = self._key(source_key)
         dest_key = self._key(dest_key)
@@ -432,7 +478,8 @@ class LocalObjectStore(ObjectStore):
             return self._call(
                 "copy",
                 lambda: self._write(
-                    dest_key, chunks, info.metadata, expected_sha256=info.sha256, record_sha256=info.sha256 is not None
+                    dest_key, chunks, info.metadata, expected_sha256=info.sha256, record_sha256=info.sha256 is not None,
+                    copied_from=source_key,
                 ),
                 dest_key,
             )

@@ -232,7 +232,7 @@ class S3ObjectStore(PrefixedStore):
         return self._response_date(response)
 
     def _begin_upload(self, key: str, metadata: dict[str, str]) -> PartUpload:
-        temp = self._temp_name()
+        temp = self._temp_name(key)
         response = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=temp, ContentType=CONTENT_TYPE, ChecksumAlgorithm=PART_CHECKSUM
         )
@@ -312,6 +312,47 @@ class S3ObjectStore(PrefixedStore):
         # metadata for multipart copies) keep sha256, size and the user metadata.
         self._call("copy", lambda: self._managed_copy(self._name(source_key), self._name(dest_key)), source_key)
         return self.head(dest_key)
+
+
+    def discard_unfinished(self, prefix: str = "", started_before: datetime | None = None) -> list[str]:
+        search = self._temp_search(prefix)
+        removed = []
+        request = {"Bucket": self.bucket, "Prefix": search}
+        while True:
+            page = self._call("list unfinished uploads", lambda: self.client.list_multipart_uploads(**request))
+            for upload in page.get("Uploads", []):
+                if started_before is not None and upload["Initiated"] >= started_before:
+                    continue
+                name, upload_id = upload["Key"], upload["UploadId"]
+
+                def abort(name=name, upload_id=upload_id) -> bool:
+                    try:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+                    except self._exc.ClientError as exc:
+                        if self._code(exc)[0] == "NoSuchUpload":
+                            return False  # completed or aborted meanwhile
+                        raise
+                    return True
+
+                if not self._call("abort an unfinished upload", abort, name):
+                    continue
+                removed.append(f"open multipart upload {name} (started {upload['Initiated']:%Y-%m-%d %H:%M} UTC)")
+            if not page.get("IsTruncated"):
+                break
+            request = {**request, "KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+        token = None
+        while True:
+            listing = {"Bucket": self.bucket, "Prefix": search, **({"ContinuationToken": token} if token else {})}
+            page = self._call("list temporary objects", lambda: self.client.list_objects_v2(**listing))
+            for item in page.get("Contents", []):
+                if started_before is not None and item["LastModified"] >= started_before:
+                    continue
+                name = item["Key"]
+                self._call("delete a temporary object", lambda: self.client.delete_object(Bucket=self.bucket, Key=name))
+                removed.append(f"temporary object {name}")
+            if not page.get("IsTruncated"):
+                return removed
+            token = page["NextContinuationToken"]
 
 
 class _S3Upload(PartUpload):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from maestro_pipelines.backup import DatabaseTarget, create_backup, get_backup, list_backups, verify_backup
-from maestro_pipelines.backup.manifest import ARTIFACTS_NAME, MANIFEST_NAME, VERIFIED_NAME
+from maestro_pipelines.backup.manifest import ARTIFACTS_NAME, MANIFEST_NAME
 from tests.backup.conftest import ARTIFACTS, read_raw, replace_raw
 
 
@@ -88,9 +88,12 @@ def test_verify_finds_damage_and_withdraws_the_verified_mark(pg18_databases, cas
     report = verify_backup(case.store, manifest.backup_id)
     assert not report.ok
     assert any(f"{root}/{name}" in problem for problem in report.problems), report.problems
-    assert not case.store.exists(f"{root}/{VERIFIED_NAME}")
     [entry] = list_backups(case.store)
     assert entry.verified is False
+    # The failure replaced the earlier success: the backup is known BAD, not merely unverified.
+    assert entry.bad is not None and f"{root}/{name}" in entry.bad
+    if name != MANIFEST_NAME:
+        assert entry.verification_failed
     if name == MANIFEST_NAME:
         assert entry.manifest is None and f"{root}/{MANIFEST_NAME}" in entry.problem
     with pytest.raises(Exception, match="no verified backup"):
