@@ -180,12 +180,14 @@ def tenants_add(
     regression_tolerance: float = typer.Option(None, help="Allowed drop against production (default 0.02)."),
 ) -> None:
     """Add a tenant; the tenant sensor gives it a partition and requests its first training."""
-    from maestro_pipelines.platform_db.tenants import add_tenant
+    from maestro_pipelines.platform_db.tenants import add_tenant, validate_tenant_name, validate_tenant_settings
 
     gates = {k: v for k, v in {"accuracy": min_accuracy, "f1": min_f1, "roc_auc": min_roc_auc}.items() if v is not None}
     settings: dict = {"gates": gates} if gates else {}
     if regression_tolerance is not None:
         settings["regression_tolerance"] = regression_tolerance
+    validate_tenant_name(name)  # before the database is opened (add_tenant checks again)
+    validate_tenant_settings(settings)
     with _platform_connection() as conn:
         tenant = add_tenant(conn, name, display_name, settings)
         conn.commit()
@@ -273,7 +275,8 @@ def _entry_row(entry) -> dict:
         "duration_s": round(manifest.duration_s, 3) if manifest else None,
         "verified": entry.verified,
         "verified_at": entry.verification.verified_at.isoformat() if entry.verified else None,
-        "problem": entry.problem,
+        "bad": entry.bad is not None,
+        "problem": entry.bad,
     }
 
 
@@ -302,14 +305,14 @@ def backup_run(
     """Back up every Maestro database (platform, MLflow, Dagster's when on PostgreSQL) into the store."""
     from maestro_pipelines.backup import BackupOptions, backup_targets, create_backup, verify_backup
 
+    options = BackupOptions(content_checksums=checksums)  # refuses a bad --level before anything is opened
+    if level is not None:
+        options = BackupOptions(compression_level=level, content_checksums=checksums)
     settings = load_settings()
     store = _store()
     targets, notes = backup_targets(settings)
     for note in notes:
         err.print(f"note: {note}", highlight=False)
-    options = BackupOptions(content_checksums=checksums)
-    if level is not None:
-        options = BackupOptions(compression_level=level, content_checksums=checksums)
     with _ByteProgress("dump") as progress:
         manifest = create_backup(store, targets, options, progress=progress, notes=notes)
     report = None
@@ -347,13 +350,18 @@ def backup_list(
     monthly: bool = typer.Option(False, "--monthly", help="List the monthly archives instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
-    """Committed backups, oldest first: id, time, size, verified."""
-    from maestro_pipelines.backup import list_backups
+    """Committed backups, oldest first: id, time, size, verified (yes; no; BAD: its verification
+    failed, or an object is missing or changed since, found by one cheap head per object)."""
+    from maestro_pipelines.backup import check_objects, list_backups
 
     store = _store()
     entries = list_backups(store, monthly=monthly)
+    for entry in entries:
+        if entry.verified:
+            check_objects(store, entry)  # one head per object: what is listed as good still is
     if as_json:
         out.print_json(json.dumps([_entry_row(e) for e in entries]))
+        _print_interrupted_swaps(store)  # on stderr: the JSON on stdout stays the list
         return
     kind = "monthly archives" if monthly else "backups"
     table = Table(title=f"{len(entries)} {kind} in {store.url}", title_justify="left")
@@ -366,7 +374,7 @@ def backup_list(
         table.add_column(column, justify=justify, no_wrap=column != "databases", min_width=8 if column == "databases" else None)
     for entry in entries:
         row = _entry_row(entry)
-        verified = "yes" if entry.verified else ("[red]BAD[/red]" if entry.problem else "no")
+        verified = "yes" if entry.verified else ("[red]BAD[/red]" if entry.bad else "no")
         cells = [entry.backup_id] + ([entry.month or ""] if monthly else []) + [
             f"{entry.started_at:%Y-%m-%d %H:%M:%S}" if entry.started_at else "?",
         ] + ([] if monthly else [",".join(row["databases"])]) + [
@@ -376,8 +384,18 @@ def backup_list(
         table.add_row(*cells)
     out.print(table)
     for entry in entries:
-        if entry.problem:
-            err.print(f"{entry.backup_id}: {entry.problem}", highlight=False, soft_wrap=True)
+        if entry.bad:
+            err.print(f"{entry.backup_id}: {entry.bad}", highlight=False, soft_wrap=True)
+    _print_interrupted_swaps(store)
+
+
+def _print_interrupted_swaps(store) -> None:
+    """What the store's swap journals say (no server is read: `maestro restore status` does)."""
+    from maestro_pipelines.backup.journal import interrupted_swaps
+
+    for journal in interrupted_swaps(store):
+        err.print(f"[red]HALF-DONE RESTORE:[/red] {journal.summary()}. Run `maestro restore status`, then "
+                  "`maestro restore finish` or `maestro restore undo`", highlight=False, soft_wrap=True)
 
 
 @backup_app.command("verify")
@@ -443,10 +461,12 @@ def backup_archive(
     from datetime import timedelta
 
     from maestro_pipelines.backup import archive_month
+    from maestro_pipelines.backup.archive import check_archive_month
     from maestro_pipelines.backup.manifest import utcnow
 
     if month is None:
         month = (utcnow().replace(day=1) - timedelta(days=1)).strftime("%Y-%m")
+    check_archive_month(month)  # before the store is opened
     entry, copied = archive_month(_store(), month)
     state = "archived" if copied else "already archived"
     out.print(f"{state}: backup {entry.backup_id} as {entry.root}", highlight=False)
@@ -491,7 +511,10 @@ def restore(
     from datetime import datetime, timezone
 
     from maestro_pipelines.backup import resolve_restore_point, restore_backup
+    from maestro_pipelines.backup.restore import check_restore_request
 
+    roles = [r.strip() for r in databases.split(",")] if databases is not None else None
+    check_restore_request(target, roles, jobs)  # before the store or a server is touched
     moment = None
     if before:
         try:
@@ -501,14 +524,9 @@ def restore(
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
     store = _store()
-    entry = resolve_restore_point(store, backup, before=moment)
+    entry = resolve_restore_point(store, backup, before=moment, log=lambda message: err.print(message, highlight=False, soft_wrap=True))
     destinations, _notes = _destinations()
-    roles = [r.strip() for r in databases.split(",") if r.strip()] if databases else None
-    err.print(
-        f"restoring backup {entry.backup_id} (snapshot {entry.manifest.snapshot_at:%Y-%m-%d %H:%M:%S} UTC) "
-        f"into {'the LIVE databases' if target == 'live' else 'scratch databases'}",
-        highlight=False,
-    )
+    # restore_backup says "restoring ... into ..." itself, once its refusals are behind it.
     with _ByteProgress("download") as progress:
         report = restore_backup(
             store, entry, destinations, target=target, confirm=confirm, roles=roles, jobs=jobs, progress=progress,
@@ -538,23 +556,95 @@ def restore(
                   f"missing from the store: {', '.join(report.missing_artifacts[:10])}", highlight=False)
     for note in report.notes:
         err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    out.print("when you no longer need the old or scratch databases: maestro restore cleanup", highlight=False)
+    out.print("when you no longer need them: `maestro restore cleanup` drops the scratch databases, with "
+              "--confirm <platform database> also the old live ones", highlight=False)
 
 
 @restore_app.command("cleanup")
 def restore_cleanup_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be dropped, drop nothing."),
+    confirm: str = typer.Option(
+        None, "--confirm",
+        help="The platform database's name: also drop the old live databases (<db>_pre_restore_<time>), "
+             "the only way back from a wrong restore.",
+    ),
 ) -> None:
-    """Drop the databases restores left: `<db>_pre_restore_<time>` (old live databases kept aside)
-    and `<db>_restore_<time>` (scratch restores)."""
+    """List every database restores left on the servers, with size and age, and drop the scratch
+    restores (`<db>_restore_<time>`); the old live databases kept aside (`<db>_pre_restore_<time>`)
+    only with --confirm. Never those of a running or half-done restore."""
     from maestro_pipelines.backup import restore_cleanup
+    from maestro_pipelines.backup.recovery import half_done_swaps
+    from maestro_pipelines.backup.restore import raise_for_in_use
 
     destinations, _notes = _destinations()
-    dropped = restore_cleanup(destinations, dry_run=dry_run, store=_store())
+    store = _store()
+    _print_half_done(half_done_swaps(store, destinations))
+    items = restore_cleanup(destinations, dry_run=dry_run, store=store, confirm=confirm)
+    for item in items:
+        out.print(item.describe(), highlight=False, soft_wrap=True)
     verb = "would drop" if dry_run else "dropped"
-    for leftover in dropped:
-        out.print(f"{verb} {leftover.name} ({'old live database' if leftover.kind == 'pre_restore' else 'scratch restore'} of {leftover.live})", highlight=False)
-    out.print(f"{verb} {len(dropped)} database(s)", highlight=False)
+    kept = sum(not item.dropped for item in items)
+    out.print(f"{verb} {sum(item.dropped for item in items)} database(s), kept {kept}", highlight=False)
+    raise_for_in_use(items)
+
+
+def _print_half_done(found) -> None:
+    for half in found:
+        err.print(f"[red]HALF-DONE RESTORE:[/red] {half.describe()}", highlight=False, soft_wrap=True)
+        err.print(half.hint(), highlight=False, soft_wrap=True)
+
+
+@restore_app.command("status")
+def restore_status(as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts).")) -> None:
+    """Live restores that stopped half way (killed between two swaps): which database is from
+    which backup, read from the servers. Exits 1 when there is one."""
+    from maestro_pipelines.backup.recovery import half_done_swaps
+
+    destinations, _notes = _destinations()
+    found = half_done_swaps(_store(), destinations)
+    if as_json:
+        out.print_json(json.dumps([
+            {"backup_id": h.journal.backup_id, "stamp": h.journal.stamp, "started_at": h.journal.started_at.isoformat(),
+             "host": h.journal.host, "pid": h.journal.pid,
+             "databases": [{"role": step.role, "live": step.live, "state": state, "restored": step.restored,
+                            "kept": step.kept} for step, state in h.states]}
+            for h in found
+        ]))
+    else:
+        _print_half_done(found)
+        if not found:
+            out.print("no half-done live restore", highlight=False)
+    if found:
+        raise typer.Exit(1)
+
+
+def _recover(undo: bool, confirm: str | None) -> None:
+    from maestro_pipelines.backup.recovery import finish_swap, undo_swap
+
+    destinations, _notes = _destinations()
+    recover = undo_swap if undo else finish_swap
+    done = recover(_store(), destinations, confirm, log=lambda message: err.print(message, highlight=False))
+    for line in done.lines():
+        out.print(line, highlight=False, soft_wrap=True)
+    out.print("when you no longer need them: `maestro restore cleanup` drops the scratch databases, with "
+              "--confirm <platform database> also the old live ones", highlight=False)
+
+
+_RECOVER_CONFIRM = "The platform database's name (what the interrupted restore was confirmed with)."
+
+
+@restore_app.command("finish")
+def restore_finish(confirm: str = typer.Option(None, "--confirm", help=_RECOVER_CONFIRM)) -> None:
+    """Finish a live restore that stopped half way: swap into place the databases it had not
+    swapped yet, so every live database is from the backup (the old ones are kept aside)."""
+    _recover(undo=False, confirm=confirm)
+
+
+@restore_app.command("undo")
+def restore_undo(confirm: str = typer.Option(None, "--confirm", help=_RECOVER_CONFIRM)) -> None:
+    """Undo a live restore that stopped half way: put back the old live databases it had
+    already swapped, so every live database is as before the restore (the restored copies are kept)."""
+    _recover(undo=True, confirm=confirm)
 
 
 @app.command("drill")
@@ -568,14 +658,16 @@ def drill(
     """Disaster-recovery drill without Dagster: restore into scratch databases, verify counts,
     checksums and indexes (amcheck), resolve MLflow's production aliases, measure RTO and RPO,
     drop the scratch databases. Exits 1 when the drill fails."""
-    from datetime import timedelta
-
     from maestro_pipelines.backup import run_drill
+    from maestro_pipelines.backup.drill import drill_targets
+    from maestro_pipelines.backup.restore import SCRATCH, check_restore_request
 
+    rto_target, rpo_target = drill_targets(rto_minutes, rpo_hours)
+    check_restore_request(SCRATCH, None, jobs)
     destinations, _notes = _destinations()
     with _ByteProgress("download") as progress:
         report = run_drill(
-            _store(), destinations, timedelta(minutes=rto_minutes), timedelta(hours=rpo_hours), jobs=jobs,
+            _store(), destinations, rto_target, rpo_target, jobs=jobs,
             progress=progress, log=lambda message: err.print(message, highlight=False), backup=backup,
         )
     if as_json:
@@ -584,9 +676,13 @@ def drill(
         out.print(_steps_table(f"drill with backup {report.backup_id}", report.steps))
         if report.rto_s is not None:
             out.print(f"RTO {report.rto_s:.1f} s (target {report.rto_target_s:.0f} s): {'ok' if report.rto_ok else 'MISSED'}", highlight=False)
-        if report.rpo_s is not None:
+        if report.rpo_s is not None and not report.restored:
+            out.print("RPO not judged: the drill's restore failed (below), so this backup is no proven restore point",
+                      highlight=False)
+        elif report.rpo_s is not None:
             out.print(f"RPO {report.rpo_s / 3600:.2f} h (target {report.rpo_target_s / 3600:.1f} h): {'ok' if report.rpo_ok else 'MISSED'}", highlight=False)
-        out.print(f"{report.indexes_checked} btree indexes checked, {report.aliases_resolved} production aliases resolved", highlight=False)
+        if report.restored:
+            out.print(f"{report.indexes_checked} btree indexes checked, {report.aliases_resolved} production aliases resolved", highlight=False)
         for note in report.notes:
             err.print(f"note: {note}", highlight=False)
         for failure in report.failures():

@@ -7,8 +7,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from maestro_pipelines.backup.activity import activity
-from maestro_pipelines.backup.catalog import BackupEntry, list_backups
-from maestro_pipelines.backup.manifest import MANIFEST_NAME, MONTH, MONTHLY_PREFIX, VERIFIED_NAME, BackupError
+from maestro_pipelines.backup.catalog import BackupEntry, check_objects, list_backups
+from maestro_pipelines.backup.create import remove_unfinished
+from maestro_pipelines.backup.manifest import MANIFEST_NAME, MONTH, MONTHLY_PREFIX, VERIFIED_NAME, BackupError, utcnow
 from maestro_pipelines.storage import ObjectStore
 
 
@@ -17,11 +18,25 @@ def month_end(month: str) -> datetime:
     return datetime(year + number // 12, number % 12 + 1, 1, tzinfo=timezone.utc)
 
 
+def check_archive_month(month: object, now: datetime | None = None) -> str:
+    """`month` if it is a YYYY-MM month that has begun; a BackupError otherwise. A month still
+    to come has no backups of its own: archiving it would file today's backup under it."""
+    if not isinstance(month, str) or not MONTH.match(month):
+        shown = month if not isinstance(month, str) or len(month) <= 20 else month[:20] + "..."
+        raise BackupError(f"'{shown}' is not a month", "Write it as YYYY-MM, e.g. 2026-11")
+    current = (now or utcnow()).strftime("%Y-%m")
+    if month > current:
+        raise BackupError(
+            f"{month} has not begun yet (it is {current})",
+            f"Archive this month or an earlier one, e.g. --month {current}",
+        )
+    return month
+
+
 def archive_month(store: ObjectStore, month: str) -> tuple[BackupEntry, bool]:
     """Archive the newest verified backup taken before the end of `month` (YYYY-MM).
     Returns (archived entry, whether a copy was made now); idempotent."""
-    if not isinstance(month, str) or not MONTH.match(month):
-        raise BackupError(f"'{month}' is not a month", "Write it as YYYY-MM, e.g. 2026-11")
+    check_archive_month(month)
     for existing in list_backups(store, monthly=True):
         if existing.month == month and existing.manifest is not None:
             return existing, False
@@ -35,12 +50,26 @@ def archive_month(store: ObjectStore, month: str) -> tuple[BackupEntry, bool]:
                 "Run and verify a backup first (`maestro backup run`, then `maestro backup verify ID`)",
             )
         source = candidates[-1]
+        # A server-side copy does not read the bytes: an archive of a backup whose objects
+        # changed since its verification would be listed as verified. Refused before copying.
+        damage = check_objects(store, source)
+        if damage is not None:
+            raise BackupError(
+                f"Backup {source.backup_id}, the newest verified one of {month}, is damaged: {damage}",
+                f"Run `maestro backup verify {source.backup_id}` (it is then listed as BAD), then archive again",
+            )
         dest = f"{MONTHLY_PREFIX}/{month}/{source.backup_id}"
         names = sorted(i.key.rsplit("/", 1)[-1] for i in store.list(source.root + "/", with_metadata=False))
-        for name in names:
-            if name not in (MANIFEST_NAME, VERIFIED_NAME):
-                store.copy(f"{source.root}/{name}", f"{dest}/{name}")
-        store.copy(f"{source.root}/{MANIFEST_NAME}", f"{dest}/{MANIFEST_NAME}")
-        store.copy(f"{source.root}/{VERIFIED_NAME}", f"{dest}/{VERIFIED_NAME}")
+        try:
+            for name in names:
+                if name not in (MANIFEST_NAME, VERIFIED_NAME):
+                    store.copy(f"{source.root}/{name}", f"{dest}/{name}")
+            store.copy(f"{source.root}/{MANIFEST_NAME}", f"{dest}/{MANIFEST_NAME}")
+            store.copy(f"{source.root}/{VERIFIED_NAME}", f"{dest}/{VERIFIED_NAME}")
+        except BaseException:
+            # A failed copy (a corrupt source object, the store erroring) leaves no partial
+            # archive: removed now, manifest first; what the store refuses, retention sweeps.
+            remove_unfinished(store, dest)
+            raise
     archived = [e for e in list_backups(store, monthly=True) if e.root == dest]
     return archived[0], True

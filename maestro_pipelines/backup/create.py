@@ -54,9 +54,15 @@ from maestro_pipelines.backup.pgtools import (
     psycopg_connect,
     where,
 )
+from maestro_pipelines.redaction import hide_secret
 from maestro_pipelines.storage import ObjectStore
 
 MiB = 1024 * 1024
+MIN_LEVEL = -7
+"""zstd accepts much faster (negative) levels; for dumps even -1 and -3 grow the file by half
+(see compression_level), so lower ones are refused as a typo rather than a choice."""
+MAX_LEVEL = 22
+MAX_THREADS = 64
 
 Progress = Callable[[str, int, "int | None"], None]
 """progress(label, bytes_done, bytes_expected_or_None): called as a backup advances."""
@@ -94,6 +100,22 @@ class BackupOptions:
     """Store prefix whose objects (MLflow's model artifacts) are listed in the backup's
     artifact manifest; None: no artifact manifest."""
     read_size: int = MiB
+
+    def __post_init__(self) -> None:
+        # Checked here, before any database or store is touched: zstd's own error comes
+        # from deep inside the first dump and names no option.
+        level = self.compression_level
+        if isinstance(level, bool) or not isinstance(level, int) or not MIN_LEVEL <= level <= MAX_LEVEL:
+            raise BackupError(
+                f"zstd compression level {level!r} is out of range",
+                f"Use a whole number from {MIN_LEVEL} to {MAX_LEVEL} (1 is the measured default; higher is smaller and slower)",
+            )
+        threads = self.compression_threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= MAX_THREADS:
+            raise BackupError(
+                f"zstd compression threads {threads!r} is out of range",
+                f"Use 0 (compress in the streaming thread, the default) to {MAX_THREADS}",
+            )
 
 
 class _Snapshot:
@@ -180,13 +202,23 @@ def _widen_pipe(stream) -> None:
         pass
 
 
-def _stderr_tail(handle, url: URL) -> str:
+def _stderr_tail(handle, url: URL, returncode: int) -> str:
+    """What pg_dump said (its last lines), or how it ended when it said nothing (killed)."""
     handle.seek(0)
-    text = handle.read().decode("utf-8", "replace").strip()
-    if url.password:
-        text = text.replace(str(url.password), "***")
+    text = hide_secret(handle.read().decode("utf-8", "replace").strip(), url.password)
     lines = [line for line in text.splitlines() if line.strip()]
-    return " / ".join(lines[-3:]) if lines else "no message"
+    if returncode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        # Killed from outside (an OOM kill, an operator's kill): nothing pg_dump printed says why.
+        lines.append(f"pg_dump was killed by {name} (out of memory, or stopped by someone)")
+    elif not lines:
+        lines.append(f"pg_dump exited with code {returncode} without a message")
+    return " / ".join(lines[-3:])
 
 
 def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions, backup_id: str,
@@ -222,10 +254,11 @@ def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions,
         def compressed_chunks():
             yield from compressor.read_to_iter(reader, read_size=options.read_size, write_size=options.read_size)
             # Checked before put_stream commits: a failed dump never becomes an object.
-            if process.wait() != 0:
+            returncode = process.wait()
+            if returncode != 0:
                 raise BackupError(
                     f"pg_dump of {target.role} database '{target.database}' at {where(target.url)} failed: "
-                    f"{_stderr_tail(stderr, target.url)}",
+                    f"{_stderr_tail(stderr, target.url, returncode)}",
                     f"Fix what pg_dump says (permissions on {target.source}'s user, server reachable), then run the backup again",
                 )
             if reader.count == 0:
@@ -307,7 +340,6 @@ def create_backup(
 
     with activity(store, "backup", backup_id):
         snapshots: list[_Snapshot] = []
-        written: list[str] = []
         try:
             for target in targets:
                 snapshots.append(_Snapshot(target))
@@ -316,7 +348,6 @@ def create_backup(
                 entries = artifact_entries(store, options.artifact_prefix)
                 body = json.dumps({"prefix": options.artifact_prefix, "objects": entries}, indent=1).encode()
                 info = store.put_bytes(f"{root}/{ARTIFACTS_NAME}", body, {"backup_id": backup_id})
-                written.append(info.key)
                 artifacts = ArtifactsRecord(
                     key=info.key, sha256=info.sha256 or "", size=info.size, prefix=options.artifact_prefix,
                     count=len(entries), total_bytes=sum(e["size"] for e in entries),
@@ -325,29 +356,40 @@ def create_backup(
             for snap in snapshots:
                 key = f"{root}/{snap.target.role}{DUMP_SUFFIX}"
                 dumps.append(_dump(store, key, snap, options, backup_id, pg_dump, progress))
-                written.append(key)
                 snap.close()
+            manifest = BackupManifest(
+                backup_id=backup_id,
+                started_at=started_at,
+                finished_at=utcnow(),
+                pg_dump_version=pg_dump_version,
+                compression={"codec": "zstd", "level": options.compression_level, "threads": options.compression_threads},
+                databases=dumps,
+                artifacts=artifacts,
+                notes=list(notes or []),
+            )
+            # The commit marker: from this write on, the backup exists.
+            store.put_bytes(f"{root}/{MANIFEST_NAME}", manifest.to_json(), {"backup_id": backup_id})
         except BaseException:
             # A failed backup removes what it wrote (a killed one leaves it to retention).
-            for key in written:
-                try:
-                    store.delete(key)
-                except Exception:
-                    pass
+            remove_unfinished(store, root)
             raise
         finally:
             for snap in snapshots:
                 snap.close()
-        manifest = BackupManifest(
-            backup_id=backup_id,
-            started_at=started_at,
-            finished_at=utcnow(),
-            pg_dump_version=pg_dump_version,
-            compression={"codec": "zstd", "level": options.compression_level, "threads": options.compression_threads},
-            databases=dumps,
-            artifacts=artifacts,
-            notes=list(notes or []),
-        )
-        # The commit marker: from this write on, the backup exists.
-        store.put_bytes(f"{root}/{MANIFEST_NAME}", manifest.to_json(), {"backup_id": backup_id})
     return manifest
+
+
+def remove_unfinished(store: ObjectStore, root: str) -> None:
+    """Best effort, for a backup or archive that failed under `root` (a folder no other
+    process writes): the manifest first (a manifest write that failed may still have
+    landed), then every object under the folder, then what unfinished uploads left (S3
+    multipart uploads, temporary objects). What the store refuses now, retention sweeps."""
+    for remove in (
+        lambda: store.delete(f"{root}/{MANIFEST_NAME}"),
+        lambda: [store.delete(info.key) for info in store.list(root + "/", with_metadata=False)],
+        lambda: store.discard_unfinished(root + "/"),
+    ):
+        try:
+            remove()
+        except Exception:  # never hides the backup's own error
+            pass

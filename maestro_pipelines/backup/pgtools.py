@@ -56,7 +56,17 @@ def program(name: str) -> str:
 
 
 def program_version(name: str) -> str:
-    out = subprocess.run([program(name), "--version"], capture_output=True, text=True, check=True).stdout
+    path = program(name)
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        # A binary that cannot run (killed, wrong architecture, missing libraries): say which.
+        ended = getattr(exc, "returncode", None)
+        how = f"killed by signal {-ended}" if isinstance(ended, int) and ended < 0 else type(exc).__name__
+        raise MaestroError(
+            f"{path} --version failed ({how})",
+            "Run it by hand to see why; reinstall Maestro (pip install maestro-pipelines) if it is broken",
+        ) from None
     match = re.search(r"(\d+(?:\.\d+)*)", out)
     return match.group(1) if match else out.strip()
 

@@ -35,9 +35,18 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from maestro_pipelines.backup.activity import activity, running_activities
-from maestro_pipelines.backup.catalog import BackupEntry, get_backup, list_backups, object_key
+from maestro_pipelines.backup.catalog import BackupEntry, check_objects, get_backup, list_backups, object_key
 from maestro_pipelines.backup.consistency import compare_checks, table_checks
 from maestro_pipelines.backup.create import DatabaseTarget, MiB, Progress
+from maestro_pipelines.backup.journal import (
+    SwapJournal,
+    SwapStep,
+    delete_journal,
+    interrupted_swaps,
+    journal_names,
+    new_journal,
+    write_journal,
+)
 from maestro_pipelines.backup.manifest import BackupError, BackupNotFound, DatabaseDump, utcnow
 from maestro_pipelines.backup.pgtools import (
     CHECKSUM_SESSION_OPTIONS,
@@ -48,6 +57,8 @@ from maestro_pipelines.backup.pgtools import (
     quote_ident,
     where,
 )
+from maestro_pipelines.backup.tethered import tethered_command
+from maestro_pipelines.redaction import hide_secret
 from maestro_pipelines.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
 SCRATCH = "scratch"
@@ -68,6 +79,8 @@ OPTIONAL_EXTENSIONS = ("pg_stat_statements", "amcheck")
 _EXTENSION_ENTRY = re.compile(r"^\d+; \d+ \d+ (?:EXTENSION - |COMMENT - EXTENSION )(?P<name>\S+)")
 NAME_LIMIT = 63
 """PostgreSQL's identifier limit in bytes; longer names are silently truncated."""
+MAX_JOBS = 32
+"""pg_restore -j: each job is a process and a server connection; past this they only contend."""
 
 
 class RestoreError(BackupError):
@@ -134,29 +147,55 @@ class RestoreReport:
 # ---- choosing the restore point -----------------------------------------------------------
 
 
-def resolve_restore_point(store: ObjectStore, backup: str = "latest", before: datetime | None = None) -> BackupEntry:
+def resolve_restore_point(store: ObjectStore, backup: str = "latest", before: datetime | None = None,
+                          log: Callable[[str], None] | None = None) -> BackupEntry:
     """`latest` (newest verified), a backup id, or with `before` the newest verified backup
-    whose snapshot is older than that time."""
-    if before is not None:
+    whose snapshot is older than that time (monthly archives included).
+
+    For `latest` and `before`, each candidate, newest first, has its objects checked with a
+    head each (`check_objects`: missing, another size or recorded sha256, altered in place);
+    one that no longer matches its manifest, or whose last verification failed, is skipped
+    with one line to `log` naming it and why, and the next one is tried. A byte changed with
+    size and records left as they were is not seen by a head: the restore's own download
+    (every byte against the sha256) refuses it, and `maestro backup verify` finds it."""
+    if before is None and backup != "latest":
+        entry = get_backup(store, backup)
+        if entry.manifest is None:
+            raise BackupNotFound(
+                f"Backup {entry.backup_id} cannot be used: {entry.problem}",
+                "Pick another restore point (`maestro backup list`)",
+            )
+        return entry
+    if before is None:
+        candidates = list_backups(store)
+    else:
         # Monthly archives count too: they outlive the daily backups by a year.
         candidates = sorted(
             (e for e in list_backups(store) + list_backups(store, monthly=True)
-             if e.verified and e.manifest and e.manifest.snapshot_at < before),
+             if e.manifest and e.manifest.snapshot_at < before),
             key=lambda e: e.manifest.snapshot_at,
         )
-        if not candidates:
-            raise BackupNotFound(
-                f"There is no verified backup taken before {before.isoformat()} in the store at {store.url}",
-                "Run `maestro backup list` to see the backups and their times",
-            )
-        return candidates[-1]
-    entry = get_backup(store, backup)
-    if entry.manifest is None:
-        raise BackupNotFound(
-            f"Backup {entry.backup_id} cannot be used: {entry.problem}",
-            "Pick another restore point (`maestro backup list`)",
-        )
-    return entry
+    say = log or (lambda message: None)
+    skipped = 0
+    for entry in reversed(candidates):
+        name = entry.backup_id + (f" (monthly archive {entry.month})" if entry.month else "")
+        if entry.verification_failed:
+            say(f"skipping backup {name}: {entry.bad}")
+        elif entry.verified and check_objects(store, entry) is not None:
+            say(f"skipping backup {name}: {entry.damage}; `maestro backup verify {entry.backup_id}` checks it fully")
+        elif entry.verified:
+            return entry
+        else:
+            continue
+        skipped += 1
+    when = f"taken before {before.isoformat()} " if before is not None else ""
+    also = f" ({skipped} skipped: damaged or failed verification)" if skipped else ""
+    raise BackupNotFound(
+        f"There is no verified backup {when}in the store at {store.url}{also}",
+        "Run `maestro backup list` to see the backups and their times"
+        if before is not None
+        else "Run `maestro backup run` (and `maestro backup verify ID`), or name a backup id",
+    )
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -365,10 +404,15 @@ def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, pa
             "Nothing was restored. Pick another restore point (`maestro backup list`)",
         ) from None
     if info.size != dump.compressed_bytes or info.sha256 != dump.sha256:
+        # Only what differs; the sha256 is the one the store recorded at write time (a truncated
+        # object keeps it), so it is never shown as if it were the hash of the bytes there now.
+        if info.size != dump.compressed_bytes:
+            differs = f"it has {info.size} bytes, the manifest says {dump.compressed_bytes} (truncated or replaced)"
+        else:
+            recorded = f"sha256 {info.sha256[:12]}..." if info.sha256 else "no sha256"
+            differs = f"the store records {recorded} for it, the manifest says {dump.sha256[:12]}... (replaced)"
         raise RestoreError(
-            f"{key} in the store at {store.url} does not match backup {entry.backup_id}'s manifest "
-            f"({info.size} bytes, sha256 {str(info.sha256)[:12]}...; manifest: {dump.compressed_bytes} bytes, "
-            f"{dump.sha256[:12]}...)",
+            f"{key} in the store at {store.url} does not match backup {entry.backup_id}'s manifest: {differs}",
             "Nothing was restored. Pick another restore point (`maestro backup list`)",
         )
     written = 0
@@ -401,7 +445,8 @@ def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, pa
 def _restore_list(path: Path, env: dict[str, str]) -> tuple[Path | None, list[str]]:
     """A `pg_restore --use-list` file without OPTIONAL_EXTENSIONS, and the extensions left
     out; (None, []) when the dump holds none of them."""
-    listed = subprocess.run([program("pg_restore"), "--list", str(path)], env=env, capture_output=True, text=True)
+    listed = subprocess.run(tethered_command([program("pg_restore"), "--list", str(path)]), env=env,
+                            capture_output=True, text=True)
     if listed.returncode != 0:
         raise RestoreError(
             f"pg_restore cannot read the dump {path.name}: {(listed.stderr.strip().splitlines() or [f'exit {listed.returncode}'])[0]}",
@@ -449,7 +494,8 @@ def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int) -> 
     ]
     if list_path is not None:
         command.insert(-1, f"--use-list={list_path}")
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    # Tethered: if this process is killed, pg_restore and its -j workers die with it.
+    result = subprocess.run(tethered_command(command), env=env, capture_output=True, text=True)
     errors = [
         line for line in result.stderr.splitlines()
         if line.startswith("pg_restore: error:") and not (
@@ -461,8 +507,7 @@ def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int) -> 
     if errors or (result.returncode != 0 and "warning: errors ignored on restore" not in result.stderr):
         # The first error is the cause; later ones usually follow from it.
         shown = (errors or result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[0]
-        if url.password:
-            shown = shown.replace(str(url.password), "***")
+        shown = hide_secret(shown, url.password)
         raise RestoreError(
             f"pg_restore into '{url.database}' at {where(url)} failed: {shown}",
             "The live database was not touched; fix the cause (disk space, permissions, extensions) and restore again",
@@ -508,24 +553,51 @@ def _swap(url: URL, live: str, restored: str, kept: str, live_exists: bool, sour
     )
 
 
-def _undo_swaps(moved: list) -> str:
-    """Rename back the databases a failed live restore had already swapped; say how it went."""
-    if not moved:
-        return ""
-    problems = []
-    for result, dest, kept, live_exists in reversed(moved):
+def _check_half_done(store: ObjectStore, destinations: list[DatabaseTarget], target: str) -> list[str]:
+    """A live restore is refused while an earlier one is half done (finish or undo it first);
+    a scratch restore goes ahead and says so (returned as notes)."""
+    if target != LIVE:
+        return [journal.summary() for journal in interrupted_swaps(store)]
+    from maestro_pipelines.backup.recovery import half_done_swaps  # recovery imports this module
+
+    for half in half_done_swaps(store, destinations):
+        raise RestoreRefused(half.describe(), "Nothing was restored. " + half.hint())
+    return []
+
+
+def _swap_journal(entry: BackupEntry, stamp: str, report: RestoreReport, plans: list) -> SwapJournal:
+    """The journal of this restore's swap: every database, before any is renamed."""
+    steps = [
+        SwapStep(result.role, result.live, result.restored_as, restore_database_name(result.live, "pre_restore", stamp),
+                 _database_exists(dest.url, result.live, dest.source), where(dest.url))
+        for result, (_dump, dest) in zip(report.databases, plans)
+    ]
+    return new_journal(stamp, entry.backup_id, report.snapshot_at, steps)
+
+
+def _journaled_swap(store: ObjectStore, journal: SwapJournal, destinations: list[DatabaseTarget]) -> None:
+    """Swap every database of `journal`, the journal written before the first rename and
+    each step marked in it, deleted after the last: a kill at any instant leaves a journal
+    that `maestro restore status|finish|undo` read. A swap that fails puts back the ones
+    already swapped (the live databases describe one moment)."""
+    from maestro_pipelines.backup.recovery import run_swap  # recovery imports this module
+
+    write_journal(store, journal)
+    try:
+        run_swap(store, journal, destinations)
+    except RestoreError as exc:
+        journal.action = "undo"
         try:
-            _dispose_engines()
-            with psycopg_connect(_admin(dest.url), autocommit=True, source=dest.source) as conn:
-                with conn.transaction():
-                    conn.execute(f"ALTER DATABASE {quote_ident(result.live)} RENAME TO {quote_ident(result.restored_as)}")
-                    if live_exists:
-                        conn.execute(f"ALTER DATABASE {quote_ident(kept)} RENAME TO {quote_ident(result.live)}")
-        except Exception as exc:
-            problems.append(f"{result.live} (restored data now live; the old one is {kept}: {_first_line(exc)})")
-    if problems:
-        return "; could NOT put back: " + ", ".join(problems)
-    return "; the databases already swapped were put back: " + ", ".join(r.live for r, *_ in moved)
+            put_back = run_swap(store, journal, destinations, undo=True)
+        except Exception as undo_failed:
+            raise RestoreError(
+                exc.problem + f"; could NOT put back the databases already swapped ({_first_line(undo_failed)})",
+                "`maestro restore status` says where each database is; `maestro restore undo` tries again",
+            ) from exc
+        delete_journal(store, journal)
+        undone = f"; the databases already swapped were put back: {', '.join(s.live for s in put_back)}" if put_back else ""
+        raise RestoreError(exc.problem + undone, exc.hint) from exc
+    delete_journal(store, journal)
 
 
 def check_artifacts(store: ObjectStore, entry: BackupEntry) -> tuple[int, list[str]]:
@@ -548,6 +620,26 @@ def check_artifacts(store: ObjectStore, entry: BackupEntry) -> tuple[int, list[s
 # ---- the restore --------------------------------------------------------------------------
 
 
+def check_restore_request(target: object, roles: list[str] | None, jobs: object) -> None:
+    """Refuse a restore request that cannot mean anything, before any store or server is
+    read: the CLI and the restore job both pass here."""
+    if target not in (SCRATCH, LIVE):
+        shown = str(target)[:20]
+        raise RestoreRefused(f"Unknown restore target '{shown}'", "Use 'scratch' (default) or 'live', in lowercase")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise RestoreRefused(
+            f"{jobs!r} parallel pg_restore jobs is out of range", f"Use a whole number from 1 to {MAX_JOBS} (default 2)"
+        )
+    seen: set[str] = set()
+    for role in roles or []:
+        if not isinstance(role, str) or not role.strip():
+            raise RestoreRefused("An empty database role was given", "Name roles like platform,mlflow,dagster")
+        if role in seen:
+            raise RestoreRefused(f"The databases to restore name '{role[:20]}' twice",
+                                 "Name each of platform, mlflow and dagster at most once")
+        seen.add(role)
+
+
 def restore_backup(
     store: ObjectStore,
     entry: BackupEntry,
@@ -568,11 +660,10 @@ def restore_backup(
     place; needs `confirm` equal to the platform database's name (or, without a platform
     database among the roles, the first one's)."""
     say = log or (lambda message: None)
+    check_restore_request(target, roles, jobs)
     manifest = entry.manifest
     if manifest is None:
         raise RestoreRefused(f"Backup {entry.backup_id} has no readable manifest", "Pick another restore point")
-    if target not in (SCRATCH, LIVE):
-        raise RestoreRefused(f"Unknown restore target '{target}'", "Use 'scratch' (default) or 'live'")
     by_role = {d.role: d for d in destinations}
     wanted = roles or [d.role for d in manifest.databases if d.role in by_role]
     for role in wanted:
@@ -592,9 +683,13 @@ def restore_backup(
                 "`maestro restore cleanup`",
             )
         _check_may_swap([by_role[role] for role in wanted])
+    half_done_notes = _check_half_done(store, destinations, target)
     started_at = utcnow()
     stamp = _free_stamp(store, [by_role[role] for role in wanted], started_at)
     report = RestoreReport(entry.backup_id, manifest.snapshot_at, target, started_at)
+    report.notes.extend(half_done_notes)
+    for note in half_done_notes:
+        say(f"warning: {note}")
     plans = []
     for role in wanted:
         dest = by_role[role]
@@ -616,6 +711,9 @@ def restore_backup(
         return "; ".join(details)
 
     _timed(report, "check versions", versions)
+    # Said only now: a refused restore (confirmation, permissions, versions) never announces itself.
+    say(f"restoring backup {entry.backup_id} (snapshot {manifest.snapshot_at:%Y-%m-%d %H:%M:%S} UTC) into "
+        f"{'the LIVE databases' if target == LIVE else 'scratch databases'}")
     own_dir = workdir is None
     if own_dir:
         for stale in remove_stale_workdirs():
@@ -694,25 +792,15 @@ def restore_backup(
 
             if target == LIVE:
                 def swap() -> str:
-                    moved: list[tuple[DatabaseRestore, DatabaseTarget, str, bool]] = []
-                    for result, (_dump, dest) in zip(report.databases, plans):
-                        live_exists = _database_exists(dest.url, result.live, dest.source)
-                        kept = restore_database_name(result.live, "pre_restore", stamp)
-                        try:
-                            _swap(dest.url, result.live, result.restored_as, kept, live_exists, dest.source)
-                        except RestoreError as exc:
-                            # The live databases describe one moment: put back the ones
-                            # already swapped rather than leave a mix of old and restored.
-                            undone = _undo_swaps(moved)
-                            raise RestoreError(exc.problem + undone, exc.hint) from exc
-                        moved.append((result, dest, kept, live_exists))
-                    for result, dest, kept, live_exists in moved:
-                        result.kept_as = kept if live_exists else None
+                    journal = _swap_journal(entry, stamp, report, plans)
+                    _journaled_swap(store, journal, [dest for _dump, dest in plans])
+                    for result, step, (_dump, dest) in zip(report.databases, journal.steps, plans):
+                        result.kept_as = step.kept if step.live_existed else None
                         result.restored_as = result.live
                         result.url = dest.url
                     return "swapped into place: " + ", ".join(
-                        f"{result.live}" + (f" (old one kept as {kept})" if live_exists else " (was missing)")
-                        for result, _dest, kept, live_exists in moved
+                        step.live + (f" (old one kept as {step.kept})" if step.live_existed else " (was missing)")
+                        for step in journal.steps
                     )
 
                 say("swapping the restored databases into place")
@@ -746,48 +834,143 @@ class Leftover:
     live: str
     url: URL = field(repr=False)
     source: str = "database"
+    size_bytes: int | None = None
+    """None when the user may not connect to it (pg_database_size needs CONNECT)."""
+    configured: bool = True
+    """False: `live` is not one of the configured databases (another installation's?)."""
 
     @property
     def stamp(self) -> str:
         """The stamp of the restore that made it (its activity marker's ident)."""
         return LEFTOVER.match(self.name).group("stamp")
 
+    @property
+    def created_at(self) -> datetime:
+        return datetime.strptime(self.stamp, "%Y%m%dt%H%M%S").replace(tzinfo=utcnow().tzinfo)
+
+
+@dataclass
+class CleanupItem:
+    """One leftover and what cleanup did with it."""
+
+    leftover: Leftover
+    action: str
+    """dropped, would drop, or `kept: <why>`."""
+    in_use: str | None = None
+    """Why it could not be dropped: sessions the user may not end (DatabaseInUse)."""
+
+    @property
+    def dropped(self) -> bool:
+        return self.action in ("dropped", "would drop")
+
+    def describe(self, now: datetime | None = None) -> str:
+        """`<action> <name> (<what> of <live>, <size>, <age> old)`: the CLI's and the job's line."""
+        leftover = self.leftover
+        what = "old live database" if leftover.kind == "pre_restore" else "scratch restore"
+        size = "size unknown" if leftover.size_bytes is None else _size(leftover.size_bytes)
+        hours = max(0.0, ((now or utcnow()) - leftover.created_at).total_seconds() / 3600)
+        age = f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
+        return f"{self.action} {leftover.name} ({what} of {leftover.live}, {size}, {age} old)"
+
+
+def _size(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{size:,.1f} TB"
+
 
 def running_restore_stamps(store: ObjectStore) -> set[str]:
-    """Stamps of the restores and drills whose activity marker says they are running."""
+    """Stamps of the restores and drills whose activity marker says they are running
+    (a dead process's marker does not count)."""
     return {a.ident for a in running_activities(store) if a.kind == "restore"}
 
 
-def restore_leftovers(destinations: list[DatabaseTarget]) -> list[Leftover]:
+_LEFTOVER_SIZES = (
+    "SELECT datname, CASE WHEN has_database_privilege(oid, 'CONNECT') THEN pg_database_size(oid) END "
+    "FROM pg_database ORDER BY datname"
+)
+
+
+def restore_leftovers(destinations: list[DatabaseTarget], every: bool = False) -> list[Leftover]:
     """Databases restores left on the destinations' servers: `<live>_pre_restore_<stamp>`
-    and `<live>_restore_<stamp>` of the configured live databases only."""
-    found = []
+    and `<live>_restore_<stamp>` of the configured live databases; with `every`, also those
+    of other live names on the same servers (`configured` False), each once, with its size."""
+    found: dict[tuple, Leftover] = {}
     for dest in destinations:
         with psycopg_connect(_admin(dest.url), autocommit=True, source=dest.source) as conn:
-            names = [r[0] for r in conn.execute("SELECT datname FROM pg_database ORDER BY datname").fetchall()]
-        for name in names:
+            rows = conn.execute(_LEFTOVER_SIZES).fetchall()
+        server = (dest.url.host, dest.url.port, str(sorted(dest.url.query.items())))
+        for name, size in rows:
             match = LEFTOVER.match(name)
-            if match and name == restore_database_name(dest.database, match.group("kind"), match.group("stamp")):
-                found.append(Leftover(name, match.group("kind"), dest.database, dest.url, dest.source))
-    return found
+            if not match:
+                continue
+            ours = name == restore_database_name(dest.database, match.group("kind"), match.group("stamp"))
+            if ours or (every and (server, name) not in found):
+                live = dest.database if ours else match.group("live")
+                found[(server, name)] = Leftover(name, match.group("kind"), live, dest.url, dest.source, size, ours)
+    return sorted(found.values(), key=lambda leftover: (leftover.stamp, leftover.name))
+
+
+def cleanup_confirmation(destinations: list[DatabaseTarget]) -> str:
+    """What `confirm` must be for cleanup to drop old live databases: the platform database's name."""
+    return next((d.database for d in destinations if d.role == "platform"), destinations[0].database)
+
+
+def _cleanup_decision(leftover: Leftover, running: set[str], needed: set[str], drop_kept: bool,
+                      confirmation: str) -> str | None:
+    """Why `leftover` is kept, or None when it may go."""
+    if not leftover.configured:
+        return f"kept: {leftover.live} is not one of the configured databases"
+    if leftover.name in needed:
+        return "kept: a half-done live restore needs it (`maestro restore status`)"
+    if leftover.stamp in running:
+        return "kept: its restore is running"
+    if leftover.kind == "pre_restore" and not drop_kept:
+        return f"kept: the way back from that restore; drop it with --confirm {confirmation}"
+    return None
 
 
 def restore_cleanup(destinations: list[DatabaseTarget], dry_run: bool = False,
-                    store: ObjectStore | None = None) -> list[Leftover]:
-    """Drop what `restore_leftovers` finds, except the scratch databases of restores and
-    drills still running (their activity markers in `store`); return what was dropped."""
-    running = running_restore_stamps(store) if store is not None else set()
-    leftovers = [leftover for leftover in restore_leftovers(destinations) if leftover.stamp not in running]
-    if not dry_run:
-        in_use: list[str] = []
-        for leftover in leftovers:
-            try:
-                drop_database(leftover.url, leftover.name, leftover.source)
-            except DatabaseInUse as exc:  # the others are still dropped
-                in_use.append(exc.problem)
-        if in_use:
-            raise DatabaseInUse(
-                f"Kept {len(in_use)} of {len(leftovers)} restore leftovers, the others were dropped: " + "; ".join(in_use),
-                "Ask those sessions to disconnect (or an administrator to end them), then run the cleanup again",
-            )
-    return leftovers
+                    store: ObjectStore | None = None, confirm: str | None = None) -> list[CleanupItem]:
+    """Every leftover of a restore on the destinations' servers and what was done with it:
+    scratch restores (`<live>_restore_<stamp>`) are dropped; old live databases
+    (`<live>_pre_restore_<stamp>`, the only way back from a wrong restore) only when
+    `confirm` names the platform database. Never dropped: those of restores still running
+    and those a half-done live restore needs (the activity markers and journals in
+    `store`), and those of databases that are not configured. The CLI and the cleanup job
+    both call this, with the same defaults."""
+    confirmation = cleanup_confirmation(destinations)
+    if confirm and confirm != confirmation:
+        raise RestoreRefused(f"The confirmation '{confirm[:70]}' does not name the platform database",
+                             f"Confirm with --confirm {confirmation} (job: confirm: {confirmation}); nothing was dropped")
+    running, needed = set(), set()
+    if store is not None:
+        from maestro_pipelines.backup.activity import remove_stale_activities
+
+        if not dry_run:
+            remove_stale_activities(store)  # a killed process's marker: gone, so remove it
+        running, needed = running_restore_stamps(store), journal_names(store)
+    items = []
+    for leftover in restore_leftovers(destinations, every=True):
+        kept = _cleanup_decision(leftover, running, needed, confirm == confirmation, confirmation)
+        items.append(CleanupItem(leftover, kept or ("would drop" if dry_run else "dropped")))
+        if kept or dry_run:
+            continue
+        try:
+            drop_database(leftover.url, leftover.name, leftover.source)
+        except DatabaseInUse as exc:  # the others are still dropped
+            items[-1].action, items[-1].in_use = "kept: in use", exc.problem
+    return items
+
+
+def raise_for_in_use(items: list[CleanupItem]) -> None:
+    """After the cleanup's report: fail naming the leftovers other roles' sessions kept open."""
+    in_use = [item.in_use for item in items if item.in_use]
+    if in_use:
+        dropped = sum(item.action == "dropped" for item in items)
+        raise DatabaseInUse(
+            f"Kept {len(in_use)} restore leftovers, {dropped} dropped: " + "; ".join(in_use),
+            "Ask those sessions to disconnect (or an administrator to end them), then run the cleanup again",
+        )

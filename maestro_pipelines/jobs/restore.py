@@ -6,8 +6,11 @@
   any database is touched, each database restored beside the live one and verified against
   the manifest, then swapped into place in one step with the old database kept aside
   (`<db>_pre_restore_<time>`). The metadata says where everything is now.
-- `restore_cleanup_job`: drop what restores left (`<db>_pre_restore_<time>`, `<db>_restore_<time>`);
-  a dry run unless `dry_run: false`. Databases of a restore still running are never dropped.
+- `restore_cleanup_job`: list what restores left, with size and age, and drop the scratch
+  restores (`<db>_restore_<time>`); the old live databases (`<db>_pre_restore_<time>`, the
+  only way back from a wrong restore) only with `confirm: <platform database>`. The same
+  defaults and the same library function as `maestro restore cleanup`. Databases of a
+  restore still running or half done (its swap journal) are never dropped.
 - `dr_drill_job`: materializes `dr_drill` (the weekly schedule launches it).
 
 The work is `maestro_pipelines.backup` (`maestro restore` runs the same functions, and is the
@@ -31,10 +34,11 @@ from datetime import datetime, timezone
 from typing import Literal, Optional
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from maestro_pipelines.assets.backups import BACKUP_POOL, STORE_RETRY, _ProgressLog, backup_step
 from maestro_pipelines.assets.drills import DRILL_KIND, dr_drill, live_destinations, steps_table
+from maestro_pipelines.backup.restore import MAX_JOBS
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.jobs.backups import DATABASE_LANE, KIND_TAG
 from maestro_pipelines.resources import MLflowRegistry, ObjectStoreResource, PlatformDatabase
@@ -45,8 +49,8 @@ RESTORE_MAX_RUNTIME_S = 4 * 3600
 """A restore rebuilds every index (a dump holds none): give it longer than the nightly backup's 3 h."""
 DRILL_MAX_RUNTIME_S = 2 * 3600
 CLEANUP_HINT = (
-    "When you no longer need the old or scratch databases: run `maestro restore cleanup` "
-    "(or launch restore_cleanup_job with dry_run: false)."
+    "When you no longer need the scratch databases: run `maestro restore cleanup` (or launch "
+    "restore_cleanup_job); the old live databases too: add --confirm <platform database> (confirm: ...)."
 )
 
 
@@ -85,9 +89,14 @@ class RestoreConfig(dg.Config):
         default="latest",
         description="Backup id (`maestro backup list`, the database_backup materializations), or `latest`: the newest verified.",
     )
+    # `before` and `confirm` default to "" (not None) so the Launchpad pre-fills them: on-call
+    # sees every choice of a restore and types only the values.
     before: Optional[str] = Field(
-        default=None,
-        description="Instead of `backup`: the newest verified backup taken before this time (ISO 8601, UTC without a zone).",
+        default="",
+        description=(
+            "Instead of `backup`: the newest verified backup taken before this time (ISO 8601, UTC without a "
+            "zone), e.g. 2026-11-26T14:00:00Z. Empty: use `backup`."
+        ),
     )
     target: Literal["scratch", "live"] = Field(
         default="scratch",
@@ -98,9 +107,22 @@ class RestoreConfig(dg.Config):
         description="Roles to restore (platform, mlflow, dagster). Empty: every one the backup holds (live: but dagster).",
     )
     confirm: Optional[str] = Field(
-        default=None, description="Required for `live`: the platform database's name, typed out."
+        default="",
+        description="Required for `live`: the platform database's name, typed out. Not needed for `scratch`.",
     )
-    jobs: int = Field(default=2, ge=1, le=32, description="pg_restore parallel jobs (-j).")
+    jobs: int = Field(default=2, ge=1, le=MAX_JOBS, description="pg_restore parallel jobs (-j).")
+
+    @field_validator("databases")
+    @classmethod
+    def _each_role_once(cls, value: list[str]) -> list[str]:
+        # The same rule as `maestro restore --databases` (the library's check).
+        from maestro_pipelines.backup.restore import check_restore_request
+
+        try:
+            check_restore_request("scratch", [r.strip() for r in value], 1)
+        except MaestroError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 def restore_roles(config: RestoreConfig, entry, destinations, log) -> Optional[list[str]]:
@@ -195,13 +217,11 @@ def restore_from_backup(
     destinations, notes = live_destinations(platform_db, mlflow)
     for note in notes:
         context.log.info(note)
-    entry = resolve_restore_point(object_store, config.backup, before=before)
+    entry = resolve_restore_point(object_store, config.backup, before=before, log=context.log.warning)
     roles = restore_roles(config, entry, destinations, context.log)
-    context.log.info(
-        f"Restoring backup {entry.backup_id} (snapshot {entry.manifest.snapshot_at:%Y-%m-%d %H:%M:%S} UTC) from "
-        f"{object_store.url} into {'the LIVE databases' if config.target == 'live' else 'scratch databases'}"
-        + (f" ({', '.join(roles)})" if roles else "")
-    )
+    # restore_backup logs "restoring ... into ..." itself, once its refusals (confirmation,
+    # permissions, versions) are behind it: a refused restore never announces itself.
+    context.log.info(f"Restore point: backup {entry.backup_id} from {object_store.url}")
     report = restore_backup(
         object_store,
         entry,
@@ -258,7 +278,14 @@ def restore_database():
 
 
 class RestoreCleanupConfig(dg.Config):
-    dry_run: bool = Field(default=True, description="Only list what would be dropped; set false to drop.")
+    # The same defaults as `maestro restore cleanup`: scratch restores dropped, old live
+    # databases (the only way back from a wrong restore) kept unless confirmed.
+    dry_run: bool = Field(default=False, description="Only list what would be dropped; drop nothing.")
+    confirm: Optional[str] = Field(
+        default="",
+        description="The platform database's name, typed out: also drop the old live databases "
+        "(<db>_pre_restore_<time>). Empty: they are kept.",
+    )
 
 
 @dg.op(pool=BACKUP_POOL, tags={KIND_TAG: RESTORE_KIND})
@@ -270,39 +297,31 @@ def drop_restore_leftovers(
     mlflow: MLflowRegistry,
     store: ObjectStoreResource,
 ):
-    """Drop `<db>_pre_restore_<time>` (old live databases kept aside) and `<db>_restore_<time>`
-    (scratch restores) of the live databases; never those of a restore still running."""
-    from maestro_pipelines.backup import restore_leftovers
-    from maestro_pipelines.backup.restore import DatabaseInUse, drop_database, running_restore_stamps
+    """List every database restores left (with size and age) and drop the scratch restores;
+    the old live databases only with `confirm`; never those of a running or half-done restore."""
+    from maestro_pipelines.backup import restore_cleanup
+    from maestro_pipelines.backup.recovery import half_done_swaps
+    from maestro_pipelines.backup.restore import raise_for_in_use
 
     destinations, _notes = live_destinations(platform_db, mlflow)
-    running = running_restore_stamps(store.get_store())
-    rows, dropped, skipped = [], 0, 0
-    in_use: list[str] = []
-    for leftover in restore_leftovers(destinations):
-        what = "old live database" if leftover.kind == "pre_restore" else "scratch restore"
-        if leftover.stamp in running:
-            action = "skipped: its restore is running"
-            skipped += 1
-        elif config.dry_run:
-            action = "would drop"
-        else:
-            try:
-                drop_database(leftover.url, leftover.name, leftover.source)
-                action = "dropped"
-                dropped += 1
-            except DatabaseInUse as exc:  # another role's session: the others are still dropped
-                action = "kept: in use"
-                in_use.append(exc.problem)
-        context.log.info(f"{action}: {leftover.name} ({what} of {leftover.live})")
-        rows.append(dg.TableRecord({"database": leftover.name, "kind": what, "live": leftover.live, "action": action}))
-    done = f"Would drop {len(rows) - skipped}" if config.dry_run else f"Dropped {dropped}"
-    context.log.info(f"{done} database(s), {skipped} skipped (their restore is running)")
-    if in_use:
-        raise DatabaseInUse(
-            f"Kept {len(in_use)} restore leftovers, {dropped} dropped: " + "; ".join(in_use),
-            "Ask those sessions to disconnect (or an administrator to end them), then run the cleanup again",
-        )
+    object_store = store.get_store()
+    for half in half_done_swaps(object_store, destinations):
+        context.log.error(f"HALF-DONE RESTORE: {half.describe()}. {half.hint()}")
+    items = restore_cleanup(destinations, dry_run=config.dry_run, store=object_store, confirm=config.confirm or None)
+    rows = []
+    for item in items:
+        context.log.info(item.describe())
+        leftover = item.leftover
+        rows.append(dg.TableRecord({
+            "database": leftover.name,
+            "kind": "old live database" if leftover.kind == "pre_restore" else "scratch restore",
+            "live": leftover.live, "size_bytes": leftover.size_bytes if leftover.size_bytes is not None else -1,
+            "created_at": leftover.created_at.isoformat(), "action": item.action,
+        }))
+    dropped = sum(item.action == "dropped" for item in items)
+    skipped = sum(not item.dropped for item in items)
+    context.log.info(f"{'Would drop' if config.dry_run else 'Dropped'} {len(items) - skipped} database(s), kept {skipped}")
+    raise_for_in_use(items)
     return dg.Output(
         None,
         metadata={
@@ -317,6 +336,8 @@ def drop_restore_leftovers(
                         dg.TableColumn("database", "string"),
                         dg.TableColumn("kind", "string"),
                         dg.TableColumn("live", "string"),
+                        dg.TableColumn("size_bytes", "int", description="-1: not readable by this user"),
+                        dg.TableColumn("created_at", "string"),
                         dg.TableColumn("action", "string"),
                     ]
                 ),
@@ -328,8 +349,8 @@ def drop_restore_leftovers(
 @dg.job(
     tags={KIND_TAG: RESTORE_KIND, **DATABASE_LANE, "dagster/max_runtime": str(3600)},
     description=(
-        "Drop the databases restores left (<db>_pre_restore_<time>, <db>_restore_<time>); "
-        "a dry run unless dry_run: false."
+        "List the databases restores left and drop the scratch ones (<db>_restore_<time>); the old live "
+        "databases (<db>_pre_restore_<time>) only with confirm: <platform database>."
     ),
 )
 def restore_cleanup_job():

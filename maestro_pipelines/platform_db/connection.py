@@ -11,6 +11,7 @@ from sqlalchemy.exc import DBAPIError
 
 from maestro_pipelines.errors import MaestroError, TransientError
 from maestro_pipelines.platform_db.urls import describe
+from maestro_pipelines.redaction import hide_secret
 
 CONNECT_TIMEOUT_SECONDS = 10
 MINIMUM_SERVER_VERSION = 130000
@@ -50,9 +51,7 @@ def dispose_engines() -> None:
 
 def translate_error(exc: BaseException, url: URL, source: str) -> MaestroError:
     """Turn a driver error into one line naming the setting, without the password."""
-    message = str(getattr(exc, "orig", None) or exc)
-    if url.password:
-        message = message.replace(str(url.password), "***")
+    message = hide_secret(str(getattr(exc, "orig", None) or exc), url.password)
     where = describe(url)
     user = url.username or "the current user"
     lowered = message.lower()

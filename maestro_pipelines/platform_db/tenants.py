@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,16 +21,55 @@ TENANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
 DEFAULT_GATES = {"accuracy": 0.70, "f1": 0.65, "roc_auc": 0.70}
 DEFAULT_REGRESSION_TOLERANCE = 0.02
+SHOWN_NAME = 40
+"""Characters of a refused name echoed back: enough to recognise it, never a screenful."""
 
 
 def validate_tenant_name(name: object) -> str:
     if not isinstance(name, str) or not TENANT_NAME.fullmatch(name):
-        shown = name if isinstance(name, str) else type(name).__name__
+        if not isinstance(name, str):
+            shown = f"a {type(name).__name__}"
+        elif len(name) > SHOWN_NAME:
+            shown = f"'{name[:SHOWN_NAME]}...' ({len(name):,} characters)"
+        else:
+            shown = f"'{name}'"
         raise MaestroError(
-            f"'{shown}' is not a valid tenant name",
+            f"{shown} is not a valid tenant name",
             "Use 1 to 63 characters: a lowercase letter first, then lowercase letters, digits, '-' or '_'",
         )
     return name
+
+
+def _fraction(value: object, what: str, option: str, example: float) -> float:
+    """A number from 0 to 1: metrics (accuracy, F1, ROC AUC) and their drops live there."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or not math.isfinite(number) or not 0 <= number <= 1:
+        raise MaestroError(
+            f"{what} {value!r} is not a number from 0 to 1",
+            f"Give {option} a fraction, e.g. {option} {example:g}",
+        )
+    return float(number)
+
+
+def validate_tenant_settings(settings: dict | None) -> dict:
+    """The quality gates and regression tolerance of `settings`, checked: each a number in
+    [0, 1] (a gate of 1.5 could never pass, -3 always would, NaN is not JSON)."""
+    settings = dict(settings or {})
+    gates = settings.get("gates", {})
+    if not isinstance(gates, dict):
+        raise MaestroError("the tenant's gates are not a mapping", f"Give gates as {{{', '.join(DEFAULT_GATES)}}}")
+    if "gates" in settings:
+        gates = settings["gates"] = dict(gates)
+    for metric, floor in gates.items():
+        if metric not in DEFAULT_GATES:
+            raise MaestroError(f"'{str(metric)[:SHOWN_NAME]}' is not a quality gate", f"Use {', '.join(DEFAULT_GATES)}")
+        gates[metric] = _fraction(floor, f"the {metric} gate", f"--min-{metric.replace('_', '-')}", DEFAULT_GATES[metric])
+    if "regression_tolerance" in settings:
+        settings["regression_tolerance"] = _fraction(
+            settings["regression_tolerance"], "the regression tolerance", "--regression-tolerance",
+            DEFAULT_REGRESSION_TOLERANCE,
+        )
+    return settings
 
 
 @dataclass
@@ -60,6 +100,7 @@ _COLUMNS = "id, name, display_name, status, settings, created_at"
 
 def add_tenant(conn: Connection, name: str, display_name: str = "", settings: dict | None = None) -> Tenant:
     validate_tenant_name(name)
+    settings = validate_tenant_settings(settings)
     try:
         with conn.begin_nested():
             row = conn.execute(
@@ -77,7 +118,7 @@ def add_tenant(conn: Connection, name: str, display_name: str = "", settings: di
 def update_tenant_settings(conn: Connection, name: str, settings: dict) -> Tenant:
     row = conn.execute(
         text(f"UPDATE tenants SET settings = settings || CAST(:s AS jsonb), updated_at = now() WHERE name = :n RETURNING {_COLUMNS}"),
-        {"n": validate_tenant_name(name), "s": json.dumps(settings)},
+        {"n": validate_tenant_name(name), "s": json.dumps(validate_tenant_settings(settings))},
     ).one_or_none()
     if row is None:
         raise MaestroError(f"tenant '{name}' does not exist", "See `maestro tenants list`")

@@ -42,6 +42,7 @@ import dagster as dg
 from pydantic import Field
 
 from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.resources.secret_fields import SECRET_FIELD, is_secret_field
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,7 +61,7 @@ _IDENTIFIER = re.compile(rf"{_PART}")
 _DOTTED_IDENTIFIER = re.compile(rf"{_PART}(?:\.{_PART})?")
 IDENTIFIER_RULE = "letters, digits and _ (not starting with a digit)"
 
-SECRET = {"dagster__is_secret": True}
+SECRET = SECRET_FIELD  # a credential field: shown by EnvVar name only (see secret_fields)
 TIMESTAMP_DTYPE = "datetime64[ns, UTC]"
 
 
@@ -218,12 +219,10 @@ def resolve(value: Any) -> Any:
 
 
 def redact(message: str, *secrets: str | None) -> str:
-    for secret in secrets:
-        if secret:
-            message = message.replace(secret, "***")
-            from urllib.parse import quote
+    from maestro_pipelines.redaction import hide_secret
 
-            message = message.replace(quote(secret, safe=""), "***")
+    for secret in secrets:
+        message = hide_secret(message, secret)
     return message
 
 
@@ -450,8 +449,7 @@ class DataSource(dg.ConfigurableResource):
         """repr() and str() mask secret fields (an EnvVar shows its name, never a value)."""
         for name, value in super().__repr_args__():
             field = type(self).model_fields.get(name) if name else None
-            extra = field.json_schema_extra if field is not None else None
-            if isinstance(extra, dict) and extra.get("dagster__is_secret") and value is not None:
+            if field is not None and is_secret_field(field) and value is not None:
                 value = f"EnvVar({value.env_var_name!r})" if isinstance(value, dg.EnvVar) else "***"
             yield name, value
 
