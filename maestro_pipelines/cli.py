@@ -668,7 +668,7 @@ def drill(
     with _ByteProgress("download") as progress:
         report = run_drill(
             _store(), destinations, rto_target, rpo_target, jobs=jobs,
-            progress=progress, log=lambda message: err.print(message, highlight=False), backup=backup,
+            progress=progress, log=lambda message: err.print(message, highlight=False, soft_wrap=True), backup=backup,
         )
     if as_json:
         out.print_json(json.dumps(report.as_dict()))

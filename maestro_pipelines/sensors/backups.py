@@ -76,7 +76,7 @@ def rpo_breach_sensor(context: dg.SensorEvaluationContext, store: ObjectStoreRes
     now = _now()
     try:
         object_store = store.get_store()
-        newest = newest_verified(object_store)
+        newest = newest_verified(object_store, check=True)  # a damaged newest one does not count
     except MaestroError as exc:
         status, title, detail, newest_id = (
             "unreadable",
@@ -197,8 +197,8 @@ def verify_new_backup_sensor(context: dg.SensorEvaluationContext, store: ObjectS
     for entry in entries:
         if entry.backup_id in seen:
             continue
-        if entry.verified:
-            seen.add(entry.backup_id)  # verified by whoever took it (database_backup does)
+        if entry.verified or entry.verification_failed:
+            seen.add(entry.backup_id)  # verified (or failed) by whoever took it (database_backup does)
             continue
         if entry.backup_id in busy:
             continue  # being verified right now: look again next time
