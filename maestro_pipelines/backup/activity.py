@@ -2,8 +2,12 @@
 
 Retention must never delete while a backup or restore runs, and the processes that run
 them may be a Dagster run, the CLI on a laptop and a drill on another machine: the store is
-the one place they all see. A marker younger than `stale_after` counts as running; a
-process killed with SIGKILL leaves a marker that stops counting once stale.
+the one place they all see. Each marker names its host and pid and carries a heartbeat,
+rewritten every `HEARTBEAT_EVERY` while the work runs. A marker counts as running unless its
+process is known to be gone: on the same host its pid no longer exists, or (any host) its
+heartbeat is older than `HEARTBEAT_STALE_AFTER`. So a process killed with SIGKILL stops
+blocking retention and cleanup at once on its own host, within minutes elsewhere, and its
+marker is removed by the next retention (or cleanup) that sees it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,6 +25,11 @@ from maestro_pipelines.backup.manifest import ACTIVITY_PREFIX, _iso, _parse_time
 from maestro_pipelines.storage import ObjectNotFound, ObjectStore
 
 DEFAULT_STALE_AFTER = timedelta(hours=12)
+"""Unfinished backup folders younger than this may still be in progress (retention keeps them)."""
+HEARTBEAT_EVERY = timedelta(seconds=30)
+HEARTBEAT_STALE_AFTER = timedelta(minutes=5)
+"""A marker whose heartbeat is older than this is a dead process's (ten missed heartbeats:
+a slow store does not make a live process look dead)."""
 
 
 @dataclass(frozen=True)
@@ -30,54 +40,107 @@ class Activity:
     host: str
     pid: int
     key: str
+    heartbeat_at: datetime | None = None
+
+    def alive(self, now: datetime, stale_after: timedelta = HEARTBEAT_STALE_AFTER) -> bool:
+        """False when the process that wrote the marker is known to be gone."""
+        if now - (self.heartbeat_at or self.started_at) >= stale_after:
+            return False
+        if self.host == socket.gethostname() and self.pid and not process_alive(self.pid):
+            return False
+        return True
 
 
-@contextmanager
-def activity(store: ObjectStore, kind: str, ident: str) -> Iterator[Activity]:
-    """Mark `kind` (backup, restore, archive) as running for the duration of the block."""
-    key = f"{ACTIVITY_PREFIX}/{kind}-{ident}.json"
-    record = Activity(kind, ident, utcnow(), socket.gethostname(), os.getpid(), key)
-    body = {"kind": kind, "id": ident, "started_at": _iso(record.started_at), "host": record.host, "pid": record.pid}
-    store.put_bytes(key, json.dumps(body).encode())
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
-        yield record
-    finally:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _heartbeat(store: ObjectStore, key: str, body: dict, every: float, stop: threading.Event) -> None:
+    while not stop.wait(every):
         try:
-            store.delete(key)
-        except Exception:  # a stale marker expires on its own; never mask the real outcome
+            store.put_bytes(key, json.dumps({**body, "heartbeat_at": _iso(utcnow())}).encode())
+        except Exception:  # a store outage: try again next time; ten misses make it stale
             pass
 
 
-def running_activities(
-    store: ObjectStore, now: datetime | None = None, stale_after: timedelta = DEFAULT_STALE_AFTER
-) -> list[Activity]:
-    now = now or utcnow()
-    running = []
+@contextmanager
+def activity(store: ObjectStore, kind: str, ident: str,
+             heartbeat_every: timedelta = HEARTBEAT_EVERY) -> Iterator[Activity]:
+    """Mark `kind` (backup, restore, archive) as running for the duration of the block,
+    with a heartbeat rewritten every `heartbeat_every` by a background thread."""
+    key = f"{ACTIVITY_PREFIX}/{kind}-{ident}.json"
+    record = Activity(kind, ident, utcnow(), socket.gethostname(), os.getpid(), key)
+    body = {"kind": kind, "id": ident, "started_at": _iso(record.started_at), "host": record.host, "pid": record.pid}
+    store.put_bytes(key, json.dumps({**body, "heartbeat_at": body["started_at"]}).encode())
+    stop = threading.Event()
+    beating = threading.Thread(target=_heartbeat, args=(store, key, body, heartbeat_every.total_seconds(), stop),
+                               name=f"maestro-heartbeat-{kind}", daemon=True)
+    beating.start()
+    try:
+        yield record
+    finally:
+        stop.set()
+        beating.join()  # no heartbeat may rewrite the marker after it is deleted
+        try:
+            store.delete(key)
+        except Exception:  # a dead marker is ignored and removed by others; never mask the real outcome
+            pass
+
+
+def _read_markers(store: ObjectStore) -> Iterator[tuple[str, Activity | None, datetime | None]]:
+    """(key, the marker or None when unreadable, the object's last write) for every marker."""
     for info in store.list(f"{ACTIVITY_PREFIX}/", with_metadata=False):
         try:
             body = json.loads(store.get_bytes(info.key, verify=False))
             started = _parse_time(body["started_at"])
-        except (ObjectNotFound, ValueError, KeyError, TypeError):
-            continue
-        if now - started < stale_after:
-            running.append(Activity(body["kind"], body["id"], started, body.get("host", "?"), body.get("pid", 0), info.key))
-    return running
+            beat = _parse_time(body["heartbeat_at"]) if body.get("heartbeat_at") else None
+            marker = Activity(body["kind"], body["id"], started, body.get("host", "?"), int(body.get("pid") or 0),
+                              info.key, beat)
+        except ObjectNotFound:
+            continue  # removed between the listing and the read
+        except (ValueError, KeyError, TypeError):
+            marker = None
+        yield info.key, marker, info.last_modified
+
+
+def running_activities(
+    store: ObjectStore, now: datetime | None = None, stale_after: timedelta = HEARTBEAT_STALE_AFTER
+) -> list[Activity]:
+    """Markers of processes that may still be running (see `Activity.alive`)."""
+    now = now or utcnow()
+    return [marker for _key, marker, _written in _read_markers(store) if marker is not None and marker.alive(now, stale_after)]
 
 
 def stale_activities(
-    store: ObjectStore, now: datetime | None = None, stale_after: timedelta = DEFAULT_STALE_AFTER
+    store: ObjectStore, now: datetime | None = None, stale_after: timedelta = HEARTBEAT_STALE_AFTER
 ) -> list[str]:
-    """Keys of markers left by processes killed inside a backup or restore (older than
-    `stale_after`, or unreadable and last written before then)."""
+    """Keys of markers left by processes killed inside a backup or restore (their pid gone
+    on this host, or no heartbeat for `stale_after`), and of unreadable markers last
+    written before then."""
     now = now or utcnow()
     stale = []
-    for info in store.list(f"{ACTIVITY_PREFIX}/", with_metadata=False):
-        try:
-            started = _parse_time(json.loads(store.get_bytes(info.key, verify=False))["started_at"])
-        except ObjectNotFound:
-            continue
-        except (ValueError, KeyError, TypeError):
-            started = info.last_modified
-        if started is not None and now - started >= stale_after:
-            stale.append(info.key)
+    for key, marker, written in _read_markers(store):
+        if marker is not None and not marker.alive(now, stale_after):
+            stale.append(key)
+        elif marker is None and written is not None and now - written >= stale_after:
+            stale.append(key)
     return stale
+
+
+def remove_stale_activities(store: ObjectStore, now: datetime | None = None) -> list[str]:
+    """Delete the markers `stale_activities` finds; return their keys."""
+    removed = []
+    for key in stale_activities(store, now):
+        try:
+            store.delete(key)
+        except ObjectNotFound:
+            pass
+        removed.append(key)
+    return removed

@@ -1,5 +1,7 @@
 """Retention: keep the newest backup of each of the last N days with backups and the last M
-monthly archives; never the newest verified backup; never while a backup or restore runs.
+monthly archives; never the newest verified backup whose objects are intact; never while a
+backup or restore runs. It also sweeps what failed or killed backups and archives left:
+folders without a manifest (under backups/ and monthly/) and unfinished uploads.
 
 `plan_retention` is pure (entries and a clock in, decisions out) so the rules are tested on
 synthetic histories; `apply_retention` lists the store, plans, and deletes manifest first
@@ -12,8 +14,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from maestro_pipelines.backup.activity import DEFAULT_STALE_AFTER, running_activities, stale_activities
-from maestro_pipelines.backup.catalog import BackupEntry, incomplete_backups, list_backups
-from maestro_pipelines.backup.manifest import MANIFEST_NAME, VERIFIED_NAME, utcnow
+from maestro_pipelines.backup.catalog import (
+    BackupEntry,
+    check_objects,
+    incomplete_archives,
+    incomplete_backups,
+    list_backups,
+)
+from maestro_pipelines.backup.manifest import BACKUPS_PREFIX, MANIFEST_NAME, MONTHLY_PREFIX, VERIFIED_NAME, utcnow
 from maestro_pipelines.storage import ObjectStore
 
 
@@ -36,9 +44,12 @@ class RetentionPlan:
     keep: list[tuple[BackupEntry, str]] = field(default_factory=list)
     delete: list[tuple[BackupEntry, str]] = field(default_factory=list)
     delete_incomplete: list[str] = field(default_factory=list)
-    """Roots of backups that never got a manifest and are older than stale_after."""
+    """Folders of backups and monthly archives that never got a manifest and that no process
+    can still be writing (see `_unfinished_roots`)."""
+    discarded: list[str] = field(default_factory=list)
+    """What unfinished uploads left that was removed (S3 multipart uploads, temporary objects)."""
     delete_markers: list[str] = field(default_factory=list)
-    """Activity markers left by killed processes (older than stale_after)."""
+    """Activity markers left by killed processes (pid gone, or no heartbeat for minutes)."""
     skipped: str | None = None
     """Why nothing was deleted (a backup or restore is running)."""
 
@@ -97,20 +108,21 @@ def apply_retention(store: ObjectStore, policy: RetentionPolicy | None = None, n
                     dry_run: bool = False) -> RetentionPlan:
     policy = policy or RetentionPolicy()
     now = now or utcnow()
-    running = running_activities(store, now, policy.stale_after)
+    # Markers of dead processes (pid gone on this host, or no heartbeat) do not count.
+    running = running_activities(store, now)
     if running:
         described = ", ".join(f"{a.kind} {a.ident} (since {a.started_at:%Y-%m-%d %H:%M} UTC on {a.host})" for a in running)
         return RetentionPlan(skipped=f"not deleting anything while these run: {described}")
-    plan = plan_retention(list_backups(store), list_backups(store, monthly=True), policy)
-    for root, _names in incomplete_backups(store).items():
-        backup_id = root.rsplit("/", 1)[-1]
-        try:
-            started = datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=now.tzinfo)
-        except ValueError:
-            continue
-        if now - started >= policy.stale_after:
-            plan.delete_incomplete.append(root)
-    plan.delete_markers = stale_activities(store, now, policy.stale_after)
+    daily = list_backups(store)
+    for entry in reversed(daily):
+        # The newest verified backup is kept only if it is still intact (a head per object);
+        # a damaged one no longer counts as verified, so the next intact one is protected.
+        if entry.verified and check_objects(store, entry) is None:
+            break
+    plan = plan_retention(daily, list_backups(store, monthly=True), policy)
+    plan.delete_markers = stale_activities(store, now)
+    dead = [_marker_of(key) for key in plan.delete_markers]
+    plan.delete_incomplete = _unfinished_roots(store, policy, now, dead)
     if dry_run:
         return plan
     for entry, _why in plan.delete:
@@ -119,6 +131,45 @@ def apply_retention(store: ObjectStore, policy: RetentionPolicy | None = None, n
     for root in plan.delete_incomplete:
         for info in store.list(root + "/", with_metadata=False):
             store.delete(info.key)
+    # What unfinished uploads left (S3 multipart uploads, temporary objects): of the roots
+    # removed and of processes known dead at once, of anyone once older than stale_after.
+    prefixes = {root + "/" for root in plan.delete_incomplete}
+    prefixes |= {f"{BACKUPS_PREFIX}/{ident}/" for kind, ident in dead if kind == "backup"}
+    prefixes |= {f"{MONTHLY_PREFIX}/{ident}/" for kind, ident in dead if kind == "archive"}
+    for prefix in sorted(prefixes):
+        plan.discarded += store.discard_unfinished(prefix)
+    plan.discarded += store.discard_unfinished("", started_before=now - policy.stale_after)
     for key in plan.delete_markers:
         store.delete(key)
     return plan
+
+
+def _marker_of(key: str) -> tuple[str, str]:
+    """(kind, ident) of an activity marker's key `activity/<kind>-<ident>.json`."""
+    kind, _, ident = key.rsplit("/", 1)[-1].removesuffix(".json").partition("-")
+    return kind, ident
+
+
+def _unfinished_roots(store: ObjectStore, policy: RetentionPolicy, now: datetime,
+                      dead: list[tuple[str, str]]) -> list[str]:
+    """Folders without a manifest that no process can still be writing: a backup's whose
+    marker is a dead process's or whose id (its start) is older than stale_after; a monthly
+    archive's whose month's archive marker is dead or whose newest object is that old. A
+    young folder without any marker is kept: a backup that just started may not have
+    written its marker when the markers were read."""
+    dead_backups = {ident for kind, ident in dead if kind == "backup"}
+    dead_months = {ident for kind, ident in dead if kind == "archive"}
+    roots = []
+    for root in incomplete_backups(store):
+        backup_id = root.rsplit("/", 1)[-1]
+        try:
+            started = datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=now.tzinfo)
+        except ValueError:
+            continue
+        if backup_id in dead_backups or now - started >= policy.stale_after:
+            roots.append(root)
+    if not dead_months or not running_activities(store, now):  # an archive may have started since
+        for root, written in incomplete_archives(store).items():
+            if root.split("/")[1] in dead_months or (written is not None and now - written >= policy.stale_after):
+                roots.append(root)
+    return roots

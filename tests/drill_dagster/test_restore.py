@@ -58,16 +58,16 @@ def test_a_scratch_restore_sits_next_to_the_live_databases_until_cleanup(drill_e
     logs = [e.user_message for e in drill_env.instance.all_logs(result.run_id) if e.user_message]
     assert any("maestro restore cleanup" in m for m in logs) and any(m.startswith("downloading backup") for m in logs)
 
-    # Cleanup: a dry run by default, then for real.
+    # Cleanup: a dry run drops nothing; by default the scratch restores go (as with the CLI).
     leftovers = drill_env.leftovers()
     assert restored in leftovers and len(leftovers) == 2
-    dry = drill_env.run("restore_cleanup_job")
+    dry = drill_env.run("restore_cleanup_job", {"dry_run": True})
     assert dry.success
     dry_metadata = output_metadata(dry, "drop_restore_leftovers")
     assert dry_metadata["dry_run"].value is True and dry_metadata["found"].value == 2 and dry_metadata["dropped"].value == 0
     assert {row.data["action"] for row in dry_metadata["leftovers"].value.records} == {"would drop"}
     assert drill_env.leftovers() == leftovers
-    done = drill_env.run("restore_cleanup_job", {"dry_run": False})
+    done = drill_env.run("restore_cleanup_job")
     assert done.success and output_metadata(done, "drop_restore_leftovers")["dropped"].value == 2
     assert drill_env.leftovers() == [] and platform in drill_env.database_names()
 
@@ -101,7 +101,18 @@ def test_a_live_restore_needs_the_confirmation_then_swaps_and_keeps_the_old_data
     assert drill_env.tenants(platform) == sorted(TENANTS), "the live database is the backup's now"
     assert "hooli" in drill_env.tenants(kept), "the old one is kept aside"
 
-    assert drill_env.run("restore_cleanup_job", {"dry_run": False}).success
+    # The old live databases are the only way back: the job's defaults (like the CLI's) keep
+    # them; a wrong confirmation is refused; the platform database's name drops them.
+    default = drill_env.run("restore_cleanup_job")
+    assert default.success and output_metadata(default, "drop_restore_leftovers")["dropped"].value == 0
+    actions = {row.data["database"]: row.data["action"]
+               for row in output_metadata(default, "drop_restore_leftovers")["leftovers"].value.records}
+    assert actions[kept] == f"kept: the way back from that restore; drop it with --confirm {platform}"
+    assert kept in drill_env.database_names()
+    wrong = drill_env.run("restore_cleanup_job", {"confirm": f"{platform}_mlflow"})
+    assert not wrong.success and f"confirm: {platform}" in step_failures(wrong)[0]
+    assert kept in drill_env.database_names()
+    assert drill_env.run("restore_cleanup_job", {"confirm": platform}).success
     names = drill_env.database_names()
     assert kept not in names and platform in names and drill_env.leftovers() == []
 

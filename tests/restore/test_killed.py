@@ -14,7 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from maestro_pipelines.backup import LIVE, restore_cleanup, running_activities
@@ -50,8 +52,30 @@ def waiting_at_gate(dbs, platform: str) -> list[str]:
         ).fetchall()]
 
 
+def pg_restores_into(database: str) -> list[str]:
+    """pg_restore processes (leader and -j workers share the command line) restoring into `database`."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline", "pid"]):
+        if process.info["name"] == "pg_restore" and f"--dbname={database}" in (process.info["cmdline"] or []):
+            found.append(f"pid {process.info['pid']}")
+    return found
+
+
+def wait_for_no_pg_restore(database: str, deadline_s: float = 30) -> list[str]:
+    """Poll until no pg_restore into `database` runs; return those still there at the
+    deadline. (Their server sessions are no sign: a backend looping in the gate only sees
+    its client gone once the gate opens.)"""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        left = pg_restores_into(database)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
 def test_restore_killed_during_pg_restore_leaves_the_live_database_untouched(pg18_installation, case, tmp_path):
-    """SIGKILL while pg_restore fills the platform database of a live restore: the live
+    """SIGKILL of the restoring process while pg_restore fills the platform database of a
+    live restore: pg_restore and its workers die with it (no orphan keeps writing), the live
     databases keep their rows (the swap never happened), and the half-restored
     `<platform>_restore_<stamp>` database is what `restore_leftovers` reports, so
     `restore_cleanup` can drop it."""
@@ -88,20 +112,27 @@ def test_restore_killed_during_pg_restore_leaves_the_live_database_untouched(pg1
             [restoring] = wait_until("pg_restore waiting at the gate", lambda: waiting_at_gate(dbs, inst.platform), child,
                                      running="restore")
         finally:
-            os.killpg(child.pid, signal.SIGKILL)
+            # The restoring process only, not its process group: its pg_restore must die with it.
+            os.kill(child.pid, signal.SIGKILL)
             out, err = child.communicate()
+        # Checked while the gate still holds pg_restore: an orphan would wait there for ever.
+        orphans = wait_for_no_pg_restore(restoring)
+        assert orphans == [], f"pg_restore outlived the restore that started it: {orphans}"
     assert child.returncode == -signal.SIGKILL
     assert f"restoring platform into {restoring}" in out.decode()
     assert "swapping" not in out.decode()
 
     assert {name: contents(dbs, name, schema=False) for name in inst.names} == live_before
     assert inst.leftovers() == [restoring]
-    # The killed restore's marker stays until stale, like a killed backup's (retention waits).
-    assert [a.kind for a in running_activities(case.store)] == ["restore"]
+    # The killed restore's marker is left, but its pid is gone: it blocks nothing.
+    assert [key for key in case.store.list("activity/", with_metadata=False)] != []
+    assert running_activities(case.store) == []
 
-    assert [(d.name, d.kind, d.live) for d in restore_cleanup(inst.destinations())] == [
-        (restoring, "restore", inst.platform)
+    cleaned = [i for i in restore_cleanup(inst.destinations(), store=case.store) if i.leftover.configured]
+    assert [(i.leftover.name, i.leftover.kind, i.leftover.live, i.action) for i in cleaned] == [
+        (restoring, "restore", inst.platform, "dropped")
     ]
+    assert list(case.store.list("activity/", with_metadata=False)) == [], "the dead marker was not removed"
     assert inst.leftovers() == []
     assert {name: contents(dbs, name, schema=False) for name in inst.names} == live_before
 

@@ -56,9 +56,13 @@ def test_live_restore_replaces_the_live_databases_and_keeps_the_old_ones(install
     kept = sorted(d.kept_as for d in report.databases)
     assert sorted(inst.leftovers()) == kept
 
-    dropped = restore_cleanup(inst.destinations())
-    assert sorted(d.name for d in dropped) == kept
-    assert {d.kind for d in dropped} == {"pre_restore"}
+    # The old databases are the only way back: kept unless the cleanup is confirmed.
+    by_default = [i for i in restore_cleanup(inst.destinations(), store=store) if i.leftover.configured]
+    assert {i.leftover.name: i.action.split(":")[0] for i in by_default} == {name: "kept" for name in kept}
+    assert sorted(inst.leftovers()) == kept
+    dropped = [i for i in restore_cleanup(inst.destinations(), store=store, confirm=inst.platform) if i.leftover.configured]
+    assert sorted(i.leftover.name for i in dropped if i.action == "dropped") == kept
+    assert {i.leftover.kind for i in dropped} == {"pre_restore"}
     assert inst.leftovers() == []
     assert database_names(dbs, inst.platform) == sorted(inst.names)
     assert running_activities(store) == []
@@ -83,5 +87,6 @@ def test_live_restore_brings_back_dropped_databases(installation, local_case):
     ]
     for name in inst.names:
         assert contents(dbs, name) == at_backup[name]
-    assert [d.kind for d in restore_cleanup(inst.destinations())] == ["pre_restore"]  # Dagster's old one
+    dropped = [i for i in restore_cleanup(inst.destinations(), store=store, confirm=inst.platform) if i.leftover.configured]
+    assert [(i.leftover.kind, i.action) for i in dropped] == [("pre_restore", "dropped")]  # Dagster's old one
     assert database_names(dbs, inst.platform) == sorted(inst.names)

@@ -1,0 +1,56 @@
+"""Run a program tethered to this process: when this process dies, even by SIGKILL, the
+program and every process it forked die too.
+
+pg_restore -j N forks N workers, each with its own server connection. A restore killed
+with SIGKILL (OOM killer, `kill -9`, a Dagster run terminated hard) used to leave them
+running, still writing into a database nobody will use and holding it open. So pg_restore
+is started through this file run as a script (stdlib only, no package import):
+
+    python tethered.py PARENT_PID pg_restore ...
+
+The tether is a new process group (the tether, pg_restore and its workers) and, on Linux,
+prctl(PR_SET_PDEATHSIG, SIGTERM): when the parent dies the kernel signals the tether, which
+kills its whole group with SIGKILL. The parent death signal is not inherited across fork,
+which is why the tether stays in between rather than setting it on pg_restore alone.
+Elsewhere (macOS) there is no parent death signal: the program runs untethered.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+PR_SET_PDEATHSIG = 1
+
+
+def tethered_command(command: list[str]) -> list[str]:
+    """`command` run through the tether on Linux, as it is elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()), *command]
+
+
+def _die_with_parent(parent: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os.killpg(0, signal.SIGKILL)
+
+
+def main(argv: list[str]) -> int:
+    parent, command = int(argv[0]), argv[1:]
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    _die_with_parent(parent)
+    child = subprocess.Popen(command)
+    code = child.wait()
+    return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
