@@ -106,7 +106,19 @@ def test_live_restore_keeps_the_old_database_until_cleanup(kept_server):
     kept = psql(home, "postgres", "SELECT datname FROM pg_database WHERE datname LIKE 'maestro_pre_restore_%'")
     assert psql(home, kept, "SELECT string_agg(name, ',' ORDER BY name) FROM tenants") == "acme,globex"
 
-    cleanup = run_maestro("restore", "cleanup", env=env)
+    # The old database is the only way back: `restore cleanup` keeps it unless confirmed, as
+    # restore_cleanup_job does (the same defaults), and says how to drop it.
+    for command in (["restore", "cleanup"], ["restore", "cleanup", "--dry-run", "--confirm", "maestro"]):
+        cleanup = run_maestro(*command, env=env)
+        assert cleanup.returncode == 0, cleanup.stderr
+        assert "would drop 1" in cleanup.stdout if "--dry-run" in command else (
+            f"kept {kept} (old live database of maestro, " in cleanup.stdout
+            and "drop it with --confirm maestro" in cleanup.stdout), cleanup.stdout
+        assert psql(home, "postgres", f"SELECT count(*) FROM pg_database WHERE datname = '{kept}'") == "1"
+    wrong = run_maestro("restore", "cleanup", "--confirm", "maestro_mlflow", env=env)
+    assert wrong.returncode == 1 and "Confirm with --confirm maestro" in wrong.stderr
+    assert psql(home, "postgres", f"SELECT count(*) FROM pg_database WHERE datname = '{kept}'") == "1"
+    cleanup = run_maestro("restore", "cleanup", "--confirm", "maestro", env=env)
     assert cleanup.returncode == 0, cleanup.stderr
     assert f"dropped {kept}" in cleanup.stdout
     assert psql(home, "postgres", "SELECT count(*) FROM pg_database WHERE datname LIKE 'maestro_%restore_%'") == "0"

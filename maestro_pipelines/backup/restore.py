@@ -864,13 +864,16 @@ class CleanupItem:
         return self.action in ("dropped", "would drop")
 
     def describe(self, now: datetime | None = None) -> str:
-        """`<action> <name> (<what> of <live>, <size>, <age> old)`: the CLI's and the job's line."""
+        """`<action> <name> (<what> of <live>, <size>, <age> old)[: why kept]`: the CLI's and the job's line."""
         leftover = self.leftover
         what = "old live database" if leftover.kind == "pre_restore" else "scratch restore"
         size = "size unknown" if leftover.size_bytes is None else _size(leftover.size_bytes)
         hours = max(0.0, ((now or utcnow()) - leftover.created_at).total_seconds() / 3600)
         age = f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
-        return f"{self.action} {leftover.name} ({what} of {leftover.live}, {size}, {age} old)"
+        details = f"{leftover.name} ({what} of {leftover.live}, {size}, {age} old)"
+        if self.action.startswith("kept: "):
+            return f"kept {details}: {self.action.removeprefix('kept: ')}"
+        return f"{self.action} {details}"
 
 
 def _size(size: float) -> str:

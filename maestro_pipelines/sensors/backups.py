@@ -3,7 +3,8 @@ taken outside Dagster.
 
 - `rpo_breach_sensor` reads the store (the newest verified backup, through the library) and
   alerts once when that backup's snapshot gets older than `RPO_TARGET`, or when there is no
-  verified backup, or the store cannot be read. Its cursor holds the state (ok, breach,
+  verified backup, or the store cannot be read. It also alerts once per live restore that stopped
+  half way (a swap journal whose restore is gone: `maestro restore status|finish|undo`). Its cursor holds the state (ok, breach,
   unreadable): one alert per incident, none while it lasts, none on recovery (logged), and
   one again for the next incident. An alert the webhook did not take is tried again on the
   next evaluation. A new production deployment alerts once, until its first backup is
@@ -70,6 +71,38 @@ def _load_state(cursor: str | None) -> dict:
     ),
 )
 def rpo_breach_sensor(context: dg.SensorEvaluationContext, store: ObjectStoreResource, alerts: AlertResource):
+    return _with_half_done_restores(context, store, alerts, _rpo_evaluation(context, store, alerts))
+
+
+def _with_half_done_restores(context, store: ObjectStoreResource, alerts: AlertResource,
+                             result: dg.SensorResult) -> dg.SensorResult:
+    """Alert once per live restore that stopped half way (its swap journal in the store, its
+    process gone): the live databases are then from two moments, and an RPO that looks ok
+    says nothing about them. The alerted journals are kept in the cursor (`half_done`)."""
+    from maestro_pipelines.backup.journal import interrupted_swaps
+
+    state = _load_state(result.cursor)
+    try:
+        found = interrupted_swaps(store.get_store())
+    except MaestroError:
+        return result  # the store cannot be read: _rpo_evaluation alerted on that
+    alerted = set(_load_state(context.cursor).get("half_done") or [])
+    for journal in found:
+        if journal.stamp in alerted:
+            continue
+        detail = (f"{journal.summary()}. Run `maestro restore status`, then `maestro restore finish` or "
+                  f"`maestro restore undo` (with --confirm). Store: {store_url(store)}.")
+        if alerts.send("Live restore stopped half way: the databases are from two moments", detail, "critical",
+                       log=context.log):
+            alerted.add(journal.stamp)
+    state["half_done"] = sorted(alerted & {journal.stamp for journal in found})
+    reason = result.skip_reason.skip_message if result.skip_reason else ""
+    if found:
+        reason = f"HALF-DONE RESTORE: {found[0].summary()}; " + reason
+    return dg.SensorResult(skip_reason=reason, cursor=json.dumps(state))
+
+
+def _rpo_evaluation(context: dg.SensorEvaluationContext, store: ObjectStoreResource, alerts: AlertResource):
     from maestro_pipelines.backup import newest_verified
 
     previous = _load_state(context.cursor)
