@@ -51,13 +51,13 @@ def test_unreachable_dagster_database_names_its_own_setting(pg18_databases, loca
     assert keys(local_case.store) == []
 
 
-def permission_denied_setup(dbs):
+def permission_denied_setup(dbs, password: str = PASSWORD):
     """A platform database the admin can dump, and an MLflow database whose backup user may
     not read one of its tables."""
     platform = dbs.create()
     dbs.execute(platform, "CREATE TABLE tenants (id int)", "INSERT INTO tenants VALUES (1), (2)")
     mlflow = dbs.create(f"{platform}_mlflow")
-    role = dbs.create_role(PASSWORD)
+    role = dbs.create_role(password)
     dbs.execute(
         mlflow,
         "CREATE TABLE visible (id int)", "INSERT INTO visible VALUES (1)",
@@ -65,7 +65,7 @@ def permission_denied_setup(dbs):
         f'GRANT SELECT ON visible TO "{role}"',
     )
     return [DatabaseTarget("platform", dbs.url(platform)),
-            DatabaseTarget("mlflow", dbs.url(mlflow, user=role, password=PASSWORD), "MLFLOW_TRACKING_URI")]
+            DatabaseTarget("mlflow", dbs.url(mlflow, user=role, password=password), "MLFLOW_TRACKING_URI")]
 
 
 def test_pg_dump_failure_says_what_pg_dump_said_and_commits_nothing(databases, local_case):
@@ -81,6 +81,18 @@ def test_pg_dump_failure_says_what_pg_dump_said_and_commits_nothing(databases, l
     assert list_backups(local_case.store) == []
     assert [k for k in keys(local_case.store) if k.endswith(("manifest.json", "mlflow.dump.zst"))] == []
     assert keys(local_case.store, "activity/") == []
+
+
+def test_a_one_letter_password_does_not_mangle_what_pg_dump_said(databases, local_case):
+    """The backup user's password is one letter ("e"): pg_dump's reason still reads as it
+    said it. Hiding every "e" in its message used to print `p***rmission d***ni***d for
+    tabl*** s***cr***ts`, which hid the cause along with the password."""
+    targets = permission_denied_setup(databases, password="e")
+    with pytest.raises(BackupError) as raised:
+        create_backup(local_case.store, targets)
+    message = str(raised.value)
+    assert "permission denied for table secrets" in message, message
+    assert "***" not in message and "pg_dump of mlflow database" in message
 
 
 def test_failed_backup_removes_what_it_wrote(databases, local_case):
