@@ -450,6 +450,8 @@ def backup_retention(
         out.print(f"{verb} {entry.root}: {why}", highlight=False)
     for root in plan.delete_incomplete:
         out.print(f"{verb} {root}: never finished (no manifest)", highlight=False)
+    for leftover in plan.discarded:
+        out.print(f"removed {leftover}: left by a write that never finished", highlight=False, soft_wrap=True)
     out.print(f"kept {len(plan.keep)}, {verb} {len(plan.delete) + len(plan.delete_incomplete)}", highlight=False)
 
 

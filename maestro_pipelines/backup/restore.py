@@ -176,20 +176,21 @@ def resolve_restore_point(store: ObjectStore, backup: str = "latest", before: da
             key=lambda e: e.manifest.snapshot_at,
         )
     say = log or (lambda message: None)
-    skipped = 0
+    skipped: list[str] = []
     for entry in reversed(candidates):
         name = entry.backup_id + (f" (monthly archive {entry.month})" if entry.month else "")
         if entry.verification_failed:
-            say(f"skipping backup {name}: {entry.bad}")
-        elif entry.verified and check_objects(store, entry) is not None:
-            say(f"skipping backup {name}: {entry.damage}; `maestro backup verify {entry.backup_id}` checks it fully")
-        elif entry.verified:
+            why = entry.bad
+        elif not entry.verified:
+            continue  # never verified (`backup run --no-verify`): not a candidate, nothing wrong
+        elif check_objects(store, entry) is None:
             return entry
         else:
-            continue
-        skipped += 1
+            why = f"{entry.damage}; `maestro backup verify {entry.backup_id}` checks it fully"
+        skipped.append(f"{name}: {why}")
+        say(f"skipping backup {skipped[-1]}")
     when = f"taken before {before.isoformat()} " if before is not None else ""
-    also = f" ({skipped} skipped: damaged or failed verification)" if skipped else ""
+    also = f"; {len(skipped)} skipped, the newest {skipped[0]}" if skipped else ""
     raise BackupNotFound(
         f"There is no verified backup {when}in the store at {store.url}{also}",
         "Run `maestro backup list` to see the backups and their times"

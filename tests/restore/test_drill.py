@@ -5,11 +5,13 @@ and cleaned up whatever the outcome."""
 from __future__ import annotations
 
 import json
+import os
 from datetime import timedelta
 
 from maestro_pipelines.backup import get_backup, restore_backup, restore_cleanup, run_drill, verify_backup
 from tests.backup.conftest import ARTIFACTS
 from tests.restore.conftest import database_names
+from tests.stores.conftest import LocalCase
 
 
 def verified_backup(inst, store):
@@ -85,12 +87,18 @@ def test_drill_checks_the_restored_registry_in_a_process_that_set_its_own(pg18_m
 
 
 def test_drill_on_a_corrupted_backup_fails_and_leaves_nothing(pg18_installation, case):
-    """A verified backup whose dump rotted afterwards fails the drill with the damaged object
-    named in its problems; no scratch database is left behind."""
+    """A verified backup whose dump rotted afterwards (one byte; size, the store's record and,
+    locally, the file's mtime as they were, so no head can see it) fails the drill with the
+    damaged object named in its problems; no scratch database is left behind."""
     inst = pg18_installation
     store = case.store
     manifest = verified_backup(inst, store)
-    case.corrupt(manifest.database("mlflow").key)
+    key = manifest.database("mlflow").key
+    path = case.root.joinpath(*key.split("/")) if isinstance(case, LocalCase) else None
+    written = path.stat() if path else None
+    case.corrupt(key)
+    if path:
+        os.utime(path, ns=(written.st_atime_ns, written.st_mtime_ns))
 
     report = run_drill(store, inst.destinations())
 
