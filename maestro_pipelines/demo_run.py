@@ -31,10 +31,22 @@ class TenantOutcome:
     error: str | None = None
 
 
+DEMO_INSTANCE_CONFIG = """\
+# Written by `maestro demo`: default local storage. Telemetry off, so that neither the demo
+# nor `dagster dev` on this folder prints Dagster's telemetry banner (delete these lines to
+# share usage statistics with Dagster).
+telemetry:
+  enabled: false
+"""
+
+
 def dagster_home(settings: Settings) -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or settings.home / "dagster").expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").touch(exist_ok=True)  # an empty file: default local storage, no warning
+    config = home / "dagster.yaml"
+    # A dagster.yaml of the user's own (DAGSTER_HOME) is theirs: only a missing or empty one is written.
+    if not config.exists() or not config.read_text().strip():
+        config.write_text(DEMO_INSTANCE_CONFIG)
     return home
 
 
@@ -83,6 +95,10 @@ def outcome_of(tenant: str, result) -> TenantOutcome:
 
 
 def run_demo(tenant_names: list[str], out: Console, err: Console) -> list[TenantOutcome]:
+    # The console shows the progress bar and the results table; MLflow's INFO lines
+    # ("Creating initial MLflow database tables...") say nothing a user acts on. Read when
+    # MLflow is first imported (in the first training step); a user's own setting wins.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     settings = load_settings()
     prepare_tenants(settings, tenant_names, err)
     home = dagster_home(settings)

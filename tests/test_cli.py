@@ -57,6 +57,24 @@ def test_upgrade_then_status_on_an_external_server(external_database, server):
     assert f"{name} is already at {head_revision()}" in again.stdout
 
 
+def test_status_counts_the_rows_of_a_fresh_database_exactly(external_database):
+    """A fresh database has no statistics yet (reltuples -1 on PostgreSQL 14+): `db status`
+    used to show 0 rows (estimate) for every table. Small tables are counted, and the table
+    says which counts are exact."""
+    env, _name = external_database
+    assert run_maestro("db", "upgrade", env=env).returncode == 0
+    for tenant in ("acme", "globex", "initech"):
+        assert run_maestro("tenants", "add", tenant, env=env).returncode == 0
+    report = json.loads(run_maestro("db", "status", "--json", env=env).stdout)
+    tables = {t["table_name"]: t for t in report["tables"]}
+    assert (tables["tenants"]["rows"], tables["tenants"]["rows_exact"]) == (3, True)
+    assert all(t["rows_exact"] and t["rows"] == 0 for name, t in tables.items() if name != "tenants")
+    shown = run_maestro("db", "status", env=env)
+    assert shown.returncode == 0, shown.stderr
+    row = next(line for line in shown.stdout.splitlines() if line.startswith("│ tenants "))
+    assert [cell.strip() for cell in row.split("│")[2:4]] == ["3", "exact"]
+
+
 def test_embedded_default_with_nothing_configured(tmp_path):
     home = tmp_path / "home"
     env = {"MAESTRO_HOME": str(home)}

@@ -68,7 +68,6 @@ class ModelRegistry:
         trusted = sio.get_untrusted_types(data=sio.dumps(model))
         with mlflow.start_run(experiment_id=self.experiment_id(tenant), tags=tags) as run:
             mlflow.log_params(params)
-            mlflow.log_metrics(metrics)
             info = mlflow.sklearn.log_model(
                 model,
                 name="model",
@@ -78,6 +77,10 @@ class ModelRegistry:
                 pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
                 skops_trusted_types=trusted,
             )
+            # After log_model, tied to the logged model: logged before it, log_model copies the
+            # run's metrics onto the model by inserting the same rows again, a duplicate-key
+            # error MLflow swallows but psycopg reports ("error ignored terminating Pipeline").
+            mlflow.log_metrics(metrics, model_id=info.model_id)
         return run.info.run_id, info.model_uri
 
     def log_evaluation(self, run_id: str, metrics: dict[str, float], pictures: dict[str, bytes]) -> None:
