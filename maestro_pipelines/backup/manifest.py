@@ -8,6 +8,7 @@ Store layout (keys relative to the store's URL):
     backups/<backup_id>/verified.json       written by verify, names the manifest's sha256
     monthly/<YYYY-MM>/<backup_id>/...       monthly archives: server-side copies, same layout
     activity/<kind>-<id>.json               a backup or restore in progress (retention waits)
+    swaps/<stamp>.json                      a live restore's swap in progress (journal.py)
 
 Backup ids sort by time (`20261126T020000Z-1a2b3c`), so listing order is age order.
 """

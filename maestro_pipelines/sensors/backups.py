@@ -87,6 +87,8 @@ def _with_half_done_restores(context, store: ObjectStoreResource, alerts: AlertR
     except MaestroError:
         return result  # the store cannot be read: _rpo_evaluation alerted on that
     alerted = set(_load_state(context.cursor).get("half_done") or [])
+    if not found and not alerted:
+        return result
     for journal in found:
         if journal.stamp in alerted:
             continue
