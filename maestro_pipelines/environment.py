@@ -4,7 +4,10 @@ Embedded default (nothing configured): the embedded PostgreSQL under MAESTRO_HOM
 platform database, MLflow's backend and the demo's training rows; the object store is
 MAESTRO_HOME/store. Production: the same resources pointed at real services by environment
 variables, passed as `dg.EnvVar` so their values (passwords) are resolved at run time and
-never shown in the UI.
+never shown in the UI: the resources page shows the variable's name and the Launchpad pre-fills
+`{env: NAME}`, which launches as it is. A variable that is not set leaves its field empty (None),
+which the Launchpad leaves out; nothing here is ever a masked placeholder (see
+`maestro_pipelines.resources.secret_fields`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import dagster as dg
 
 from maestro_pipelines.resources import AlertResource, CacheResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
+from maestro_pipelines.resources.secret_fields import check_secrets_by_name
 from maestro_pipelines.settings import Settings, load_settings
 
 
@@ -75,7 +79,7 @@ def data_source(settings: Settings):
 
 def resources_for_environment(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
     settings = settings or load_settings()
-    return {
+    resources = {
         "platform_db": platform_database(settings),
         "mlflow": mlflow_registry(settings),
         "source": data_source(settings),
@@ -83,3 +87,7 @@ def resources_for_environment(settings: Settings | None = None) -> dict[str, dg.
         "alerts": alerts(settings),
         "cache": cache(settings),
     }
+    for key, resource in resources.items():
+        # The UI shows a credential field's value unless it is an EnvVar (see secret_fields).
+        check_secrets_by_name(key, resource)
+    return resources

@@ -21,6 +21,8 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
+from maestro_pipelines.resources.secret_fields import SECRET_FIELD
+
 SEVERITIES = ("info", "warning", "error", "critical")
 _EMOJI = {"info": ":information_source:", "warning": ":warning:", "error": ":rotating_light:", "critical": ":fire:"}
 _LOG_LEVEL = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
@@ -84,7 +86,7 @@ class AlertResource(dg.ConfigurableResource):
             "variable (the URL is the credential: it never shows in the UI or the logs). "
             "Empty: alerts are logged only."
         ),
-        json_schema_extra={"dagster__is_secret": True},
+        json_schema_extra=SECRET_FIELD,
     )
     timeout_seconds: float = Field(
         default=5.0, gt=0, le=30, description="Timeout of one POST to the webhook, in seconds."

@@ -13,6 +13,8 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
+from maestro_pipelines.resources.secret_fields import SECRET_FIELD
+
 
 class CacheResource(dg.ConfigurableResource):
     """An in-process LRU in front of Redis (optional); Redis failures degrade, never fail a run."""
@@ -23,7 +25,7 @@ class CacheResource(dg.ConfigurableResource):
             "Redis URL (redis://, rediss:// or unix://), set from the MAESTRO_REDIS_URL environment variable; "
             "it may hold a password, so it never shows in the UI or the logs. Empty: the in-process LRU works alone."
         ),
-        json_schema_extra={"dagster__is_secret": True},
+        json_schema_extra=SECRET_FIELD,
     )
     lru_max_items: int = Field(default=200_000, gt=0, description="Most entries the in-process LRU holds.")
     lru_max_mb: float = Field(default=256.0, gt=0, description="Approximate memory bound of the in-process LRU, in MiB.")

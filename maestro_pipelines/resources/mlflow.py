@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from maestro_pipelines.resources.secret_fields import SECRET_FIELD
 from maestro_pipelines.settings import DEFAULT_HOME, Settings
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ class MLflowRegistry(dg.ConfigurableResource):
             "MLflow tracking/registry URI (an http(s) server or a SQLAlchemy database URL), from "
             "MLFLOW_TRACKING_URI. Empty: a database next to the platform database."
         ),
-        json_schema_extra={"dagster__is_secret": True},
+        json_schema_extra=SECRET_FIELD,
     )
     artifact_root: Optional[str] = Field(
         default=None,
@@ -39,7 +40,7 @@ class MLflowRegistry(dg.ConfigurableResource):
     database_url: Optional[str] = Field(
         default=None,
         description="MAESTRO_DATABASE_URL, to place MLflow's database next to the platform's. Empty: embedded.",
-        json_schema_extra={"dagster__is_secret": True},
+        json_schema_extra=SECRET_FIELD,
     )
     home: str = Field(default=DEFAULT_HOME, description="MAESTRO_HOME (embedded server data, local store).")
     store_url: Optional[str] = Field(default=None, description="MAESTRO_STORE_URL, for the default artifact root.")

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Optional
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from maestro_pipelines.resources.secret_fields import SECRET_FIELD
 from maestro_pipelines.settings import DEFAULT_HOME, Settings
 
 if TYPE_CHECKING:
     from maestro_pipelines.storage import ObjectStore
 
 STORE_URL_VARIABLE = "MAESTRO_STORE_URL"
-_SECRET = {"dagster__is_secret": True}
 
 
 class ObjectStoreResource(dg.ConfigurableResource):
@@ -48,10 +48,10 @@ class ObjectStoreResource(dg.ConfigurableResource):
     aws_secret_access_key: Optional[str] = Field(
         default=None,
         description="S3: secret access key, as dg.EnvVar('AWS_SECRET_ACCESS_KEY'). Empty: the default chain.",
-        json_schema_extra=_SECRET,
+        json_schema_extra=SECRET_FIELD,
     )
     aws_session_token: Optional[str] = Field(
-        default=None, description="S3: session token for temporary credentials.", json_schema_extra=_SECRET
+        default=None, description="S3: session token for temporary credentials.", json_schema_extra=SECRET_FIELD
     )
     profile_name: Optional[str] = Field(default=None, description="S3: AWS profile (AWS_PROFILE if empty).")
     gcs_project: Optional[str] = Field(
@@ -66,7 +66,7 @@ class ObjectStoreResource(dg.ConfigurableResource):
             "Azure: storage account connection string, as dg.EnvVar('AZURE_STORAGE_CONNECTION_STRING'). "
             "Empty: that environment variable."
         ),
-        json_schema_extra=_SECRET,
+        json_schema_extra=SECRET_FIELD,
     )
     retry_attempts: int = Field(
         default=5, description="Tries per request on transient errors (network, 5xx, throttling), at least 1."

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from maestro_pipelines.resources.secret_fields import SECRET_FIELD
 from maestro_pipelines.settings import DEFAULT_HOME, Settings
 
 if TYPE_CHECKING:
@@ -33,8 +34,7 @@ class PlatformDatabase(dg.ConfigurableResource):
             "set from the MAESTRO_DATABASE_URL environment variable so the password never "
             "shows in the UI. Empty: the embedded PostgreSQL 18 under `home`."
         ),
-        # Masked in the UI even if someone passes the URL as a plain string.
-        json_schema_extra={"dagster__is_secret": True},
+        json_schema_extra=SECRET_FIELD,
     )
     home: str = Field(
         default=DEFAULT_HOME,

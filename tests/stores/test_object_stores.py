@@ -466,5 +466,6 @@ def test_resource_fields_are_described_and_secrets_masked():
 
     fields = ObjectStoreResource.model_fields
     assert all(field.description for field in fields.values())
-    secret = {name for name, f in fields.items() if (f.json_schema_extra or {}).get("dagster__is_secret")}
-    assert secret == {"aws_secret_access_key", "aws_session_token", "azure_connection_string"}
+    from maestro_pipelines.resources.secret_fields import secret_field_names
+
+    assert secret_field_names(ObjectStoreResource) == {"aws_secret_access_key", "aws_session_token", "azure_connection_string"}

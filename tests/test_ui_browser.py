@@ -1,0 +1,326 @@
+"""The Dagster UI as on-call uses it, in a real browser.
+
+Playwright drives Debian's Chromium (no `playwright install`) against `dagster dev` on a
+loopback port, on the embedded default (nothing configured): the webserver, the daemon and
+the run workers are separate processes, and runs go through the multiprocess executor, as
+they do for a user. Screenshots of every step are saved (and copied to MAESTRO_TEST_UI_SHOTS,
+default /tmp/ui-shots) so a person can look at what the test saw.
+
+- Jobs -> restore_database -> Launchpad: the pre-filled config launches a scratch restore of
+  the backup on-call typed, with no masked placeholder (`'********'`) standing in for a
+  deployment's URL; the Launchpad shows `backup`, `target`, `confirm` and `before` with their
+  descriptions.
+- Lineage -> the `ml` group -> Materialize all -> one tenant's partition -> the run succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .services import REPO_ROOT, free_port, missing_service
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+CHROMIUM = Path("/usr/bin/chromium")
+BIN = Path(sys.executable).parent
+TENANT = "acme"
+STARTUP_DEADLINE_S = 240
+RESTORE_DEADLINE_S = 400
+ML_DEADLINE_S = 900  # 7 assets and their checks, one subprocess per step, on 2 busy cores
+UI_STEP_TIMEOUT_MS = 90_000  # one click or page under load
+MASK = "********"
+
+RUN_QUERY = """
+query ($runId: ID!) {
+  runOrError(runId: $runId) { __typename ... on Run { status runConfigYaml } }
+  logsForRun(runId: $runId) {
+    __typename ... on EventConnection { events { __typename ... on MessageEvent { message level } } }
+  }
+}
+"""
+MATERIALIZATIONS_QUERY = """
+query ($path: [String!]!, $partition: String!) {
+  assetOrError(assetKey: {path: $path}) {
+    __typename ... on Asset { assetMaterializations(partitions: [$partition]) { partition runId } }
+  }
+}
+"""
+TENANT_RUNS_QUERY = """
+query ($partition: String!) {
+  runsOrError(filter: {tags: [{key: "dagster/partition", value: $partition}]}) {
+    __typename ... on Runs { results { runId } }
+  }
+}
+"""
+LOCATION_QUERY = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }"
+
+
+def _sync_playwright():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing_service("Playwright", "pip install playwright (in the dev extra; no `playwright install` needed)")
+    if not CHROMIUM.exists():
+        missing_service("Chromium", "apt-get install chromium (scripts/test installs it)")
+    return sync_playwright
+
+
+def _graphql(base: str, query: str, variables: dict | None = None) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(f"{base}/graphql", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["data"]
+
+
+def _user_env(tmp: Path) -> dict[str, str]:
+    """A user's shell on the embedded default: none of the other tests' MAESTRO_*/MLFLOW_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAESTRO_", "MLFLOW_", "DAGSTER_"))}
+    dagster_home = tmp / "dagster_home"
+    dagster_home.mkdir()
+    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    (tmp / "tmp").mkdir()
+    return {**env, "TMPDIR": str(tmp / "tmp"), "DAGSTER_HOME": str(dagster_home), "MAESTRO_HOME": str(tmp / "maestro")}
+
+
+def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(args[:3])} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _prepare(env: dict[str, str]) -> str:
+    """A demo tenant with its rows and its partition, then a backup of it: the backup's id."""
+    seed = (
+        "import dagster as dg\n"
+        "from rich.console import Console\n"
+        "from maestro_pipelines.demo_run import prepare_tenants\n"
+        "from maestro_pipelines.settings import load_settings\n"
+        f"prepare_tenants(load_settings(), [{TENANT!r}], Console(stderr=True))\n"
+        "with dg.DagsterInstance.get() as instance:\n"
+        f"    instance.add_dynamic_partitions('tenants', [{TENANT!r}])\n"
+    )
+    _run([sys.executable, "-c", seed], env)
+    return json.loads(_run([str(BIN / "maestro"), "backup", "run", "--json"], env).stdout)["id"]
+
+
+def _wait_for_location(base: str, process: subprocess.Popen, log: Path) -> None:
+    """Poll until the webserver answers and the code location is loaded."""
+    deadline = time.monotonic() + STARTUP_DEADLINE_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"dagster dev exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            entries = _graphql(base, LOCATION_QUERY)["workspaceOrError"]["locationEntries"]
+            if any(e["name"] == "maestro" and e["loadStatus"] == "LOADED" for e in entries):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, KeyError, TypeError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"dagster dev did not load the code location in {STARTUP_DEADLINE_S} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """dagster dev and its children (webserver, daemon, code server, runs): its process group."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # children that outlived the parent
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def dagster_ui(tmp_path_factory):
+    """`dagster dev -h 127.0.0.1 -p PORT` from the repository, after a demo tenant and a backup."""
+    sync_playwright = _sync_playwright()
+    from maestro_pipelines.platform_db.embedded import EmbeddedPostgres
+
+    tmp = tmp_path_factory.mktemp("ui")
+    env = _user_env(tmp)
+    backup_id = _prepare(env)
+    port = free_port()
+    log = tmp / "dagster-dev.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [str(BIN / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    shots = tmp / "shots"
+    shots.mkdir()
+    try:
+        _wait_for_location(base, process, log)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+            try:
+                yield {"base": base, "browser": browser, "backup_id": backup_id, "shots": shots, "log": log}
+            finally:
+                browser.close()
+    finally:
+        _stop(process)
+        EmbeddedPostgres(Path(env["MAESTRO_HOME"])).stop()
+        copy_to = Path(os.environ.get("MAESTRO_TEST_UI_SHOTS", "/tmp/ui-shots"))
+        copy_to.mkdir(parents=True, exist_ok=True)
+        for shot in shots.glob("*.png"):
+            shutil.copy(shot, copy_to / shot.name)
+
+
+@pytest.fixture
+def page(dagster_ui):
+    context = dagster_ui["browser"].new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(UI_STEP_TIMEOUT_MS)
+    # Dagit's first visit shows a "Join the Dagster community" modal, whenever it likes.
+    page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda skip: skip.click())
+    yield page
+    context.close()
+
+
+def _shot(page, dagster_ui, name: str, ready=None) -> None:
+    if ready is not None:  # a page that renders after the network went quiet
+        ready.wait_for()
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=str(dagster_ui["shots"] / f"{name}.png"))
+
+
+def _nav(page, label: str):
+    # Navigation links are named "<icon name> <label>" (e.g. "column_lineage Jobs").
+    return page.get_by_role("navigation").get_by_role("link", name=re.compile(rf"(^|\s){label}$"))
+
+
+def _run_events(page):
+    return page.get_by_role("button", name=re.compile(r"Events$"))
+
+
+def _wait_for_run_outcome(page, dagster_ui, run_id: str, deadline_s: float, name: str) -> str:
+    """The run page's status tag once the run has ended; the run's errors when it did not succeed."""
+    from playwright.sync_api import expect
+
+    outcome = page.get_by_text(re.compile(r"^(Success|Failure|Canceled)$")).first
+    expect(outcome).to_be_visible(timeout=deadline_s * 1000)
+    _shot(page, dagster_ui, name)
+    status = outcome.inner_text()
+    if status != "Success":
+        data = _graphql(dagster_ui["base"], RUN_QUERY, {"runId": run_id})
+        errors = [e["message"] for e in data["logsForRun"].get("events", []) if e.get("level") == "ERROR"]
+        pytest.fail(f"run {run_id} ended {status}:\n" + "\n".join(errors)[-3000:])
+    return status
+
+
+def _tenant_run_id(base: str) -> str:
+    """The run launched for the tenant's partition (the only one of this instance)."""
+    deadline = time.monotonic() + 60
+    while True:
+        data = _graphql(base, TENANT_RUNS_QUERY, {"partition": TENANT})
+        runs = data["runsOrError"].get("results") or []
+        if runs:
+            assert len(runs) == 1, f"more than one run for {TENANT}: {runs}"
+            return runs[0]["runId"]
+        assert time.monotonic() < deadline, f"no run for the partition {TENANT} was launched"
+        time.sleep(0.5)
+
+
+def test_restore_database_launches_from_the_launchpad_into_scratch(page, dagster_ui):
+    """On-call opens the Launchpad of restore_database, types the backup id over `latest`,
+    launches, and the scratch restore succeeds; the pre-filled config names no secret."""
+    from playwright.sync_api import expect
+
+    from maestro_pipelines.jobs.restore import RestoreConfig
+
+    backup_id = dagster_ui["backup_id"]
+    page.goto(dagster_ui["base"] + "/")
+    _shot(page, dagster_ui, "restore-01-overview")
+    _nav(page, "Jobs").click()
+    page.get_by_role("link", name=re.compile(r"\brestore_database\b")).click()
+    page.get_by_role("tab", name="Launchpad").click()
+    editor = page.locator(".CodeMirror", has_text="restore_from_backup")
+    expect(editor).to_be_visible()
+    prefilled = editor.evaluate("element => element.CodeMirror.getValue()")
+    _shot(page, dagster_ui, "restore-02-launchpad-prefilled")
+
+    # The help panel beside the editor documents the restore's fields where the cursor is.
+    editor.get_by_text("backup", exact=True).click()
+    help_panel = page.locator("code", has_text="confirm")
+    expect(help_panel).to_be_visible()
+    help_text = " ".join(help_panel.inner_text().split())
+    _shot(page, dagster_ui, "restore-03-field-descriptions")
+    for field in ("backup", "target", "confirm", "before"):
+        description = " ".join(RestoreConfig.model_fields[field].description.split())
+        assert description in help_text, f"the Launchpad does not describe `{field}`: {help_text[:2000]}"
+
+    # What on-call types: which backup. Scratch is the default target; no confirmation needed.
+    editor.get_by_text("latest", exact=True).dblclick()
+    page.keyboard.type(backup_id)
+    assert f"backup: {backup_id}" in editor.evaluate("element => element.CodeMirror.getValue()")
+    _shot(page, dagster_ui, "restore-04-backup-typed")
+    launch = page.get_by_role("button", name="Launch Run")
+    expect(launch).to_be_enabled()
+    launch.click()
+    page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"))
+    run_id = page.url.split("/runs/")[1].split("?")[0]
+    _shot(page, dagster_ui, "restore-05-run-started", ready=_run_events(page))
+    _wait_for_run_outcome(page, dagster_ui, run_id, RESTORE_DEADLINE_S, "restore-06-run-succeeded")
+
+    run = _graphql(dagster_ui["base"], RUN_QUERY, {"runId": run_id})
+    messages = [e.get("message") or "" for e in run["logsForRun"]["events"]]
+    assert any(f"Restore of backup {backup_id} done" in m for m in messages), messages[-20:]
+    assert any("restored into" in m and "_restore_" in m for m in messages), "not restored into scratch databases"
+    # The pre-filled config: every choice of a restore, no placeholder for a deployment's value.
+    for line in ("backup: latest", "target: scratch", "confirm:", "before:"):
+        assert re.search(rf"^\s+{re.escape(line)}", prefilled, re.M), f"`{line}` not pre-filled:\n{prefilled}"
+    assert MASK not in prefilled and MASK not in run["runOrError"]["runConfigYaml"]
+
+
+def test_one_tenants_ml_graph_materializes_from_the_asset_graph(page, dagster_ui):
+    """Lineage -> the `ml` group -> Materialize all -> the tenant's partition -> Launch: the
+    run of the whole graph (training to batch predictions) succeeds."""
+    from playwright.sync_api import expect
+
+    page.goto(dagster_ui["base"] + "/")
+    _nav(page, "Lineage").click()
+    group = page.get_by_role("button", name="asset_group ml ml")
+    group.hover()
+    group.locator("xpath=..").get_by_role("button").last.click()  # the group's "..." menu
+    page.get_by_role("menuitem", name=re.compile("Filter to this group")).click()
+    _shot(page, dagster_ui, "ml-01-group")
+    page.get_by_role("button", name=re.compile("Materialize all")).click()
+    dialog = page.get_by_role("dialog").first
+    dialog.get_by_text("Select a partition or create one").click()
+    page.get_by_role("menuitem", name=f"{TENANT} {TENANT}").click()
+    dialog.get_by_text("Launch runs to materialize").click()  # closes the partition list
+    expect(page.get_by_role("textbox", name="Filter partitions")).to_be_hidden()
+    launch = dialog.get_by_role("button", name="Launch 1 run")
+    expect(launch).to_be_enabled()
+    _shot(page, dagster_ui, "ml-02-partition-picked")
+    launch.click()
+    expect(dialog).to_be_hidden()
+    # The toast "Launched run ... View" goes away after a few seconds: open the run from Runs.
+    run_id = _tenant_run_id(dagster_ui["base"])
+    _nav(page, "Runs").click()
+    page.get_by_role("link", name=f"run {run_id[:8]}").click()
+    page.wait_for_url(re.compile(rf"/runs/{run_id}"))
+    _shot(page, dagster_ui, "ml-03-run-started", ready=_run_events(page))
+    _wait_for_run_outcome(page, dagster_ui, run_id, ML_DEADLINE_S, "ml-04-run-succeeded")
+
+    for asset in ("training_data", "deployment", "batch_predictions"):
+        data = _graphql(dagster_ui["base"], MATERIALIZATIONS_QUERY, {"path": [asset], "partition": TENANT})
+        runs = {m["runId"] for m in data["assetOrError"]["assetMaterializations"]}
+        assert run_id in runs, f"{asset} has no materialization of {TENANT} from run {run_id}"
