@@ -4,6 +4,7 @@ databases, RTO/RPO checks, the chart of the last drills, alerts to a webhook on 
 from __future__ import annotations
 
 import base64
+import os
 
 import dagster as dg
 
@@ -94,10 +95,12 @@ def test_a_drill_on_a_damaged_backup_fails_alerts_and_leaves_nothing_behind(dril
     backup = drill_env.take_backup()
     dump = backup.database("platform")
     path = drill_env.store_dir / "backups" / backup.backup_id / dump.key.rsplit("/", 1)[-1]
+    written = path.stat()
     with open(path, "r+b") as f:  # bit rot: one byte changed in place, the store's record kept
         first = f.read(1)
         f.seek(0)
         f.write(bytes([first[0] ^ 0xFF]))
+    os.utime(path, ns=(written.st_atime_ns, written.st_mtime_ns))  # and the mtime: only reading shows it
 
     result = drill_env.run("dr_drill_job", alerts=alerts)
     assert not result.success
