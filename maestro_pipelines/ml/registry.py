@@ -6,6 +6,8 @@ Registry stages are deprecated in MLflow 3: a version is promoted by moving the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,34 @@ class RegisteredVersion:
     tags: dict[str, str]
 
 
+# pg_advisory_lock key: "MLflow creates its tables" (any constant; scoped to one database).
+MLFLOW_SCHEMA_LOCK = 7_284_119_003
+
+
+@contextmanager
+def _one_process_at_a_time(tracking_uri: str) -> Iterator[None]:
+    """MLflow creates its tables (alembic) when a process first opens a new database; the
+    trainings of several tenants starting at once (each step a process of its own) collided
+    there ("duplicate key ... pg_type_typname_nsp_index"). On PostgreSQL they take turns,
+    holding an advisory lock on that database; an http(s) tracking server needs nothing."""
+    if not tracking_uri.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    engine = sa.create_engine(tracking_uri, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MLFLOW_SCHEMA_LOCK})
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MLFLOW_SCHEMA_LOCK})
+    finally:
+        engine.dispose()
+
+
 class ModelRegistry:
     """One MLflow tracking/registry backend; `artifact_root` is where new experiments store."""
 
@@ -36,7 +66,9 @@ class ModelRegistry:
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root.rstrip("/") if artifact_root else None
         self._mlflow = mlflow
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        with _one_process_at_a_time(tracking_uri):
+            self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            self.client._get_registry_client()  # its store checks the tables too: inside the lock
 
     # -- experiments and runs -------------------------------------------------------------
     def experiment_id(self, tenant: str) -> str:
