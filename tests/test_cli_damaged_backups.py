@@ -4,9 +4,10 @@ on a local folder store and on S3 (moto over real HTTP).
 
 Five verified backups; then the four newest are damaged behind Maestro's back, one way each:
 a byte flipped, the dump truncated, the dump deleted, the dump swapped for an older backup's.
-A head per object (size, recorded sha256; on the local store also the file's mtime) sees the
-last three everywhere, and the flip on the local store (written in place: the mtime moved).
-On S3 a flip re-uploaded with the old metadata keeps size and recorded sha256: no head can
+`restore --backup latest`, `restore --before NOW` and `drill` each take the oldest, the only
+intact one, and say which they skipped and why. A head per object (size, recorded sha256; on
+the local store also the file's mtime) sees the last three everywhere, and the flip on the
+local store (written in place: the mtime moved). On S3 a flip re-uploaded with the old metadata keeps size and recorded sha256: no head can
 see it, so there `maestro backup verify` finds it and records the failure; from then on it
 is listed as BAD and skipped like the others."""
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime, timezone
 
 import pytest
 from sqlalchemy import text
@@ -126,10 +128,12 @@ def test_latest_and_the_drill_skip_backups_damaged_after_verification(pg18, plat
 
     restored = run_ok("restore", "--backup", "latest", "--json", env=env)
     assert json.loads(restored.stdout)["backup_id"] == good
+    before_now = run_ok("restore", "--before", datetime.now(timezone.utc).isoformat(), "--json", env=env)
+    assert json.loads(before_now.stdout)["backup_id"] == good
     drilled = run_ok("drill", "--json", env=env)
     assert json.loads(drilled.stdout)["backup_id"] == good
     flipped_why = "verification failed" if isinstance(case, S3Case) else "written to in place"
-    for output in (restored.stderr, drilled.stderr):
+    for output in (restored.stderr, before_now.stderr, drilled.stderr):
         skipped = [line for line in output.splitlines() if "skipping backup" in line]
         assert len(skipped) == 4, output
         for backup_id, why in ((flipped, flipped_why), (truncated, "bytes, the manifest says"),
