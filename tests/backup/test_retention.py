@@ -217,3 +217,20 @@ def test_monthly_archive_is_the_newest_verified_backup_and_outlives_it(pg18_data
     [listed] = list_backups(store, monthly=True)
     assert (listed.backup_id, listed.verified) == (first.backup_id, True)
     assert [e.backup_id for e in list_backups(store)] == [second.backup_id]
+
+
+def test_retention_keeps_an_intact_backup_when_the_newest_verified_one_lost_an_object(pg18_databases, case):
+    """The newest verified backup's dump was deleted after its verification: retention no
+    longer takes it for the good one, and keeps the older intact verified backup that the
+    policy (one day) would otherwise have deleted as superseded."""
+    store = case.store
+    older = small_backup(pg18_databases, store)
+    newer = small_backup(pg18_databases, store)
+    for manifest in (older, newer):
+        assert verify_backup(store, manifest.backup_id).ok
+    store.delete(newer.database("platform").key)
+
+    plan = apply_retention(store, RetentionPolicy(daily=1))
+    assert (older.backup_id, "newest verified backup") in [(e.backup_id, why) for e, why in plan.keep]
+    assert plan.delete == []
+    assert [e.backup_id for e in list_backups(store)] == [older.backup_id, newer.backup_id]
