@@ -193,6 +193,8 @@ def test_backup_restore_and_drill_commands(managed):
     drill = managed.maestro("drill")
     assert "RTO" in drill.stdout and "1 production aliases resolved" in drill.stdout
     assert managed.databases() == {managed.database, f"{managed.database}_mlflow"}, "the drill left scratch databases"
+    stored = [path for path in managed.store_dir.rglob("*") if path.is_file()]
+    assert stored and not [path for path in stored if managed.password.encode() in path.read_bytes()]
 
 
 def test_an_administrators_session_is_named_not_a_permission_error(managed):
@@ -214,18 +216,27 @@ def test_an_administrators_session_is_named_not_a_permission_error(managed):
         assert f"held open by 1 session of {managed.server.admin_url.username}" in refused.stderr, refused.stderr
         assert managed.tenants() == ["acme", "after-the-backup"], "the live database must be left as it was"
 
-    own_session = psycopg_connect(managed.server.admin_url.set(database=leftover, username=managed.role,
-                                                                password=managed.password), source="role")
-    held = managed.admin(leftover)
+    # A monitoring agent's role (LOGIN only) connected to a scratch restore, and a forgotten
+    # session of Maestro's own role: cleanup ends the latter, may not end the former.
+    monitor, monitor_password = f"{managed.role}_monitor", secrets.token_hex(8)
+    with managed.admin() as conn:
+        conn.execute(f"CREATE ROLE {quote_ident(monitor)} LOGIN PASSWORD '{monitor_password}'")
     try:
-        kept = managed.maestro("restore", "cleanup", expect=1)
-        assert f"'{leftover}'" in kept.stderr and "1 session of" in kept.stderr, kept.stderr
-        assert managed.databases() == {managed.database, leftover}, "the other leftovers are dropped"
+        connect_as = managed.server.admin_url.set(database=leftover)
+        own_session = psycopg_connect(connect_as.set(username=managed.role, password=managed.password), source="role")
+        held = psycopg_connect(connect_as.set(username=monitor, password=monitor_password), source="monitor")
+        try:
+            kept = managed.maestro("restore", "cleanup", expect=1)
+            assert f"'{leftover}'" in kept.stderr and f"1 session of {monitor}," in kept.stderr, kept.stderr
+            assert managed.databases() == {managed.database, leftover}, "the other leftovers are dropped"
+        finally:
+            held.close()
+            own_session.close()
+        managed.maestro("restore", "cleanup")
+        assert managed.databases() == {managed.database}
     finally:
-        held.close()
-        own_session.close()
-    managed.maestro("restore", "cleanup")
-    assert managed.databases() == {managed.database}
+        with managed.admin() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {quote_ident(monitor)}")
 
 
 def test_extensions_an_administrator_created(managed):
