@@ -172,3 +172,19 @@ def test_commands_with_different_tmpdirs_start_and_stop_the_server_in_turn(home)
         for command in together:
             finish(command)
     assert not EmbeddedPostgres(home).is_running()
+
+
+def test_db_start_keeps_the_server_even_when_another_process_was_attached_first(home):
+    """`maestro db start` while the webserver (here a holder) already uses the server: when
+    that process exits later, the server keeps running until `maestro db stop`."""
+    holder = Holder(home)
+    try:
+        finish(start_maestro(home, "db", "start"))
+        server = postmaster_pid(home)
+        assert holder.exit() == 0
+        assert EmbeddedPostgres(home).is_running() and postmaster_pid(home) == server, \
+            "the server stopped with the last process although `maestro db start` asked to keep it"
+        finish(start_maestro(home, "db", "stop"))
+        assert not EmbeddedPostgres(home).is_running()
+    finally:
+        holder.ensure_gone()

@@ -95,7 +95,7 @@ class EmbeddedPostgres:
                 ) from None
             server._lock = self._wheel_lock  # for its exit handler, whatever home comes next
             self._apply_settings(server)
-        self._forget_dead_handles_at_exit(wheel)
+        self._before_the_wheel_exits(wheel, server)
         return server
 
     @property
@@ -124,15 +124,22 @@ class EmbeddedPostgres:
             if alive != pids:
                 handles.put(alive)
 
-    def _forget_dead_handles_at_exit(self, wheel) -> None:
-        """Prune again when this process exits, just before the wheel's own exit handler
-        decides whether this was the last process (atexit runs handlers last in, first out):
-        a process killed after this one attached would otherwise keep the server running."""
+    def _before_the_wheel_exits(self, wheel, server) -> None:
+        """At this process's exit, just before the wheel's own exit handler decides whether
+        this was the last process and stops the server (atexit runs handlers last in, first
+        out): prune again, for a process killed after this one attached would keep the server
+        running; and read the keep-running marker again, which `maestro db start` may have
+        written since this process attached."""
         import atexit
+
+        def before_exit() -> None:
+            self._forget_dead_handles(wheel)
+            if self.keep_running_marker.exists():
+                server.cleanup_mode = None
 
         if self.pgdata not in _PRUNING_AT_EXIT:
             _PRUNING_AT_EXIT.add(self.pgdata)
-            atexit.register(self._forget_dead_handles, wheel)
+            atexit.register(before_exit)
 
     def _apply_settings(self, server) -> None:
         """Write SERVER_SETTINGS with ALTER SYSTEM where the server differs; reload, and restart
