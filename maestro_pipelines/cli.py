@@ -711,9 +711,26 @@ def _human_bytes(size: int) -> str:
     return f"{size} TB"
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a service manager, `kill`) raised in the main thread, so that what a command
+    was writing is removed on the way out (a failed backup's objects, uploads and marker;
+    a restore's databases) instead of the process vanishing mid-write. Not an Exception:
+    nothing that handles errors swallows it."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         app()
+    except _Terminated:
+        err.print("terminated (SIGTERM)", highlight=False)
+        sys.exit(128 + signal.SIGTERM)
     except MaestroError as exc:
         err.print(f"error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -30,7 +30,7 @@ from tests.backup.conftest import (
 )
 from tests.backup.test_killed import kill, start_backup
 from tests.stores.conftest import AWS, PREFIX, LocalCase, S3Case
-from tests.test_cli import run_maestro
+from tests.test_cli import MAESTRO, run_maestro
 
 MODEL = f"{ARTIFACTS}model.pkl"
 
@@ -200,3 +200,38 @@ def test_archive_of_a_corrupt_backup_fails_and_leaves_no_partial_monthly_folder(
     assert [p for p in local_raw_files(local_case, ".maestro-meta") if p.startswith(".maestro-meta/monthly/")] == []
     listed = run_maestro("backup", "list", "--monthly", "--json", env=cli_env(local_case))
     assert listed.returncode == 0 and json.loads(listed.stdout) == []
+
+
+def test_backup_run_stopped_with_sigterm_removes_what_it_wrote(pg18_databases, local_case, tmp_path):
+    """`maestro backup run` stopped the way a service manager or `kill` stops it (SIGTERM)
+    while pg_dump waits for a table lock, after it wrote its marker and artifact manifest:
+    it removes both and stops pg_dump before it exits; nothing is left to list or sweep."""
+    dbs = pg18_databases
+    database = dbs.create()
+    dbs.execute(database, "CREATE TABLE busy (id int)", "INSERT INTO busy VALUES (1)")
+    local_case.store.put_bytes(MODEL, b"weights" * 100)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MAESTRO_", "MLFLOW_"))},
+           "MAESTRO_DATABASE_URL": dbs.server.libpq_url(database), "MAESTRO_HOME": str(tmp_path / "home"),
+           **cli_env(local_case)}
+    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'maestro-backup' "
+               f"AND datname = '{database}' AND wait_event_type = 'Lock'")
+    with dbs.connect(database, autocommit=False) as locker:
+        locker.execute("LOCK TABLE busy IN ACCESS EXCLUSIVE MODE")
+        backup = subprocess.Popen([MAESTRO, "backup", "run", "--no-verify"], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_until("pg_dump waiting for the lock", lambda: dbs.scalar("postgres", waiting) >= 1, backup)
+            [pg_dump] = wait_until("pg_dump under the backup", lambda: children_named(backup.pid, "pg_dump"), backup)
+            assert keys(local_case.store, "backups/") != [] and keys(local_case.store, "activity/") != []
+            backup.send_signal(signal.SIGTERM)
+            out, err = backup.communicate(timeout=120)
+        finally:
+            if backup.poll() is None:
+                backup.kill()
+                backup.wait()
+        locker.rollback()
+    assert backup.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err.decode()
+    assert everything_but_the_model(local_case) == []
+    with pytest.raises(ProcessLookupError):
+        os.kill(pg_dump, 0)  # stopped and reaped by the backup on its way out, not orphaned
