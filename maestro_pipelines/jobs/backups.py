@@ -75,7 +75,9 @@ def apply_backup_retention(context: dg.OpExecutionContext, config: RetentionConf
     for entry, why in plan.delete:
         context.log.info(f"{verb} {entry.root}: {why}")
     for root in plan.delete_incomplete:
-        context.log.info(f"{verb} {root}: never finished (no manifest), older than the stale limit")
+        context.log.info(f"{verb} {root}: never finished (no manifest), left by a dead process or older than the stale limit")
+    for leftover in plan.discarded:
+        context.log.info(f"removed {leftover}: left by a write that never finished")
 
     def listing(items) -> str:
         return "\n".join(f"- `{entry.root}`: {why}" for entry, why in items) or "none"
@@ -89,6 +91,7 @@ def apply_backup_retention(context: dg.OpExecutionContext, config: RetentionConf
             "kept": dg.MetadataValue.int(len(plan.keep)),
             "deleted": dg.MetadataValue.int(len(plan.delete)),
             "deleted_incomplete": dg.MetadataValue.int(len(plan.delete_incomplete)),
+            "discarded_uploads": dg.MetadataValue.int(len(plan.discarded)),
             "freed_bytes": dg.MetadataValue.int(sum(entry.stored_bytes for entry, _ in plan.delete)),
             "kept_backups": dg.MetadataValue.md(listing(plan.keep)),
             "deleted_backups": dg.MetadataValue.md(listing(plan.delete)),
