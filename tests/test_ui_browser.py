@@ -46,7 +46,9 @@ RUN_QUERY = """
 query ($runId: ID!) {
   runOrError(runId: $runId) { __typename ... on Run { status runConfigYaml } }
   logsForRun(runId: $runId) {
-    __typename ... on EventConnection { events { __typename ... on MessageEvent { message level } } }
+    __typename ... on EventConnection {
+      events { __typename ... on MessageEvent { message level } ... on ExecutionStepFailureEvent { error { message } } }
+    }
   }
 }
 """
@@ -220,7 +222,9 @@ def _wait_for_run_outcome(page, dagster_ui, run_id: str, deadline_s: float, name
     status = outcome.inner_text()
     if status != "Success":
         data = _graphql(dagster_ui["base"], RUN_QUERY, {"runId": run_id})
-        errors = [e["message"] for e in data["logsForRun"].get("events", []) if e.get("level") == "ERROR"]
+        events = data["logsForRun"].get("events", [])
+        errors = [e["message"] for e in events if e.get("level") == "ERROR"]
+        errors += [e["error"]["message"] for e in events if e.get("error")]
         pytest.fail(f"run {run_id} ended {status}:\n" + "\n".join(errors)[-3000:])
     return status
 
@@ -277,7 +281,7 @@ def test_restore_database_launches_from_the_launchpad_into_scratch(page, dagster
     page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"))
     run_id = page.url.split("/runs/")[1].split("?")[0]
     _shot(page, dagster_ui, "restore-05-run-started", ready=_run_events(page))
-    _wait_for_run_outcome(page, dagster_ui, run_id, RESTORE_DEADLINE_S, "restore-06-run-succeeded")
+    _wait_for_run_outcome(page, dagster_ui, run_id, RESTORE_DEADLINE_S, "restore-06-run-ended")
 
     run = _graphql(dagster_ui["base"], RUN_QUERY, {"runId": run_id})
     messages = [e.get("message") or "" for e in run["logsForRun"]["events"]]
@@ -318,7 +322,7 @@ def test_one_tenants_ml_graph_materializes_from_the_asset_graph(page, dagster_ui
     page.get_by_role("link", name=f"run {run_id[:8]}").click()
     page.wait_for_url(re.compile(rf"/runs/{run_id}"))
     _shot(page, dagster_ui, "ml-03-run-started", ready=_run_events(page))
-    _wait_for_run_outcome(page, dagster_ui, run_id, ML_DEADLINE_S, "ml-04-run-succeeded")
+    _wait_for_run_outcome(page, dagster_ui, run_id, ML_DEADLINE_S, "ml-04-run-ended")
 
     for asset in ("training_data", "deployment", "batch_predictions"):
         data = _graphql(dagster_ui["base"], MATERIALIZATIONS_QUERY, {"path": [asset], "partition": TENANT})

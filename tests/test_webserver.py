@@ -81,6 +81,8 @@ def webserver(tmp_path_factory):
         "MAESTRO_DATABASE_URL": f"postgresql://maestro:{SECRET}@127.0.0.1:9/maestro",
         "MAESTRO_SOURCE_URL": f"postgresql://reader:{SECRET}@127.0.0.1:9/shop",
         "MLFLOW_TRACKING_URI": f"postgresql://mlflow:{SECRET}@127.0.0.1:9/mlflow",
+        "MAESTRO_STORE_URL": "az://backups/maestro",
+        "AZURE_STORAGE_CONNECTION_STRING": f"AccountName=maestro;AccountKey={SECRET}",
     }
     log = (home / "webserver.log").open("w")
     process = subprocess.Popen(
@@ -139,3 +141,48 @@ def test_resources_are_described_and_show_env_var_names_not_values(webserver):
         configured = {v["key"]: v for v in resources[name]["configuredValues"]}
         assert configured[field] == {"key": field, "value": variable, "type": "ENV_VAR"}
         assert all(f["description"] for f in resources[name]["configFields"])
+
+
+LAUNCHPAD_QUERY = """
+query ($selector: PipelineSelector!) {
+  runConfigSchemaOrError(selector: $selector) {
+    __typename ... on RunConfigSchema { rootDefaultYaml }
+  }
+}
+"""
+
+
+@pytest.mark.parametrize("job", [
+    "restore_database", "restore_cleanup_job", "dr_drill_job", "nightly_backup", "rollback_deployment",
+    "verify_backup_job", "train_and_deploy",
+])
+def test_launchpad_prefills_env_var_names_never_a_masked_placeholder(webserver, job):
+    """What the Launchpad pre-fills is launched as it is: a deployment's URL must come in as
+    `{env: NAME}` (read by the run), never as the literal '********' Dagster puts in place of a
+    secret field's default, which the run then took for the URL."""
+    selector = {"repositoryLocationName": "maestro", "repositoryName": "__repository__", "pipelineName": job}
+    result = _graphql(webserver, LAUNCHPAD_QUERY, {"selector": selector})["runConfigSchemaOrError"]
+    assert result["__typename"] == "RunConfigSchema", result
+    prefilled = result["rootDefaultYaml"]
+    assert "********" not in prefilled, prefilled
+    bound = {"platform_db:": "env: MAESTRO_DATABASE_URL", "store:": "env: AZURE_STORAGE_CONNECTION_STRING"}
+    used = [resource for resource in bound if f"  {resource}" in prefilled]
+    assert used, prefilled
+    for resource in used:
+        assert bound[resource] in prefilled, prefilled
+
+
+def test_a_plain_credential_in_a_resource_is_refused_before_the_ui_could_show_it():
+    """Credential fields are not marked for Dagster's masking (it breaks the Launchpad), so a
+    plain value would be shown as it is: the deployment's resources accept only dg.EnvVar."""
+    import dagster as dg
+
+    from maestro_pipelines.errors import MaestroError
+    from maestro_pipelines.resources import PlatformDatabase
+    from maestro_pipelines.resources.secret_fields import check_secrets_by_name
+
+    check_secrets_by_name("platform_db", PlatformDatabase(database_url=dg.EnvVar("MAESTRO_DATABASE_URL")))
+    check_secrets_by_name("platform_db", PlatformDatabase())
+    with pytest.raises(MaestroError, match="platform_db: database_url holds a plain value") as refused:
+        check_secrets_by_name("platform_db", PlatformDatabase(database_url=f"postgresql://u:{SECRET}@h/db"))
+    assert SECRET not in str(refused.value)
