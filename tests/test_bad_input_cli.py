@@ -270,4 +270,15 @@ def test_the_jobs_refuse_what_the_cli_refuses():
     ):
         with pytest.raises(pydantic.ValidationError, match=field):
             config(**values)
-    assert RestoreConfig(jobs=32, databases=["platform", "mlflow"]).jobs == 32
+    # The configs write the library's limits out (importing it would load SQLAlchemy with the
+    # definitions): the same edges on both sides.
+    from maestro_pipelines.backup.drill import MAX_RPO_HOURS, MAX_RTO_MINUTES
+    from maestro_pipelines.backup.restore import MAX_JOBS
+
+    assert RestoreConfig(jobs=MAX_JOBS, databases=["platform", "mlflow"]).jobs == MAX_JOBS
+    assert DrillConfig(jobs=MAX_JOBS, rto_target_minutes=MAX_RTO_MINUTES, rpo_target_hours=MAX_RPO_HOURS).jobs == MAX_JOBS
+    for config, field, limit in ((RestoreConfig, "jobs", MAX_JOBS + 1), (DrillConfig, "jobs", MAX_JOBS + 1),
+                                 (DrillConfig, "rto_target_minutes", MAX_RTO_MINUTES + 1),
+                                 (DrillConfig, "rpo_target_hours", MAX_RPO_HOURS + 1)):
+        with pytest.raises(pydantic.ValidationError, match=field):
+            config(**{field: limit})

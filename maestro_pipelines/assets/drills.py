@@ -30,8 +30,6 @@ import dagster as dg
 from pydantic import Field
 
 from maestro_pipelines.assets.backups import BACKUP_GROUP, BACKUP_POOL, _ProgressLog, database_backup
-from maestro_pipelines.backup.drill import MAX_RPO_HOURS, MAX_RTO_MINUTES
-from maestro_pipelines.backup.restore import MAX_JOBS
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.resources import AlertResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
 from maestro_pipelines.settings import load_settings
@@ -73,13 +71,15 @@ def steps_table(steps) -> dg.MetadataValue:
 
 
 class DrillConfig(dg.Config):
+    # The library's ranges (backup.drill.MAX_RTO_MINUTES, MAX_RPO_HOURS, backup.restore.MAX_JOBS),
+    # written out: importing the library here would load SQLAlchemy with the definitions.
     rto_target_minutes: float = Field(
-        default=15, gt=0, le=MAX_RTO_MINUTES, allow_inf_nan=False, description="RTO target: from the drill's start to the restored databases verified."
+        default=15, gt=0, le=7 * 24 * 60, allow_inf_nan=False, description="RTO target: from the drill's start to the restored databases verified."
     )
     rpo_target_hours: float = Field(
-        default=26, gt=0, le=MAX_RPO_HOURS, allow_inf_nan=False, description="RPO target: the drilled backup's snapshot at most this old at the drill's start."
+        default=26, gt=0, le=366 * 24, allow_inf_nan=False, description="RPO target: the drilled backup's snapshot at most this old at the drill's start."
     )
-    jobs: int = Field(default=2, ge=1, le=MAX_JOBS, description="pg_restore parallel jobs (-j).")
+    jobs: int = Field(default=2, ge=1, le=32, description="pg_restore parallel jobs (-j).")
     backup: str = Field(
         default="latest", description="The backup to drill with: `latest` (the newest verified) or a backup id."
     )

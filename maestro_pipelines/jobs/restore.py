@@ -38,7 +38,6 @@ from pydantic import Field, field_validator
 
 from maestro_pipelines.assets.backups import BACKUP_POOL, STORE_RETRY, _ProgressLog, backup_step
 from maestro_pipelines.assets.drills import DRILL_KIND, dr_drill, live_destinations, steps_table
-from maestro_pipelines.backup.restore import MAX_JOBS
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.jobs.backups import DATABASE_LANE, KIND_TAG
 from maestro_pipelines.resources import MLflowRegistry, ObjectStoreResource, PlatformDatabase
@@ -110,7 +109,9 @@ class RestoreConfig(dg.Config):
         default="",
         description="Required for `live`: the platform database's name, typed out. Not needed for `scratch`.",
     )
-    jobs: int = Field(default=2, ge=1, le=MAX_JOBS, description="pg_restore parallel jobs (-j).")
+    # le: backup.restore.MAX_JOBS, written out: importing the library here would load
+    # SQLAlchemy into every Dagster process that loads the definitions.
+    jobs: int = Field(default=2, ge=1, le=32, description="pg_restore parallel jobs (-j).")
 
     @field_validator("databases")
     @classmethod
