@@ -134,10 +134,13 @@ def stale_activities(
     return stale
 
 
-def remove_stale_activities(store: ObjectStore, now: datetime | None = None) -> list[str]:
-    """Delete the markers `stale_activities` finds; return their keys."""
+def remove_stale_activities(store: ObjectStore, kinds: tuple[str, ...], now: datetime | None = None) -> list[str]:
+    """Delete the markers of `kinds` that `stale_activities` finds; return their keys.
+    (Retention removes a dead backup's marker itself: it tells which unfinished folder to sweep.)"""
     removed = []
     for key in stale_activities(store, now):
+        if not key.rsplit("/", 1)[-1].startswith(tuple(f"{kind}-" for kind in kinds)):
+            continue
         try:
             store.delete(key)
         except ObjectNotFound:

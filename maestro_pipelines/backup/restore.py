@@ -954,7 +954,7 @@ def restore_cleanup(destinations: list[DatabaseTarget], dry_run: bool = False,
         from maestro_pipelines.backup.activity import remove_stale_activities
 
         if not dry_run:
-            remove_stale_activities(store)  # a killed process's marker: gone, so remove it
+            remove_stale_activities(store, ("restore",))  # a killed restore's marker: gone, so remove it
         running, needed = running_restore_stamps(store), journal_names(store)
     items = []
     for leftover in restore_leftovers(destinations, every=True):

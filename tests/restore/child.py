@@ -5,6 +5,7 @@
 CONFIG names the store (tests.backup.conftest.store_spec), the destinations, the backup,
 the target and the confirmation. The process prints each log line of the restore, flushed.
 
+With `recover` = "finish" or "undo" it finishes or undoes a half-done live restore instead.
 With `pause_at` = [n, "before"|"after"], the n-th write or delete of the swap journal
 (`swaps/...`, counted from 0) stops the process before or after it happens: it prints
 `PAUSED` and waits for ever, for the test to kill it there with SIGKILL. The store and the
@@ -56,6 +57,12 @@ def main() -> None:
         pause_at_journal_operation(store, *config["pause_at"])
     destinations = [DatabaseTarget(d["role"], parse_postgres_url(d["url"], "test"), d["source"])
                     for d in config["destinations"]]
+    if config.get("recover"):  # `maestro restore finish|undo`'s library call, killable the same way
+        from maestro_pipelines.backup.recovery import finish_swap, undo_swap
+
+        recover = finish_swap if config["recover"] == "finish" else undo_swap
+        recover(store, destinations, config["confirm"], log=lambda line: print(line, flush=True))
+        return
     report = restore_backup(
         store, get_backup(store, config["backup_id"]), destinations, target=config["target"],
         confirm=config.get("confirm"), log=lambda line: print(line, flush=True),

@@ -81,6 +81,10 @@ def test_killed_backup_and_restore_block_neither_cleanup_nor_retention(pg18_inst
                      rf"the way back from that restore; drop it with --confirm {inst.platform}", dry.stdout), dry.stdout
     assert scratch in dbs.scalar("postgres", "SELECT string_agg(datname, ',') FROM pg_database")
 
+    real = subprocess.run([MAESTRO, "restore", "cleanup"], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120)
+    assert real.returncode == 0 and f"dropped {scratch} (" in real.stdout, real.stdout + real.stderr
+    assert [k.split("/")[1].split("-")[0] for k in keys(store, "activity/")] == ["backup"], "the dead restore's marker"
     retention = subprocess.run([MAESTRO, "backup", "retention"], env={**os.environ, **env},
                                capture_output=True, text=True, timeout=120)
     assert retention.returncode == 0 and "skipped" not in retention.stderr, retention.stderr

@@ -58,14 +58,16 @@ def cli_env(inst, case, tmp_path) -> dict[str, str]:
             "MAESTRO_DAGSTER_DATABASE_URL": server.libpq_url(inst.dagster)}
 
 
-def kill_in_swap(inst, case, backup_id: str, pause_at, tmp_path) -> None:
-    """Run a live restore in a child process and SIGKILL it where it stopped."""
+def kill_in_swap(inst, case, backup_id: str, pause_at, tmp_path, recover: str | None = None) -> None:
+    """Run a live restore (or with `recover` its finish or undo) in a child process and
+    SIGKILL it where it stopped."""
     config = tmp_path / "restore.json"
     config.write_text(json.dumps({
         "store": store_spec(case),
         "destinations": [{"role": d.role, "url": d.url.render_as_string(hide_password=False), "source": d.source}
                          for d in inst.destinations()],
         "backup_id": backup_id, "target": LIVE, "confirm": inst.platform, "pause_at": list(pause_at),
+        "recover": recover,
     }))
     child = subprocess.Popen(
         [sys.executable, "-m", "tests.restore.child", str(config)], cwd=REPO_ROOT, env=child_environment(),
@@ -157,3 +159,29 @@ def test_a_live_restore_killed_in_its_swap_is_reported_then_undone_or_finished(
         for step in journal.steps:
             assert label(inst.dbs, step.restored if recovery == "undo" else step.kept) == other
         assert read_journals(local_case.store) == [], "the journal is still there: status would report it"
+
+
+def test_a_finish_killed_in_its_swap_is_reported_and_undone(pg18_installation, local_case, tmp_path):
+    """`finish` is journaled like the restore: killed after it renamed MLflow's database and
+    before it marked it done (the platform swapped by the restore, Dagster's not yet), the
+    swap is still reported half done, and `undo` puts every database back as before."""
+    inst = pg18_installation
+    for name in inst.names:
+        inst.dbs.execute(name, "CREATE TABLE restore_label (label text)", "INSERT INTO restore_label VALUES ('A')")
+    backup_id = inst.backup(local_case.store).backup_id
+    for name in inst.names:
+        inst.dbs.execute(name, "UPDATE restore_label SET label = 'B'")
+    env = cli_env(inst, local_case, tmp_path)
+    kill_in_swap(inst, local_case, backup_id, POINTS["platform-done"][0], tmp_path)
+    kill_in_swap(inst, local_case, backup_id, (1, "before"), tmp_path, recover="finish")
+    assert list(labels(inst).values()) == ["A", "A", "B"]
+
+    status = run_maestro("restore", "status", env=env)
+    assert status.returncode == 1 and "HALF-DONE RESTORE" in status.stderr
+    [journal] = read_journals(local_case.store)
+    assert journal.action == "finish" and [s.state for s in journal.steps] == ["done", "started", "pending"]
+    done = run_maestro("restore", "undo", "--confirm", inst.platform, env=env)
+    assert done.returncode == 0, done.stderr
+    assert labels(inst) == {name: "B" for name in inst.names}
+    assert [label(inst.dbs, step.restored) for step in journal.steps] == ["A", "A", "A"]
+    assert read_journals(local_case.store) == []
