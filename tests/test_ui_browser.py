@@ -31,7 +31,8 @@ import pytest
 
 from .services import REPO_ROOT, free_port, missing_service
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+# One worker runs both tests (scripts/test: -n 2 --dist loadgroup), so one `dagster dev` serves them.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200), pytest.mark.xdist_group("ui_browser")]
 
 CHROMIUM = Path("/usr/bin/chromium")
 BIN = Path(sys.executable).parent
@@ -157,18 +158,18 @@ def dagster_ui(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("ui")
     env = _user_env(tmp)
-    backup_id = _prepare(env)
-    port = free_port()
-    log = tmp / "dagster-dev.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [str(BIN / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
     shots = tmp / "shots"
     shots.mkdir()
+    log = tmp / "dagster-dev.log"
+    base = f"http://127.0.0.1:{free_port()}"
+    process = None
     try:
+        backup_id = _prepare(env)
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                [str(BIN / "dagster"), "dev", "-h", "127.0.0.1", "-p", base.rsplit(":", 1)[1]],
+                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         _wait_for_location(base, process, log)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
@@ -177,8 +178,9 @@ def dagster_ui(tmp_path_factory):
             finally:
                 browser.close()
     finally:
-        _stop(process)
-        EmbeddedPostgres(Path(env["MAESTRO_HOME"])).stop()
+        if process is not None:
+            _stop(process)
+        EmbeddedPostgres(Path(env["MAESTRO_HOME"])).stop()  # started by the first Maestro process
         copy_to = Path(os.environ.get("MAESTRO_TEST_UI_SHOTS", "/tmp/ui-shots"))
         copy_to.mkdir(parents=True, exist_ok=True)
         for shot in shots.glob("*.png"):
