@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -57,7 +56,7 @@ from maestro_pipelines.backup.pgtools import (
     quote_ident,
     where,
 )
-from maestro_pipelines.backup.tethered import tethered_command
+from maestro_pipelines.backup.tethered import run_tethered
 from maestro_pipelines.redaction import hide_secret
 from maestro_pipelines.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
@@ -446,8 +445,7 @@ def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, pa
 def _restore_list(path: Path, env: dict[str, str]) -> tuple[Path | None, list[str]]:
     """A `pg_restore --use-list` file without OPTIONAL_EXTENSIONS, and the extensions left
     out; (None, []) when the dump holds none of them."""
-    listed = subprocess.run(tethered_command([program("pg_restore"), "--list", str(path)]), env=env,
-                            capture_output=True, text=True)
+    listed = run_tethered([program("pg_restore"), "--list", str(path)], env)
     if listed.returncode != 0:
         raise RestoreError(
             f"pg_restore cannot read the dump {path.name}: {(listed.stderr.strip().splitlines() or [f'exit {listed.returncode}'])[0]}",
@@ -496,7 +494,7 @@ def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int) -> 
     if list_path is not None:
         command.insert(-1, f"--use-list={list_path}")
     # Tethered: if this process is killed, pg_restore and its -j workers die with it.
-    result = subprocess.run(tethered_command(command), env=env, capture_output=True, text=True)
+    result = run_tethered(command, env)
     errors = [
         line for line in result.stderr.splitlines()
         if line.startswith("pg_restore: error:") and not (

@@ -32,6 +32,23 @@ def tethered_command(command: list[str]) -> list[str]:
     return [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()), *command]
 
 
+def run_tethered(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """subprocess.run(tethered_command(command), capture_output=True, text=True), and if this
+    process stops waiting (Ctrl-C, an exception) the whole group is killed, not the tether alone."""
+    process = subprocess.Popen(tethered_command(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        stdout, stderr = process.communicate()
+    except BaseException:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the tether leads its own group
+        except (ProcessLookupError, PermissionError):  # not yet its own group
+            process.kill()
+        process.wait()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def _die_with_parent(parent: int) -> None:
     import ctypes
 
