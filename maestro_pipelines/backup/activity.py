@@ -5,7 +5,8 @@ them may be a Dagster run, the CLI on a laptop and a drill on another machine: t
 the one place they all see. Each marker names its host and pid and carries a heartbeat,
 rewritten every `HEARTBEAT_EVERY` while the work runs. A marker counts as running unless its
 process is known to be gone: on the same host its pid no longer exists, or (any host) its
-heartbeat is older than `HEARTBEAT_STALE_AFTER`. So a process killed with SIGKILL stops
+heartbeat is older than `HEARTBEAT_STALE_AFTER` (a marker without a heartbeat, written by an
+older Maestro, counts for `DEFAULT_STALE_AFTER`). So a process killed with SIGKILL stops
 blocking retention and cleanup at once on its own host, within minutes elsewhere, and its
 marker is removed by the next retention (or cleanup) that sees it.
 """
@@ -41,14 +42,29 @@ class Activity:
     pid: int
     key: str
     heartbeat_at: datetime | None = None
+    """None: a marker written before heartbeats existed (it counts for DEFAULT_STALE_AFTER)."""
+    pid_namespace: str = ""
 
     def alive(self, now: datetime, stale_after: timedelta = HEARTBEAT_STALE_AFTER) -> bool:
         """False when the process that wrote the marker is known to be gone."""
-        if now - (self.heartbeat_at or self.started_at) >= stale_after:
+        if self.heartbeat_at is None:
+            return now - self.started_at < DEFAULT_STALE_AFTER
+        if now - self.heartbeat_at >= stale_after:
             return False
-        if self.host == socket.gethostname() and self.pid and not process_alive(self.pid):
+        # Its pid means something here only on the same host and in the same pid namespace
+        # (two containers may share a hostname, each with its own pids).
+        here = self.host == socket.gethostname() and self.pid_namespace == pid_namespace()
+        if here and self.pid and not process_alive(self.pid):
             return False
         return True
+
+
+def pid_namespace() -> str:
+    """This process's pid namespace on Linux (its inode), "" where there is none to tell."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
 
 
 def process_alive(pid: int) -> bool:
@@ -77,7 +93,8 @@ def activity(store: ObjectStore, kind: str, ident: str,
     with a heartbeat rewritten every `heartbeat_every` by a background thread."""
     key = f"{ACTIVITY_PREFIX}/{kind}-{ident}.json"
     record = Activity(kind, ident, utcnow(), socket.gethostname(), os.getpid(), key)
-    body = {"kind": kind, "id": ident, "started_at": _iso(record.started_at), "host": record.host, "pid": record.pid}
+    body = {"kind": kind, "id": ident, "started_at": _iso(record.started_at), "host": record.host, "pid": record.pid,
+            "pid_namespace": pid_namespace()}
     store.put_bytes(key, json.dumps({**body, "heartbeat_at": body["started_at"]}).encode())
     stop = threading.Event()
     beating = threading.Thread(target=_heartbeat, args=(store, key, body, heartbeat_every.total_seconds(), stop),
@@ -102,7 +119,7 @@ def _read_markers(store: ObjectStore) -> Iterator[tuple[str, Activity | None, da
             started = _parse_time(body["started_at"])
             beat = _parse_time(body["heartbeat_at"]) if body.get("heartbeat_at") else None
             marker = Activity(body["kind"], body["id"], started, body.get("host", "?"), int(body.get("pid") or 0),
-                              info.key, beat)
+                              info.key, beat, str(body.get("pid_namespace", "")))
         except ObjectNotFound:
             continue  # removed between the listing and the read
         except (ValueError, KeyError, TypeError):
