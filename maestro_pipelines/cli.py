@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.formatting import human_bytes
 from maestro_pipelines.settings import load_settings
 
 app = typer.Typer(
@@ -128,7 +129,7 @@ def db_status(
         for t in status.tables:
             rows = "?" if t.rows is None else f"{t.rows:,}"
             counted = "exact" if t.rows_exact else ("never analyzed" if t.rows is None else "estimate")
-            tables.add_row(t.table_name, rows, counted, _human_bytes(t.total_bytes), str(t.partitions or ""))
+            tables.add_row(t.table_name, rows, counted, human_bytes(t.total_bytes), str(t.partitions or ""))
         out.print(tables)
 
 
@@ -284,7 +285,7 @@ def _print_report(report) -> None:
     if report.ok:
         out.print(
             f"backup {report.backup_id} verified: {report.objects} objects, "
-            f"{_human_bytes(report.bytes_read)} read, in {report.duration_s:.1f} s",
+            f"{human_bytes(report.bytes_read)} read, in {report.duration_s:.1f} s",
             highlight=False,
         )
     else:
@@ -336,8 +337,8 @@ def backup_run(
                                 ("dump", "right"), ("stored", "right"), ("time", "right")):
             table.add_column(column, justify=justify)
         for d in manifest.databases:
-            table.add_row(d.database, d.role, str(len(d.tables)), f"{d.rows:,}", _human_bytes(d.dump_bytes),
-                          _human_bytes(d.compressed_bytes), f"{d.duration_s:.1f} s")
+            table.add_row(d.database, d.role, str(len(d.tables)), f"{d.rows:,}", human_bytes(d.dump_bytes),
+                          human_bytes(d.compressed_bytes), f"{d.duration_s:.1f} s")
         out.print(table)
         if report is not None:
             _print_report(report)
@@ -378,7 +379,7 @@ def backup_list(
         cells = [entry.backup_id] + ([entry.month or ""] if monthly else []) + [
             f"{entry.started_at:%Y-%m-%d %H:%M:%S}" if entry.started_at else "?",
         ] + ([] if monthly else [",".join(row["databases"])]) + [
-            _human_bytes(entry.stored_bytes) if entry.manifest else "?",
+            human_bytes(entry.stored_bytes) if entry.manifest else "?",
             verified,
         ]
         table.add_row(*cells)
@@ -701,14 +702,6 @@ def demo(
     from maestro_pipelines.demo_run import run_demo
 
     run_demo([t.strip() for t in tenants.split(",") if t.strip()], out, err)
-
-
-def _human_bytes(size: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
-        size /= 1024
-    return f"{size} TB"
 
 
 class _Terminated(BaseException):

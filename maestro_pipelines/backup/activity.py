@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Iterator
 
 from maestro_pipelines.backup.manifest import ACTIVITY_PREFIX, _iso, _parse_time, utcnow
+from maestro_pipelines.processes import process_alive
 from maestro_pipelines.storage import ObjectNotFound, ObjectStore
 
 DEFAULT_STALE_AFTER = timedelta(hours=12)
@@ -65,17 +66,6 @@ def pid_namespace() -> str:
         return str(os.stat("/proc/self/ns/pid").st_ino)
     except OSError:
         return ""
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def _heartbeat(store: ObjectStore, key: str, body: dict, every: float, stop: threading.Event) -> None:

@@ -57,6 +57,8 @@ from maestro_pipelines.backup.pgtools import (
     where,
 )
 from maestro_pipelines.backup.tethered import run_tethered
+from maestro_pipelines.formatting import human_bytes
+from maestro_pipelines.processes import process_alive
 from maestro_pipelines.redaction import hide_secret
 from maestro_pipelines.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
@@ -269,21 +271,11 @@ def remove_stale_workdirs(tmp: Path | None = None) -> list[Path]:
     removed = []
     for folder in Path(tmp or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
         pid = folder.name[len(WORKDIR_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or not folder.is_dir() or _process_alive(int(pid)):
+        if not pid.isdigit() or not folder.is_dir() or process_alive(int(pid)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def _taken_names(url: URL, source: str) -> set[str]:
@@ -866,21 +858,13 @@ class CleanupItem:
         """`<action> <name> (<what> of <live>, <size>, <age> old)[: why kept]`: the CLI's and the job's line."""
         leftover = self.leftover
         what = "old live database" if leftover.kind == "pre_restore" else "scratch restore"
-        size = "size unknown" if leftover.size_bytes is None else _size(leftover.size_bytes)
+        size = "size unknown" if leftover.size_bytes is None else human_bytes(leftover.size_bytes)
         hours = max(0.0, ((now or utcnow()) - leftover.created_at).total_seconds() / 3600)
         age = f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
         details = f"{leftover.name} ({what} of {leftover.live}, {size}, {age} old)"
         if self.action.startswith("kept: "):
             return f"kept {details}: {self.action.removeprefix('kept: ')}"
         return f"{self.action} {details}"
-
-
-def _size(size: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
-        size /= 1024
-    return f"{size:,.1f} TB"
 
 
 def running_restore_stamps(store: ObjectStore) -> set[str]:

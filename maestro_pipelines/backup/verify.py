@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +19,7 @@ from maestro_pipelines.backup.catalog import BackupEntry, get_backup, object_key
 from maestro_pipelines.backup.create import MiB, Progress
 from maestro_pipelines.backup.manifest import VERIFIED_NAME, VerificationRecord, utcnow
 from maestro_pipelines.backup.pgtools import program
-from maestro_pipelines.storage import ObjectNotFound, ObjectStore, StoreError
+from maestro_pipelines.storage import ObjectStore, StoreError
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.processes import process_alive
 
 # Settings the platform relies on. Changing shared_preload_libraries needs a restart, which
 # happens once, the first time a data folder is used.
@@ -120,7 +121,7 @@ class EmbeddedPostgres:
             if server_may_be_down and self._running_postmaster() is None:
                 alive = []
             else:
-                alive = [pid for pid in pids if _process_alive(pid)]
+                alive = [pid for pid in pids if process_alive(pid)]
             if alive != pids:
                 handles.put(alive)
 
@@ -266,18 +267,6 @@ def _file_lock(path: Path) -> Iterator[None]:
 
     with fasteners.InterProcessLock(path):
         yield
-
-
-def _process_alive(pid: int) -> bool:
-    """A process killed with -9 stays a zombie until its parent reaps it: that is dead too."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:  # another user's process we may not look at: alive
-        return True
 
 
 def _is_root() -> bool:

@@ -42,5 +42,5 @@ def check_secrets_by_name(key: str, resource: dg.ConfigurableResource) -> None:
         if value is not None and not isinstance(value, dg.EnvVar):
             raise MaestroError(
                 f"resource {key}: {name} holds a plain value, which the Dagster UI would show",
-                f"Pass it as dg.EnvVar('VARIABLE') so only the variable's name is shown",
+                "Pass it as dg.EnvVar('VARIABLE') so only the variable's name is shown",
             )
