@@ -86,6 +86,7 @@ class EmbeddedPostgres:
             # start and stop the same server without excluding each other. MAESTRO_HOME is what
             # every process sharing this server agrees on.
             wheel.PostgresServer._lock = self._wheel_lock
+            wheel.PostgresServer.runtime_path = short_socket_parent()
             self._forget_dead_handles(wheel, server_may_be_down=True)
             try:
                 server = wheel.get_server(self.pgdata, cleanup_mode=cleanup_mode)
@@ -267,6 +268,20 @@ def _file_lock(path: Path) -> Iterator[None]:
 
     with fasteners.InterProcessLock(path):
         yield
+
+
+def short_socket_parent() -> Path:
+    """Where the wheel puts the server's socket when pgdata's path is too long for one (a Unix
+    socket path has at most 107 bytes). The wheel's default is under XDG_RUNTIME_DIR or else
+    TMPDIR, which can be as long as pgdata (pytest's, a CI runner's): then no start is
+    possible. /tmp is short everywhere; the socket folder is named in postmaster.pid, so every
+    process finds it whatever its own environment."""
+    import os
+
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and len(runtime) <= 40:
+        return Path(runtime) / "maestro-postgres"
+    return Path("/tmp") / f"maestro-postgres-{os.getuid()}"
 
 
 def _is_root() -> bool:

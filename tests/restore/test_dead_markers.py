@@ -25,10 +25,12 @@ from tests.backup.conftest import keys, wait_until
 from tests.restore.conftest import fresh_suffix
 from tests.restore.test_half_done import cli_env
 from tests.restore.test_killed import GATE_FUNCTION, waiting_at_gate
-from tests.test_cli import MAESTRO
+from tests.test_cli import MAESTRO, run_maestro
 
 
 def start_maestro(env: dict[str, str], *args: str) -> subprocess.Popen:
+    # As run_maestro: a user's shell has neither MLFLOW_TRACKING_URI (MLflow exports it when an
+    # earlier in-process test sets it) nor the other tests' MAESTRO_* settings.
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MAESTRO_", "MLFLOW_"))}
     return subprocess.Popen([MAESTRO, *args], env={**clean, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -72,8 +74,7 @@ def test_killed_backup_and_restore_block_neither_cleanup_nor_retention(pg18_inst
     assert sorted(k.split("/")[1].split("-")[0] for k in keys(store, "activity/")) == ["backup", "restore"]
     assert running_activities(store) == []
 
-    dry = subprocess.run([MAESTRO, "restore", "cleanup", "--dry-run"], env={**os.environ, **env},
-                         capture_output=True, text=True, timeout=120)
+    dry = run_maestro("restore", "cleanup", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
     assert re.search(rf"would drop {scratch} \(scratch restore of {inst.platform}, [\d.,]+ (kB|MB), [\d.]+ h old\)",
                      dry.stdout), dry.stdout
@@ -81,12 +82,10 @@ def test_killed_backup_and_restore_block_neither_cleanup_nor_retention(pg18_inst
                      rf"the way back from that restore; drop it with --confirm {inst.platform}", dry.stdout), dry.stdout
     assert scratch in dbs.scalar("postgres", "SELECT string_agg(datname, ',') FROM pg_database")
 
-    real = subprocess.run([MAESTRO, "restore", "cleanup"], env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=120)
+    real = run_maestro("restore", "cleanup", env=env)
     assert real.returncode == 0 and f"dropped {scratch} (" in real.stdout, real.stdout + real.stderr
     assert [k.split("/")[1].split("-")[0] for k in keys(store, "activity/")] == ["backup"], "the dead restore's marker"
-    retention = subprocess.run([MAESTRO, "backup", "retention"], env={**os.environ, **env},
-                               capture_output=True, text=True, timeout=120)
+    retention = run_maestro("backup", "retention", env=env)
     assert retention.returncode == 0 and "skipped" not in retention.stderr, retention.stderr
     assert keys(store, "activity/") == [], "retention left the dead markers"
 
