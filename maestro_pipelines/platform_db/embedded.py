@@ -90,6 +90,11 @@ class EmbeddedPostgres:
             self._forget_dead_handles(wheel, server_may_be_down=True)
             try:
                 server = wheel.get_server(self.pgdata, cleanup_mode=cleanup_mode)
+            except RuntimeError as exc:  # the wheel's own refusals, e.g. no socket path fits
+                raise MaestroError(
+                    f"the embedded PostgreSQL in {self.pgdata} did not start: {exc}",
+                    "Use a shorter MAESTRO_HOME, or set XDG_RUNTIME_DIR to a short folder you own",
+                ) from None
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired, AssertionError) as exc:
                 raise MaestroError(
                     f"the embedded PostgreSQL in {self.pgdata} did not start ({type(exc).__name__})",
