@@ -246,15 +246,20 @@ class _ByteProgress:
             TimeElapsedColumn(), console=err, transient=False,
         )
         self.tasks: dict[str, int] = {}
+        self.started = False
 
     def __enter__(self):
-        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+        return self.bar.__exit__(*exc) if self.started else None
 
     def __call__(self, label: str, done: int, expected: int | None) -> None:
+        # Shown from the first progress on: a command refused before any work draws nothing
+        # (an empty bar leaves a blank line above its one error line).
+        if not self.started:
+            self.bar.__enter__()
+            self.started = True
         task = self.tasks.get(label)
         if task is None:
             task = self.tasks[label] = self.bar.add_task(f"{self.verb} {label}", total=expected)
@@ -364,7 +369,7 @@ def backup_list(
         out.print_json(json.dumps([_entry_row(e) for e in entries]))
         _print_interrupted_swaps(store)  # on stderr: the JSON on stdout stays the list
         return
-    kind = "monthly archives" if monthly else "backups"
+    kind = ("monthly archive" if monthly else "backup") + ("" if len(entries) == 1 else "s")
     table = Table(title=f"{len(entries)} {kind} in {store.url}", title_justify="left")
     for column, justify in (("id", "left"), ("month", "left"), ("time (UTC)", "left"), ("databases", "left"),
                             ("size", "right"), ("verified", "left")):

@@ -149,11 +149,25 @@ def run_demo(tenant_names: list[str], out: Console, err: Console) -> list[Tenant
     out.print(table)
     for o in outcomes:
         if not o.success:
-            out.print(f"{o.tenant}: run failed at {o.error or 'a step (see Dagit)'}", highlight=False, soft_wrap=True)
-    out.print(f"Open Dagit to see the graph, partitions, checks and pictures:\n"
-              f"  DAGSTER_HOME={home} dagster dev", highlight=False, soft_wrap=True)
+            out.print(f"{o.tenant}: run failed at {o.error or 'a step (see the Dagster UI)'}", highlight=False, soft_wrap=True)
+    out.print(f"Open the Dagster UI (http://127.0.0.1:3000) to see the graph, partitions, checks and pictures:\n"
+              f"  DAGSTER_HOME={home} {dagster_command()} dev", highlight=False, soft_wrap=True)
     if not upkeep.success:
-        out.print("platform_upkeep failed (see Dagit)", highlight=False)
+        out.print("platform_upkeep failed (see the Dagster UI)", highlight=False)
     if not all(o.success for o in outcomes):
-        raise MaestroError("the demo did not finish for every tenant", "Open Dagit (command above) for each failed run's logs")
+        raise MaestroError("the demo did not finish for every tenant", "Open the Dagster UI (command above) for each failed run's logs")
     return outcomes
+
+
+def dagster_command() -> str:
+    """The `dagster` program beside the running Python (the virtualenv's, whether or not it is
+    activated), relative to the current folder when inside it, as the README writes it."""
+    import sys
+
+    program = Path(sys.executable).parent / "dagster"
+    if not program.exists():
+        return "dagster"
+    try:
+        return str(program.relative_to(Path.cwd()))
+    except ValueError:
+        return str(program)

@@ -668,9 +668,11 @@ def restore_backup(
     if target == LIVE:
         primary = by_role["platform"].database if "platform" in wanted else by_role[wanted[0]].database
         if confirm != primary:
+            wrong = f", and the confirmation '{confirm[:60]}' does not name {primary}" if confirm else ""
             raise RestoreRefused(
-                f"Restoring into the live databases ({', '.join(by_role[r].database for r in wanted)}) replaces them",
-                f"Confirm with confirm={primary} (CLI: --confirm {primary}); the old ones are kept aside until "
+                f"Restoring into the live databases ({', '.join(by_role[r].database for r in wanted)}) "
+                f"replaces them{wrong}",
+                f"Confirm with --confirm {primary} (job: confirm: {primary}); the old ones are kept aside until "
                 "`maestro restore cleanup`",
             )
         _check_may_swap([by_role[role] for role in wanted])

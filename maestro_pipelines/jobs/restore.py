@@ -93,8 +93,8 @@ class RestoreConfig(dg.Config):
     before: Optional[str] = Field(
         default="",
         description=(
-            "Instead of `backup`: the newest verified backup taken before this time (ISO 8601, UTC without a "
-            "zone), e.g. 2026-11-26T14:00:00Z. Empty: use `backup`."
+            "Instead of `backup`: the newest verified backup taken before this time, ISO 8601, e.g. "
+            "2026-11-26T14:00:00Z (a time without a zone is taken as UTC). Empty: use `backup`."
         ),
     )
     target: Literal["scratch", "live"] = Field(

@@ -83,9 +83,10 @@ def test_a_live_restore_needs_the_confirmation_then_swaps_and_keeps_the_old_data
     assert not refused.success and not retried(refused)
     (message,) = step_failures(refused)
     assert message.startswith(f"Restoring into the live databases ({platform}, {platform}_mlflow) replaces them. ")
-    assert f"Confirm with confirm={platform}" in message
+    assert f"Confirm with --confirm {platform} (job: confirm: {platform})" in message
     wrong = drill_env.run("restore_database", {"target": "live", "confirm": "maestro"})
-    assert not wrong.success and f"Confirm with confirm={platform}" in step_failures(wrong)[0]
+    assert not wrong.success
+    assert f"the confirmation 'maestro' does not name {platform}. Confirm with" in step_failures(wrong)[0]
     assert drill_env.leftovers() == [], "a refused restore touches nothing"
     assert "hooli" in drill_env.tenants(platform)
 

@@ -19,7 +19,7 @@ def test_live_restore_needs_confirmation_and_creates_nothing_without_it(pg18_ins
     for confirm in (None, inst.mlflow, "yes"):
         with pytest.raises(RestoreRefused) as refused:
             restore_backup(store, entry, inst.destinations(), target=LIVE, confirm=confirm)
-        assert f"confirm={inst.platform}" in refused.value.hint
+        assert f"--confirm {inst.platform} (job: confirm: {inst.platform})" in refused.value.hint
         assert inst.platform in str(refused.value) and inst.mlflow in str(refused.value)
     assert database_names(inst.dbs, inst.platform) == sorted(inst.names), "a refused restore created a database"
     assert inst.leftovers() == []
