@@ -723,9 +723,23 @@ def _raise_terminated(signum, frame) -> None:
 def main() -> None:
     import signal
 
+    # Typer 0.2x carries its own copy of click: its UsageError (the base of BadParameter,
+    # NoSuchOption, MissingParameter) is reached through the public BadParameter.
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        app()
+        # Not standalone: a usage error (a word where a number goes, an unknown option) comes
+        # here and gets one line like every other bad input, not click's framed box.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except usage_error as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "maestro"
+        err.print(f"error: {exc.format_message().rstrip('.')}. See `{command} --help`", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        err.print("interrupted", highlight=False)
+        sys.exit(130)
     except _Terminated:
         err.print("terminated (SIGTERM)", highlight=False)
         sys.exit(128 + signal.SIGTERM)

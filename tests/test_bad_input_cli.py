@@ -96,6 +96,27 @@ def test_bad_values_are_refused_in_one_line_before_anything_is_opened(nowhere, a
         assert len(result.stdout + result.stderr) < 300, len(result.stderr)
 
 
+USAGE_ERRORS = {
+    # What the command line itself refuses (a word for a number, a typo in an option): one
+    # line too, exit 2 as for every usage error, not a framed box with the usage above it.
+    "gate-not-a-number": (["tenants", "add", "acme", "--min-accuracy", "abc"],
+                          ["Invalid value for '--min-accuracy'", "maestro tenants add --help"]),
+    "jobs-not-a-number": (["restore", "--jobs", "x"], ["Invalid value for '--jobs'", "maestro restore --help"]),
+    "unknown-option": (["db", "status", "--verbose"], ["No such option: --verbose", "maestro db status --help"]),
+    "missing-argument": (["tenants", "add"], ["Missing argument 'name'", "maestro tenants add --help"]),
+    "unknown-command": (["backup", "frobnicate"], ["No such command 'frobnicate'", "maestro backup --help"]),
+}
+
+
+@pytest.mark.parametrize("args, expected", USAGE_ERRORS.values(), ids=USAGE_ERRORS.keys())
+def test_usage_errors_are_one_line_too(nowhere, args, expected):
+    result = run_maestro(*args, env=nowhere)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, (result.returncode, result.stderr)
+    assert_error_line(lines[0], *expected)
+    assert result.stdout.strip() == ""
+
+
 def test_a_one_letter_password_is_hidden_without_mangling_the_message(pg15):
     """A role whose password is one letter ("e"): the error about a missing database still
     reads as it should (hiding every "e" used to turn it into `databas*** "..." do***s not
