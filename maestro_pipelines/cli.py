@@ -45,7 +45,9 @@ restore_app = typer.Typer(
 )
 app.add_typer(restore_app, name="restore")
 
-out = Console()
+# Piped into a file or `less`, rich would draw tables 80 columns wide and crop ids and
+# databases: without a terminal (and no COLUMNS) tables get room instead.
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 err = Console(stderr=True)
 
 

@@ -22,8 +22,10 @@ MAESTRO = str(Path(sys.executable).with_name("maestro"))
 
 def run_maestro(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # MLflow exports MLFLOW_TRACKING_URI into os.environ when an in-process test sets it: a
-    # user's shell would not have it, nor the other tests' MAESTRO_* settings.
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MAESTRO_", "MLFLOW_"))}
+    # user's shell would not have it, nor the other tests' MAESTRO_* settings, nor the
+    # COLUMNS a pytest-xdist worker carries (a shell does not export it).
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("MAESTRO_", "MLFLOW_")) and k not in ("COLUMNS", "LINES")}
     return subprocess.run(
         [MAESTRO, *args], env={**clean, **(env or {})}, capture_output=True, text=True, timeout=180
     )

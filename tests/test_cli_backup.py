@@ -63,6 +63,8 @@ def test_backup_run_list_verify_and_a_corrupted_dump(server, platform_with_mlflo
     assert entry["id"] == backup_id and entry["verified"] is True and entry["databases"] == ["platform", "mlflow"]
     table = run_maestro("backup", "list", env=env)
     assert backup_id in table.stdout and "yes" in table.stdout
+    # Piped (no terminal), as into a file or `less`: nothing is cropped to 80 columns.
+    assert "platform,mlflow" in table.stdout and "…" not in table.stdout, table.stdout
 
     assert run_maestro("backup", "verify", backup_id, env=env).returncode == 0
 
