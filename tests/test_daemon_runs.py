@@ -8,7 +8,6 @@ PostgreSQL in MAESTRO_HOME)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -103,12 +102,7 @@ def test_train_and_deploy_for_three_tenants_launched_by_the_daemon(user_setup, t
         monkeypatch.setattr(test_production_instance, "RUN_DEADLINE_S", RUN_DEADLINE_S)
         runs = test_production_instance.wait_for(instance, run_ids, daemon, log)
     finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+        test_production_instance.stop_daemon(daemon)
     print(f"three train_and_deploy runs through the daemon: {time.monotonic() - started:.0f} s")
     try:
         for tenant, run_id in zip(TENANTS, run_ids):

@@ -136,12 +136,7 @@ def test_runs_queue_start_and_record_in_postgres_then_come_back_after_a_restore(
     try:
         runs = wait_for(instance, [backup_run, training_run], daemon, log)
     finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+        stop_daemon(daemon)
     for run_id, run in runs.items():
         assert run.status == dg.DagsterRunStatus.SUCCESS, (run.job_name, failure_messages(instance, run_id))
     # Each step ran in a process of its own: none fell back to MLflow's default store
@@ -179,3 +174,13 @@ def test_runs_queue_start_and_record_in_postgres_then_come_back_after_a_restore(
         again.dispose()
     cleanup = run_maestro("restore", "cleanup", env=env)
     assert cleanup.returncode == 0, cleanup.stderr
+
+
+def stop_daemon(daemon: subprocess.Popen) -> None:
+    """SIGTERM the daemon's process group (it and its run workers); SIGKILL after a minute."""
+    os.killpg(daemon.pid, signal.SIGTERM)
+    try:
+        daemon.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()

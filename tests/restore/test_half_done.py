@@ -127,16 +127,23 @@ def assert_reported(inst, case, env, backup_id: str, swapped: int) -> None:
         assert len([text for text in webhook.texts() if "stopped half way" in text]) == 1, "alerted twice"
 
 
+def labelled_backup(inst, case) -> str:
+    """Label every database 'A', back them up, relabel them 'B': after a recovery each database
+    says which side of the swap it is."""
+    for name in inst.names:
+        inst.dbs.execute(name, "CREATE TABLE restore_label (label text)", "INSERT INTO restore_label VALUES ('A')")
+    backup_id = inst.backup(case.store).backup_id
+    for name in inst.names:
+        inst.dbs.execute(name, "UPDATE restore_label SET label = 'B'")
+    return backup_id
+
+
 @pytest.mark.parametrize("point", list(POINTS))
 def test_a_live_restore_killed_in_its_swap_is_reported_then_undone_or_finished(
         point, pg18_installation, local_case, tmp_path):
     pause_at, swapped = POINTS[point]
     inst = pg18_installation
-    for name in inst.names:
-        inst.dbs.execute(name, "CREATE TABLE restore_label (label text)", "INSERT INTO restore_label VALUES ('A')")
-    backup_id = inst.backup(local_case.store).backup_id
-    for name in inst.names:
-        inst.dbs.execute(name, "UPDATE restore_label SET label = 'B'")
+    backup_id = labelled_backup(inst, local_case)
     env = cli_env(inst, local_case, tmp_path)
 
     for recovery in ("undo", "finish"):
@@ -166,11 +173,7 @@ def test_a_finish_killed_in_its_swap_is_reported_and_undone(pg18_installation, l
     before it marked it done (the platform swapped by the restore, Dagster's not yet), the
     swap is still reported half done, and `undo` puts every database back as before."""
     inst = pg18_installation
-    for name in inst.names:
-        inst.dbs.execute(name, "CREATE TABLE restore_label (label text)", "INSERT INTO restore_label VALUES ('A')")
-    backup_id = inst.backup(local_case.store).backup_id
-    for name in inst.names:
-        inst.dbs.execute(name, "UPDATE restore_label SET label = 'B'")
+    backup_id = labelled_backup(inst, local_case)
     env = cli_env(inst, local_case, tmp_path)
     kill_in_swap(inst, local_case, backup_id, POINTS["platform-done"][0], tmp_path)
     kill_in_swap(inst, local_case, backup_id, (1, "before"), tmp_path, recover="finish")
