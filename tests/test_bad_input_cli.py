@@ -21,6 +21,7 @@ import pytest
 
 from maestro_pipelines.platform_db.embedded import EmbeddedPostgres
 
+from .backup.conftest import wait_until
 from .services import free_port
 from .test_cli import MAESTRO, run_maestro
 
@@ -233,6 +234,15 @@ def _socket_dir(home: Path) -> Path:
     return found
 
 
+def _the_dump(pid: int):
+    """The backup's dump process (`pg_dump --version`, run first, is a pg_dump child too)."""
+    try:
+        return next((p for p in psutil.Process(pid).children(recursive=True)
+                     if p.name() == "pg_dump" and any(a.startswith("--snapshot=") for a in p.cmdline())), None)
+    except psutil.NoSuchProcess:
+        return None
+
+
 def test_a_killed_pg_dump_says_it_was_killed(shared_home):
     """pg_dump killed from outside (the OOM killer, an operator) mid-backup: the backup fails
     in one line saying pg_dump was killed by SIGKILL, not "no message". pg_dump is held on a
@@ -244,24 +254,11 @@ def test_a_killed_pg_dump_says_it_was_killed(shared_home):
     with psycopg.connect(host=str(_socket_dir(home)), user="postgres", dbname="maestro") as locker:
         locker.execute("LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE")
         backup = subprocess.Popen([MAESTRO, "backup", "run", "--no-verify"], env={**clean, **env},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 120
-            pg_dump = None
-            while pg_dump is None:
-                assert backup.poll() is None, backup.communicate()
-                assert time.monotonic() < deadline, "pg_dump never started"
-                try:
-                    # The dump itself (`pg_dump --version`, run first, is a pg_dump child too).
-                    pg_dump = next((p for p in psutil.Process(backup.pid).children(recursive=True)
-                                    if p.name() == "pg_dump" and any(a.startswith("--snapshot=") for a in p.cmdline())),
-                                   None)
-                except psutil.NoSuchProcess:
-                    pass
-                if pg_dump is None:
-                    time.sleep(0.05)  # polling for the child with a deadline, not synchronising on time
+            pg_dump = wait_until("pg_dump under the backup", lambda: _the_dump(backup.pid), backup)
             os.kill(pg_dump.pid, signal.SIGKILL)
-            stdout, stderr = backup.communicate(timeout=120)
+            stdout, stderr = (output.decode() for output in backup.communicate(timeout=120))
         finally:
             if backup.poll() is None:
                 backup.kill()
