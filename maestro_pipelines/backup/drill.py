@@ -6,6 +6,7 @@
                        ->  the restored MLflow registry resolves every `production` alias
                        ->  RTO = start to verified; RPO = drill start - the backup's snapshot
                        ->  scratch databases dropped (always)
+                       ->  one record in the store's drills/ (drill_history), failed drills too
 
 No Dagster: `maestro drill` and the `dr_drill` asset run the same function.
 """
@@ -78,6 +79,8 @@ class DrillReport:
     notes: list[str] = field(default_factory=list)
     restored: bool = False
     """The scratch restore finished: only then do RTO and RPO say anything about recovery."""
+    record_key: str | None = None
+    """Where the drill is recorded in the store (drills/...json); None when the store refused it."""
 
     @property
     def rto_ok(self) -> bool:
@@ -116,6 +119,7 @@ class DrillReport:
             "databases": self.databases,
             "problems": self.failures(),
             "notes": self.notes,
+            "record_key": self.record_key,
         }
 
 
@@ -205,13 +209,44 @@ def run_drill(
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
     backup: str = "latest",
+    source: str = "library",
+    run_id: str | None = None,
 ) -> DrillReport:
     """Restore `backup` (newest verified by default) into scratch databases next to
-    `destinations`, verify it, measure RTO and RPO, drop the scratch databases."""
+    `destinations`, verify it, measure RTO and RPO, drop the scratch databases, and record
+    the drill in the store (backup.drill_history), failed ones too: `source` says where it
+    ran (cli, dagster with its `run_id`, library), `report.record_key` where it is recorded."""
     say = log or (lambda message: None)
     check_restore_request(SCRATCH, None, jobs)  # refused before the store is read: no half-run drill
-    started = time.monotonic()
     report = DrillReport(utcnow(), rto_target.total_seconds(), rpo_target.total_seconds())
+    try:
+        _drill(report, store, destinations, jobs, workdir, progress, say, backup)
+    except Exception as exc:  # no verified backup, a server gone mid-drill: a failed drill, recorded
+        detail = str(exc) if isinstance(exc, MaestroError) else f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        for destination in destinations:
+            detail = hide_secret(detail, destination.url.password)
+        report.problems.append(detail)
+        _record(store, report, source, run_id, say)
+        raise
+    _record(store, report, source, run_id, say)
+    return report
+
+
+def _record(store: ObjectStore, report: DrillReport, source: str, run_id: str | None, say) -> None:
+    """The drill into the store's history; a store that refuses it does not hide the drill's result."""
+    from maestro_pipelines.backup.drill_history import drill_record, record_drill
+
+    try:
+        report.record_key = record_drill(store, drill_record(report, source, run_id))
+    except MaestroError as exc:
+        report.notes.append(f"the drill could not be recorded in the store: {exc}")
+        say(f"drill: {report.notes[-1]}")
+
+
+def _drill(report: DrillReport, store: ObjectStore, destinations: list[DatabaseTarget], jobs: int,
+           workdir: Path | None, progress: Progress | None, say: Callable[[str], None], backup: str) -> None:
+    """The drill's steps, filling `report`; the scratch databases are dropped whatever happens."""
+    started = time.monotonic()
     restored: RestoreReport | None = None
     try:
         def skipped(message: str) -> None:
@@ -226,7 +261,7 @@ def run_drill(
             restored = restore_backup(store, entry, destinations, jobs=jobs, workdir=workdir, progress=progress, log=say)
         except MaestroError as exc:
             report.problems.append(str(exc))
-            return report
+            return
         report.restored = True
         report.steps.extend(restored.steps)
         report.notes.extend(restored.notes)
@@ -255,7 +290,6 @@ def run_drill(
                                                 f"{resolved} production aliases resolve"))
             report.databases.append({"role": db.role, "restored_as": db.restored_as, "tables": db.tables, "rows": db.rows})
         report.rto_s = time.monotonic() - started
-        return report
     finally:
         if restored is not None:
             step_started = time.monotonic()

@@ -140,6 +140,25 @@ def test_apply_retention_deletes_from_the_store_but_never_while_a_backup_or_rest
     assert all(e.verified for e in list_backups(store) if e.root == daily[9])
 
 
+def test_retention_keeps_the_drill_history(tmp_path):
+    """Drill records (drills/, from `maestro drill` and dr_drill) are the drill history, not
+    backups: retention deletes old backups and leaves every drill record, however old."""
+    from maestro_pipelines.backup.drill_history import DrillRecord, list_drills, new_drill_id, record_drill
+
+    store = LocalObjectStore(tmp_path, retry=FAST_RETRY)
+    today = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+    daily = [write_backup(store, today - d * DAY + 3 * HOUR, verified=True) for d in range(9)]
+    for days in (400, 30, 1):
+        started = today - days * DAY
+        record_drill(store, DrillRecord(new_drill_id(started), "cli", started, True, 900.0, 93600.0, rto_s=8.0))
+    drills = keys(store, "drills/")
+
+    plan = apply_retention(store)
+
+    assert sorted(e.root for e, _ in plan.delete) == sorted(daily[7:]), "retention had old backups to delete"
+    assert keys(store, "drills/") == drills and len(list_drills(store).records) == 3
+
+
 class CrashingStore(LocalObjectStore):
     """A local store whose process dies (an exception here) at its first deletion of a dump."""
 
