@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from maestro_pipelines.automation_cli import automation_app
+from maestro_pipelines.objectives import RPO_TARGET
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.formatting import human_bytes
 from maestro_pipelines.settings import load_settings
@@ -38,6 +41,7 @@ backup_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(backup_app, name="backup")
+backup_app.add_typer(automation_app, name="automation")
 restore_app = typer.Typer(
     help="Restore a backup: into scratch databases (default) or, with --confirm, in place of the live ones. "
     "Needs only MAESTRO_DATABASE_URL (or the embedded default) and MAESTRO_STORE_URL: works when Dagster is down.",
@@ -181,8 +185,10 @@ def tenants_add(
     min_f1: float = typer.Option(None, help="Quality gate: F1 floor (default 0.65)."),
     min_roc_auc: float = typer.Option(None, help="Quality gate: ROC AUC floor (default 0.70)."),
     regression_tolerance: float = typer.Option(None, help="Allowed drop against production (default 0.02)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the tenant as JSON (for scripts)."),
 ) -> None:
-    """Add a tenant; the tenant sensor gives it a partition and requests its first training."""
+    """Add a tenant; the tenant sensor gives it a partition, and requests its first training
+    once its training rows are loaded (`maestro tenants load NAME FILE`)."""
     from maestro_pipelines.platform_db.tenants import add_tenant, validate_tenant_name, validate_tenant_settings
 
     gates = {k: v for k, v in {"accuracy": min_accuracy, "f1": min_f1, "roc_auc": min_roc_auc}.items() if v is not None}
@@ -194,29 +200,182 @@ def tenants_add(
     with _platform_connection() as conn:
         tenant = add_tenant(conn, name, display_name, settings)
         conn.commit()
-    out.print(f"added tenant {tenant.name} (id {tenant.id}); gates {tenant.gates}", highlight=False)
+    if as_json:
+        out.print_json(json.dumps(_tenant_json(tenant)))
+        return
+    gates = ", ".join(f"{metric} >= {floor:g}" for metric, floor in tenant.gates.items())
+    out.print(f"added tenant {tenant.name} (id {tenant.id}): quality gates {gates}, "
+              f"regression tolerance {tenant.regression_tolerance:g}", highlight=False, soft_wrap=True)
+    if load_settings().source_url is None:
+        out.print(f"next: load its training rows with `maestro tenants load {tenant.name} FILE` (CSV or Parquet: "
+                  "one numeric column per feature and a `label` column); the tenant sensor then requests its "
+                  "first training", highlight=False, soft_wrap=True)
+    else:
+        out.print(f"next: the tenant sensor requests its first training once the table MAESTRO_SOURCE_URL "
+                  f"names has rows for {tenant.name}", highlight=False, soft_wrap=True)
+
+
+def _tenant_json(tenant) -> dict:
+    return {"id": tenant.id, "name": tenant.name, "display_name": tenant.display_name, "status": tenant.status,
+            "gates": tenant.gates, "regression_tolerance": tenant.regression_tolerance,
+            "created_at": tenant.created_at.isoformat() if tenant.created_at else None}
 
 
 @tenants_app.command("list")
 def tenants_list(as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts).")) -> None:
-    """Tenants with their status and quality gates."""
-    from maestro_pipelines.platform_db.tenants import list_tenants
+    """Tenants with their status, training rows, production version and last training.
+
+    --json keys per tenant: id, name, display_name, status, gates, regression_tolerance,
+    created_at, rows (null when the source could not be counted), production_version (null:
+    none deployed), deployed_at, last_training {status, at, dagster_run_id} (null: never)."""
+    from maestro_pipelines.platform_db.tenants import list_tenants, tenant_models
 
     with _platform_connection() as conn:
         tenants = list_tenants(conn, include_inactive=True)
+        models = tenant_models(conn)
+        rows = _tenant_row_counts(conn, [t.name for t in tenants])
+    listed = [_tenant_listing(t, models.get(t.name), rows.get(t.name)) for t in tenants]
     if as_json:
-        out.print_json(json.dumps([
-            {"id": t.id, "name": t.name, "display_name": t.display_name, "status": t.status, "gates": t.gates,
-             "regression_tolerance": t.regression_tolerance} for t in tenants
-        ]))
+        out.print_json(json.dumps(listed))
         return
-    table = Table(title=f"{len(tenants)} tenants", title_justify="left")
-    for column in ("name", "display name", "status", "gates", "created"):
-        table.add_column(column)
-    for t in tenants:
-        gates = ", ".join(f"{k} >= {v:g}" for k, v in t.gates.items())
-        table.add_row(t.name, t.display_name, t.status, gates, f"{t.created_at:%Y-%m-%d %H:%M}" if t.created_at else "")
+    table = Table(title=f"{len(tenants)} tenant{'' if len(tenants) == 1 else 's'}", title_justify="left")
+    for column, justify in (("name", "left"), ("display name", "left"), ("status", "left"), ("rows", "right"),
+                            ("production", "left"), ("last training (UTC)", "left")):
+        table.add_column(column, justify=justify, no_wrap=column != "display name")
+    for t in listed:
+        training = t["last_training"]
+        table.add_row(
+            t["name"], t["display_name"], t["status"], "?" if t["rows"] is None else f"{t['rows']:,}",
+            f"v{t['production_version']}" if t["production_version"] is not None else "none",
+            f"{training['at'][:16].replace('T', ' ')} {training['status']}" if training else "never",
+        )
     out.print(table)
+
+
+def _tenant_listing(tenant, models, rows: int | None) -> dict:
+    from datetime import timezone
+
+    listing = {**_tenant_json(tenant), "rows": rows, "production_version": None, "deployed_at": None, "last_training": None}
+    if models is not None:
+        listing["production_version"] = models.production_version
+        listing["deployed_at"] = models.deployed_at.isoformat() if models.deployed_at else None
+        if models.last_training_status is not None:
+            listing["last_training"] = {"status": models.last_training_status,
+                                        "at": models.last_training_at.astimezone(timezone.utc).isoformat(),
+                                        "dagster_run_id": models.last_training_run_id}
+    return listing
+
+
+def _tenant_row_counts(conn, names: list[str]) -> dict[str, int]:
+    """Training rows per tenant: counted in the platform database's training_rows on the
+    embedded default, else asked of MAESTRO_SOURCE_URL (one aggregate per tenant)."""
+    from maestro_pipelines.platform_db.training_rows import row_counts
+
+    settings = load_settings()
+    if settings.source_url is None:
+        counts = row_counts(conn)
+        return {name: counts.get(name, 0) for name in names}
+    from maestro_pipelines.environment import data_source
+
+    counts: dict[str, int] = {}
+    try:
+        source = data_source(settings)
+        for name in names:
+            counts[name] = source.tenant_fingerprint(name).row_count
+    except MaestroError as exc:
+        err.print(f"[yellow]warning:[/yellow] rows not counted: {exc}", highlight=False, soft_wrap=True)
+    return counts
+
+
+@tenants_app.command("load")
+def tenants_load(
+    name: str = typer.Argument(..., help="The tenant (added with `maestro tenants add NAME`)."),
+    file: Path = typer.Argument(..., help="A .csv or .parquet file: a header, one numeric column per feature, `label`."),
+    key: str = typer.Option(None, "--key", help="The column identifying each row (default: entity_key, key or id if present)."),
+    replace: bool = typer.Option(False, "--replace", help="Make the tenant's rows exactly the file's: rows not in it are deleted."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was loaded as JSON (for scripts)."),
+) -> None:
+    """Load a tenant's training rows from a CSV or Parquet file into the embedded default's
+    `training_rows` (the tenant sensor then requests its first training).
+
+    The file is the wide layout a spreadsheet or warehouse exports: a header line, one numeric
+    column per feature, a `label` column (the class to learn), and optionally a key column
+    naming each row (`entity_key`, `key` or `id`, or --key COLUMN). Every row is checked first:
+    one bad row and nothing is loaded, and the error names each bad row by its line.
+
+    A row whose key is already loaded is updated if it changed and left alone if not, so
+    loading the same file again adds nothing; without a key column a row's content is its
+    key. --replace deletes the tenant's rows that are not in the file. All in one transaction.
+
+    Examples:
+
+        maestro tenants add umbrella
+
+        maestro tenants load umbrella umbrella.csv
+
+        maestro tenants load umbrella export.parquet --key customer_id --replace
+
+    --json keys: tenant, file, file_format, rows, inserted, updated, unchanged, deleted,
+    features, key_column, tenant_rows, seconds."""
+    from maestro_pipelines.platform_db.tenants import validate_tenant_name
+    from maestro_pipelines.platform_db.training_rows import file_format, file_layout, load_training_rows, open_rows
+
+    validate_tenant_name(name)  # the name and the file are checked before the database is opened
+    table = open_rows(file)
+    try:
+        file_layout(table.columns, file.name, key)
+    finally:
+        table.close()
+    if load_settings().source_url is not None:
+        raise MaestroError(
+            "MAESTRO_SOURCE_URL is set: training reads tenants' rows from your database, not from the platform "
+            "database this command loads", "Load the rows into the table MAESTRO_SOURCE_URL names (docs/architecture.md, "
+            "\"Data sources\", gives its columns), or unset MAESTRO_SOURCE_URL")
+    with _platform_connection() as conn, _RowProgress(file_format(file)) as progress:
+        result = load_training_rows(conn, name, file, key_column=key, replace=replace, progress=progress)
+        conn.commit()
+    if as_json:
+        out.print_json(json.dumps(result.as_dict()))
+        return
+    key_text = f"key column {result.key_column}" if result.key_column else "no key column: rows keyed by content"
+    deleted = f", {result.deleted:,} deleted" if replace else ""
+    out.print(f"loaded {result.rows:,} rows of {file.name} into tenant {name} in {result.seconds:.1f} s: "
+              f"{result.inserted:,} new, {result.updated:,} updated, {result.unchanged:,} unchanged{deleted} "
+              f"({len(result.features)} features, {key_text})", highlight=False, soft_wrap=True)
+    out.print(f"tenant {name} has {result.tenant_rows:,} training rows; the tenant sensor requests its first training "
+              "within a minute when Dagster runs (`maestro tenants list` shows it)", highlight=False, soft_wrap=True)
+
+
+class _RowProgress:
+    """A progress bar for big files, drawn only when loading lasts (a small file draws none)."""
+
+    SHOW_AFTER_SECONDS = 0.5
+
+    def __init__(self, unit: str):
+        import time
+
+        self.unit, self.started_at, self.bar, self.task = unit, time.monotonic(), None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc) if self.bar is not None else None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        import time
+
+        if self.bar is None:
+            if time.monotonic() - self.started_at < self.SHOW_AFTER_SECONDS:
+                return
+            from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            amount = DownloadColumn() if self.unit == "csv" else MofNCompleteColumn()
+            self.bar = Progress(TextColumn("checking and loading rows"), BarColumn(), amount, TimeElapsedColumn(),
+                                console=err, transient=False)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("load", total=total)
+        self.bar.update(self.task, completed=done, total=total)
 
 
 def _store():
@@ -270,13 +429,15 @@ class _ByteProgress:
         self.bar.update(task, completed=done, total=total)
 
 
-def _entry_row(entry) -> dict:
+def _entry_row(entry, now) -> dict:
     manifest = entry.manifest
     return {
         "id": entry.backup_id,
         "month": entry.month,
         "started_at": manifest.started_at.isoformat() if manifest else None,
         "snapshot_at": manifest.snapshot_at.isoformat() if manifest else None,
+        # How old its data is: what restoring it now would lose.
+        "age_s": round((now - manifest.snapshot_at).total_seconds(), 1) if manifest else None,
         "databases": [d.role for d in manifest.databases] if manifest else [],
         "dump_bytes": manifest.dump_bytes if manifest else None,
         "stored_bytes": entry.stored_bytes if manifest else None,
@@ -358,33 +519,39 @@ def backup_list(
     monthly: bool = typer.Option(False, "--monthly", help="List the monthly archives instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
-    """Committed backups, oldest first: id, time, size, verified (yes; no; BAD: its verification
-    failed, or an object is missing or changed since, found by one cheap head per object)."""
+    """Committed backups, oldest first: id (its UTC start time), age (of its data), size, verified (yes; no;
+    BAD: its verification failed, or an object is missing or changed since, found by one cheap
+    head per object). `maestro backup info` says whether that is enough."""
     from maestro_pipelines.backup import check_objects, list_backups
+    from maestro_pipelines.backup.manifest import utcnow
+    from maestro_pipelines.formatting import human_duration
 
     store = _store()
     entries = list_backups(store, monthly=monthly)
     for entry in entries:
         if entry.verified:
             check_objects(store, entry)  # one head per object: what is listed as good still is
+    now = utcnow()
     if as_json:
-        out.print_json(json.dumps([_entry_row(e) for e in entries]))
+        out.print_json(json.dumps([_entry_row(e, now) for e in entries]))
         _print_interrupted_swaps(store)  # on stderr: the JSON on stdout stays the list
         return
     kind = ("monthly archive" if monthly else "backup") + ("" if len(entries) == 1 else "s")
     table = Table(title=f"{len(entries)} {kind} in {store.url}", title_justify="left")
-    for column, justify in (("id", "left"), ("month", "left"), ("time (UTC)", "left"), ("databases", "left"),
-                            ("size", "right"), ("verified", "left")):
-        # an 80-column terminal fits five columns: archives show their month instead of databases
+    # An id is its backup's start time (UTC, to the second), so the table shows the age instead
+    # of the time again: an 80-column terminal fits five columns (archives show their month
+    # instead of databases).
+    for column, justify in (("id", "left"), ("month", "left"), ("age", "right"),
+                            ("databases", "left"), ("size", "right"), ("verified", "left")):
         if (column == "month" and not monthly) or (column == "databases" and monthly):
             continue
         # Ids and times are copied into other commands: never wrapped or cut.
         table.add_column(column, justify=justify, no_wrap=column != "databases", min_width=8 if column == "databases" else None)
     for entry in entries:
-        row = _entry_row(entry)
+        row = _entry_row(entry, now)
         verified = "yes" if entry.verified else ("[red]BAD[/red]" if entry.bad else "no")
         cells = [entry.backup_id] + ([entry.month or ""] if monthly else []) + [
-            f"{entry.started_at:%Y-%m-%d %H:%M:%S}" if entry.started_at else "?",
+            human_duration(row["age_s"]) if entry.manifest else "?",
         ] + ([] if monthly else [",".join(row["databases"])]) + [
             human_bytes(entry.stored_bytes) if entry.manifest else "?",
             verified,
@@ -406,18 +573,144 @@ def _print_interrupted_swaps(store) -> None:
                   "`maestro restore finish` or `maestro restore undo`", highlight=False, soft_wrap=True)
 
 
+@backup_app.command("info")
+def backup_info_command(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (for scripts and monitoring)."),
+) -> None:
+    """Is the database protected, and since when? Start here on call. Like `pgbackrest info`: a
+    status line (ok, warning or error, and why, with the command that helps), the latest and the
+    oldest restorable backup and their age, the RPO now against its target (26 h), the last
+    backups' sizes, durations and verification, the monthly archives, the latest drill, and
+    anything half done (a backup running, one killed, a live restore stopped half way). Reads
+    only the store (one head per object of each verified backup), never a database.
+
+    Exit code: 0 ok, 1 warning, 2 error (a store that cannot be read is an error): the
+    monitoring-plugin convention, so a check can run it as it is.
+
+    --json keys: status, reasons [{level, message, hint}], checked_at, store,
+    rpo {target_s, age_s, ok}, latest and oldest (a backup or null), restorable, backups,
+    recent (the last 5 backups, latest first), monthly, running, killed, unfinished,
+    half_done_restores, automation {stopped_by_default, turn_on}, drill. A backup: id, month,
+    started_at, snapshot_at, age_s, databases, dump_bytes, stored_bytes, duration_s, verified,
+    verified_at, bad, problem. Times are ISO 8601 UTC, *_s seconds, *_bytes bytes."""
+    from maestro_pipelines.backup.info import backup_info, store_unreadable
+
+    stopped = False
+    url = "the store MAESTRO_STORE_URL names" if os.environ.get("MAESTRO_STORE_URL") else "the default store in MAESTRO_HOME"
+    try:
+        settings = load_settings()
+        stopped = settings.uses_embedded_database
+        store = _store()
+        url = store.url
+        info = backup_info(store, automation_stopped=stopped)
+    except MaestroError as exc:
+        info = store_unreadable(url, str(exc), automation_stopped=stopped)
+    if as_json:
+        out.print_json(json.dumps(info.as_dict()))
+    else:
+        _print_info(info)
+    raise typer.Exit(info.exit_code)
+
+
+def _print_info(info) -> None:
+    from maestro_pipelines.formatting import human_duration
+
+    def line(key: str, value: str) -> None:
+        out.print(f"{key:<12}{value}", highlight=False, soft_wrap=True)
+
+    colour = {"ok": "green", "warning": "yellow", "error": "red"}[info.status]
+    out.print(f"{'status':<12}[{colour}]{info.status_line()}[/{colour}]", highlight=False, soft_wrap=True)
+    for finding in info.findings:
+        line("", f"{finding.level}: {finding.message}")
+        if finding.hint:
+            line("", f"  {finding.hint}")
+    line("store", info.store_url)
+    if not info.readable:
+        _print_automation(info)
+        return
+    line("restorable", f"{info.restorable} of {len(info.backups) + len(info.archives)} backups (monthly archives included)")
+    line("  latest", _info_backup(info, info.latest) if info.latest else "none (what `maestro restore` takes by default)")
+    line("  oldest", _info_backup(info, info.oldest) if info.oldest else "none")
+    target = human_duration(info.rpo_target.total_seconds())
+    if info.rpo is None:
+        line("RPO", f"none: nothing to restore from (target {target})")
+    else:
+        judged = "ok" if info.rpo <= info.rpo_target else "MISSED"
+        line("RPO", f"{human_duration(info.rpo.total_seconds())} (target {target}): {judged}")
+    line("monthly", ", ".join(f"{e.month} {e.backup_id}{'' if e.verified else ' BAD' if e.bad else ' unverified'}"
+                              for e in info.archives) or "none yet (`maestro backup archive`)")
+    line("drill", _info_drill(info.drill))
+    _print_automation(info)
+    for activity in info.running:
+        line("running", f"{activity.kind} {activity.ident} since {activity.started_at:%Y-%m-%d %H:%M:%S} UTC "
+             f"on {activity.host} (pid {activity.pid})")
+    if info.backups:
+        out.print(_recent_table(info))
+
+
+def _print_automation(info) -> None:
+    from maestro_pipelines.automation import AUTOMATION_ON_COMMAND
+
+    if info.automation_stopped:
+        said = ["backup schedules and the RPO sensor start stopped on the embedded default: nothing backs up",
+                f"by itself here. Turn them on: {AUTOMATION_ON_COMMAND}"]
+    else:
+        said = ["backup schedules and the RPO sensor start running (MAESTRO_DATABASE_URL is set); one",
+                "stopped in the Dagster UI stays stopped"]
+    for key, value in zip(("automation", ""), said):
+        out.print(f"{key:<12}{value}", highlight=False, soft_wrap=True)
+
+
+def _info_backup(info, entry) -> str:
+    from maestro_pipelines.formatting import human_age
+
+    where = f" (monthly archive {entry.month})" if entry.month else ""
+    return (f"{entry.backup_id}{where}: data as of {entry.manifest.snapshot_at:%Y-%m-%d %H:%M:%S} UTC, "
+            f"{human_age(info.age(entry).total_seconds())}")
+
+
+def _info_drill(drill) -> str:
+    from maestro_pipelines.formatting import human_duration
+
+    if drill is None:
+        return "none recorded (`maestro drill` runs one)"
+    rto = f", RTO {human_duration(drill.rto_s)} (target {human_duration(drill.rto_target_s)})" if drill.rto_s is not None else ""
+    return f"{drill.started_at:%Y-%m-%d %H:%M} UTC ({drill.where}): {'ok' if drill.ok else 'FAILED'}{rto}"
+
+
+def _recent_table(info) -> Table:
+    from maestro_pipelines.backup.info import RECENT_BACKUPS
+    from maestro_pipelines.formatting import human_duration
+
+    shown = list(reversed(info.backups[-RECENT_BACKUPS:]))
+    table = Table(title=f"last {len(shown)} of {len(info.backups)} backups, latest first", title_justify="left")
+    for column, justify in (("id", "left"), ("age", "right"), ("size", "right"), ("duration", "right"),
+                            ("verified", "left")):
+        table.add_column(column, justify=justify, no_wrap=True)
+    for entry in shown:
+        manifest = entry.manifest
+        verified = "yes" if entry.verified else ("[red]BAD[/red]" if entry.bad else "no")
+        table.add_row(entry.backup_id, human_duration(info.age(entry).total_seconds()) if manifest else "?",
+                      human_bytes(entry.stored_bytes) if manifest else "?",
+                      human_duration(manifest.duration_s) if manifest else "?", verified)
+    return table
+
+
 @backup_app.command("verify")
 def backup_verify(
-    backup_id: str = typer.Argument(..., help="A backup id from `maestro backup list`, or `newest`."),
+    backup_id: str = typer.Argument(
+        ..., help="A backup id from `maestro backup list`, or `latest`: the latest backup taken, verified or not "
+                  "(`newest` is accepted too)."),
     month: str = typer.Option(None, help="Verify the monthly archive of this month (YYYY-MM) instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
     """Re-read every object of a backup, check sizes and sha256, read each dump with pg_restore --list.
     Exits non-zero when anything is wrong."""
     from maestro_pipelines.backup import BackupNotFound, list_backups, verify_backup
+    from maestro_pipelines.backup.catalog import is_latest
 
     store = _store()
-    if backup_id == "newest":
+    if is_latest(backup_id):
         entries = list_backups(store, monthly=month is not None)
         entries = [e for e in entries if month is None or e.month == month]
         if not entries:
@@ -437,11 +730,11 @@ def backup_verify(
 
 @backup_app.command("retention")
 def backup_retention(
-    daily: int = typer.Option(7, help="Days (with backups) whose newest backup is kept."),
+    daily: int = typer.Option(7, help="Days (with backups) whose latest backup is kept."),
     monthly: int = typer.Option(12, help="Monthly archives kept."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted, delete nothing."),
 ) -> None:
-    """Delete backups beyond the retention policy (never the newest verified one, never while a
+    """Delete backups beyond the retention policy (never the latest verified one, never while a
     backup or restore runs) and leftovers of backups that never finished."""
     from maestro_pipelines.backup import RetentionPolicy, apply_retention
 
@@ -467,7 +760,7 @@ def backup_retention(
 def backup_archive(
     month: str = typer.Option(None, help="Month to archive, YYYY-MM (default: the previous month)."),
 ) -> None:
-    """Copy (server-side) the newest verified backup of MONTH to the monthly/ prefix."""
+    """Copy (server-side) the latest verified backup of MONTH to the monthly/ prefix."""
     from datetime import timedelta
 
     from maestro_pipelines.backup import archive_month
@@ -502,8 +795,8 @@ def _steps_table(title: str, steps) -> Table:
 @restore_app.callback()
 def restore(
     ctx: typer.Context,
-    backup: str = typer.Option("latest", help="Backup id, or `latest` (the newest verified backup)."),
-    before: str = typer.Option(None, help="Instead: the newest verified backup taken before this time (ISO 8601, UTC if no zone)."),
+    backup: str = typer.Option("latest", help="Backup id, or `latest`: the latest verified backup (`newest` is accepted too)."),
+    before: str = typer.Option(None, help="Instead: the latest verified backup taken before this time (ISO 8601, UTC if no zone)."),
     target: str = typer.Option("scratch", help="`scratch`: next to the live databases; `live`: in their place."),
     confirm: str = typer.Option(
         None, "--confirm",
@@ -657,17 +950,27 @@ def restore_undo(confirm: str = typer.Option(None, "--confirm", help=_RECOVER_CO
     _recover(undo=True, confirm=confirm)
 
 
-@app.command("drill")
+drill_app = typer.Typer(invoke_without_command=True)
+app.add_typer(drill_app, name="drill")
+
+
+@drill_app.callback()
 def drill(
+    ctx: typer.Context,
     rto_minutes: float = typer.Option(15, help="RTO target: restore to verified within this many minutes."),
-    rpo_hours: float = typer.Option(26, help="RPO target: the newest verified backup at most this old."),
-    backup: str = typer.Option("latest", help="Backup to drill with (default: the newest verified)."),
+    rpo_hours: float = typer.Option(RPO_TARGET.total_seconds() / 3600,
+                                    help="RPO target: the latest verified backup at most this old."),
+    backup: str = typer.Option("latest", help="Backup to drill with: an id, or `latest`, the latest verified "
+                                              "(`newest` is accepted too)."),
     jobs: int = typer.Option(2, help="pg_restore parallel jobs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
 ) -> None:
     """Disaster-recovery drill without Dagster: restore into scratch databases, verify counts,
     checksums and indexes (amcheck), resolve MLflow's production aliases, measure RTO and RPO,
-    drop the scratch databases. Exits 1 when the drill fails."""
+    drop the scratch databases. Exits 1 when the drill fails. Every drill is recorded in the
+    store (drills/), where `maestro drill list` and the dr_drill asset's history read it."""
+    if ctx.invoked_subcommand is not None:
+        return
     from maestro_pipelines.backup import run_drill
     from maestro_pipelines.backup.drill import drill_targets
     from maestro_pipelines.backup.restore import SCRATCH, check_restore_request
@@ -679,6 +982,7 @@ def drill(
         report = run_drill(
             _store(), destinations, rto_target, rpo_target, jobs=jobs,
             progress=progress, log=lambda message: err.print(message, highlight=False, soft_wrap=True), backup=backup,
+            source="cli",
         )
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
@@ -697,8 +1001,40 @@ def drill(
             err.print(f"note: {note}", highlight=False)
         for failure in report.failures():
             err.print(f"drill FAILED: {failure}", highlight=False, soft_wrap=True)
+        if report.record_key:
+            out.print(f"recorded in the store as {report.record_key} (`maestro drill list` shows the history)",
+                      highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@drill_app.command("list", short_help="The drills recorded in the store (CLI and Dagster ones), oldest first.")
+def drill_list(
+    limit: int = typer.Option(20, min=1, help="Show the newest this many drills."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
+) -> None:
+    """The drills recorded in the store (from `maestro drill` and Dagster's dr_drill), oldest
+    first: when, where they ran, the backup, RTO and RPO against their targets, the result."""
+    from maestro_pipelines.backup.drill_history import list_drills
+
+    store = _store()
+    history = list_drills(store, limit=limit)
+    for line in history.skipped:  # on stderr: the JSON on stdout stays the list
+        err.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
+    if as_json:
+        out.print_json(json.dumps([{**r.to_dict(), "key": r.key} for r in history.records]))
+        return
+    count = len(history.records)
+    table = Table(title=f"{count} drill{'' if count == 1 else 's'} in {store.url}", title_justify="left")
+    for column in ("started (UTC)", "ran from", "backup", "RTO", "RPO", "result"):
+        table.add_column(column, justify="right" if column in ("RTO", "RPO") else "left",
+                         no_wrap=column != "result", overflow="fold")
+    for r in history.records:
+        rto = f"{r.rto_s:.1f} s / {r.rto_target_s:.0f} s" if r.rto_s is not None else "-"
+        rpo = f"{r.rpo_s / 3600:.2f} h / {r.rpo_target_s / 3600:.0f} h" if r.rpo_s is not None else "-"
+        result = "ok" if r.ok else "[red]FAILED[/red]: " + (r.problems[0] if r.problems else "no detail recorded")
+        table.add_row(f"{r.started_at:%Y-%m-%d %H:%M:%S}", r.where, r.backup_id or "-", rto, rpo, result)
+    out.print(table)
 
 
 @app.command("demo")
@@ -722,6 +1058,16 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated()
 
 
+def _command():
+    """The click command of `app`, its help laid out as git's and gh's are (cli_help.py)."""
+    from maestro_pipelines.cli_help import conventional_parameters, tidy
+
+    conventional_parameters()
+    command = typer.main.get_command(app)
+    tidy(command)
+    return command
+
+
 def main() -> None:
     import signal
 
@@ -733,7 +1079,7 @@ def main() -> None:
     try:
         # Not standalone: a usage error (a word where a number goes, an unknown option) comes
         # here and gets one line like every other bad input, not click's framed box.
-        code = app(standalone_mode=False)
+        code = _command()(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except usage_error as exc:
         command = exc.ctx.command_path if exc.ctx is not None else "maestro"

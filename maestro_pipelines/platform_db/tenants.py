@@ -135,5 +135,36 @@ def get_tenant(conn: Connection, name: str) -> Tenant:
         text(f"SELECT {_COLUMNS} FROM tenants WHERE name = :n"), {"n": validate_tenant_name(name)}
     ).one_or_none()
     if row is None:
-        raise MaestroError(f"tenant '{name}' does not exist", "Add it with `maestro tenants add NAME`")
+        raise MaestroError(f"tenant '{name}' does not exist", f"Add it with `maestro tenants add {name}`")
     return Tenant(*row)
+
+
+@dataclass(frozen=True)
+class TenantModels:
+    """What `maestro tenants list` shows of a tenant's models: read from the ML records."""
+
+    production_version: int | None
+    deployed_at: datetime | None
+    last_training_status: str | None  # running, succeeded, failed (an experiment's status)
+    last_training_at: datetime | None  # when it finished, or started while it runs
+    last_training_run_id: str | None  # the Dagster run
+
+
+OVERVIEW_SQL = """
+SELECT t.name, prod.version, prod.deployed_at, last.status, coalesce(last.finished_at, last.started_at), last.dagster_run_id
+FROM tenants t
+LEFT JOIN LATERAL (
+    SELECT v.version, d.deployed_at FROM deployments d JOIN model_versions v ON v.id = d.model_version_id
+    WHERE d.tenant_id = t.id AND d.environment = 'production' AND d.status = 'active'
+    ORDER BY d.deployed_at DESC LIMIT 1
+) prod ON true
+LEFT JOIN LATERAL (
+    SELECT e.status, e.started_at, e.finished_at, e.dagster_run_id FROM experiments e
+    WHERE e.tenant_id = t.id ORDER BY e.started_at DESC, e.id DESC LIMIT 1
+) last ON true
+"""
+
+
+def tenant_models(conn: Connection) -> dict[str, TenantModels]:
+    """Per tenant name: its production version and its last training (one read-only query)."""
+    return {row[0]: TenantModels(*row[1:]) for row in conn.execute(text(OVERVIEW_SQL))}

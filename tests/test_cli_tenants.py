@@ -1,0 +1,198 @@
+"""A tenant's first steps as a user types them: `maestro tenants add`, `tenants load FILE`,
+`tenants list`, in subprocesses against a platform database on the embedded PostgreSQL 18."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from maestro_pipelines.platform_db.connection import engine_for
+
+from .conftest import create_database, drop_database
+from .test_cli import run_maestro
+
+FEATURES = ("f1", "f2", "f3")
+
+
+@pytest.fixture(scope="module")
+def platform(pg18, tmp_path_factory):
+    """A migrated platform database (MAESTRO_DATABASE_URL) with tenants added by the CLI."""
+    name = create_database(pg18, "tenants")
+    home = tmp_path_factory.mktemp("tenants_home")
+    env = {"MAESTRO_DATABASE_URL": pg18.libpq_url(name), "MAESTRO_HOME": str(home)}
+    engine = engine_for(pg18.admin_url.set(database=name))
+    yield env, engine, home
+    drop_database(pg18, name)
+
+
+def sql(engine, statement: str, **params):
+    with engine.begin() as conn:
+        return conn.execute(text(statement), params).all()
+
+
+def write_csv(path: Path, rows: list[list], header=("id", *FEATURES, "label")) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def good_rows(count: int, prefix: str = "r") -> list[list]:
+    return [[f"{prefix}{i}", i, i * 0.5, -i, "yes" if i % 2 else "no"] for i in range(count)]
+
+
+def add(env, name: str) -> None:
+    added = run_maestro("tenants", "add", name, env=env)
+    assert added.returncode == 0, added.stderr
+
+
+def load(env, *args: str):
+    return run_maestro("tenants", "load", *args, env=env)
+
+
+def test_add_says_what_was_added_and_what_to_do_next(platform):
+    env, _, _ = platform
+    added = run_maestro("tenants", "add", "umbrella", "--min-f1", "0.8", env=env)
+    assert added.returncode == 0, added.stderr
+    first, second = added.stdout.strip().splitlines()
+    assert first.startswith("added tenant umbrella (id ") and "quality gates accuracy >= 0.7, f1 >= 0.8" in first
+    assert "{" not in added.stdout, "no Python dict"
+    assert "`maestro tenants load umbrella FILE`" in second
+
+    as_json = run_maestro("tenants", "add", "hooli", "--json", env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    tenant = json.loads(as_json.stdout)
+    assert tenant["name"] == "hooli" and tenant["status"] == "active"
+    assert tenant["gates"] == {"accuracy": 0.7, "f1": 0.65, "roc_auc": 0.7} and tenant["regression_tolerance"] == 0.02
+
+
+def test_a_csv_loads_once_and_a_reload_adds_nothing(platform, tmp_path):
+    env, engine, _ = platform
+    add(env, "csvco")
+    rows = good_rows(50)
+    path = write_csv(tmp_path / "csvco.csv", rows)
+    loaded = load(env, "csvco", str(path), "--json")
+    assert loaded.returncode == 0, loaded.stderr
+    result = json.loads(loaded.stdout)
+    assert (result["rows"], result["inserted"], result["tenant_rows"], result["key_column"]) == (50, 50, 50, "id")
+    assert result["features"] == list(FEATURES)
+    # Stored in the layout the embedded default's source reads: one JSON object per row.
+    ((features, label),) = sql(engine, "SELECT features, label FROM training_rows WHERE tenant = 'csvco' AND entity_key = 'r3'")
+    assert features == {"f1": 3.0, "f2": 1.5, "f3": -3.0} and label == "yes"
+
+    again = load(env, "csvco", str(path))
+    assert again.returncode == 0, again.stderr
+    assert "0 new, 0 updated, 50 unchanged" in again.stdout and "has 50 training rows" in again.stdout
+
+    rows[0][1] = 99
+    changed = json.loads(load(env, "csvco", str(write_csv(tmp_path / "changed.csv", rows + good_rows(5, "n"))), "--json").stdout)
+    assert (changed["inserted"], changed["updated"], changed["unchanged"], changed["tenant_rows"]) == (5, 1, 49, 55)
+
+    replaced = json.loads(load(env, "csvco", str(write_csv(tmp_path / "few.csv", good_rows(3))), "--replace", "--json").stdout)
+    assert (replaced["deleted"], replaced["tenant_rows"]) == (52, 3)
+
+
+def test_rows_without_a_key_column_are_not_duplicated_by_a_reload(platform, tmp_path):
+    env, engine, _ = platform
+    add(env, "nokey")
+    rows = [[1, 2, 3, "a"], [4, 5, 6, "b"], [1, 2, 3, "a"]]  # the same row twice is kept twice
+    path = write_csv(tmp_path / "nokey.csv", rows, header=(*FEATURES, "label"))
+    for _ in range(2):
+        assert load(env, "nokey", str(path)).returncode == 0
+    assert sql(engine, "SELECT count(*) FROM training_rows WHERE tenant = 'nokey'") == [(3,)]
+
+
+def test_a_parquet_file_loads_like_a_csv(platform, tmp_path):
+    import pandas as pd
+
+    env, engine, _ = platform
+    add(env, "parquetco")
+    frame = pd.DataFrame({"customer": ["c1", "c2", "c3"], "age": [31, 45, 28], "spend": [10.5, 7.0, 3.25],
+                          "label": [1, 0, 1]})
+    frame.to_parquet(tmp_path / "export.parquet", index=False)
+    loaded = load(env, "parquetco", str(tmp_path / "export.parquet"), "--key", "customer")
+    assert loaded.returncode == 0, loaded.stderr
+    assert "loaded 3 rows of export.parquet into tenant parquetco" in loaded.stdout
+    stored = sql(engine, "SELECT entity_key, features, label FROM training_rows WHERE tenant = 'parquetco' ORDER BY entity_key")
+    assert stored == [("c1", {"age": 31.0, "spend": 10.5}, "1"), ("c2", {"age": 45.0, "spend": 7.0}, "0"),
+                      ("c3", {"age": 28.0, "spend": 3.25}, "1")]
+
+
+def test_bad_rows_are_named_by_line_and_nothing_is_loaded(platform, tmp_path):
+    env, engine, _ = platform
+    add(env, "badrows")
+    rows = good_rows(4) + [["x1", "abc", 1, 2, "yes"], ["x2", 1, "", 2, ""], ["r0", 1, 2, 3, "no"], ["x3", 1, 2]]
+    refused = load(env, "badrows", str(write_csv(tmp_path / "bad.csv", rows)))
+    assert refused.returncode == 1 and refused.stdout == ""
+    (line,) = refused.stderr.strip().splitlines()
+    assert "bad.csv: 4 bad rows, nothing loaded" in line
+    assert "line 6: 'abc' in column 'f1' is not a number" in line
+    assert "line 7: no value in column 'f2', empty label" in line
+    assert "line 8: key 'r0' is already on line 2" in line
+    assert "line 9: 3 values for 5 columns" in line
+    assert sql(engine, "SELECT count(*) FROM training_rows WHERE tenant = 'badrows'") == [(0,)]
+
+    many = [[f"m{i}", "n/a", 1, 2, "yes"] for i in range(25)]
+    refused = load(env, "badrows", str(write_csv(tmp_path / "many.csv", many)))
+    assert "25 bad rows" in refused.stderr and "line 11:" in refused.stderr and "line 12:" not in refused.stderr
+    assert "and 15 more" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["umbrella", "missing.csv"], "missing.csv does not exist"),
+        (["umbrella", "rows.xlsx"], "'.xlsx' is not a file type Maestro reads"),
+        (["ghost", "rows.csv"], "tenant 'ghost' does not exist. Add it first with `maestro tenants add ghost`"),
+        (["Not-Valid", "rows.csv"], "'Not-Valid' is not a valid tenant name"),
+        (["umbrella", "nolabel.csv"], "nolabel.csv has no 'label' column (columns: id, f1)"),
+        (["umbrella", "rows.csv", "--key", "customer"], "rows.csv has no key column 'customer'"),
+    ],
+    ids=["missing-file", "unknown-extension", "unknown-tenant", "bad-name", "no-label", "no-such-key"],
+)
+def test_loading_refusals_are_one_line(platform, tmp_path, args, expected):
+    env, _, _ = platform
+    write_csv(tmp_path / "rows.csv", good_rows(2))
+    write_csv(tmp_path / "nolabel.csv", [["a", 1]], header=("id", "f1"))
+    (tmp_path / "rows.xlsx").write_bytes(b"PK\x03\x04")
+    args = [str(tmp_path / a) if a.endswith((".csv", ".xlsx")) else a for a in args]
+    refused = load(env, *args)
+    assert refused.returncode == 1
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("error: ") and expected in line and "unexpected" not in line
+
+
+def test_list_shows_rows_production_version_and_last_training(platform, tmp_path):
+    env, engine, _ = platform
+    add(env, "listed")
+    add(env, "unloaded")
+    assert load(env, "listed", str(write_csv(tmp_path / "listed.csv", good_rows(12)))).returncode == 0
+    # What a training and a deployment record (assets/ml.py writes these rows).
+    sql(engine, """
+        WITH t AS (SELECT id FROM tenants WHERE name = 'listed'),
+        m AS (INSERT INTO models (tenant_id, name, registry_name) SELECT id, 'classifier', 'maestro-listed' FROM t RETURNING id, tenant_id),
+        e AS (INSERT INTO experiments (tenant_id, model_id, name, status, dagster_run_id, started_at, finished_at)
+              SELECT tenant_id, id, 'listed-run', 'succeeded', 'run-1234', '2026-11-30 09:00+00', '2026-11-30 09:05+00' FROM m RETURNING id),
+        v AS (INSERT INTO model_versions (model_id, tenant_id, version, status) SELECT id, tenant_id, 2, 'deployed' FROM m RETURNING id, model_id, tenant_id)
+        INSERT INTO deployments (tenant_id, model_id, model_version_id, status) SELECT tenant_id, model_id, id, 'active' FROM v
+        RETURNING id""")
+    listed = run_maestro("tenants", "list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    tenants = {t["name"]: t for t in json.loads(listed.stdout)}
+    row = tenants["listed"]
+    assert (row["rows"], row["production_version"], row["status"]) == (12, 2, "active")
+    assert row["last_training"] == {"status": "succeeded", "at": "2026-11-30T09:05:00+00:00", "dagster_run_id": "run-1234"}
+    assert tenants["unloaded"]["rows"] == 0 and tenants["unloaded"]["last_training"] is None
+    assert tenants["unloaded"]["production_version"] is None
+
+    shown = run_maestro("tenants", "list", env=env)
+    assert shown.returncode == 0, shown.stderr
+    cells = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+             for line in shown.stdout.splitlines() if line.startswith("│ ")}
+    assert cells["listed"][1:] == ["active", "12", "v2", "2026-11-30 09:05 succeeded"]
+    assert cells["unloaded"][1:] == ["active", "0", "none", "never"]
