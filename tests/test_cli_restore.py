@@ -122,3 +122,37 @@ def test_live_restore_keeps_the_old_database_until_cleanup(kept_server):
     assert cleanup.returncode == 0, cleanup.stderr
     assert f"dropped {kept}" in cleanup.stdout
     assert psql(home, "postgres", "SELECT count(*) FROM pg_database WHERE datname LIKE 'maestro_%restore_%'") == "0"
+
+
+def test_drills_from_the_cli_are_recorded_and_listed(kept_server):
+    """`maestro drill` says where its record went; a failed drill (missed RTO, exit 1) is
+    recorded too; `maestro drill list` shows both, oldest first, as JSON and as a table, and
+    names a file in drills/ that is no record instead of failing."""
+    home, env = kept_server
+    assert run_maestro("db", "upgrade", env=env).returncode == 0
+    backup = run_maestro("backup", "run", "--json", env=env)
+    assert backup.returncode == 0, backup.stderr
+    backup_id = json.loads(backup.stdout)["id"]
+
+    good = run_maestro("drill", env=env)
+    assert good.returncode == 0, good.stderr
+    recorded = [line for line in good.stdout.splitlines() if line.startswith("recorded in the store as drills/")]
+    assert len(recorded) == 1 and "`maestro drill list` shows the history" in recorded[0], good.stdout
+    missed = run_maestro("drill", "--rto-minutes", "0.00001", "--json", env=env)
+    assert missed.returncode == 1 and not json.loads(missed.stdout)["ok"]
+    (home / "store" / "drills" / "notes.json").write_text("{}")  # not written by Maestro: no checksum
+
+    listed = run_maestro("drill", "list", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    drills = json.loads(listed.stdout)
+    assert [(d["source"], d["ok"], d["backup_id"]) for d in drills] == [("cli", True, backup_id), ("cli", False, backup_id)]
+    assert recorded[0].split()[5] == drills[0]["key"] and drills[1]["key"] == json.loads(missed.stdout)["record_key"]
+    assert drills[1]["rto_target_s"] == 0.0006 and "over the target" in drills[1]["problems"][0]
+    assert drills[0]["rto_s"] > 0 and drills[0]["steps"]["pg_restore platform"] > 0
+    assert "warning: skipped" in listed.stderr and "drills/notes.json" in listed.stderr
+
+    table = run_maestro("drill", "list", "--limit", "1", env=env)
+    assert table.returncode == 0, table.stderr
+    assert "1 drill in file://" in table.stdout and backup_id in table.stdout
+    assert "FAILED" in table.stdout and "over the target" in table.stdout
+    assert f"{drills[1]['rto_s']:.1f} s / 0 s" in table.stdout

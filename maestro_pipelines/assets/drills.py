@@ -2,8 +2,11 @@
 into scratch databases next to the live ones, proves it (counts and checksums against the
 manifest, amcheck on every btree index, migrations, MLflow's `production` aliases), measures
 RTO and RPO and drops the scratch databases. The work is `maestro_pipelines.backup.run_drill`
-(no Dagster: `maestro drill` runs the same function); this is a thin wrapper that logs, keeps
-the history as metadata and alerts.
+(no Dagster: `maestro drill` runs the same function); this is a thin wrapper that logs,
+shows the drill history and alerts. The history is read from the store's drill records
+(backup.drill_history), which every drill writes, `maestro drill` ones too: it survives a new
+Dagster instance. Metadata `drill_history` (a table: when, ran from, backup, RTO, RPO, result)
+and `rto_history` (the chart) show the last drills; `rto_s` and `rpo_h` are Dagster's plots.
 
 Outcomes
     - the drill worked and met both targets: a materialization, both checks pass;
@@ -38,7 +41,8 @@ DRILL_KIND = "drill"
 RTO_CHECK = "rto_within_target"
 RPO_CHECK = "rpo_within_target"
 CHART_DRILLS = 10
-"""Drills in the RTO chart: this one and the 9 materializations before it."""
+"""Drills in the RTO chart and the history table: this one and the 9 recorded before it
+(in the store: `maestro drill` ones too)."""
 
 
 def live_destinations(platform_db: PlatformDatabase, mlflow: MLflowRegistry) -> tuple[list, list[str]]:
@@ -85,49 +89,114 @@ class DrillConfig(dg.Config):
     )
 
 
-def _previous_rtos(context, limit: int) -> list[tuple[float, float]]:
-    """(timestamp, rto_s) of up to `limit` earlier materializations of this asset, oldest first."""
+def _drill_history(context, object_store, report) -> list:
+    """The last CHART_DRILLS drills recorded in the store (`maestro drill` ones too), oldest
+    first, this one included (from the report when the store refused its record)."""
+    from maestro_pipelines.backup.drill_history import drill_record, list_drills
+
     try:
-        records = context.instance.fetch_materializations(context.asset_key, limit=limit).records
-    except Exception as exc:  # the chart is a nicety: never fail a drill over it
-        context.log.warning(f"Could not read earlier drills for the RTO chart: {exc}")
-        return []
-    points = []
-    for record in records:
-        materialization = record.asset_materialization
-        value = materialization.metadata.get("rto_s") if materialization else None
-        if value is not None and isinstance(value.value, (int, float)):
-            points.append((record.timestamp, float(value.value)))
-    return sorted(points)
+        records = list_drills(object_store, limit=CHART_DRILLS, log=context.log.warning).records
+    except MaestroError as exc:  # the history is a nicety: never fail a drill over it
+        context.log.warning(f"Could not read the drill history from the store: {exc}")
+        records = []
+    if report.record_key is None or report.record_key not in {r.key for r in records}:
+        records = (records + [drill_record(report, "dagster", context.run.run_id)])[-CHART_DRILLS:]
+    return records
 
 
-def rto_chart_png(points: list[tuple[float, float]], target_s: float) -> bytes:
-    """Bars of the RTO (seconds) of each drill (timestamp, rto_s), oldest first, with the target."""
+TARGET_IN_SCALE = 3
+"""The RTO target is drawn as a line when it is within this factor of the largest RTO;
+beyond, a line at the top would flatten every bar, so the target is written instead."""
+SOURCE_COLOURS = {"cli": ("#1565c0", "CLI drill (maestro drill)"), "dagster": ("#7b1fa2", "Dagster drill (dr_drill)"),
+                  "library": ("#757575", "other drill (run_drill)")}
+FAILED_COLOUR = "#c62828"
+
+
+@dataclasses.dataclass
+class RtoChart:
+    png: bytes
+    ylim: tuple[float, float]
+    target_drawn: bool
+    """False when the target is off the scale (then written in a corner)."""
+
+
+def rto_axis(values: list[float], target_s: float) -> tuple[float, bool]:
+    """(top of the y axis, whether the target line is on it): the axis fits the measured RTOs."""
+    largest = max(values, default=0.0)
+    if largest <= 0:
+        return max(target_s * 1.15, 1.0), True
+    drawn = target_s <= largest * TARGET_IN_SCALE
+    return max(largest, target_s if drawn else 0.0) * 1.2, drawn
+
+
+def rto_chart_png(records: list, target_s: float) -> RtoChart:
+    """Bars of the RTO (seconds) of each drill record, oldest first, coloured by where it ran
+    (CLI or Dagster); a failed drill is hatched red, one without an RTO a red x at 0."""
     import io
-    from datetime import datetime, timezone
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    labels = [datetime.fromtimestamp(ts, timezone.utc).strftime("%m-%d\n%H:%M") for ts, _ in points]
-    values = [rto for _, rto in points]
-    fig, ax = plt.subplots(figsize=(6, 3))
+    top, target_drawn = rto_axis([r.rto_s for r in records if r.rto_s is not None], target_s)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
     try:
-        colors = ["#2e7d32" if v <= target_s else "#c62828" for v in values]
-        ax.bar(range(len(values)), values, color=colors)
-        ax.axhline(target_s, color="#555555", linestyle="--", linewidth=1, label=f"target {target_s:.0f} s")
-        ax.set_xticks(range(len(values)), labels, fontsize=7)
+        for index, record in enumerate(records):
+            colour = SOURCE_COLOURS.get(record.source, SOURCE_COLOURS["library"])[0]
+            if record.rto_s is None:
+                ax.plot(index, 0, marker="x", color=FAILED_COLOUR, markersize=10, markeredgewidth=2, clip_on=False)
+                continue
+            ax.bar(index, record.rto_s, color=colour, hatch=None if record.ok else "//",
+                   edgecolor=FAILED_COLOUR if not record.ok else colour, linewidth=1.5 if not record.ok else 0)
+            ax.annotate(f"{record.rto_s:.1f} s", (index, record.rto_s), ha="center", va="bottom", fontsize=7,
+                        xytext=(0, 2), textcoords="offset points")
+        handles = [Patch(color=SOURCE_COLOURS[s][0], label=SOURCE_COLOURS[s][1])
+                   for s in SOURCE_COLOURS if any(r.source == s for r in records)]
+        if any(not r.ok for r in records):
+            handles.append(Patch(facecolor="white", edgecolor=FAILED_COLOUR, hatch="//", label="failed (x: no RTO)"))
+        title = f"RTO of the last {len(records)} drill(s) (UTC)"
+        if target_drawn:
+            handles.append(ax.axhline(target_s, color="#555555", linestyle="--", linewidth=1, label=f"target {target_s:.0f} s"))
+        else:  # in the title, where no bar can hide it
+            title += f"; target {target_s:.0f} s, off the scale"
+        ax.set_ylim(0, top)
+        ax.set_xlim(-0.6, max(len(records), 1) - 0.4)
+        labels = [f"{r.started_at:%m-%d}\n{r.started_at:%H:%M}" for r in records]
+        ax.set_xticks(range(len(records)), labels, fontsize=7)
         ax.set_ylabel("RTO (s)")
-        ax.set_title(f"RTO of the last {len(values)} drill(s) (UTC)", fontsize=9)
-        ax.set_ylim(0, max(values + [target_s]) * 1.15)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title(title, fontsize=9)
+        # Beside the plot, not over the bars.
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-        return buffer.getvalue()
+        return RtoChart(buffer.getvalue(), ax.get_ylim(), target_drawn)
     finally:
         plt.close(fig)
+
+
+def history_markdown(records: list) -> str:
+    """The drills as a markdown table, newest first: the history checkable as text."""
+    lines = ["| started (UTC) | ran from | backup | RTO | RPO | result |", "|---|---|---|---|---|---|"]
+    for r in reversed(records):
+        rto = f"{r.rto_s:.1f} s" if r.rto_s is not None else "-"
+        rpo = f"{r.rpo_s / 3600:.2f} h" if r.rpo_s is not None else "-"
+        result = "ok" if r.ok else "FAILED: " + (r.problems[0] if r.problems else "no detail recorded")
+        result = result.replace("|", "/").replace("\n", " ")[:160]
+        where = f"[{r.where}](/runs/{r.run_id})" if r.source == "dagster" and r.run_id else r.where
+        lines.append(f"| {r.started_at:%Y-%m-%d %H:%M:%S} | {where} | {r.backup_id or '-'} | {rto} | {rpo} | {result} |")
+    return "\n".join(lines)
+
+
+def _history_metadata(records: list, target_s: float, log) -> dict:
+    metadata = {"drill_history": dg.MetadataValue.md(history_markdown(records))}
+    if records:
+        try:
+            metadata["rto_history"] = dg.MetadataValue.md(_chart_markdown(rto_chart_png(records, target_s).png))
+        except Exception as exc:  # matplotlib trouble must not hide the drill's result
+            log.warning(f"Could not draw the RTO chart: {type(exc).__name__}: {exc}")
+    return metadata
 
 
 def _chart_markdown(png: bytes) -> str:
@@ -212,6 +281,7 @@ def dr_drill(
     alerts: AlertResource,
 ) -> Iterator[Union[dg.AssetObservation, dg.MaterializeResult]]:
     from maestro_pipelines.backup import run_drill
+    from maestro_pipelines.backup.restore import PhaseLog
 
     started = time.monotonic()
     try:
@@ -232,6 +302,9 @@ def dr_drill(
             progress=_ProgressLog(context.log, "download"),
             log=context.log.info,
             backup=config.backup,
+            source="dagster",
+            run_id=context.run.run_id,
+            phases=PhaseLog(context.log.info, milestones=True),  # each step logged as it ends
         )
     except MaestroError as exc:  # before any restore: no verified backup, an unknown id, a server or store down
         alerts.send("Maestro DR drill failed", f"Run id: {context.run.run_id}\nProblem: {exc}", "error", log=context.log)
@@ -244,12 +317,11 @@ def dr_drill(
             log=context.log,
         )
         raise
-    for step in report.steps:
-        context.log.info(f"{step.name}: {step.seconds:.2f} s {step.detail}".rstrip())
     for note in report.notes:
         context.log.warning(f"note: {note}")
 
     metadata = _drill_metadata(report, object_store.url)
+    metadata.update(_history_metadata(_drill_history(context, object_store, report), report.rto_target_s, context.log))
     failures = report.failures()
     if report.problems:
         # The restore did not prove the backup: record what the drill saw (yielded, so it is
@@ -266,15 +338,6 @@ def dr_drill(
             metadata=metadata,
             allow_retries=False,
         )
-
-    points = _previous_rtos(context, CHART_DRILLS - 1)
-    if report.rto_s is not None:
-        points.append((time.time(), report.rto_s))
-    if points:
-        try:
-            metadata["rto_history"] = dg.MetadataValue.md(_chart_markdown(rto_chart_png(points, report.rto_target_s)))
-        except Exception as exc:  # matplotlib trouble must not hide the drill's result
-            context.log.warning(f"Could not draw the RTO chart: {type(exc).__name__}: {exc}")
 
     if failures:
         missed = [name for name, ok in (("RTO", report.rto_ok), ("RPO", report.rpo_ok)) if not ok]

@@ -57,8 +57,9 @@ class DrillRecord:
 
     @property
     def where(self) -> str:
-        """`cli`, or `dagster run <id>`: where the drill ran, for tables."""
-        return f"dagster run {self.run_id}" if self.source == "dagster" and self.run_id else self.source
+        """`cli`, or `dagster run <id>` (its first 8 characters, as Dagster's UI shows run ids):
+        where the drill ran, for tables."""
+        return f"dagster run {self.run_id[:8]}" if self.source == "dagster" and self.run_id else self.source
 
     def to_dict(self) -> dict[str, Any]:
         return {

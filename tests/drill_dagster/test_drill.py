@@ -4,14 +4,18 @@ databases, RTO/RPO checks, the chart of the last drills, alerts to a webhook on 
 from __future__ import annotations
 
 import base64
+import json
 import os
+from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
-from maestro_pipelines.assets.drills import RPO_CHECK, RTO_CHECK, dr_drill
+from maestro_pipelines.assets.drills import RPO_CHECK, RTO_CHECK, dr_drill, rto_chart_png
+from maestro_pipelines.backup.drill_history import DrillRecord, list_drills, new_drill_id
 from maestro_pipelines.resources import AlertResource
 from maestro_pipelines.sensors.backups import backup_failure_alert_sensor
 
+from ..test_cli import run_maestro
 from .conftest import WEBHOOK_SECRET
 from .test_restore import step_failures
 
@@ -28,6 +32,58 @@ def chart_png(metadata) -> bytes:
     png = base64.b64decode(markdown[len(PNG_PREFIX):-1])
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     return png
+
+
+def history_rows(metadata) -> list[list[str]]:
+    """The cells of the `drill_history` markdown table, newest drill first."""
+    lines = metadata["drill_history"].value.splitlines()
+    assert lines[0] == "| started (UTC) | ran from | backup | RTO | RPO | result |"
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_the_drill_history_has_the_cli_drills_a_new_dagster_instance_never_saw(drill_env, tmp_path):
+    """`maestro drill` (its own process, no Dagster) then dr_drill in a Dagster instance that
+    has never seen a drill: the materialization's history table and RTO chart show both,
+    read from the store, and Dagster's plots get the numeric rto_s and rpo_h."""
+    backup = drill_env.take_backup()
+    env = {"MAESTRO_HOME": str(tmp_path / "cli-home"), "MAESTRO_DATABASE_URL": drill_env.databases.platform_url,
+           "MAESTRO_STORE_URL": drill_env.store_dir.as_uri()}
+    cli = run_maestro("drill", "--json", env=env)
+    assert cli.returncode == 0, cli.stderr
+    cli_report = json.loads(cli.stdout)
+
+    result = drill_env.run("dr_drill_job")
+    assert result.success, step_failures(result)
+    (materialization,) = result.asset_materializations_for_node("dr_drill")
+    metadata = materialization.metadata
+    rows = history_rows(metadata)
+    assert [row[1] for row in rows] == [f"[dagster run {result.run_id[:8]}](/runs/{result.run_id})", "cli"]
+    assert [row[2] for row in rows] == [backup.backup_id] * 2 and [row[5] for row in rows] == ["ok", "ok"]
+    assert rows[1][3] == f"{cli_report['rto_s']:.1f} s"
+    chart_png(metadata)
+    assert isinstance(metadata["rto_s"].value, float) and isinstance(metadata["rpo_h"].value, float)
+    records = list_drills(drill_env.store()).records
+    assert [(r.source, r.run_id) for r in records] == [("cli", None), ("dagster", result.run_id)]
+    assert records[0].key == cli_report["record_key"]
+
+
+def drill_at(hours_ago: float, source: str, rto_s: float | None, ok: bool = True) -> DrillRecord:
+    started = datetime(2026, 11, 29, 12, tzinfo=timezone.utc) - timedelta(hours=hours_ago)
+    return DrillRecord(new_drill_id(started), source, started, ok, 900.0, 93600.0, rto_s=rto_s)
+
+
+def test_the_rto_chart_axis_fits_the_drills_not_a_far_target():
+    """RTOs of 8 s against the default 900 s target: the axis goes a little above the largest
+    RTO (the bars are readable) and the target is written, not drawn; a target within reach
+    is drawn as a line on the axis. A failed drill without an RTO does not stretch it."""
+    drills = [drill_at(3, "cli", 8.0), drill_at(2, "dagster", 9.0), drill_at(1, "dagster", None, ok=False)]
+
+    far = rto_chart_png(drills, 900.0)
+    assert far.png.startswith(b"\x89PNG") and not far.target_drawn
+    assert far.ylim[0] == 0 and 9.0 < far.ylim[1] <= 12.0
+
+    near = rto_chart_png(drills, 20.0)
+    assert near.target_drawn and 20.0 < near.ylim[1] <= 25.0
 
 
 def test_a_drill_proves_the_backup_and_a_missed_rto_alerts(drill_env, webhook):
@@ -111,6 +167,12 @@ def test_a_drill_on_a_damaged_backup_fails_alerts_and_leaves_nothing_behind(dril
     (observation,) = result.asset_observations_for_node("dr_drill")
     assert observation.metadata["ok"].value is False and "is damaged" in observation.metadata["problems"].value
     assert "rto_s" not in observation.metadata, "no RTO for a restore that did not finish"
+    # Both failed drills are in the history, newest first, with why they failed.
+    rows = history_rows(observation.metadata)
+    assert [row[1] for row in rows] == [f"[dagster run {run.run_id[:8]}](/runs/{run.run_id})" for run in (result, empty)]
+    assert rows[0][5].startswith("FAILED: ") and "is damaged" in rows[0][5]
+    assert rows[1][5].startswith("FAILED: There is no verified backup in the store")
+    assert [r.ok for r in list_drills(drill_env.store()).records] == [False, False]
     drill_alert = webhook.texts()[-1]
     assert drill_alert.startswith(f":rotating_light: [ERROR] Maestro DR drill failed: backup {backup.backup_id}")
     assert "is damaged" in drill_alert and result.run_id in drill_alert

@@ -55,7 +55,7 @@ def test_every_drill_is_recorded_in_the_store_failed_ones_too(pg18_mlflow_instal
     assert not empty.ok and empty.backup_id is None and empty.rto_s is None
     assert "no verified backup" in empty.problems[0]
     assert first.ok and first.problems == [] and first.run_id == "0f1e2d3c-0000-4000-8000-000000000002"
-    assert first.where == "dagster run 0f1e2d3c-0000-4000-8000-000000000002"
+    assert first.where == "dagster run 0f1e2d3c"
     assert first.backup_id == manifest.backup_id and first.rto_s == pytest.approx(good.rto_s, abs=0.001)
     assert first.rpo_s == pytest.approx(good.rpo_s, abs=0.1) and first.rpo_target_s == 26 * 3600
     assert {"pg_restore platform", "amcheck platform", "mlflow registry smoke test", "drop scratch databases"} <= set(first.steps)
