@@ -82,7 +82,7 @@ def outcome_of(tenant: str, result) -> TenantOutcome:
     for materialization in result.asset_materializations_for_node("model_evaluation"):
         outcome.metrics = {k: float(materialization.metadata[k].value) for k in ("accuracy", "f1", "roc_auc") if k in materialization.metadata}
     for materialization in result.asset_materializations_for_node("deployment"):
-        outcome.version = int(materialization.metadata["version"].value)
+        outcome.version = int(materialization.metadata["production_version"].value)
     for materialization in result.asset_materializations_for_node("batch_predictions"):
         outcome.predictions = int(materialization.metadata["rows_scored"].value)
     for evaluation in result.get_asset_check_evaluations():

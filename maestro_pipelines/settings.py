@@ -33,6 +33,11 @@ class Settings:
     mlflow_tracking_uri: str | None = None
     """`MLFLOW_TRACKING_URI`: another MLflow backend or server. Unset: a database beside the platform's."""
 
+    mlflow_ui_url: str | None = None
+    """`MAESTRO_MLFLOW_UI_URL`: where people open the MLflow UI (e.g. `http://127.0.0.1:5000` from
+    `maestro mlflow ui`), so the ML assets' metadata links to the run and model version pages.
+    Unset: the tracking server's address when MLFLOW_TRACKING_URI is http(s), else no links."""
+
     dagster_database_url: str | None = None
     """`MAESTRO_DAGSTER_DATABASE_URL`: the PostgreSQL database of Dagster's own storage
     (dagster-postgres), which backups then include. Unset: Dagster's storage is not ours to back up."""
@@ -73,6 +78,7 @@ def load_settings() -> Settings:
         store_url=_non_empty("MAESTRO_STORE_URL"),
         source_url=_non_empty("MAESTRO_SOURCE_URL"),
         mlflow_tracking_uri=_non_empty("MLFLOW_TRACKING_URI"),
+        mlflow_ui_url=_non_empty("MAESTRO_MLFLOW_UI_URL"),
         dagster_database_url=_non_empty("MAESTRO_DAGSTER_DATABASE_URL"),
         alert_webhook=_non_empty("MAESTRO_ALERT_WEBHOOK"),
         redis_url=_non_empty("MAESTRO_REDIS_URL"),

@@ -10,16 +10,20 @@ which slows Python-heavy steps) do not enter the median; a profiled latest run i
 and its description says it was profiled. With fewer than 3 earlier materializations the check
 passes and says there is too little history.
 
-Asset checks here are not partitioned: the tenant comes from the run's `dagster/partition`
-tag. The check runs after its asset in the same run (the asset is its upstream).
+The checks are partitioned like their assets (one tenant each): Dagster then records each
+evaluation under the tenant's partition, and the UI shows it on that tenant's page (an
+unpartitioned check's evaluation has no partition and shows on none). The check runs after its
+asset in the same run (the asset is its upstream).
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import dagster as dg
 
 from maestro_pipelines.assets.ml import ml_assets
+from maestro_pipelines.partitions import tenant_partitions
 from maestro_pipelines.profiling import profiling_requested
 
 DURATION_CHECK = "duration_within_2x_median"
@@ -148,20 +152,23 @@ def duration_check(asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
     asset_key = asset.key
     step_key = asset.op.name
 
-    @dg.asset_check(
-        asset=asset,
-        name=DURATION_CHECK,
-        blocking=False,
-        description=(
-            f"Warns when the latest materialization of a tenant's partition took more than {FACTOR:g}x the "
-            f"median of its previous {HISTORY} (step durations from the instance's event log). Passes with "
-            f"fewer than {MIN_HISTORY} earlier materializations."
-        ),
-    )
     def _duration_check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        return evaluate_duration(context.instance, asset_key, step_key, context.run.tags.get(PARTITION_TAG))
+        partition = context.partition_key if context.has_partition_key else context.run.tags.get(PARTITION_TAG)
+        return evaluate_duration(context.instance, asset_key, step_key, partition)
 
-    return _duration_check
+    with warnings.catch_warnings():  # partitioned checks are a preview feature of Dagster 1.13
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.asset_check(
+            asset=asset,
+            name=DURATION_CHECK,
+            blocking=False,
+            partitions_def=tenant_partitions,
+            description=(
+                f"Warns when the latest materialization of a tenant's partition took more than {FACTOR:g}x the "
+                f"median of its previous {HISTORY} (step durations from the instance's event log). Passes with "
+                f"fewer than {MIN_HISTORY} earlier materializations."
+            ),
+        )(_duration_check)
 
 
 ml_duration_checks = [duration_check(asset) for asset in ml_assets]

@@ -8,6 +8,7 @@ inside the functions so loading the definitions stays cheap.
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -174,15 +175,17 @@ def features(context: dg.AssetExecutionContext, config: FeatureConfig, training_
           description="A scikit-learn model trained on the split; the MLflow run and an `experiments` row record it.")
 def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, features,
                   platform_db: PlatformDatabase, mlflow: MLflowRegistry):
+    from maestro_pipelines.ml.registry import training_run_name
     from maestro_pipelines.ml.training import ModelParams, build_estimator
     from maestro_pipelines.platform_db import ml_records
 
     tenant = _tenant(context, platform_db)
     params = ModelParams(**config.model_dump())
+    run_name = training_run_name(tenant.name, context.run.run_id)
     with platform_db.get_connection() as conn:
         model_id = ml_records.ensure_model(conn, tenant)
         experiment_id = ml_records.start_experiment(
-            conn, tenant, model_id, f"{tenant.name}-{context.run.run_id[:8]}", context.run.run_id, params.as_params()
+            conn, tenant, model_id, run_name, context.run.run_id, params.as_params()
         )
     try:
         started = time.perf_counter()
@@ -192,7 +195,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, fea
         run_id, model_uri = mlflow.registry().log_training_run(
             tenant.name, model, params.as_params(), features.X_train.head(5),
             tags={"tenant": tenant.name, "data_hash": features.data_hash, "dagster_run_id": context.run.run_id},
-            metrics={"train_accuracy": train_accuracy, "fit_seconds": fit_seconds},
+            metrics={"train_accuracy": train_accuracy, "fit_seconds": fit_seconds}, run_name=run_name,
         )
     except Exception as exc:
         with platform_db.get_connection() as conn:
@@ -204,6 +207,8 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, fea
         TrainedModel(tenant.name, model, run_id, model_uri, params.as_params(), features.data_hash, features.feature_names),
         metadata={
             "mlflow_run_id": run_id,
+            "mlflow_run_name": run_name,
+            **_mlflow_run_link(mlflow.registry(), run_id),
             "model_uri": model_uri,
             "train_accuracy": round(train_accuracy, 4),
             "fit_seconds": round(fit_seconds, 3),
@@ -217,14 +222,22 @@ METRIC_FLOORS_CHECK = "metric_floors"
 NO_REGRESSION_CHECK = "no_regression_vs_production"
 
 
+def tenant_check_spec(name: str, asset: str, **kwargs) -> dg.AssetCheckSpec:
+    """A check of one tenant's partition: without the asset's partitions, Dagster records the
+    evaluation with no partition and the UI shows it on none of the tenants' pages."""
+    with warnings.catch_warnings():  # partitioned checks are a preview feature of Dagster 1.13
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.AssetCheckSpec(name, asset=asset, partitions_def=tenant_partitions, **kwargs)
+
+
 @ml_asset(
     kinds={"scikitlearn", "mlflow"},
     retry_policy=NETWORK_RETRY,
     description="Held-out accuracy, F1 and ROC AUC with confusion matrix and ROC curve; the quality gates.",
     check_specs=[
-        dg.AssetCheckSpec(METRIC_FLOORS_CHECK, asset="model_evaluation", blocking=True,
+        tenant_check_spec(METRIC_FLOORS_CHECK, "model_evaluation", blocking=True,
                           description="Every metric reaches the tenant's floor (tenants.settings.gates)."),
-        dg.AssetCheckSpec(NO_REGRESSION_CHECK, asset="model_evaluation", blocking=True,
+        tenant_check_spec(NO_REGRESSION_CHECK, "model_evaluation", blocking=True,
                           description="No metric falls below the production model's by more than the tenant's tolerance."),
     ],
 )
@@ -290,14 +303,16 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model, features,
             f"no regression against production version {production.version}" if not regressions else
             "; ".join(f"{name} {r['value']:.3f} < production {r['production']:.3f} - {r['tolerance']}" for name, r in regressions.items())
         ),
-        metadata={"production_version": production.version if production else -1,
+        # No production model yet: no version at all (a -1 would be plotted as one).
+        metadata={**({"production_version": production.version} if production else {}),
                   "production_metrics": dg.MetadataValue.json({k: round(v, 4) for k, v in baseline.items()}),
                   "tolerance": tenant.regression_tolerance},
     )
 
 
 @ml_asset(kinds={"mlflow"}, retry_policy=NETWORK_RETRY,
-          description="A new version in the MLflow registry (maestro-<tenant>), tagged with tenant, data hash and run id.")
+          description="A new version of the tenant's model in the MLflow registry (`maestro-` and the tenant's name), "
+                      "tagged with tenant, data hash and Dagster run id.")
 def registered_model(context: dg.AssetExecutionContext, trained_model, model_evaluation,
                      platform_db: PlatformDatabase, mlflow: MLflowRegistry):
     from maestro_pipelines.platform_db import ml_records
@@ -312,16 +327,19 @@ def registered_model(context: dg.AssetExecutionContext, trained_model, model_eva
             conn, tenant, model_id, version.version, trained_model.mlflow_run_id, trained_model.data_hash,
             {k: v for k, v in model_evaluation.metrics.items() if not math.isnan(v)}, model_evaluation.gates,
         )
-    metadata: dict[str, Any] = {"registered_model": version.name, "version": version.version, "tags": dg.MetadataValue.json(tags)}
-    link = registry.ui_link(tenant.name, version.version)
-    if link:
-        metadata["mlflow_link"] = dg.MetadataValue.url(link)
+    metadata: dict[str, Any] = {
+        "registered_model": version.name, "version": version.version, "mlflow_run_id": trained_model.mlflow_run_id,
+        **_mlflow_run_link(registry, trained_model.mlflow_run_id, tenant.name, version.version),
+        "tags": dg.MetadataValue.json(tags),
+    }
     return dg.Output(RegisteredModel(tenant.name, version.name, version.version, trained_model.mlflow_run_id, model_version_id), metadata=metadata)
 
 
 @ml_asset(kinds={"mlflow", "postgres"},
           retry_policy=NETWORK_RETRY, pool="platform_database",
-          description="Alias `production` moved to the new version and a `deployments` row written (the previous one retired).")
+          description="The tenant's live model: alias `production` moved to the new version and a `deployments` row "
+                      "written (the previous one retired). Each partition's page tells which version is live and "
+                      "where it came from: MLflow run, training Dagster run, data hash, metrics, gates, what it replaced.")
 def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, registered_model,
                platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource):
     from maestro_pipelines.platform_db import ml_records
@@ -334,6 +352,7 @@ def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, regi
         record = ml_records.deploy_version(
             conn, tenant, model_id, registered_model.version, config.environment, config.replicas, context.run.run_id
         )
+        lineage = ml_records.version_lineage(conn, model_id, record.version)
         if config.environment == "production":
             registry.set_production(tenant.name, registered_model.version)
     context.log.info(f"{registered_model.name}: production {record.previous_version} -> {record.version}")
@@ -342,21 +361,58 @@ def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, regi
         invalidated = cache.invalidate_tenant(tenant.name, context.log)
     return dg.Output(
         Deployment(tenant.name, record.version, record.id, record.model_version_id, config.environment, record.previous_version),
-        metadata={
-            "version": record.version,
-            "previous_version": record.previous_version if record.previous_version is not None else -1,
-            "environment": config.environment,
-            "replicas": config.replicas,
-            "deployment_id": record.id,
-            "served_as": f"models:/{registered_model.name}@production",
-            "cache_invalidated": invalidated,
-        },
+        metadata={**deployment_metadata(registry, tenant.name, record, lineage), "cache_invalidated": invalidated},
     )
+
+
+def deployment_metadata(registry, tenant: str, record, lineage) -> dict[str, Any]:
+    """What a deployment's partition page shows: the version live in its environment and where
+    it came from. Written by the `deployment` asset and by a rollback, so the page is the same
+    after either. A value that does not exist (nothing replaced) is left out, not a sentinel."""
+    registered = registry.model_version(tenant, record.version)
+    run_id = registered.run_id or lineage.mlflow_run_id
+    metadata: dict[str, Any] = {f"{record.environment}_version": record.version}
+    if record.previous_version is not None:
+        metadata["replaced_version"] = record.previous_version
+    if run_id:
+        metadata["mlflow_run_id"] = run_id
+        metadata.update(_mlflow_run_link(registry, run_id, tenant, record.version))
+    if registered.source:
+        metadata["model_uri"] = registered.source
+    if record.environment == "production":
+        metadata["served_as"] = f"models:/{registered.name}@production"
+    if lineage.trained_by_dagster_run_id:
+        metadata["trained_by_dagster_run"] = dg.MetadataValue.dagster_run(lineage.trained_by_dagster_run_id)
+    if lineage.data_hash:
+        metadata["data_hash"] = lineage.data_hash
+    metadata["metrics"] = dg.MetadataValue.json(
+        {k: round(v, 4) for k, v in lineage.metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
+    )
+    metadata["gates"] = dg.MetadataValue.json(lineage.gate_results)
+    metadata["deployed_at"] = dg.MetadataValue.timestamp(record.deployed_at)
+    metadata.update({"environment": record.environment, "replicas": record.replicas, "deployment_id": record.id})
+    return metadata
+
+
+def _mlflow_run_link(registry, run_id: str, tenant: Optional[str] = None, version: Optional[int] = None) -> dict:
+    """Links to the MLflow UI's run page (and the model version's) when its address is known
+    (MAESTRO_MLFLOW_UI_URL, or an http(s) tracking server); nothing otherwise."""
+    from maestro_pipelines.ml.registry import model_version_page
+    from maestro_pipelines.settings import load_settings
+
+    ui_url = registry.ui_url(load_settings().mlflow_ui_url)
+    if ui_url is None:
+        return {}
+    links = {"mlflow_run": dg.MetadataValue.url(registry.run_page(ui_url, run_id))}
+    if version is not None:
+        links["mlflow_model_version"] = dg.MetadataValue.url(model_version_page(ui_url, tenant, version))
+    return links
 
 
 @ml_asset(kinds={"postgres"},
           retry_policy=NETWORK_RETRY, pool="platform_database",
-          description="The tenant's new rows scored with models:/maestro-<tenant>@production, written to `predictions` with COPY.")
+          description="The tenant's new rows scored with its production model (`models:/maestro-TENANT@production`), "
+                      "written to `predictions` with COPY.")
 def batch_predictions(context: dg.AssetExecutionContext, deployment, source: DataSource,
                       platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource) -> dg.MaterializeResult:
     from maestro_pipelines.ml.scoring import load_model_cached, model_cache_key, prediction_cache_prefix, score_and_copy
@@ -402,7 +458,7 @@ def batch_predictions(context: dg.AssetExecutionContext, deployment, source: Dat
     return dg.MaterializeResult(
         metadata={
             "rows_scored": written,
-            "model_version": live.version if live else -1,
+            **({"model_version": live.version} if live else {}),  # no sentinel: it would be plotted
             "seconds": round(seconds, 3),
             "rows_per_second": round(written / seconds, 1) if seconds > 0 else 0.0,
             "scored_through": watermark.isoformat() if watermark else (previous.isoformat() if previous else ""),

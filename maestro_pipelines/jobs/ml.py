@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from maestro_pipelines.assets.ml import NETWORK_RETRY, ml_assets
+from maestro_pipelines.assets.ml import NETWORK_RETRY, deployment_metadata, ml_assets
 from maestro_pipelines.failures import fail_fast_on_user_errors
 from maestro_pipelines.resources import MLflowRegistry, PlatformDatabase
 from maestro_pipelines.resources.cache import CacheResource
@@ -39,6 +39,7 @@ def roll_back_deployment(context: dg.OpExecutionContext, config: RollbackConfig,
             conn, tenant, model_id, target, config.environment, config.replicas, context.run.run_id,
             retire_status="rolled_back",
         )
+        lineage = ml_records.version_lineage(conn, model_id, target)
         if config.environment == "production":
             registry.set_production(tenant.name, target)
     context.log.info(f"{tenant.registry_name}: production {record.previous_version} -> {target} (rollback)")
@@ -50,8 +51,8 @@ def roll_back_deployment(context: dg.OpExecutionContext, config: RollbackConfig,
             asset_key="deployment",
             partition=tenant.name,
             description=f"rolled back from version {record.previous_version} to {target}",
-            metadata={"version": target, "previous_version": record.previous_version or -1,
-                      "environment": config.environment, "deployment_id": record.id, "rollback": True,
+            # The same page as after a deployment: the version now live and where it came from.
+            metadata={**deployment_metadata(registry, tenant.name, record, lineage), "rollback": True,
                       "cache_invalidated": invalidated},
         )
     )

@@ -20,12 +20,19 @@ def registry_name(tenant: str) -> str:
     return f"maestro-{tenant}"
 
 
+def training_run_name(tenant: str, dagster_run_id: str) -> str:
+    """The MLflow run (and `experiments` row) of one training: the tenant and the Dagster run
+    that trained it, so either UI leads to the other."""
+    return f"{tenant}-{dagster_run_id}"
+
+
 @dataclass(frozen=True)
 class RegisteredVersion:
     name: str
     version: int
     run_id: str | None
     tags: dict[str, str]
+    source: str | None = None  # the logged model's URI (models:/m-...)
 
 
 # pg_advisory_lock key: "MLflow creates its tables" (any constant; scoped to one database).
@@ -86,9 +93,11 @@ class ModelRegistry:
             return experiment.experiment_id
 
     def log_training_run(
-        self, tenant: str, model, params: dict[str, Any], input_example, tags: dict[str, str], metrics: dict[str, float]
+        self, tenant: str, model, params: dict[str, Any], input_example, tags: dict[str, str], metrics: dict[str, float],
+        run_name: str | None = None,
     ) -> tuple[str, str]:
-        """Log a run with params, metrics and the model (signature, input example); return (run_id, model_uri)."""
+        """Log a run named `run_name` with params, metrics and the model (signature, input
+        example); return (run_id, model_uri)."""
         import sklearn
         import skops.io as sio
         from mlflow.models import infer_signature
@@ -98,7 +107,7 @@ class ModelRegistry:
         signature = infer_signature(input_example, model.predict(input_example))
         # We built this model ourselves: tell skops to trust exactly the types it contains.
         trusted = sio.get_untrusted_types(data=sio.dumps(model))
-        with mlflow.start_run(experiment_id=self.experiment_id(tenant), tags=tags) as run:
+        with mlflow.start_run(experiment_id=self.experiment_id(tenant), run_name=run_name, tags=tags) as run:
             mlflow.log_params(params)
             info = mlflow.sklearn.log_model(
                 model,
@@ -165,10 +174,26 @@ class ModelRegistry:
         self._mlflow.set_registry_uri(self.tracking_uri)
         return mlflow.sklearn.load_model(f"models:/{registry_name(tenant)}@{PRODUCTION_ALIAS}")
 
-    def ui_link(self, tenant: str, version: int) -> str | None:
+    def model_version(self, tenant: str, version: int) -> RegisteredVersion:
+        found = self.client.get_model_version(registry_name(tenant), str(version))
+        return RegisteredVersion(found.name, int(found.version), found.run_id, dict(found.tags), found.source)
+
+    def ui_url(self, configured: str | None) -> str | None:
+        """The MLflow UI's address: the configured one (MAESTRO_MLFLOW_UI_URL), else the
+        tracking server's when MLflow is one (http/https); None for a database backend."""
+        if configured:
+            return configured.rstrip("/")
         if self.tracking_uri.startswith(("http://", "https://")):
-            return f"{self.tracking_uri.rstrip('/')}/#/models/{registry_name(tenant)}/versions/{version}"
+            return self.tracking_uri.rstrip("/")
         return None
+
+    def run_page(self, ui_url: str, run_id: str) -> str:
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        return f"{ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def model_version_page(ui_url: str, tenant: str, version: int) -> str:
+    return f"{ui_url}/#/models/{registry_name(tenant)}/versions/{version}"
 
 
 def _png_to_array(png: bytes):

@@ -139,6 +139,34 @@ def deploy_version(
                             previous.version if previous else None)
 
 
+@dataclass(frozen=True)
+class VersionLineage:
+    """Where a registered version came from: its training's MLflow and Dagster runs, data, results."""
+
+    version: int
+    mlflow_run_id: str | None
+    trained_by_dagster_run_id: str | None
+    data_hash: str | None
+    metrics: dict
+    gate_results: dict
+    registered_at: datetime
+
+
+def version_lineage(conn: Connection, model_id: int, version: int) -> VersionLineage:
+    """The training behind `version`, from `model_versions` and the `experiments` row it came from."""
+    row = conn.execute(
+        text(
+            "SELECT v.version, e.mlflow_run_id, e.dagster_run_id, v.data_hash, v.metrics, v.gate_results, v.created_at "
+            "FROM model_versions v LEFT JOIN experiments e ON e.id = v.experiment_id "
+            "WHERE v.model_id = :m AND v.version = :v"
+        ),
+        {"m": model_id, "v": version},
+    ).one_or_none()
+    if row is None:
+        raise MaestroError(f"model version {version} is not recorded in the platform database", "Register it first")
+    return VersionLineage(row[0], row[1], row[2], row[3], dict(row[4] or {}), dict(row[5] or {}), row[6])
+
+
 def rollback_target(conn: Connection, model_id: int, environment: str = "production") -> int:
     """The version that was live before the current one."""
     current = active_deployment(conn, model_id, environment)

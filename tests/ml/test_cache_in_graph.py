@@ -112,7 +112,7 @@ def test_a_new_deployment_or_a_rollback_invalidates_the_tenants_entries(cached_e
     second = env.run("acme")
     assert second.success
     deployed = second.asset_materializations_for_node("deployment")[0].metadata
-    assert deployed["version"].value == 2 and deployed["cache_invalidated"].value > 0
+    assert deployed["production_version"].value == 2 and deployed["cache_invalidated"].value > 0
     assert redis_keys(redis_server, f"{env.namespace}:tenant:acme:v1:*") == []
     assert client.exists(f"{env.namespace}:tenant:globex:v1:run:model") == 1
     scored = scoring(second)

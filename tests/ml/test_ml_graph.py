@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
@@ -108,7 +109,7 @@ def test_rollback_moves_the_alias_back_and_records_it(ml_env):
     recorded = ml_env.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("deployment"), asset_partitions=["acme"]), limit=1
     ).records[0].asset_materialization
-    assert recorded.metadata["rollback"].value is True and recorded.metadata["version"].value == 1
+    assert recorded.metadata["rollback"].value is True and recorded.metadata["production_version"].value == 1
 
 
 def test_rollback_with_a_single_version_is_refused_clearly(ml_env):
@@ -141,3 +142,103 @@ def test_batch_predictions_score_only_new_rows(ml_env):
     assert score_again().asset_materializations_for_node("batch_predictions")[0].metadata["rows_scored"].value == 7
     (after,), = ml_env.sql("SELECT count(*) FROM predictions")
     assert after == total + 7
+
+
+def deployment_page(ml_env, tenant: str = "acme"):
+    """The metadata of the `deployment` materialization the tenant's partition page shows."""
+    return ml_env.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("deployment"), asset_partitions=[tenant]), limit=1
+    ).records[0].asset_materialization.metadata
+
+
+def test_the_deployment_page_says_which_model_is_live_and_where_it_came_from(ml_env, monkeypatch):
+    """What an ML engineer reads on `deployment`'s partition page, after a first and a second
+    training: the production version, its MLflow run (the one that logged the model), the
+    Dagster run that trained it, data hash, metrics, gates, when, and what it replaced."""
+    monkeypatch.delenv("MAESTRO_MLFLOW_UI_URL", raising=False)
+    first = ml_env.run("acme")
+    assert first.success
+    page = deployment_page(ml_env)
+    assert page["production_version"].value == 1
+    assert "replaced_version" not in page  # nothing replaced: left out, not a -1
+    assert "mlflow_run" not in page and "mlflow_model_version" not in page  # no MLflow UI configured
+
+    monkeypatch.setenv("MAESTRO_MLFLOW_UI_URL", "http://127.0.0.1:5000/")
+    second = ml_env.run("acme")
+    assert second.success
+    page = deployment_page(ml_env)
+    registry = ml_env.registry()
+    live = registry.production_version("acme")
+    logged = registry.client.get_run(live.run_id)
+    assert page["production_version"].value == live.version == 2 and page["replaced_version"].value == 1
+    assert page["mlflow_run_id"].value == live.run_id == logged.info.run_id
+    assert page["trained_by_dagster_run"].value == second.run_id
+    assert page["model_uri"].value == registry.model_version("acme", 2).source
+    assert page["served_as"].value == "models:/maestro-acme@production"
+    (data_hash, metrics), = ml_env.sql(
+        "SELECT data_hash, metrics FROM model_versions v JOIN tenants t ON t.id = v.tenant_id "
+        "WHERE t.name = 'acme' AND v.version = 2")
+    assert page["data_hash"].value == data_hash and len(data_hash) == 64
+    assert page["metrics"].value["accuracy"] == round(metrics["accuracy"], 4) > 0.8
+    assert page["gates"].value["metric_floors"]["passed"] is True
+    assert abs(page["deployed_at"].value - datetime.now(timezone.utc).timestamp()) < 600
+    assert page["mlflow_run"].value == (
+        f"http://127.0.0.1:5000/#/experiments/{logged.info.experiment_id}/runs/{live.run_id}")
+    assert page["mlflow_model_version"].value == "http://127.0.0.1:5000/#/models/maestro-acme/versions/2"
+    registered = second.asset_materializations_for_node("registered_model")[0].metadata
+    assert registered["mlflow_run_id"].value == live.run_id
+
+    # MLflow's run is named for the tenant and the Dagster run that trained it.
+    assert logged.info.run_name == f"acme-{second.run_id}"
+
+
+def test_a_rollback_shows_the_same_page_for_the_version_it_restores(ml_env):
+    first = ml_env.run("acme")
+    assert first.success and ml_env.run("acme").success
+    result = ml_env.run("acme", job="rollback_deployment",
+                        run_config={"ops": {"roll_back_deployment": {"config": {"tenant": "acme"}}}})
+    assert result.success
+    page = deployment_page(ml_env)
+    live = ml_env.registry().production_version("acme")
+    assert page["rollback"].value is True
+    assert page["production_version"].value == live.version == 1 and page["replaced_version"].value == 2
+    assert page["mlflow_run_id"].value == live.run_id
+    assert page["trained_by_dagster_run"].value == first.run_id
+    assert len(page["data_hash"].value) == 64 and "accuracy" in page["metrics"].value
+
+
+def test_no_metadata_is_a_sentinel_and_no_description_a_tag(ml_env):
+    """A first training: no production model to compare with, nothing replaced. The UI plots
+    numbers over time, so a `-1` standing for "none" would draw as a version; the markdown
+    renderer takes `<tenant>` for an HTML tag and shows "registry (maestro-)"."""
+    from maestro_pipelines.definitions import defs
+
+    result = ml_env.run("acme")
+    assert result.success
+    for event in result.get_asset_materialization_events():
+        for key, value in event.materialization.metadata.items():
+            assert value.value != -1, f"{event.asset_key.to_user_string()}: {key} is -1"
+    for evaluation in result.get_asset_check_evaluations():
+        for key, value in evaluation.metadata.items():
+            assert value.value != -1, f"{evaluation.check_name}: {key} is -1"
+    assert "production_version" not in check_results(result)["no_regression_vs_production"].metadata
+
+    graph = defs.resolve_asset_graph()
+    for node in graph.asset_nodes:
+        assert not re.search(r"<[A-Za-z/]", node.description or ""), f"{node.key.to_user_string()}: {node.description}"
+    for key in graph.asset_check_keys:
+        description = graph.get_check_spec(key).description or ""
+        assert not re.search(r"<[A-Za-z/]", description), f"{key.to_user_string()}: {description}"
+
+
+def test_check_evaluations_are_recorded_under_the_tenants_partition(ml_env):
+    """The UI shows a check's result on a partition's page only when the evaluation carries it."""
+    result = ml_env.run("acme")
+    assert result.success
+    evaluations = result.get_asset_check_evaluations()
+    assert evaluations and {e.partition for e in evaluations} == {"acme"}
+    for check in ("metric_floors", "no_regression_vs_production", "duration_within_2x_median"):
+        key = dg.AssetCheckKey(dg.AssetKey("model_evaluation"), check)
+        storage = ml_env.instance.event_log_storage
+        [info] = storage.get_asset_check_partition_info([key], partition_keys=["acme"])
+        assert info.partition_key == "acme" and info.latest_execution_status.value == "SUCCEEDED", check
