@@ -18,6 +18,7 @@ from rich.table import Table
 
 from maestro_pipelines.automation_cli import automation_app
 from maestro_pipelines.objectives import RPO_TARGET
+from maestro_pipelines.automation_cli import automation_app
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.formatting import human_bytes
 from maestro_pipelines.settings import load_settings
@@ -41,6 +42,7 @@ backup_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(backup_app, name="backup")
+backup_app.add_typer(automation_app, name="automation")
 backup_app.add_typer(automation_app, name="automation")
 restore_app = typer.Typer(
     help="Restore a backup: into scratch databases (default) or, with --confirm, in place of the live ones. "

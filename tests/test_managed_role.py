@@ -268,7 +268,6 @@ def test_backup_restore_and_drill_jobs(managed, tmp_path):
     process" and drop nothing after it); once the session is gone it drops that one too."""
     import dagster as dg
 
-    from maestro_pipelines.assets.backups import BACKUP_TIMEZONE, local_day
     from maestro_pipelines.definitions import defs
     from maestro_pipelines.resources import AlertResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
 
@@ -294,7 +293,7 @@ def test_backup_restore_and_drill_jobs(managed, tmp_path):
             assert not any(managed.password in m for m in failures)
             return failures
 
-        run("nightly_backup", partition_key=local_day(datetime.now(timezone.utc), BACKUP_TIMEZONE))
+        run("nightly_backup")
         run("restore_database", "restore_from_backup")
         live = {managed.database, f"{managed.database}_mlflow"}
         scratch = sorted(managed.databases() - live)

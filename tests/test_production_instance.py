@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -120,9 +119,8 @@ def test_runs_queue_start_and_record_in_postgres_then_come_back_after_a_restore(
     assert type(instance.run_storage).__name__ == "PostgresRunStorage"
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
     instance.add_dynamic_partitions("tenants", ["acme"])
-    today = datetime.now(timezone.utc).date().isoformat()
 
-    backup_run = launch(env, "nightly_backup", {"dagster/partition": today})
+    backup_run = launch(env, "nightly_backup", {})
     training_run = launch(env, "train_and_deploy", {"dagster/partition": "acme"})
     queued = {r: instance.get_run_by_id(r).status for r in (backup_run, training_run)}
     assert set(queued.values()) <= {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
@@ -155,6 +153,11 @@ def test_runs_queue_start_and_record_in_postgres_then_come_back_after_a_restore(
     materialized = instance.get_latest_materialization_event(dg.AssetKey("database_backup"))
     assert materialized.run_id == backup_run
     assert {"platform", "dagster"} <= set(materialized.asset_materialization.metadata["databases"].value.split(", "))
+    # Its verification is the asset check `verified`, recorded in the same PostgreSQL event log.
+    (verified,) = instance.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(dg.AssetKey("database_backup"), "verified"), limit=5
+    )
+    assert verified.run_id == backup_run and verified.status.value == "SUCCEEDED"
     instance.dispose()
 
     # Lost: Dagster's database. Back up (the CLI needs no Dagster), drop, restore, look again.

@@ -1,21 +1,24 @@
-"""Backups as assets: `database_backup` (one partition per day) and `monthly_archive` (one
-per month). The work is in `maestro_pipelines.backup` (no Dagster), imported inside the
-functions so loading the definitions stays cheap; these are thin wrappers that log progress
-and publish what the backup holds as metadata.
+"""Backups as assets: `database_backup` and `monthly_archive`. The work is in
+`maestro_pipelines.backup` (no Dagster), imported inside the functions so loading the
+definitions stays cheap; these are thin wrappers that log progress and publish what the
+backup holds as metadata.
 
-What a partition means
-    `database_backup` partition `2026-11-27` is the backup *taken on* 2026-11-27 in
-    MAESTRO_TIMEZONE (the nightly schedule takes it at 02:00 that day), so it holds the data
-    as of that night: everything up to the end of 2026-11-26. `end_offset=1` makes today's
-    partition exist. A backup is a snapshot of *now*: only today's partition, or yesterday's
-    for a run that started late (queued behind a long backup, launched by hand after
-    midnight), can be materialized; an older one fails at once instead of quietly taking a
-    fresh backup under an old date (a careless backfill would otherwise take hundreds).
+No partitions
+    Every materialization of `database_backup` is one backup, a snapshot of the databases
+    *now*: its page's history is the backup history (Dagster 1.13 plots each numeric metadata
+    value over the materializations: sizes, duration, the RPO each backup closed), and its
+    Materialize button takes a backup now. Days were partitions before; a backup cannot be
+    taken for a past day, so all but today's were "missing" forever and refused when launched.
+    Backups taken outside Dagster (`maestro backup run`) are in the store, not in this history.
 
-    `monthly_archive` partition `2026-11-01` keeps the newest verified backup taken before
-    the end of November (`archive_month`, which counts months in UTC) in `monthly/2026-11/`.
-    It depends on that month's daily partitions; it runs on whatever verified backups exist,
-    so days without a backup do not block it.
+    The check `verified` (blocking) is the backup's verification: each materialization
+    records it, "Execute check" re-verifies the backup of the latest materialization (nothing
+    is dumped), and `verify_backup_job` records its verifications of other backups there too.
+
+    `monthly_archive` is one materialization per archived month: its config `month` (YYYY-MM)
+    defaults to last month in MAESTRO_TIMEZONE, and the month is in its metadata. It keeps the
+    newest verified backup taken before the end of that month (`archive_month`, which counts
+    months in UTC) in `monthly/<YYYY-MM>/`, whatever took the backup.
 
 The pool `maestro_backup`
     Every step that writes the backup store (backup, archive, retention, verification) runs
@@ -42,8 +45,8 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Optional
 
 import dagster as dg
+from pydantic import Field
 
-from maestro_pipelines.assets.platform import platform_schema
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.failures import fail_fast_on_user_errors
 from maestro_pipelines.resources import MLflowRegistry, ObjectStoreResource, PlatformDatabase
@@ -51,7 +54,9 @@ from maestro_pipelines.settings import load_settings
 
 BACKUP_GROUP = "backups"
 BACKUP_POOL = "maestro_backup"
-PARTITIONS_START = "2026-01-01"
+BACKUP_ASSET = dg.AssetKey("database_backup")
+VERIFIED_CHECK = "verified"
+"""The asset check on database_backup that holds each backup's verification."""
 MiB = 1024 * 1024
 
 
@@ -67,18 +72,11 @@ def _backup_timezone(name: str) -> str:
 
 _SETTINGS = load_settings()
 BACKUP_TIMEZONE = _backup_timezone(_SETTINGS.timezone)
-"""MAESTRO_TIMEZONE: the days of `database_backup`, the months of `monthly_archive` and the
-schedules' clock."""
+"""MAESTRO_TIMEZONE: the schedules' clock and the default month of `monthly_archive`."""
 
 AUTOMATION_ON_BY_DEFAULT = not _SETTINGS.uses_embedded_database
 """Backup schedules and sensors start RUNNING in production (MAESTRO_DATABASE_URL set) and
 STOPPED on the embedded default (a laptop): see `maestro_pipelines.schedules.backups`."""
-
-# A datetime, not the string: Dagster parses a string start with strptime, whose import every
-# process loading the code location would pay for.
-_START = datetime.fromisoformat(PARTITIONS_START)
-daily_backup_partitions = dg.DailyPartitionsDefinition(start_date=_START, timezone=BACKUP_TIMEZONE, end_offset=1)
-monthly_archive_partitions = dg.MonthlyPartitionsDefinition(start_date=_START, timezone=BACKUP_TIMEZONE)
 
 STORE_RETRY = dg.RetryPolicy(max_retries=2, delay=60, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 """Retries of transient store failures (`StoreUnavailable`: the store retried each request
@@ -102,16 +100,10 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def check_backup_partition(partition_key: str, now: Optional[datetime] = None, tz: str = BACKUP_TIMEZONE) -> None:
-    """Refuse partitions other than today's and yesterday's (see the module docstring)."""
-    today = date.fromisoformat(local_day(now or _utcnow(), tz))
-    day = date.fromisoformat(partition_key)
-    if not (today - timedelta(days=1) <= day <= today):
-        raise MaestroError(
-            f"Partition {partition_key} of database_backup cannot be taken on {today.isoformat()} ({tz}): "
-            "a backup is a snapshot of the databases now, not of a past or future day",
-            f"Materialize today's partition ({today.isoformat()}) instead",
-        )
+def previous_month(moment: datetime, tz: str) -> str:
+    """The month (YYYY-MM) before the one `moment` falls in, in time zone `tz`."""
+    first = date.fromisoformat(local_day(moment, tz)).replace(day=1)
+    return (first - timedelta(days=1)).strftime("%Y-%m")
 
 
 class _ProgressLog:
@@ -233,37 +225,76 @@ def verify_with_marker(store, backup_id: str, log, month: Optional[str] = None):
         return verify_backup(store, backup_id, month=month, progress=_ProgressLog(log, "verify"))
 
 
-@dg.asset(
-    group_name=BACKUP_GROUP,
-    partitions_def=daily_backup_partitions,
-    pool=BACKUP_POOL,
-    retry_policy=STORE_RETRY,
-    deps=[platform_schema],
-    kinds={"postgres"},
-    tags={"maestro/kind": "backup"},
-    op_tags={"maestro/kind": "backup"},
-    description=(
-        "Nightly backup of every stateful PostgreSQL database (platform, MLflow, Dagster's own when on "
-        "PostgreSQL): pg_dump in one consistent snapshot, streamed through zstd into the object store "
-        "(MAESTRO_STORE_URL), then verified. Partition = the day the backup is taken (MAESTRO_TIMEZONE)."
-    ),
-)
-@backup_step
-def database_backup(
-    context: dg.AssetExecutionContext,
-    platform_db: PlatformDatabase,
-    mlflow: MLflowRegistry,
-    store: ObjectStoreResource,
-) -> dg.MaterializeResult:
+def verified_check_result(report, what: str = "backup") -> dict:
+    """The `verified` check's fields for a verification report: passed, a description naming
+    the backup and what failed, and metadata."""
+    summary = verification_summary(report)
+    description = (
+        f"{what.capitalize()} {report.backup_id} verified" if report.ok
+        else f"{what.capitalize()} {report.backup_id} failed verification: {'; '.join(report.problems)}"
+    )
+    return {
+        "passed": report.ok,
+        "description": description,
+        "metadata": {
+            "backup_id": dg.MetadataValue.text(report.backup_id),
+            "verification": dg.MetadataValue.text(summary),
+            "objects": dg.MetadataValue.int(report.objects),
+            "bytes_read": dg.MetadataValue.int(report.bytes_read),
+            "duration_s": dg.MetadataValue.float(round(report.duration_s, 2)),
+        },
+    }
+
+
+def closed_rpo_s(store, manifest) -> Optional[float]:
+    """Seconds from the snapshot of the previous backup in the store (committed, not known to be
+    bad) to this one's: the window of data this backup stopped being at risk. None for the first."""
+    from maestro_pipelines.backup import list_backups
+
+    earlier = [
+        entry.manifest.snapshot_at
+        for entry in list_backups(store)
+        if entry.manifest is not None and entry.bad is None and entry.backup_id != manifest.backup_id
+        and entry.manifest.snapshot_at < manifest.snapshot_at
+    ]
+    return (manifest.snapshot_at - max(earlier)).total_seconds() if earlier else None
+
+
+def _backup_metadata(manifest, object_store, rpo_s: Optional[float]) -> dict:
+    metadata = {
+        "backup_id": dg.MetadataValue.text(manifest.backup_id),
+        "location": dg.MetadataValue.text(f"{object_store.url.rstrip('/')}/backups/{manifest.backup_id}"),
+        "databases": dg.MetadataValue.text(", ".join(d.role for d in manifest.databases)),
+        # Numbers Dagster plots over the materializations (the Plots tab): MB, not bytes, to read
+        # them on the axis.
+        "stored_mb": dg.MetadataValue.float(round(manifest.stored_bytes / MiB, 3)),
+        "dump_mb": dg.MetadataValue.float(round(manifest.dump_bytes / MiB, 3)),
+        "duration_s": dg.MetadataValue.float(round(manifest.duration_s, 2)),
+        "stored_bytes": dg.MetadataValue.int(manifest.stored_bytes),
+        "dump_bytes": dg.MetadataValue.int(manifest.dump_bytes),
+        "compression_ratio": dg.MetadataValue.float(
+            round(manifest.dump_bytes / manifest.compressed_bytes, 2) if manifest.compressed_bytes else 0.0
+        ),
+        "throughput_mb_per_s": dg.MetadataValue.float(
+            round(manifest.dump_bytes / MiB / manifest.duration_s, 1) if manifest.duration_s > 0 else 0.0
+        ),
+        "snapshot_at": dg.MetadataValue.timestamp(manifest.snapshot_at),
+        "dagster/row_count": dg.MetadataValue.int(sum(d.rows for d in manifest.databases)),
+        "per_database": _database_table(manifest),
+        "largest_tables": dg.MetadataValue.md(_largest_tables(manifest)),
+        "artifacts": dg.MetadataValue.int(manifest.artifacts.count if manifest.artifacts else 0),
+        "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in manifest.notes) or "none"),
+    }
+    if rpo_s is not None:  # the first backup closed no gap: left out rather than plotted as 0
+        metadata["rpo_closed_h"] = dg.MetadataValue.float(round(rpo_s / 3600, 4))
+    return metadata
+
+
+def _take_backup(context, platform_db: PlatformDatabase, mlflow: MLflowRegistry, object_store):
     import dataclasses
     from pathlib import Path
 
     from maestro_pipelines.backup import BackupOptions, backup_targets, create_backup
-
-    check_backup_partition(context.partition_key)
-    _pool_check(context)
-    object_store = store.get_store()
-    _others_running(context, object_store, ("backup",))
 
     # The databases are those of this run's resources; Dagster's own storage is the
     # environment's (MAESTRO_DAGSTER_DATABASE_URL), as for `maestro backup run`.
@@ -283,72 +314,142 @@ def database_backup(
     manifest = create_backup(
         object_store, targets, BackupOptions(), progress=_ProgressLog(context.log, "dump"), notes=notes
     )
-    backup_seconds = time.monotonic() - started
     context.log.info(
         f"Backup {manifest.backup_id} committed: {manifest.dump_bytes / MiB:,.1f} MiB dumped, "
-        f"{manifest.stored_bytes / MiB:,.1f} MiB stored in {backup_seconds:.1f} s; verifying"
+        f"{manifest.stored_bytes / MiB:,.1f} MiB stored in {time.monotonic() - started:.1f} s; verifying"
     )
+    return manifest
+
+
+def _backup_to_reverify(context, object_store) -> str:
+    """The backup of database_backup's latest materialization (what the check is about), or the
+    store's latest committed backup when Dagster has no materialization of it."""
+    from maestro_pipelines.backup import list_backups
+
+    event = context.instance.get_latest_materialization_event(BACKUP_ASSET)
+    materialization = event.asset_materialization if event else None
+    if materialization is not None and "backup_id" in materialization.metadata:
+        return materialization.metadata["backup_id"].value
+    committed = [entry for entry in list_backups(object_store) if entry.manifest is not None]
+    if not committed:
+        raise MaestroError("There is no backup to verify", "Materialize database_backup (take a backup) first")
+    return committed[-1].backup_id
+
+
+def _reverify(context, object_store) -> dg.AssetCheckResult:
+    from maestro_pipelines.backup import BackupNotFound
+
+    backup_id = _backup_to_reverify(context, object_store)
+    context.log.info(f"Re-verifying backup {backup_id} (the check alone: nothing is dumped)")
+    try:
+        report = verify_with_marker(object_store, backup_id, context.log)
+    except BackupNotFound as exc:
+        return dg.AssetCheckResult(
+            asset_key=BACKUP_ASSET, check_name=VERIFIED_CHECK, passed=False,
+            description=f"Backup {backup_id} failed verification: {exc}",
+            metadata={"backup_id": dg.MetadataValue.text(backup_id)},
+        )
+    return dg.AssetCheckResult(asset_key=BACKUP_ASSET, check_name=VERIFIED_CHECK, **verified_check_result(report))
+
+
+@dg.multi_asset(
+    name="database_backup",
+    specs=[
+        dg.AssetSpec(
+            BACKUP_ASSET,
+            group_name=BACKUP_GROUP,
+            kinds={"postgres"},
+            tags={"maestro/kind": "backup"},
+            skippable=True,  # "Execute check" alone re-verifies without a new backup
+            description=(
+                "Backup of every stateful PostgreSQL database (platform, MLflow, Dagster's own when on "
+                "PostgreSQL): pg_dump in one consistent snapshot, streamed through zstd into the object store "
+                "(MAESTRO_STORE_URL), then verified (the check `verified`). Each materialization is one backup: "
+                "Materialize takes one now; the nightly schedule takes one at 02:00 (MAESTRO_TIMEZONE)."
+            ),
+        )
+    ],
+    check_specs=[
+        dg.AssetCheckSpec(
+            VERIFIED_CHECK,
+            asset=BACKUP_ASSET,
+            blocking=True,
+            description=(
+                "Every object re-read against the manifest (sizes, sha256) and every dump read by pg_restore "
+                "--list. Executed alone, re-verifies the backup of the latest materialization."
+            ),
+        )
+    ],
+    can_subset=True,
+    pool=BACKUP_POOL,
+    retry_policy=STORE_RETRY,
+    op_tags={"maestro/kind": "backup"},
+)
+@backup_step
+def database_backup(
+    context: dg.AssetExecutionContext,
+    platform_db: PlatformDatabase,
+    mlflow: MLflowRegistry,
+    store: ObjectStoreResource,
+):
+    _pool_check(context)
+    object_store = store.get_store()
+    if BACKUP_ASSET not in context.selected_asset_keys:
+        yield _reverify(context, object_store)
+        return
+    _others_running(context, object_store, ("backup",))
+    manifest = _take_backup(context, platform_db, mlflow, object_store)
     report = verify_with_marker(object_store, manifest.backup_id, context.log)
-    summary = verification_summary(report)
+    check = verified_check_result(report)
     metadata = {
-        "backup_id": dg.MetadataValue.text(manifest.backup_id),
-        "location": dg.MetadataValue.text(f"{object_store.url.rstrip('/')}/backups/{manifest.backup_id}"),
-        "databases": dg.MetadataValue.text(", ".join(d.role for d in manifest.databases)),
-        "dump_bytes": dg.MetadataValue.int(manifest.dump_bytes),
-        "stored_bytes": dg.MetadataValue.int(manifest.stored_bytes),
-        "compression_ratio": dg.MetadataValue.float(
-            round(manifest.dump_bytes / manifest.compressed_bytes, 2) if manifest.compressed_bytes else 0.0
-        ),
-        "throughput_mb_per_s": dg.MetadataValue.float(
-            round(manifest.dump_bytes / MiB / manifest.duration_s, 1) if manifest.duration_s > 0 else 0.0
-        ),
-        "duration_s": dg.MetadataValue.float(round(manifest.duration_s, 2)),
-        "snapshot_at": dg.MetadataValue.timestamp(manifest.snapshot_at),
-        "dagster/row_count": dg.MetadataValue.int(sum(d.rows for d in manifest.databases)),
-        "per_database": _database_table(manifest),
-        "largest_tables": dg.MetadataValue.md(_largest_tables(manifest)),
-        "artifacts": dg.MetadataValue.int(manifest.artifacts.count if manifest.artifacts else 0),
-        "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in manifest.notes) or "none"),
+        **_backup_metadata(manifest, object_store, closed_rpo_s(object_store, manifest)),
         "verified": dg.MetadataValue.bool(report.ok),
-        "verification": dg.MetadataValue.text(summary),
+        "verification": check["metadata"]["verification"],
         "verify_duration_s": dg.MetadataValue.float(report.duration_s),
     }
+    # The backup is recorded either way, with its check: a failed one is in the history as such.
+    yield dg.MaterializeResult(
+        asset_key=BACKUP_ASSET,
+        metadata=metadata,
+        check_results=[dg.AssetCheckResult(asset_key=BACKUP_ASSET, check_name=VERIFIED_CHECK, **check)],
+    )
     if not report.ok:
-        # The backup exists but cannot be trusted (verify removed any verified.json): fail,
-        # so the run retries with a fresh backup and, failing again, alerts.
-        raise dg.Failure(
-            description=f"Backup {manifest.backup_id} failed verification: {'; '.join(report.problems)}",
-            metadata=metadata,
-            allow_retries=True,
-        )
-    context.log.info(f"Backup {manifest.backup_id} verified: {summary}")
-    return dg.MaterializeResult(metadata=metadata)
+        # It cannot be trusted (verify removed any verified.json): fail, so the run retries with
+        # a fresh backup and, failing again, alerts.
+        raise dg.Failure(description=check["description"], allow_retries=True)
+    context.log.info(f"Backup {manifest.backup_id} verified: {check['metadata']['verification'].value}")
+
+
+class MonthlyArchiveConfig(dg.Config):
+    month: Optional[str] = Field(
+        default=None,
+        description="YYYY-MM, the month to archive; unset: last month (MAESTRO_TIMEZONE), what the schedule does.",
+    )
 
 
 @dg.asset(
     group_name=BACKUP_GROUP,
-    partitions_def=monthly_archive_partitions,
     pool=BACKUP_POOL,
     retry_policy=STORE_RETRY,
-    # Month M depends on the daily partitions of M. Materializing never requires them to be
-    # materialized (archive_month takes whatever verified backups the store has), and they
-    # always exist as partitions (same start and time zone; a month is a partition only
-    # once it ended), so the beta `allow_nonexistent_upstream_partitions` is not needed.
-    deps=[dg.AssetDep(database_backup, partition_mapping=dg.TimeWindowPartitionMapping())],
+    # Lineage only: an archive copies a backup, whoever took it (Dagster or `maestro backup run`).
+    deps=[database_backup],
     tags={"maestro/kind": "archive"},
     op_tags={"maestro/kind": "archive"},
     description=(
-        "The month's restore point kept for a year: a server-side copy of the newest verified backup "
-        "taken before the end of the month into monthly/<YYYY-MM>/ (idempotent)."
+        "A month's restore point kept for a year: a server-side copy of the newest verified backup taken "
+        "before the end of the month into monthly/YYYY-MM/ (idempotent). One materialization per archived "
+        "month (config `month`, default last month; metadata `month`)."
     ),
 )
 @backup_step
-def monthly_archive(context: dg.AssetExecutionContext, store: ObjectStoreResource) -> dg.MaterializeResult:
+def monthly_archive(
+    context: dg.AssetExecutionContext, config: MonthlyArchiveConfig, store: ObjectStoreResource
+) -> dg.MaterializeResult:
     from maestro_pipelines.backup import archive_month
 
-    month = context.partition_key[:7]
+    month = config.month or previous_month(_utcnow(), BACKUP_TIMEZONE)
     object_store = store.get_store()
-    entry, copied = archive_month(object_store, month)  # marks itself running: retention waits
+    entry, copied = archive_month(object_store, month)  # validates the month; marks itself running
     manifest = entry.manifest
     context.log.info(
         f"{'Archived' if copied else 'Already archived'}: backup {entry.backup_id} as the restore point of {month}"

@@ -17,12 +17,15 @@ import dagster as dg
 from pydantic import Field
 
 from maestro_pipelines.assets.backups import (
+    BACKUP_ASSET,
     BACKUP_POOL,
     STORE_RETRY,
+    VERIFIED_CHECK,
     backup_step,
     database_backup,
     monthly_archive,
     verification_summary,
+    verified_check_result,
     verify_with_marker,
 )
 from maestro_pipelines.resources import ObjectStoreResource
@@ -38,28 +41,28 @@ NIGHTLY_BACKUP_MAX_RUNTIME_S = 3 * 3600
 nightly_backup = dg.define_asset_job(
     "nightly_backup",
     selection=dg.AssetSelection.assets(database_backup),
-    description="Back up every stateful database into the object store and verify it (one daily partition).",
+    description="Back up every stateful database into the object store and verify it: one materialization of database_backup.",
     tags={KIND_TAG: "backup", **DATABASE_LANE, "dagster/max_runtime": str(NIGHTLY_BACKUP_MAX_RUNTIME_S)},
 )
 
 monthly_archive_job = dg.define_asset_job(
     "monthly_archive_job",
     selection=dg.AssetSelection.assets(monthly_archive),
-    description="Copy the month's newest verified backup into monthly/<YYYY-MM>/ (one monthly partition).",
+    description="Copy a month's latest verified backup into monthly/YYYY-MM/ (config `month`, default last month).",
     tags={KIND_TAG: "archive", **DATABASE_LANE, "dagster/max_runtime": str(2 * 3600)},
 )
 
 
 class RetentionConfig(dg.Config):
-    daily: int = Field(default=7, ge=1, description="Days (with at least one backup) whose newest backup is kept.")
-    monthly: int = Field(default=12, ge=0, description="Monthly archives kept (newest months).")
+    daily: int = Field(default=7, ge=1, description="Days (with at least one backup) whose latest backup is kept.")
+    monthly: int = Field(default=12, ge=0, description="Monthly archives kept (the latest months).")
     dry_run: bool = Field(default=False, description="Only report what would be deleted.")
 
 
 @dg.op(pool=BACKUP_POOL, retry_policy=STORE_RETRY, tags={KIND_TAG: "retention"})
 @backup_step
 def apply_backup_retention(context: dg.OpExecutionContext, config: RetentionConfig, store: ObjectStoreResource):
-    """Delete backups and archives the policy no longer keeps (never the newest verified
+    """Delete backups and archives the policy no longer keeps (never the latest verified
     backup; nothing at all while a backup, restore, archive or verification runs)."""
     from maestro_pipelines.backup import RetentionPolicy, apply_retention
 
@@ -118,9 +121,15 @@ class VerifyBackupConfig(dg.Config):
 @backup_step
 def verify_stored_backup(context: dg.OpExecutionContext, config: VerifyBackupConfig, store: ObjectStoreResource):
     """Re-read every object of one backup against its manifest and read each dump with
-    pg_restore --list; record the result in the store (verified.json)."""
+    pg_restore --list; record the result in the store (verified.json) and, for a backup (not an
+    archive's copy), as an evaluation of database_backup's check `verified`."""
     report = verify_with_marker(store.get_store(), config.backup_id, context.log, month=config.month)
     summary = verification_summary(report)
+    if config.month is None:
+        # Yielded, not context.log_event: logged events are lost when the step then fails.
+        yield dg.AssetCheckEvaluation(
+            asset_key=BACKUP_ASSET, check_name=VERIFIED_CHECK, blocking=True, **verified_check_result(report)
+        )
     metadata = {
         "backup_id": dg.MetadataValue.text(report.backup_id),
         "verified": dg.MetadataValue.bool(report.ok),
@@ -136,7 +145,7 @@ def verify_stored_backup(context: dg.OpExecutionContext, config: VerifyBackupCon
             allow_retries=False,
         )
     context.log.info(f"Backup {report.backup_id} verified: {summary}")
-    return dg.Output(None, metadata=metadata)
+    yield dg.Output(None, metadata=metadata)
 
 
 @dg.job(

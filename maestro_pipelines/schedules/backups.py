@@ -1,10 +1,10 @@
 """Backup schedules, all on MAESTRO_TIMEZONE's clock (UTC when unset):
 
-- `nightly_backup_schedule`: 02:00 every day, the partition of *that* day (partition
-  2026-11-27 is the backup taken at 02:00 on 2026-11-27 local time, holding everything up to
-  the end of the 26th);
-- `monthly_archive_schedule`: 04:00 on day `ARCHIVE_DAY_OF_MONTH` (the 1st), the partition of
-  the month before, after that month's last nightly backup had two hours to finish;
+- `nightly_backup_schedule`: 02:00 every day, one backup (a materialization of
+  `database_backup`; run_key `nightly-backup-<local day>`, so a tick evaluated twice takes one);
+- `monthly_archive_schedule`: 04:00 on day `ARCHIVE_DAY_OF_MONTH` (the 1st), the archive of
+  the month before (config `month`, run_key `monthly-archive-<YYYY-MM>`), after that month's
+  last nightly backup had two hours to finish;
 - `backup_retention_schedule`: 05:00 every day, after the backup and the archive.
 
 The hours and the archive day are module constants, not settings: changing them changes
@@ -17,15 +17,17 @@ default. In production a backup schedule that waits for someone to switch it on 
 is the classic way to find out, on the day of the restore, that there are no backups; the
 definitions are the deployment's truth. On a laptop (`dagster dev` after `maestro demo`)
 nothing should start pg_dump at 02:00 or delete backups taken by hand with the CLI without
-being asked; the schedules are one click away in the UI there. Both apply only to a schedule
-the instance has no state for: a status set in the UI wins.
+being asked. Each description says so, with the one command that starts them all
+(`maestro_pipelines.automation`). Both apply only to a schedule the instance has no state for:
+a status set in the UI or by that command wins.
 """
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import dagster as dg
 
-from maestro_pipelines.assets.backups import AUTOMATION_ON_BY_DEFAULT, BACKUP_TIMEZONE, PARTITIONS_START, local_day
+from maestro_pipelines.assets.backups import AUTOMATION_ON_BY_DEFAULT, BACKUP_TIMEZONE, local_day, previous_month
+from maestro_pipelines.automation import STOPPED_ON_EMBEDDED_HINT
 from maestro_pipelines.jobs.backups import backup_retention, monthly_archive_job, nightly_backup
 
 NIGHTLY_BACKUP_HOUR = 2
@@ -40,10 +42,6 @@ def _scheduled(context: dg.ScheduleEvaluationContext) -> datetime:
     return context.scheduled_execution_time or datetime.now(timezone.utc)
 
 
-def previous_month_key(moment: datetime, tz: str) -> str:
-    """Partition key (YYYY-MM-01) of the month before the one `moment` falls in, in `tz`."""
-    first = datetime.fromisoformat(local_day(moment, tz)).replace(day=1)
-    return (first - timedelta(days=1)).replace(day=1).date().isoformat()
 
 
 @dg.schedule(
@@ -52,12 +50,12 @@ def previous_month_key(moment: datetime, tz: str) -> str:
     execution_timezone=BACKUP_TIMEZONE,
     job=nightly_backup,
     default_status=DEFAULT_STATUS,
-    description="Back up every database at 02:00 (MAESTRO_TIMEZONE): the partition of that day.",
+    description="Back up every database at 02:00 (MAESTRO_TIMEZONE): one database_backup. " + STOPPED_ON_EMBEDDED_HINT,
 )
 def nightly_backup_schedule(context: dg.ScheduleEvaluationContext):
     day = local_day(_scheduled(context), BACKUP_TIMEZONE)
     # One backup per day from the schedule, even if a tick is evaluated twice.
-    return dg.RunRequest(partition_key=day, run_key=f"nightly-backup-{day}", tags={"maestro/trigger": "schedule"})
+    return dg.RunRequest(run_key=f"nightly-backup-{day}", tags={"maestro/trigger": "schedule"})
 
 
 @dg.schedule(
@@ -66,13 +64,15 @@ def nightly_backup_schedule(context: dg.ScheduleEvaluationContext):
     execution_timezone=BACKUP_TIMEZONE,
     job=monthly_archive_job,
     default_status=DEFAULT_STATUS,
-    description="On the 1st at 04:00 (MAESTRO_TIMEZONE), archive the month before.",
+    description="On the 1st at 04:00 (MAESTRO_TIMEZONE), archive the month before. " + STOPPED_ON_EMBEDDED_HINT,
 )
 def monthly_archive_schedule(context: dg.ScheduleEvaluationContext):
-    month = previous_month_key(_scheduled(context), BACKUP_TIMEZONE)
-    if month < PARTITIONS_START:
-        return dg.SkipReason(f"{month[:7]} is before the first backup month ({PARTITIONS_START[:7]})")
-    return dg.RunRequest(partition_key=month, run_key=f"monthly-archive-{month[:7]}", tags={"maestro/trigger": "schedule"})
+    month = previous_month(_scheduled(context), BACKUP_TIMEZONE)
+    return dg.RunRequest(
+        run_key=f"monthly-archive-{month}",
+        run_config={"ops": {"monthly_archive": {"config": {"month": month}}}},
+        tags={"maestro/trigger": "schedule"},
+    )
 
 
 @dg.schedule(
@@ -81,7 +81,10 @@ def monthly_archive_schedule(context: dg.ScheduleEvaluationContext):
     execution_timezone=BACKUP_TIMEZONE,
     job=backup_retention,
     default_status=DEFAULT_STATUS,
-    description="At 05:00 (MAESTRO_TIMEZONE), delete backups the policy no longer keeps (7 daily, 12 monthly).",
+    description=(
+        "At 05:00 (MAESTRO_TIMEZONE), delete backups the policy no longer keeps (7 daily, 12 monthly). "
+        + STOPPED_ON_EMBEDDED_HINT
+    ),
 )
 def backup_retention_schedule(context: dg.ScheduleEvaluationContext):
     day = local_day(_scheduled(context), BACKUP_TIMEZONE)

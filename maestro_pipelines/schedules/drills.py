@@ -14,6 +14,7 @@ import dagster as dg
 
 from maestro_pipelines.assets.backups import BACKUP_TIMEZONE, local_day
 from maestro_pipelines.jobs.restore import dr_drill_job
+from maestro_pipelines.automation import STOPPED_ON_EMBEDDED_HINT
 from maestro_pipelines.schedules.backups import DEFAULT_STATUS
 
 DRILL_HOUR = 3
@@ -27,7 +28,8 @@ DRILL_WEEKDAY = 0
     execution_timezone=BACKUP_TIMEZONE,
     job=dr_drill_job,
     default_status=DEFAULT_STATUS,
-    description="Every Sunday at 03:00 (MAESTRO_TIMEZONE): the DR drill (restore, verify, RTO/RPO, alert).",
+    description="Every Sunday at 03:00 (MAESTRO_TIMEZONE): the DR drill (restore, verify, RTO/RPO, alert). "
+    + STOPPED_ON_EMBEDDED_HINT,
 )
 def weekly_drill_schedule(context: dg.ScheduleEvaluationContext):
     day = local_day(context.scheduled_execution_time or datetime.now(timezone.utc), BACKUP_TIMEZONE)

@@ -8,7 +8,7 @@ taken outside Dagster.
   unreadable): one alert per incident, none while it lasts, none on recovery (logged), and
   one again for the next incident. An alert the webhook did not take is tried again on the
   next evaluation. A new production deployment alerts once, until its first backup is
-  verified (`maestro backup run`, or materialize today's `database_backup` partition).
+  verified (`maestro backup run`, or Materialize `database_backup`).
 - `backup_failure_alert_sensor` alerts on every failed run of a backup-family job: runs
   tagged `maestro/kind` in `ALERTED_KINDS` (backup, archive, retention, verify, restore,
   drill, and the platform upkeep) and runs that materialize a backup asset from the UI
@@ -28,13 +28,11 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 
 from maestro_pipelines.assets.backups import AUTOMATION_ON_BY_DEFAULT
+from maestro_pipelines.automation import STOPPED_ON_EMBEDDED_HINT
+from maestro_pipelines.objectives import RPO_TARGET
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.jobs.backups import KIND_TAG, verify_backup_job
 from maestro_pipelines.resources import AlertResource, ObjectStoreResource
-
-RPO_TARGET = timedelta(hours=26)
-"""Oldest acceptable snapshot of the newest verified backup: a day between nightly backups,
-plus two hours for the backup to run and for DST days (25 h between two 02:00s)."""
 
 ALERTED_KINDS = frozenset({"backup", "archive", "retention", "verify", "restore", "drill", "upkeep"})
 BACKUP_ASSETS = frozenset({"database_backup", "monthly_archive"})
@@ -67,7 +65,8 @@ def _load_state(cursor: str | None) -> dict:
     default_status=DEFAULT_STATUS,
     description=(
         "Alerts (AlertResource, MAESTRO_ALERT_WEBHOOK) once per breach when the newest verified backup "
-        "is older than the RPO target (26 h), when there is none, or when the store cannot be read."
+        "is older than the RPO target (26 h), when there is none, or when the store cannot be read. "
+        + STOPPED_ON_EMBEDDED_HINT
     ),
 )
 def rpo_breach_sensor(context: dg.SensorEvaluationContext, store: ObjectStoreResource, alerts: AlertResource):
@@ -216,7 +215,10 @@ def backup_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: Ale
     job=verify_backup_job,
     minimum_interval_seconds=120,
     default_status=DEFAULT_STATUS,
-    description="Requests verify_backup_job for each new committed backup that is not verified (e.g. taken by the CLI).",
+    description=(
+        "Requests verify_backup_job for each new committed backup that is not verified (e.g. taken by the CLI); "
+        "the result is an evaluation of database_backup's check `verified`. " + STOPPED_ON_EMBEDDED_HINT
+    ),
 )
 def verify_new_backup_sensor(context: dg.SensorEvaluationContext, store: ObjectStoreResource):
     from maestro_pipelines.backup import list_backups, running_activities

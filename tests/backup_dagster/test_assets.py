@@ -10,11 +10,11 @@ import dagster as dg
 import pytest
 
 from maestro_pipelines.assets.backups import (
+    BACKUP_ASSET,
     BACKUP_POOL,
-    BACKUP_TIMEZONE,
+    VERIFIED_CHECK,
     backup_step,
     database_backup,
-    local_day,
     monthly_archive,
 )
 from maestro_pipelines.backup import list_backups, newest_verified
@@ -23,19 +23,24 @@ from maestro_pipelines.jobs.backups import apply_backup_retention, verify_stored
 from maestro_pipelines.storage import StoreUnavailable
 
 
-def today() -> str:
-    return local_day(datetime.now(timezone.utc), BACKUP_TIMEZONE)
+VERIFIED = dg.AssetCheckKey(BACKUP_ASSET, VERIFIED_CHECK)
 
 
 def step_failures(result) -> list[str]:
     return [e.event_specific_data.error.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
 
 
+def checks_of(instance, limit: int = 10):
+    """The `verified` check's evaluations in the instance, latest first, as the asset page lists them."""
+    records = instance.event_log_storage.get_asset_check_execution_history(VERIFIED, limit=limit)
+    return [record.event.dagster_event.event_specific_data for record in records if record.event]
+
+
 def test_nightly_backup_materializes_a_verified_backup_with_metadata(backup_env):
-    result = backup_env.run("nightly_backup", partition_key=today())
+    result = backup_env.run("nightly_backup")
     assert result.success, step_failures(result)
     (materialization,) = result.asset_materializations_for_node("database_backup")
-    assert materialization.partition == today()
+    assert materialization.partition is None  # one backup, one materialization: no day partitions
     metadata = materialization.metadata
 
     newest = newest_verified(backup_env.store())
@@ -44,6 +49,14 @@ def test_nightly_backup_materializes_a_verified_backup_with_metadata(backup_env)
     assert metadata["databases"].value == "platform, mlflow"
     assert metadata["dump_bytes"].value == newest.manifest.dump_bytes > 0
     assert metadata["stored_bytes"].value == newest.stored_bytes > 0
+    assert metadata["stored_mb"].value == pytest.approx(newest.stored_bytes / 2**20, abs=0.001)
+    assert metadata["dump_mb"].value == pytest.approx(newest.manifest.dump_bytes / 2**20, abs=0.001)
+    assert "rpo_closed_h" not in metadata, "the first backup closed no gap: left out, not plotted as 0"
+    # The verification is the asset check `verified`, recorded with the materialization.
+    (check,) = checks_of(backup_env.instance)
+    assert check.passed and check.asset_check_key == VERIFIED
+    assert check.metadata["backup_id"].value == newest.backup_id
+    assert check.description == f"Backup {newest.backup_id} verified"
     assert metadata["compression_ratio"].value > 1
     assert metadata["throughput_mb_per_s"].value > 0 and metadata["duration_s"].value > 0
     assert metadata["snapshot_at"].value == pytest.approx(newest.manifest.snapshot_at.timestamp())
@@ -73,18 +86,46 @@ def test_every_step_that_writes_the_store_shares_one_limited_pool(backup_env):
     # allocates the pool's slots on first use, and gave it back.
     storage = backup_env.instance.event_log_storage
     assert storage.get_concurrency_info(BACKUP_POOL).slot_count == 0
-    assert backup_env.run("nightly_backup", partition_key=today()).success
+    assert backup_env.run("nightly_backup").success
     info = storage.get_concurrency_info(BACKUP_POOL)
     assert info.limit == 1 and info.slot_count == 1 and info.active_slot_count == 0
 
 
-def test_a_past_partition_fails_at_once_without_a_backup(backup_env):
-    result = backup_env.run("nightly_backup", partition_key="2026-01-05")
-    assert not result.success
-    (message,) = step_failures(result)
-    assert "a backup is a snapshot of the databases now" in message
-    assert not any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
-    assert list_backups(backup_env.store()) == []
+def test_each_backup_records_the_rpo_it_closed(backup_env):
+    """rpo_closed_h: hours from the previous backup's snapshot (one taken by the CLI counts) to this one's."""
+    previous = backup_env.take_backup()
+    result = backup_env.run("nightly_backup")
+    assert result.success, step_failures(result)
+    metadata = result.asset_materializations_for_node("database_backup")[0].metadata
+    gap = metadata["snapshot_at"].value - previous.snapshot_at.timestamp()
+    assert gap > 0 and metadata["rpo_closed_h"].value == pytest.approx(gap / 3600, abs=1e-4)
+
+
+def test_executing_the_check_alone_re_verifies_the_latest_backup_without_a_new_one(backup_env):
+    from maestro_pipelines.definitions import defs
+
+    assert backup_env.run("nightly_backup").success
+    (backup,) = list_backups(backup_env.store())
+    check_only = defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_check_selection={VERIFIED}, asset_selection=set()
+    )
+
+    def execute_check():
+        return check_only.execute_in_process(instance=backup_env.instance, resources=backup_env.resources,
+                                             raise_on_error=False)
+
+    again = execute_check()
+    assert again.success, step_failures(again)
+    assert not again.asset_materializations_for_node("database_backup")
+    assert [e.backup_id for e in list_backups(backup_env.store())] == [backup.backup_id]
+    dump = backup_env.store_dir / "backups" / backup.backup_id / "platform.dump.zst"
+    dump.write_bytes(dump.read_bytes()[:-10])  # truncated since
+    broken = execute_check()
+    assert not broken.success
+    latest, earlier, first = checks_of(backup_env.instance)
+    assert first.passed and earlier.passed and not latest.passed
+    assert latest.description.startswith(f"Backup {backup.backup_id} failed verification: ")
+    assert "platform.dump.zst" in latest.description
 
 
 def test_transient_store_errors_retry_and_configuration_errors_do_not():
@@ -117,19 +158,20 @@ def test_monthly_archive_copies_the_newest_verified_backup_of_the_month(backup_e
     newest = backup_env.take_backup(at=datetime(year, month, 20, 2, tzinfo=timezone.utc))
     backup_env.take_backup(at=datetime(year, month, 25, 2, tzinfo=timezone.utc), verify=False)  # never verified
     backup_env.take_backup()  # this month's: after the month's end
-    key = f"{year}-{month:02d}-01"
+    config = {"ops": {"monthly_archive": {"config": {"month": f"{year}-{month:02d}"}}}}
 
-    # No database_backup partition is materialized in this instance: the archive does not need them.
-    result = backup_env.run("monthly_archive_job", partition_key=key)
+    # database_backup was never materialized in this instance: the archive does not need it.
+    result = backup_env.run("monthly_archive_job", run_config=config)
     assert result.success, step_failures(result)
     metadata = result.asset_materializations_for_node("monthly_archive")[0].metadata
+    assert metadata["month"].value == f"{year}-{month:02d}"
     assert metadata["backup_id"].value == newest.backup_id != older.backup_id
     assert metadata["copied_now"].value is True and metadata["verified"].value is True
     (archived,) = list_backups(backup_env.store(), monthly=True)
     assert archived.month == f"{year}-{month:02d}" and archived.backup_id == newest.backup_id and archived.verified
     assert (backup_env.store_dir / archived.root / "platform.dump.zst").exists()
 
-    again = backup_env.run("monthly_archive_job", partition_key=key)
+    again = backup_env.run("monthly_archive_job", run_config=config)
     assert again.success
     assert again.asset_materializations_for_node("monthly_archive")[0].metadata["copied_now"].value is False
 
@@ -158,6 +200,9 @@ def test_verify_job_verifies_a_backup_and_fails_on_a_broken_one(backup_env):
     result = backup_env.run("verify_backup_job", run_config=config)
     assert result.success, step_failures(result)
     assert newest_verified(backup_env.store()).backup_id == manifest.backup_id
+    # ... recorded as an evaluation of database_backup's check, as verify_new_backup_sensor's runs are.
+    (passed,) = checks_of(backup_env.instance)
+    assert passed.passed and passed.metadata["backup_id"].value == manifest.backup_id
 
     dump = backup_env.store_dir / "backups" / manifest.backup_id / "mlflow.dump.zst"
     dump.write_bytes(dump.read_bytes()[:-10])  # truncated
@@ -166,3 +211,6 @@ def test_verify_job_verifies_a_backup_and_fails_on_a_broken_one(backup_env):
     (message,) = step_failures(broken)
     assert "failed verification" in message and "mlflow.dump.zst" in message
     assert newest_verified(backup_env.store()) is None
+    failed = checks_of(backup_env.instance)[0]
+    assert not failed.passed and failed.metadata["backup_id"].value == manifest.backup_id
+    assert f"Backup {manifest.backup_id} failed verification" in failed.description and "mlflow.dump.zst" in failed.description

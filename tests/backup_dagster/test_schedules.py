@@ -13,8 +13,12 @@ import sys
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
-from maestro_pipelines.assets.backups import local_day
-from maestro_pipelines.schedules.backups import previous_month_key
+from maestro_pipelines.assets.backups import local_day, previous_month
+from maestro_pipelines.automation import (
+    AUTOMATION_ON_COMMAND,
+    STOPPED_ON_EMBEDDED_SCHEDULES,
+    STOPPED_ON_EMBEDDED_SENSORS,
+)
 
 PROBE = r"""
 import json
@@ -23,7 +27,6 @@ from zoneinfo import ZoneInfo
 
 import dagster as dg
 
-from maestro_pipelines.assets.backups import daily_backup_partitions, monthly_archive_partitions
 from maestro_pipelines.definitions import defs
 from maestro_pipelines.schedules.backups import (
     backup_retention_schedule, monthly_archive_schedule, nightly_backup_schedule,
@@ -36,7 +39,8 @@ def request(schedule, *when):
     result = schedule(dg.build_schedule_context(scheduled_execution_time=datetime(*when, tzinfo=berlin)))
     if isinstance(result, dg.SkipReason):
         return "skip"
-    return {"partition_key": result.partition_key, "run_key": result.run_key, "tags": result.tags}
+    return {"partition_key": result.partition_key, "run_key": result.run_key, "tags": result.tags,
+            "run_config": result.run_config}
 
 out = {
     "schedules": {
@@ -44,8 +48,9 @@ out = {
         for s in (nightly_backup_schedule, monthly_archive_schedule, backup_retention_schedule)
     },
     "sensors": {s.name: s.default_status.value for s in (rpo_breach_sensor, backup_failure_alert_sensor)},
-    "partitions_timezone": [daily_backup_partitions.timezone, monthly_archive_partitions.timezone],
-    # 02:00 in Berlin is 00:00 or 01:00 UTC: the partition is Berlin's day.
+    # Every schedule and sensor: its default status and the description the UI shows.
+    "all": {d.name: [d.default_status.value, d.description] for d in [*defs.schedules, *defs.sensors]},
+    # 02:00 in Berlin is 00:00 or 01:00 UTC: the run_key is Berlin's day.
     "nightly_summer": request(nightly_backup_schedule, 2026, 7, 10, 2, 0),
     "nightly_winter": request(nightly_backup_schedule, 2026, 12, 1, 2, 0),
     # 2026-03-29: clocks spring forward at 02:00, Dagster runs the tick at 03:00.
@@ -54,11 +59,6 @@ out = {
     "archive_new_year": request(monthly_archive_schedule, 2027, 1, 1, 4, 0),
     "archive_first_month": request(monthly_archive_schedule, 2026, 1, 1, 4, 0),
     "retention": request(backup_retention_schedule, 2026, 7, 10, 5, 0),
-    # The requested keys exist at the time of the tick (today's daily partition thanks to end_offset=1).
-    "valid_keys": [
-        daily_backup_partitions.get_partition_keys(current_time=datetime(2026, 7, 10, 2, 0, tzinfo=berlin))[-1],
-        monthly_archive_partitions.get_partition_keys(current_time=datetime(2026, 12, 1, 4, 0, tzinfo=berlin))[-1],
-    ],
 }
 print("RESULT " + json.dumps(out))
 """
@@ -73,7 +73,7 @@ def load_with(environment: dict) -> dict:
     return json.loads(line.removeprefix("RESULT "))
 
 
-def test_schedules_request_the_right_partitions_in_berlin_and_run_in_production(tmp_path):
+def test_schedules_request_one_run_per_local_day_and_month_in_berlin_and_run_in_production(tmp_path):
     out = load_with({
         "MAESTRO_TIMEZONE": "Europe/Berlin",
         "MAESTRO_HOME": str(tmp_path),
@@ -86,24 +86,41 @@ def test_schedules_request_the_right_partitions_in_berlin_and_run_in_production(
         "backup_retention_schedule": ["0 5 * * *", "Europe/Berlin", "backup_retention", "RUNNING"],
     }
     assert out["sensors"] == {"rpo_breach_sensor": "RUNNING", "backup_failure_alert_sensor": "RUNNING"}
-    assert out["partitions_timezone"] == ["Europe/Berlin", "Europe/Berlin"]
+    # One backup per local day (a tick evaluated twice makes the same run_key: one run), no partition.
     assert out["nightly_summer"] == {
-        "partition_key": "2026-07-10", "run_key": "nightly-backup-2026-07-10", "tags": {"maestro/trigger": "schedule"}
+        "partition_key": None, "run_key": "nightly-backup-2026-07-10", "tags": {"maestro/trigger": "schedule"},
+        "run_config": {},
     }
-    assert out["nightly_winter"]["partition_key"] == "2026-12-01"
-    assert out["nightly_dst"]["partition_key"] == "2026-03-29"
-    assert out["archive"]["partition_key"] == "2026-11-01" and out["archive"]["run_key"] == "monthly-archive-2026-11"
-    assert out["archive_new_year"]["partition_key"] == "2026-12-01"
-    assert out["archive_first_month"] == "skip"
-    assert out["retention"] == {"partition_key": None, "run_key": "retention-2026-07-10", "tags": {"maestro/trigger": "schedule"}}
-    assert out["valid_keys"] == ["2026-07-10", "2026-11-01"]
+    assert out["nightly_winter"]["run_key"] == "nightly-backup-2026-12-01"
+    assert out["nightly_dst"]["run_key"] == "nightly-backup-2026-03-29"
+    assert out["archive"] == {
+        "partition_key": None, "run_key": "monthly-archive-2026-11", "tags": {"maestro/trigger": "schedule"},
+        "run_config": {"ops": {"monthly_archive": {"config": {"month": "2026-11"}}}},
+    }
+    assert out["archive_new_year"]["run_config"] == {"ops": {"monthly_archive": {"config": {"month": "2026-12"}}}}
+    # No first month to skip: the archive takes whatever verified backups the store has.
+    assert out["archive_first_month"]["run_key"] == "monthly-archive-2025-12"
+    assert out["retention"] == {"partition_key": None, "run_key": "retention-2026-07-10",
+                                "tags": {"maestro/trigger": "schedule"}, "run_config": {}}
+    for name in [*STOPPED_ON_EMBEDDED_SCHEDULES, *STOPPED_ON_EMBEDDED_SENSORS]:
+        assert out["all"][name][0] == "RUNNING", name
 
 
 def test_on_a_laptop_the_schedules_wait_to_be_switched_on(tmp_path):
     out = load_with({"MAESTRO_HOME": str(tmp_path)})
     assert {name: value[3] for name, value in out["schedules"].items()} == dict.fromkeys(out["schedules"], "STOPPED")
     assert out["sensors"] == {"rpo_breach_sensor": "STOPPED", "backup_failure_alert_sensor": "RUNNING"}
-    assert out["partitions_timezone"] == ["UTC", "UTC"]
+    # What the UI shows of each stopped backup schedule and sensor says why, and the one command;
+    # that command starts exactly these (tests/test_automation.py), and nothing else starts stopped.
+    not_backup = {"platform_upkeep_schedule", "statistics_refresh_sensor", "retraining_sensor"}
+    backup_stopped = {
+        name: description for name, (status, description) in out["all"].items()
+        if status == "STOPPED" and name not in not_backup
+    }
+    assert set(backup_stopped) == {*STOPPED_ON_EMBEDDED_SCHEDULES, *STOPPED_ON_EMBEDDED_SENSORS}
+    for name, description in backup_stopped.items():
+        assert "Starts stopped on the embedded default" in description, name
+        assert f"`{AUTOMATION_ON_COMMAND}`" in description and AUTOMATION_ON_COMMAND == "maestro backup automation on"
 
 
 def test_the_day_and_month_are_the_local_ones_where_utc_has_another_date():
@@ -113,5 +130,5 @@ def test_the_day_and_month_are_the_local_ones_where_utc_has_another_date():
     assert local_day(two_am.astimezone(timezone.utc), "Asia/Tokyo") == "2026-03-10"
     assert local_day(datetime(2026, 3, 9, 17, 0), "Asia/Tokyo") == "2026-03-10"  # naive = UTC
     first_at_four = datetime(2026, 3, 1, 4, 0, tzinfo=tokyo)  # still February in UTC
-    assert previous_month_key(first_at_four, "Asia/Tokyo") == "2026-02-01"
-    assert previous_month_key(datetime(2026, 1, 1, 4, 0, tzinfo=tokyo), "Asia/Tokyo") == "2025-12-01"
+    assert previous_month(first_at_four, "Asia/Tokyo") == "2026-02"
+    assert previous_month(datetime(2026, 1, 1, 4, 0, tzinfo=tokyo), "Asia/Tokyo") == "2025-12"

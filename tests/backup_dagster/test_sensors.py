@@ -21,7 +21,7 @@ from maestro_pipelines.sensors.backups import (
 )
 
 from .conftest import WEBHOOK_SECRET
-from .test_assets import step_failures, today
+from .test_assets import checks_of, step_failures
 
 
 def evaluate_rpo(env, alerts, now, cursor=None, store=None):
@@ -116,7 +116,7 @@ def test_a_failed_backup_run_alerts_with_run_id_job_and_error_and_no_secret(back
     # A host that does not resolve fails at once (a refused connection would be retried as
     # transient, minutes later).
     unreachable = PlatformDatabase(database_url="postgresql://maestro:hunter2-Secret@no-such-host.invalid:5432/maestro")
-    result = backup_env.run("nightly_backup", partition_key=today(), platform_db=unreachable)
+    result = backup_env.run("nightly_backup", platform_db=unreachable)
     assert not result.success
     assert "cannot be resolved" in step_failures(result)[0]
 
@@ -125,7 +125,7 @@ def test_a_failed_backup_run_alerts_with_run_id_job_and_error_and_no_secret(back
     (alert,) = webhook.posts
     text = alert["text"]
     assert text.startswith(":rotating_light: [ERROR] Maestro backup run failed: nightly_backup")
-    assert result.run_id in text and f"partition {today()}" in text
+    assert result.run_id in text
     assert "Error: database_backup: MAESTRO_DATABASE_URL: the host 'no-such-host.invalid' cannot be resolved" in text
     sent = b"".join(webhook.raw)
     assert b"hunter2" not in sent and WEBHOOK_SECRET.encode() not in sent
@@ -136,13 +136,14 @@ def test_a_backup_materialized_from_the_ui_alerts_too_but_other_runs_do_not(back
 
     alerts = AlertResource(webhook_url=webhook.url)
     # "Materialize" in the UI: an ad hoc asset run, without the job's tags.
+    unreachable = PlatformDatabase(database_url="postgresql://maestro:pw@no-such-host.invalid:5432/maestro")
     ad_hoc = dg.materialize(
-        [database_backup], partition_key="2026-01-05", instance=backup_env.instance,
-        resources=backup_env.resources, raise_on_error=False,
+        [database_backup], instance=backup_env.instance,
+        resources={**backup_env.resources, "platform_db": unreachable}, raise_on_error=False,
     )
     assert not ad_hoc.success and "maestro/kind" not in ad_hoc.dagster_run.tags
     backup_failure_alert_sensor(failure_context(backup_env, ad_hoc, alerts))
-    assert len(webhook.posts) == 1 and "a backup is a snapshot" in webhook.posts[0]["text"]
+    assert len(webhook.posts) == 1 and "cannot be resolved" in webhook.posts[0]["text"]
 
     @dg.op
     def boom():
@@ -174,8 +175,10 @@ def test_verify_sensor_requests_one_verification_per_new_backup(backup_env):
     again = evaluate(first.cursor)
     assert not again.run_requests and "No new unverified backup" in again.skip_reason.skip_message
 
-    # The requested run verifies it.
+    # The requested run verifies it, recorded as database_backup's check `verified`.
     assert backup_env.run("verify_backup_job", run_config=request.run_config).success
+    (check,) = checks_of(backup_env.instance)
+    assert check.passed and check.metadata["backup_id"].value == by_cli.backup_id
     later = backup_env.take_backup(verify=False)
     (next_request,) = evaluate(again.cursor).run_requests
     assert next_request.run_key == later.backup_id
