@@ -24,37 +24,84 @@ def apply_partition_requests(ml_env, result):
                 ml_env.instance.delete_dynamic_partition(request.partitions_def_name, key)
 
 
-def test_a_new_tenant_gets_a_partition_and_its_first_training(ml_env):
-    platform_db = ml_env.resources["platform_db"]
+def skipped(result) -> str | None:
+    return result.skip_message if isinstance(result, dg.SkipReason) else (
+        result.skip_reason.skip_message if result.skip_reason else None)
+
+
+def platform_source(ml_env):
+    """The embedded default's source, as environment.py builds it when MAESTRO_DATABASE_URL is set."""
+    from maestro_pipelines.resources.sources import PostgresDataSource
+
+    return PostgresDataSource(url=ml_env.platform_url, url_variable="MAESTRO_DATABASE_URL")
+
+
+def load_rows(ml_env, tenant: str, tmp_path, count: int = 60) -> None:
+    """`maestro tenants load` in process: a wide CSV through the Dagster-free loader."""
+    from maestro_pipelines.platform_db.connection import engine_for
+    from maestro_pipelines.platform_db.training_rows import load_training_rows
+
+    path = tmp_path / f"{tenant}.csv"
+    path.write_text("id,f1,f2,label\n" + "".join(f"k{i},{i},{(i * 7) % 11},{i % 2}\n" for i in range(count)))
+    with engine_for(ml_env.resources["platform_db"].location().platform_url).connect() as conn:
+        load_training_rows(conn, tenant, path)
+        conn.commit()
+
+
+def test_a_new_tenant_waits_for_its_rows_then_gets_its_first_training(ml_env, tmp_path):
+    platform_db, source = ml_env.resources["platform_db"], platform_source(ml_env)
     # acme and globex already have partitions (the fixture added them): nothing to do.
-    first, cursor = evaluate(tenant_partitions_sensor, ml_env, platform_db=platform_db)
-    assert isinstance(first, dg.SkipReason)
+    first, _ = evaluate(tenant_partitions_sensor, ml_env, platform_db=platform_db, source=source)
+    assert skipped(first) == "2 active tenants, all with partitions" and not first.run_requests
+    retrain_baseline, _ = evaluate(retraining_sensor, ml_env, source=source)
 
     ml_env.sql("INSERT INTO tenants (name) VALUES ('umbrella')")
-    result, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=cursor, platform_db=platform_db)
-    assert isinstance(result, dg.SensorResult)
-    (added,) = result.dynamic_partitions_requests
+    waiting, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=first.cursor, platform_db=platform_db, source=source)
+    (added,) = waiting.dynamic_partitions_requests
     assert list(added.partition_keys) == ["umbrella"]
-    (run,) = result.run_requests
-    assert run.partition_key == "umbrella" and run.run_key.startswith("first-training-umbrella")
-    apply_partition_requests(ml_env, result)
-    assert "umbrella" in ml_env.instance.get_dynamic_partitions(tenant_partitions.name)
+    assert not waiting.run_requests, "no training for a tenant without rows: it would fail and turn the ML group red"
+    assert skipped(waiting) == "tenant umbrella has no training rows yet: load them with `maestro tenants load umbrella FILE`"
+    apply_partition_requests(ml_env, waiting)
 
-    again, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=result.cursor, platform_db=platform_db)
-    assert isinstance(again, dg.SkipReason), "a tenant is trained once by this sensor, not every tick"
+    # Still no rows: the tenant is not lost behind the cursor, and asks again.
+    still, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=waiting.cursor, platform_db=platform_db, source=source)
+    assert not still.run_requests and "umbrella has no training rows yet" in skipped(still)
+    retrain_empty, _ = evaluate(retraining_sensor, ml_env, cursor=retrain_baseline.cursor, source=source)
+
+    load_rows(ml_env, "umbrella", tmp_path)
+    ready, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=still.cursor, platform_db=platform_db, source=source)
+    (run,) = ready.run_requests
+    assert run.partition_key == "umbrella" and run.run_key.startswith("first-training-umbrella")
+    assert run.tags["maestro/trigger"] == "new-tenant"
+    again, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=ready.cursor, platform_db=platform_db, source=source)
+    assert not again.run_requests, "a tenant is trained once by this sensor, not every tick"
+    # Nor does the retraining sensor take the first rows for a data change: one first training.
+    retrain, _ = evaluate(retraining_sensor, ml_env, cursor=retrain_empty.cursor, source=source)
+    assert not retrain.run_requests
+
+
+def test_a_tenant_with_rows_is_trained_at_once_and_an_inactive_one_loses_its_partition(ml_env, tmp_path):
+    platform_db, source = ml_env.resources["platform_db"], platform_source(ml_env)
+    first, _ = evaluate(tenant_partitions_sensor, ml_env, platform_db=platform_db, source=source)
+    ml_env.sql("INSERT INTO tenants (name) VALUES ('umbrella')")
+    load_rows(ml_env, "umbrella", tmp_path)
+    result, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=first.cursor, platform_db=platform_db, source=source)
+    (run,) = result.run_requests
+    assert run.partition_key == "umbrella" and list(result.dynamic_partitions_requests[0].partition_keys) == ["umbrella"]
+    apply_partition_requests(ml_env, result)
 
     ml_env.sql("UPDATE tenants SET status = 'deleted' WHERE name = 'globex'")
-    removed, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=result.cursor, platform_db=platform_db)
+    removed, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=result.cursor, platform_db=platform_db, source=source)
     (delete,) = removed.dynamic_partitions_requests
     assert isinstance(delete, dg.DeleteDynamicPartitionsRequest) and list(delete.partition_keys) == ["globex"]
     assert not removed.run_requests
 
 
 def test_a_partition_removed_by_hand_comes_back_without_retraining(ml_env):
-    platform_db = ml_env.resources["platform_db"]
-    _, cursor = evaluate(tenant_partitions_sensor, ml_env, platform_db=platform_db)
+    platform_db, source = ml_env.resources["platform_db"], platform_source(ml_env)
     ml_env.instance.delete_dynamic_partition(tenant_partitions.name, "acme")
-    result, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=cursor or "2", platform_db=platform_db)
+    # "2": the cursor as the sensor wrote it before it kept tenants waiting for rows.
+    result, _ = evaluate(tenant_partitions_sensor, ml_env, cursor="2", platform_db=platform_db, source=source)
     assert list(result.dynamic_partitions_requests[0].partition_keys) == ["acme"]
     assert not result.run_requests
 

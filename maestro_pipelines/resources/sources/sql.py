@@ -18,6 +18,7 @@ from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.resources.sources.base import (
     CONNECT_TIMEOUT_SECONDS,
     SECRET,
+    SOURCE_URL_VARIABLE,
     URL_FIELDS,
     DataFingerprint,
     DataSource,
@@ -287,6 +288,19 @@ class PostgresDataSource(SQLAlchemySource):
         from maestro_pipelines.platform_db.urls import describe
 
         return describe(self._where()[0])
+
+    def tenant_fingerprint(self, tenant) -> DataFingerprint:
+        if self._variable != SOURCE_URL_VARIABLE and not self._table_exists():
+            # The platform database's training_rows is created by the first load (`maestro
+            # tenants load`, `maestro demo`): before that, every tenant has no rows yet.
+            return DataFingerprint(row_count=0, newest=None)
+        return super().tenant_fingerprint(tenant)
+
+    def _table_exists(self) -> bool:
+        from sqlalchemy import text
+
+        with self._connection() as conn:
+            return conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": self._table_sql()}).scalar_one()
 
     def describe(self) -> str:
         url, _ = self._where()
