@@ -198,31 +198,43 @@ def slow_queries(context: dg.AssetExecutionContext, config: SlowQueryConfig, pla
 
 
 def summary_chart(rows: list[dict]) -> bytes:
-    """Bars per tenant: models and active deployments (left), predictions (right)."""
+    """The PNG of `summary_figure`."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    fig = summary_figure(rows)
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out.getvalue()
+
+
+def summary_figure(rows: list[dict]):
+    """Bars per tenant: models and active deployments (left), predictions (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = [r["tenant_name"] for r in rows] or ["(no tenants)"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)
     positions = range(len(names))
     width = 0.4
     left.bar([p - width / 2 for p in positions], [r["models"] for r in rows] or [0], width, label="models")
     left.bar([p + width / 2 for p in positions], [r["active_deployments"] for r in rows] or [0], width, label="active deployments")
     left.set_xticks(list(positions), names, rotation=30, ha="right")
-    left.set_title("models and deployments")
-    left.legend(fontsize=8)
+    # Above the plot, not over the bars (the tallest bars sit where a legend goes by default).
+    left.set_title("models and deployments", pad=24)
+    left.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     right.bar(list(positions), [r["predictions"] for r in rows] or [0], color="tab:green")
     right.set_xticks(list(positions), names, rotation=30, ha="right")
-    right.set_title("predictions")
+    right.set_title("predictions", pad=24)
+    for axis in (left, right):  # counts: no 0.5 model, no 2.5 predictions
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    out = io.BytesIO()
-    fig.savefig(out, format="png")
-    plt.close(fig)
-    return out.getvalue()
+    return fig
 
 
 @dg.asset(

@@ -126,3 +126,26 @@ def test_upkeep_runs_daily_after_the_nights_backup_work_and_alerts_when_it_fails
     }
     run = dg.DagsterRun(job_name="platform_upkeep", run_id="r", tags=job.tags)
     assert is_backup_run(run), "a failed upkeep run alerts"
+
+
+def test_the_summary_chart_keeps_its_legend_off_the_bars_and_counts_whole():
+    """The chart as drawn: the legend sits above the plot, not over the (equal, full-height)
+    bars of a tenant with one model and one deployment; count axes tick 0, 1, 2, never 0.5."""
+    import matplotlib.pyplot as plt
+
+    from maestro_pipelines.assets.upkeep import summary_figure
+
+    rows = [{"tenant_name": name, "models": 1, "active_deployments": 1, "predictions": count}
+            for name, count in (("acme", 2), ("globex", 3), ("initech", 1))]
+    fig = summary_figure(rows)
+    try:
+        fig.canvas.draw()
+        left, right = fig.axes
+        legend = left.get_legend().get_window_extent()
+        for bar in left.patches:
+            assert not legend.overlaps(bar.get_window_extent()), "the legend covers a bar"
+        for axis in (left, right):
+            ticks = [t for t in axis.get_yticks() if axis.get_ylim()[0] <= t <= axis.get_ylim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)
