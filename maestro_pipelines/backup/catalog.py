@@ -22,6 +22,18 @@ from maestro_pipelines.backup.manifest import (
 from maestro_pipelines.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
 
+LATEST = "latest"
+"""The one word for the latest backup wherever a backup id is taken (restores and drills:
+the latest verified one whose objects are intact)."""
+LATEST_ALIASES = frozenset({LATEST, "newest"})
+"""`newest` is accepted too, as an alias (an older spelling, and the word people guess)."""
+
+
+def is_latest(backup: object) -> bool:
+    """Whether `backup` names the latest backup (`latest`, or its alias `newest`)."""
+    return isinstance(backup, str) and backup.strip().lower() in LATEST_ALIASES
+
+
 @dataclass
 class BackupEntry:
     """One committed backup as listing sees it."""
@@ -153,8 +165,8 @@ def incomplete_archives(store: ObjectStore) -> dict[str, datetime | None]:
 
 
 def get_backup(store: ObjectStore, backup_id: str, month: str | None = None) -> BackupEntry:
-    """One committed backup by id (or the newest verified for `latest`)."""
-    if backup_id == "latest":
+    """One committed backup by id (or the latest verified for `latest`, alias `newest`)."""
+    if is_latest(backup_id):
         entry = newest_verified(store, check=True)
         if entry is None:
             raise BackupNotFound(

@@ -34,7 +34,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from maestro_pipelines.backup.activity import activity, running_activities
-from maestro_pipelines.backup.catalog import BackupEntry, check_objects, get_backup, list_backups, object_key
+from maestro_pipelines.backup.catalog import BackupEntry, check_objects, get_backup, is_latest, list_backups, object_key
 from maestro_pipelines.backup.consistency import compare_checks, table_checks
 from maestro_pipelines.backup.create import DatabaseTarget, MiB, Progress
 from maestro_pipelines.backup.journal import (
@@ -159,6 +159,8 @@ def resolve_restore_point(store: ObjectStore, backup: str = "latest", before: da
     with one line to `log` naming it and why, and the next one is tried. A byte changed with
     size and records left as they were is not seen by a head: the restore's own download
     (every byte against the sha256) refuses it, and `maestro backup verify` finds it."""
+    if is_latest(backup):
+        backup = "latest"  # `newest` is its alias
     if before is None and backup != "latest":
         entry = get_backup(store, backup)
         if entry.manifest is None:
@@ -191,7 +193,7 @@ def resolve_restore_point(store: ObjectStore, backup: str = "latest", before: da
         skipped.append(f"{name}: {why}")
         say(f"skipping backup {skipped[-1]}")
     when = f"taken before {before.isoformat()} " if before is not None else ""
-    also = f"; {len(skipped)} skipped, the newest {skipped[0]}" if skipped else ""
+    also = f"; {len(skipped)} skipped, the latest {skipped[0]}" if skipped else ""
     raise BackupNotFound(
         f"There is no verified backup {when}in the store at {store.url}{also}",
         "Run `maestro backup list` to see the backups and their times"

@@ -1,6 +1,6 @@
 """Jobs of restores, for on-call from the launchpad, and the drill's job for its schedule.
 
-- `restore_database`: restore a backup (`latest`, an id, or the newest verified one before a
+- `restore_database`: restore a backup (`latest`, an id, or the latest verified one before a
   time) into scratch databases next to the live ones (default), or into the live databases'
   place (`target: live`, `confirm: <platform database name>`): every object checked before
   any database is touched, each database restored beside the live one and verified against
@@ -86,14 +86,14 @@ def parse_before(value: Optional[str]) -> Optional[datetime]:
 class RestoreConfig(dg.Config):
     backup: str = Field(
         default="latest",
-        description="Backup id (`maestro backup list`, the database_backup materializations), or `latest`: the newest verified.",
+        description="Backup id (`maestro backup list`, the database_backup materializations), or `latest`: the latest verified (`newest` is accepted too).",
     )
     # `before` and `confirm` default to "" (not None) so the Launchpad pre-fills them: on-call
     # sees every choice of a restore and types only the values.
     before: Optional[str] = Field(
         default="",
         description=(
-            "Instead of `backup`: the newest verified backup taken before this time, ISO 8601, e.g. "
+            "Instead of `backup`: the latest verified backup taken before this time, ISO 8601, e.g. "
             "2026-11-26T14:00:00Z (a time without a zone is taken as UTC). Empty: use `backup`."
         ),
     )
@@ -207,12 +207,13 @@ def restore_from_backup(
 ):
     """Restore a backup into scratch databases (default) or in place of the live ones."""
     from maestro_pipelines.backup import RestoreRefused, resolve_restore_point, restore_backup
+    from maestro_pipelines.backup.catalog import is_latest
 
     before = parse_before(config.before)
-    if before is not None and config.backup != "latest":
+    if before is not None and not is_latest(config.backup):
         raise RestoreRefused(
             f"Both backup ({config.backup}) and before ({config.before}) are set",
-            "Set one: a backup id, or a time to take the newest verified backup before it",
+            "Set one: a backup id, or a time to take the latest verified backup before it",
         )
     object_store = store.get_store()
     destinations, notes = live_destinations(platform_db, mlflow)
@@ -270,7 +271,7 @@ def restore_from_backup(
 @dg.job(
     tags={KIND_TAG: RESTORE_KIND, **DATABASE_LANE, "dagster/max_runtime": str(RESTORE_MAX_RUNTIME_S)},
     description=(
-        "On-call: restore a backup (latest, an id, or the newest before a time) into scratch databases, or with "
+        "On-call: restore a backup (latest, an id, or the latest before a time) into scratch databases, or with "
         "target: live and confirm: <platform database> in place of the live ones (old ones kept aside)."
     ),
 )
@@ -361,7 +362,7 @@ def restore_cleanup_job():
 dr_drill_job = dg.define_asset_job(
     "dr_drill_job",
     selection=dg.AssetSelection.assets(dr_drill),
-    description="The DR drill: restore the newest verified backup into scratch databases, verify, time, drop.",
+    description="The DR drill: restore the latest verified backup into scratch databases, verify, time, drop.",
     tags={KIND_TAG: DRILL_KIND, **DATABASE_LANE, "dagster/max_runtime": str(DRILL_MAX_RUNTIME_S)},
 )
 

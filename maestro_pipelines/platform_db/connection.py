@@ -97,7 +97,7 @@ def translate_error(exc: BaseException, url: URL, source: str) -> MaestroError:
         return MaestroError(
             f"{source}: database '{match.group(1)}' does not exist at {where}",
             "New install: run `maestro db upgrade`, which creates it when the user may. Lost it: "
-            "`maestro restore --target live` brings it back from the newest backup "
+            "`maestro restore --target live` brings it back from the latest backup "
             "(docs/runbooks/total-database-loss.md)",
         )
     if "role" in lowered and "does not exist" in lowered:
