@@ -60,7 +60,8 @@ def automation_on() -> None:
     out = Console()
     for name, kind, what in start_backup_automation():
         out.print(f"{kind:<8} {name:<28} {what}", highlight=False, soft_wrap=True)
-    out.print(f"Started in the Dagster instance at {home}; the daemon runs them from now on.", highlight=False, soft_wrap=True)
+    out.print(f"Dagster instance: {home}. Its daemon (`dagster dev`, or `dagster-daemon run`) runs them from now on.",
+              highlight=False, soft_wrap=True)
 
 
 def start_backup_automation() -> list[tuple[str, str, str]]:

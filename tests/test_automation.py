@@ -1,0 +1,57 @@
+"""`maestro backup automation on`, the one command the stopped schedules' descriptions name, on a
+real Dagster instance: then `dagster schedule list` and `dagster sensor list`, run from the
+repository as `dagster dev` is, show them running (the UI and the daemon find them the same
+way), and nothing else was started."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from maestro_pipelines.automation import (
+    AUTOMATION_ON_COMMAND,
+    STOPPED_ON_EMBEDDED_SCHEDULES,
+    STOPPED_ON_EMBEDDED_SENSORS,
+)
+
+from .services import REPO_ROOT
+from .test_cli import run_maestro
+
+DAGSTER = Path(sys.executable).parent / "dagster"
+
+
+def statuses(kind: str, env: dict[str, str]) -> dict[str, str]:
+    """`dagster schedule|sensor list` in the repository: name -> RUNNING|STOPPED."""
+    listed = subprocess.run([str(DAGSTER), kind, "list"], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=180)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    return dict(re.findall(rf"^{kind.capitalize()}: (\w+) \[(RUNNING|STOPPED)\]", listed.stdout, re.M))
+
+
+def test_automation_on_starts_the_backup_schedules_and_sensors_once(tmp_path):
+    assert AUTOMATION_ON_COMMAND.split() == ["maestro", "backup", "automation", "on"]
+    (tmp_path / "dagster").mkdir()
+    (tmp_path / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    (tmp_path / "tmp").mkdir()
+    # The embedded default (no MAESTRO_DATABASE_URL): the backup automation starts stopped.
+    env = {"MAESTRO_HOME": str(tmp_path / "home"), "DAGSTER_HOME": str(tmp_path / "dagster"),
+           "TMPDIR": str(tmp_path / "tmp")}
+    shell = {**{k: v for k, v in os.environ.items() if not k.startswith("MAESTRO_")}, **env}
+    before = {**statuses("schedule", shell), **statuses("sensor", shell)}
+    wanted = {*STOPPED_ON_EMBEDDED_SCHEDULES, *STOPPED_ON_EMBEDDED_SENSORS}
+    assert {before[name] for name in wanted} == {"STOPPED"}
+
+    turned_on = run_maestro(*AUTOMATION_ON_COMMAND.split()[1:], env=env)
+    assert turned_on.returncode == 0, turned_on.stderr[-2000:]
+    for name in wanted:
+        assert re.search(rf"^(schedule|sensor) +{name} +started$", turned_on.stdout, re.M), turned_on.stdout
+    after = {**statuses("schedule", shell), **statuses("sensor", shell)}
+    assert {name: after[name] for name in wanted} == dict.fromkeys(wanted, "RUNNING")
+    assert {n: s for n, s in after.items() if n not in wanted} == {n: s for n, s in before.items() if n not in wanted}
+
+    again = run_maestro(*AUTOMATION_ON_COMMAND.split()[1:], env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("already running") == len(wanted) and "started" not in again.stdout
