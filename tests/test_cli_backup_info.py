@@ -188,13 +188,20 @@ def test_backup_list_shows_each_backups_age(env):
     assert 0 <= entry["age_s"] < 3600
 
 
-def test_newest_is_an_alias_of_latest_for_the_restore_point(env):
+def test_a_drill_of_newest_drills_the_latest_and_info_shows_it(env):
+    """`newest` is an alias of `latest` wherever a backup is named (here `drill --backup`, which
+    resolves it as `restore --backup` does); the drill's record in the store is what info shows."""
     first = backup_run(env)
-    restored = run_maestro("restore", "--backup", "newest", "--json", env=env)
-    assert restored.returncode == 0, restored.stderr
-    report = json.loads(restored.stdout)
-    assert report["backup_id"] == first["id"] and report["target"] == "scratch"
-    assert run_maestro("restore", "cleanup", env=env).returncode == 0
+    drilled = run_maestro("drill", "--backup", "newest", "--json", env=env)
+    assert drilled.returncode == 0, drilled.stderr
+    assert json.loads(drilled.stdout)["backup_id"] == first["id"]
+    lines, report = info(env, 0)
+    drill = report["drill"]
+    assert drill["ok"] is True and drill["backup_id"] == first["id"] and drill["source"] == "cli"
+    assert 0 < drill["rto_s"] < drill["rto_target_s"] == 900
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC \(cli\): ok, RTO [0-9.]+ s \(target 15 min\)",
+                        field(lines, "drill")), lines
     # The help says `latest`; `newest` is only the alias.
-    helped = run_maestro("restore", "--help", env=env)
-    assert "`latest`" in helped.stdout and "`newest` is accepted too" in " ".join(helped.stdout.split())
+    for command in ("restore", "drill"):
+        helped = " ".join(run_maestro(command, "--help", env=env).stdout.split())
+        assert "`latest`" in helped and "`newest` is accepted too" in helped, helped

@@ -183,8 +183,17 @@ def test_a_finish_killed_in_its_swap_is_reported_and_undone(pg18_installation, l
     assert status.returncode == 1 and "HALF-DONE RESTORE" in status.stderr
     [journal] = read_journals(local_case.store)
     assert journal.action == "finish" and [s.state for s in journal.steps] == ["done", "started", "pending"]
+    # `backup info`, where on-call looks first, says it too: an error, and the way out.
+    info = run_maestro("backup", "info", env=env)
+    assert info.returncode == 2, info.stdout + info.stderr
+    said = " ".join(info.stdout.split())
+    assert f"error: half-done restore: the live restore of backup {backup_id} " in said
+    assert "stopped half way" in said and "`maestro restore finish` or `maestro restore undo`" in said
+    [half_done] = json.loads(run_maestro("backup", "info", "--json", env=env).stdout)["half_done_restores"]
+    assert (half_done["backup_id"], half_done["stamp"]) == (backup_id, journal.stamp)
     done = run_maestro("restore", "undo", "--confirm", inst.platform, env=env)
     assert done.returncode == 0, done.stderr
     assert labels(inst) == {name: "B" for name in inst.names}
     assert [label(inst.dbs, step.restored) for step in journal.steps] == ["A", "A", "A"]
     assert read_journals(local_case.store) == []
+    assert json.loads(run_maestro("backup", "info", "--json", env=env).stdout)["half_done_restores"] == []
