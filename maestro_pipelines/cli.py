@@ -521,9 +521,11 @@ def backup_list(
     monthly: bool = typer.Option(False, "--monthly", help="List the monthly archives instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
-    """Committed backups, oldest first: id (its UTC start time), age (of its data), size, verified (yes; no;
-    BAD: its verification failed, or an object is missing or changed since, found by one cheap
-    head per object). `maestro backup info` says whether that is enough."""
+    """Committed backups, oldest first: id, age, size, verified.
+
+    The id is the backup's start time (UTC); the age is its data's. Verified: yes; no; BAD (its
+    verification failed, or an object is missing or changed since, found by one cheap head per
+    object). `maestro backup info` says whether that is enough."""
     from maestro_pipelines.backup import check_objects, list_backups
     from maestro_pipelines.backup.manifest import utcnow
     from maestro_pipelines.formatting import human_duration
@@ -579,9 +581,10 @@ def _print_interrupted_swaps(store) -> None:
 def backup_info_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (for scripts and monitoring)."),
 ) -> None:
-    """Is the database protected, and since when? Start here on call. Like `pgbackrest info`: a
-    status line (ok, warning or error, and why, with the command that helps), the latest and the
-    oldest restorable backup and their age, the RPO now against its target (26 h), the last
+    """Is the database protected, and since when? Start here on call: status, RPO, what to do.
+
+    Like `pgbackrest info`: a status line (ok, warning or error, and why, with the command that
+    helps), the latest and the oldest restorable backup and their age, the RPO now against its target (26 h), the last
     backups' sizes, durations and verification, the monthly archives, the latest drill, and
     anything half done (a backup running, one killed, a live restore stopped half way). Reads
     only the store (one head per object of each verified backup), never a database.
@@ -1012,7 +1015,7 @@ def drill(
 
 @drill_app.command("list", short_help="The drills recorded in the store (CLI and Dagster ones), oldest first.")
 def drill_list(
-    limit: int = typer.Option(20, min=1, help="Show the newest this many drills."),
+    limit: int = typer.Option(20, min=1, help="Show the latest this many drills."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
     """The drills recorded in the store (from `maestro drill` and Dagster's dr_drill), oldest

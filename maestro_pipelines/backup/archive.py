@@ -55,7 +55,7 @@ def archive_month(store: ObjectStore, month: str) -> tuple[BackupEntry, bool]:
         damage = check_objects(store, source)
         if damage is not None:
             raise BackupError(
-                f"Backup {source.backup_id}, the newest verified one of {month}, is damaged: {damage}",
+                f"Backup {source.backup_id}, the latest verified one of {month}, is damaged: {damage}",
                 f"Run `maestro backup verify {source.backup_id}` (it is then listed as BAD), then archive again",
             )
         dest = f"{MONTHLY_PREFIX}/{month}/{source.backup_id}"

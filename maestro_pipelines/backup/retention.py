@@ -70,12 +70,12 @@ def plan_retention(daily: list[BackupEntry], monthly: list[BackupEntry], policy:
     for entry in ordered:
         day = _started(entry).date()
         if entry is newest_verified:
-            plan.keep.append((entry, "newest verified backup"))
+            plan.keep.append((entry, "latest verified backup"))
             kept_days.add(day)
             verified_days.add(day)
         elif day in kept_days and entry.verified and day not in verified_days:
             # A verified backup is not deleted because an unverified one ran later that day.
-            plan.keep.append((entry, f"newest verified backup of {day}"))
+            plan.keep.append((entry, f"latest verified backup of {day}"))
             verified_days.add(day)
         elif day in kept_days:
             plan.delete.append((entry, f"a newer backup of {day} is kept"))
@@ -83,7 +83,7 @@ def plan_retention(daily: list[BackupEntry], monthly: list[BackupEntry], policy:
             kept_days.add(day)
             if entry.verified:
                 verified_days.add(day)
-            plan.keep.append((entry, f"newest backup of {day}"))
+            plan.keep.append((entry, f"latest backup of {day}"))
         else:
             plan.delete.append((entry, f"older than the last {policy.daily} days with backups"))
     months = sorted({e.month for e in monthly if e.month}, reverse=True)

@@ -83,7 +83,7 @@ def test_keeps_the_newest_backup_of_each_of_the_last_7_days_with_backups_and_the
     assert ids(plan.keep) == newest_of_day | {history[(12, 2)].backup_id}
     assert ids(plan.delete) == {e.backup_id for e in history.values()} - ids(plan.keep)
     reasons = {entry.backup_id: why for entry, why in plan.keep}
-    assert reasons[history[(12, 2)].backup_id] == "newest verified backup"
+    assert reasons[history[(12, 2)].backup_id] == "latest verified backup"
     assert plan.delete_incomplete == [] and plan.skipped is None
 
 
@@ -250,6 +250,6 @@ def test_retention_keeps_an_intact_backup_when_the_newest_verified_one_lost_an_o
     store.delete(newer.database("platform").key)
 
     plan = apply_retention(store, RetentionPolicy(daily=1))
-    assert (older.backup_id, "newest verified backup") in [(e.backup_id, why) for e, why in plan.keep]
+    assert (older.backup_id, "latest verified backup") in [(e.backup_id, why) for e, why in plan.keep]
     assert plan.delete == []
     assert [e.backup_id for e in list_backups(store)] == [older.backup_id, newer.backup_id]
