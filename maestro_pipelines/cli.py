@@ -18,37 +18,34 @@ from rich.table import Table
 
 from maestro_pipelines.automation_cli import automation_app
 from maestro_pipelines.objectives import RPO_TARGET
-from maestro_pipelines.automation_cli import automation_app
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.formatting import human_bytes
 from maestro_pipelines.settings import load_settings
 
 app = typer.Typer(
-    help="Maestro: one Dagster graph for an ML platform (training, registry, deployment, backups, DR).",
+    help="Maestro: one Dagster graph for an ML platform: training, registry, deployment, backups and recovery.\n\n"
+    "Every command works without Dagster, configured by environment variables (MAESTRO_HOME, "
+    "MAESTRO_DATABASE_URL, MAESTRO_STORE_URL; none needed for the embedded default). Start with `maestro demo`; "
+    "`maestro COMMAND --help` says more.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
 db_app = typer.Typer(
-    help="The platform database: migrations, status, the embedded server.",
+    help="The platform database: where it is, its migrations, the embedded server.",
     no_args_is_help=True,
 )
 app.add_typer(db_app, name="db")
 tenants_app = typer.Typer(help="Tenants: each one a partition of the ML graph.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
 backup_app = typer.Typer(
-    help="Backups of every Maestro database into the object store (MAESTRO_STORE_URL): run, list, verify, "
-    "retention, monthly archive. Needs no Dagster instance.",
+    help="Back up every Maestro database into the object store, and check what is there.\n\n"
+    "The store is MAESTRO_STORE_URL (default: the store folder in MAESTRO_HOME). Needs no Dagster instance.",
     no_args_is_help=True,
 )
 app.add_typer(backup_app, name="backup")
 backup_app.add_typer(automation_app, name="automation")
-backup_app.add_typer(automation_app, name="automation")
-restore_app = typer.Typer(
-    help="Restore a backup: into scratch databases (default) or, with --confirm, in place of the live ones. "
-    "Needs only MAESTRO_DATABASE_URL (or the embedded default) and MAESTRO_STORE_URL: works when Dagster is down.",
-    invoke_without_command=True,
-)
+restore_app = typer.Typer(invoke_without_command=True)  # its help: the callback's docstring
 app.add_typer(restore_app, name="restore")
 
 # Piped into a file or `less`, rich would draw tables 80 columns wide and crop ids and
@@ -70,7 +67,7 @@ def _print_warnings(warnings: list[str]) -> None:
 
 @db_app.command("upgrade")
 def db_upgrade(
-    revision: str = typer.Option("head", help="Alembic revision to upgrade to."),
+    revision: str = typer.Option("head", metavar="REVISION", help="Alembic revision to upgrade to."),
 ) -> None:
     """Create the platform database if needed and run its migrations up to REVISION."""
     from maestro_pipelines.platform_db.migrate import upgrade
@@ -90,7 +87,7 @@ def db_upgrade(
 def db_downgrade(
     revision: str = typer.Argument(..., help="Alembic revision to go back to; `base` removes every Maestro table."),
     confirm: str = typer.Option(
-        "", "--confirm", help="The database's name, to confirm: a downgrade drops tables and their data."
+        "", "--confirm", metavar="DATABASE", help="The database's name, to confirm: a downgrade drops tables and their data."
     ),
 ) -> None:
     """Take the platform database back to REVISION (drops the tables of later revisions)."""
@@ -110,7 +107,12 @@ def db_downgrade(
 def db_status(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (for scripts)."),
 ) -> None:
-    """Server version, where the data lives, current migration and table sizes."""
+    """Server version, where the data lives, current migration and table sizes.
+
+    Examples:
+
+        maestro db status
+        maestro db status --json"""
     from maestro_pipelines.platform_db.status import database_status
 
     status = database_status(_location())
@@ -390,45 +392,11 @@ def _store():
     return open_store(settings.store_url, "MAESTRO_STORE_URL")
 
 
-class _ByteProgress:
-    """A rich progress bar per database, fed by the backup library's progress callback."""
+def _progress(verb: str, keep: bool = True):
+    """Progress on stderr: bars on a terminal, one line per step without (cli_progress.py)."""
+    from maestro_pipelines.cli_progress import CommandProgress
 
-    def __init__(self, verb: str):
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TransferSpeedColumn,
-        )
-
-        self.verb = verb
-        self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeElapsedColumn(), console=err, transient=False,
-        )
-        self.tasks: dict[str, int] = {}
-        self.started = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc) if self.started else None
-
-    def __call__(self, label: str, done: int, expected: int | None) -> None:
-        # Shown from the first progress on: a command refused before any work draws nothing
-        # (an empty bar leaves a blank line above its one error line).
-        if not self.started:
-            self.bar.__enter__()
-            self.started = True
-        task = self.tasks.get(label)
-        if task is None:
-            task = self.tasks[label] = self.bar.add_task(f"{self.verb} {label}", total=expected)
-        # The database's size is only an estimate of the dump's: never let the bar pass it.
-        total = max(expected or 0, done) or None
-        self.bar.update(task, completed=done, total=total)
+    return CommandProgress(err, verb, keep)
 
 
 def _entry_row(entry, now) -> dict:
@@ -467,13 +435,23 @@ def _print_report(report) -> None:
 @backup_app.command("run")
 def backup_run(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify the backup once it is written."),
-    level: int = typer.Option(None, help="zstd compression level (default: the library's measured choice)."),
+    level: int = typer.Option(None, metavar="LEVEL", help="zstd compression level (default: the library's measured choice)."),
     checksums: bool = typer.Option(
         True, "--checksums/--no-checksums", help="Per-table content checksums in the dump's snapshot."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON (for scripts)."),
 ) -> None:
-    """Back up every Maestro database (platform, MLflow, Dagster's when on PostgreSQL) into the store."""
+    """Back up every Maestro database (platform, MLflow, Dagster's when on PostgreSQL) into the store.
+
+    Each database is dumped from one snapshot, compressed, checksummed and uploaded; the
+    manifest, written last, is what makes the backup exist. Then every object is read back
+    (--no-verify skips it; an unverified backup is no restore point).
+
+    Examples:
+
+        maestro backup run
+        maestro backup run --json
+        MAESTRO_STORE_URL=s3://bucket/maestro maestro backup run"""
     from maestro_pipelines.backup import BackupOptions, backup_targets, create_backup, verify_backup
 
     options = BackupOptions(content_checksums=checksums)  # refuses a bad --level before anything is opened
@@ -484,11 +462,11 @@ def backup_run(
     targets, notes = backup_targets(settings)
     for note in notes:
         err.print(f"note: {note}", highlight=False)
-    with _ByteProgress("dump") as progress:
+    with _progress("dump") as progress:
         manifest = create_backup(store, targets, options, progress=progress, notes=notes)
     report = None
     if verify:
-        with _ByteProgress("verify") as progress:
+        with _progress("verify") as progress:
             report = verify_backup(store, manifest.backup_id, progress=progress)
     if as_json:
         summary = {
@@ -721,7 +699,7 @@ def backup_verify(
         if not entries:
             raise BackupNotFound(f"There is no backup in the store at {store.url}", "Run `maestro backup run` first")
         backup_id = entries[-1].backup_id
-    with _ByteProgress("verify") as progress:
+    with _progress("verify") as progress:
         report = verify_backup(store, backup_id, month=month, progress=progress)
     if as_json:
         out.print_json(json.dumps({"id": report.backup_id, "ok": report.ok, "problems": report.problems,
@@ -800,20 +778,33 @@ def _steps_table(title: str, steps) -> Table:
 @restore_app.callback()
 def restore(
     ctx: typer.Context,
-    backup: str = typer.Option("latest", help="Backup id, or `latest`: the latest verified backup (`newest` is accepted too)."),
-    before: str = typer.Option(None, help="Instead: the latest verified backup taken before this time (ISO 8601, UTC if no zone)."),
-    target: str = typer.Option("scratch", help="`scratch`: next to the live databases; `live`: in their place."),
+    backup: str = typer.Option("latest", metavar="ID", help="Backup id, or `latest`: the latest verified backup (`newest` is accepted too)."),
+    before: str = typer.Option(None, metavar="TIME", help="Instead: the latest verified backup taken before this time (ISO 8601, UTC if no zone)."),
+    target: str = typer.Option("scratch", metavar="scratch|live", help="`scratch`: next to the live databases; `live`: in their place."),
     confirm: str = typer.Option(
-        None, "--confirm",
+        None, "--confirm", metavar="DATABASE",
         help="Required with --target live: the platform database's name (or, when --databases leaves the platform "
              "database out, the first database restored, e.g. Dagster's).",
     ),
-    databases: str = typer.Option(None, help="Comma-separated roles to restore (platform,mlflow,dagster); default all."),
-    jobs: int = typer.Option(2, help="pg_restore parallel jobs."),
+    databases: str = typer.Option(None, metavar="ROLES", help="Comma-separated roles to restore (platform,mlflow,dagster); default all."),
+    jobs: int = typer.Option(2, metavar="N", help="pg_restore parallel jobs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
 ) -> None:
-    """Restore a backup: every object is checked before any database is touched; a live restore
-    swaps the verified copy into place and keeps the old database until `maestro restore cleanup`."""
+    """Restore a backup into scratch databases (default), or in place of the live ones.
+
+    Every object of the backup is checked before any database is touched; each database is
+    restored next to the live one and compared with the backup (row counts, checksums). A live
+    restore (--target live --confirm DATABASE) then swaps the verified copies into place in one
+    step and keeps the old databases until `maestro restore cleanup`. Needs only the databases
+    and MAESTRO_STORE_URL: works when Dagster is down.
+
+    Examples:
+
+        maestro restore
+        maestro restore --before 2026-11-26T14:00:00Z
+        maestro restore --backup 20261126T020000Z-3f2a1b --databases platform
+        maestro restore --target live --confirm maestro
+        maestro restore cleanup --dry-run"""
     if ctx.invoked_subcommand is not None:
         return
     from datetime import datetime, timezone
@@ -835,10 +826,10 @@ def restore(
     entry = resolve_restore_point(store, backup, before=moment, log=lambda message: err.print(message, highlight=False, soft_wrap=True))
     destinations, _notes = _destinations()
     # restore_backup says "restoring ... into ..." itself, once its refusals are behind it.
-    with _ByteProgress("download") as progress:
+    with _progress("download", keep=False) as progress:
         report = restore_backup(
             store, entry, destinations, target=target, confirm=confirm, roles=roles, jobs=jobs, progress=progress,
-            log=lambda message: err.print(message, highlight=False),
+            log=lambda message: err.print(message, highlight=False, soft_wrap=True), phases=progress.phase,
         )
     if as_json:
         out.print_json(json.dumps({
@@ -962,18 +953,28 @@ app.add_typer(drill_app, name="drill")
 @drill_app.callback()
 def drill(
     ctx: typer.Context,
-    rto_minutes: float = typer.Option(15, help="RTO target: restore to verified within this many minutes."),
-    rpo_hours: float = typer.Option(RPO_TARGET.total_seconds() / 3600,
+    rto_minutes: float = typer.Option(15, metavar="MINUTES", help="RTO target: restore to verified within this many minutes."),
+    rpo_hours: float = typer.Option(RPO_TARGET.total_seconds() / 3600, metavar="HOURS",
                                     help="RPO target: the latest verified backup at most this old."),
-    backup: str = typer.Option("latest", help="Backup to drill with: an id, or `latest`, the latest verified "
+    backup: str = typer.Option("latest", metavar="ID", help="Backup to drill with: an id, or `latest`, the latest verified "
                                               "(`newest` is accepted too)."),
-    jobs: int = typer.Option(2, help="pg_restore parallel jobs."),
+    jobs: int = typer.Option(2, metavar="N", help="pg_restore parallel jobs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
 ) -> None:
-    """Disaster-recovery drill without Dagster: restore into scratch databases, verify counts,
-    checksums and indexes (amcheck), resolve MLflow's production aliases, measure RTO and RPO,
-    drop the scratch databases. Exits 1 when the drill fails. Every drill is recorded in the
-    store (drills/), where `maestro drill list` and the dr_drill asset's history read it."""
+    """Disaster-recovery drill: restore the latest verified backup into scratch databases, prove it, time it.
+
+    Without Dagster: restores into scratch databases, verifies row counts, checksums and
+    indexes (amcheck), resolves MLflow's production aliases through MLflow's own client,
+    measures RTO and RPO against their targets, and drops the scratch databases. Exits 1 when
+    the drill fails. Every drill is recorded in the store (drills/), where `maestro drill list`
+    and the dr_drill asset's history read it.
+
+    Examples:
+
+        maestro drill
+        maestro drill --rto-minutes 5 --json
+        maestro drill --backup 20261126T020000Z-3f2a1b
+        maestro drill list"""
     if ctx.invoked_subcommand is not None:
         return
     from maestro_pipelines.backup import run_drill
@@ -983,11 +984,11 @@ def drill(
     rto_target, rpo_target = drill_targets(rto_minutes, rpo_hours)
     check_restore_request(SCRATCH, None, jobs)
     destinations, _notes = _destinations()
-    with _ByteProgress("download") as progress:
+    with _progress("download", keep=False) as progress:
         report = run_drill(
             _store(), destinations, rto_target, rpo_target, jobs=jobs,
             progress=progress, log=lambda message: err.print(message, highlight=False, soft_wrap=True), backup=backup,
-            source="cli",
+            source="cli", phases=progress.phase,
         )
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
@@ -1040,6 +1041,31 @@ def drill_list(
         result = "ok" if r.ok else "[red]FAILED[/red]: " + (r.problems[0] if r.problems else "no detail recorded")
         table.add_row(f"{r.started_at:%Y-%m-%d %H:%M:%S}", r.where, r.backup_id or "-", rto, rpo, result)
     out.print(table)
+
+
+mlflow_app = typer.Typer(help="MLflow: its UI on the runs and models Maestro's trainings recorded.", no_args_is_help=True)
+app.add_typer(mlflow_app, name="mlflow")
+
+
+@mlflow_app.command("ui")
+def mlflow_ui(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback: only this machine)."),
+    port: int = typer.Option(5000, min=1, max=65535, help="Port to listen on."),
+) -> None:
+    """Serve the MLflow UI on Maestro's MLflow database (the embedded one too) until Ctrl-C.
+
+    Example: maestro mlflow ui --port 5000, then open http://127.0.0.1:5000. Set
+    MAESTRO_MLFLOW_UI_URL=http://127.0.0.1:5000 where Dagster runs, and the ML assets link to
+    their MLflow runs and model versions.
+    """
+    from maestro_pipelines.ml.ui_server import mlflow_backend, serve_mlflow_ui
+
+    backend = mlflow_backend(load_settings())
+    out.print(f"MLflow UI on {backend.where}: http://{host}:{port} (Ctrl-C stops it)", highlight=False, soft_wrap=True)
+    out.print(f"for links from Dagster: export MAESTRO_MLFLOW_UI_URL=http://{host}:{port}", highlight=False, soft_wrap=True)
+    code = serve_mlflow_ui(backend, host, port)
+    if code != 0:
+        raise MaestroError(f"mlflow server exited with code {code}", f"Read its output above; is port {port} free?")
 
 
 @app.command("demo")

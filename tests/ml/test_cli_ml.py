@@ -72,3 +72,65 @@ def test_demo_on_the_embedded_default_trains_every_tenant(tmp_path):
         assert len(latest("model_statistics")["rows"].value.records) == 2
         assert "data:image/png;base64," in latest("platform_summary")["chart"].value
         assert latest("slow_queries")["available"].value is True
+
+
+def test_mlflow_ui_serves_the_embedded_defaults_experiments(tmp_path):
+    """The README's `maestro mlflow ui` on the embedded default: MLflow's own UI and API answer
+    on the port given, with the tenant's experiment and registered model; the backend's URI is
+    in no process's arguments; SIGTERM stops the server with the command."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    import psutil
+
+    from maestro_pipelines.ml.registry import ModelRegistry, registry_name
+    from maestro_pipelines.platform_db.embedded import EmbeddedPostgres
+    from maestro_pipelines.resources.mlflow import embedded_tracking_uri
+    from maestro_pipelines.settings import Settings
+
+    from ..services import free_port, wait_for_port
+    from ..test_cli import MAESTRO
+
+    home = tmp_path / "home"
+    settings = Settings(home=home, database_url=None)
+    tracking_uri = embedded_tracking_uri(settings)  # what a training on the embedded default writes to
+    registry = ModelRegistry(tracking_uri, (tmp_path / "artifacts").as_uri())
+    experiment_id = registry.experiment_id("acme")
+    registry.client.create_registered_model(registry_name("acme"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAESTRO_", "MLFLOW_"))}
+    log = (tmp_path / "ui.log").open("w")
+    ui = subprocess.Popen([MAESTRO, "mlflow", "ui", "--port", str(port)], env={**env, "MAESTRO_HOME": str(home)},
+                          cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, ui, tmp_path / "ui.log", deadline_s=90)
+
+        def get(path: str) -> dict:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+                return json.loads(response.read())
+
+        experiments = get("/api/2.0/mlflow/experiments/search?max_results=100")["experiments"]
+        assert {e["name"]: e["experiment_id"] for e in experiments}[registry_name("acme")] == experiment_id
+        assert get(f"/api/2.0/mlflow/registered-models/get?name={registry_name('acme')}")["registered_model"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
+            assert b"<title>MLflow" in page.read()
+        for process in [psutil.Process(ui.pid), *psutil.Process(ui.pid).children(recursive=True)]:
+            assert not any("postgresql" in arg for arg in process.cmdline()), process.cmdline()
+        printed = (tmp_path / "ui.log").read_text()
+        assert f"http://127.0.0.1:{port}" in printed and "MAESTRO_MLFLOW_UI_URL" in printed
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=60)
+        log.close()
+        EmbeddedPostgres(home).stop()
+    deadline = time.monotonic() + 30
+    while True:  # the server went with the command
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "the MLflow server outlived `maestro mlflow ui`"
+        time.sleep(0.2)
