@@ -125,6 +125,14 @@ def test_latest_and_the_drill_skip_backups_damaged_after_verification(pg18, plat
     rows = {i: next(line for line in table.splitlines() if i in line) for i in ids}
     assert [("BAD" in rows[i]) for i in ids] == [False, True, True, True, True], table
     assert "yes" in rows[good]
+    # `backup info` puts it in one line: the latest backup is BAD, the restore falls back to `good`.
+    info = run_maestro("backup", "info", "--json", env=env)
+    assert info.returncode == 2, info.stderr
+    report = json.loads(info.stdout)
+    assert report["status"] == "error" and report["latest"]["id"] == good and report["restorable"] == 1
+    assert [r["message"].split(":")[0] for r in report["reasons"]] == ["latest backup BAD", "BAD backups"]
+    assert f"`maestro restore` takes {good}" in report["reasons"][0]["hint"]
+    assert report["reasons"][1]["message"].startswith("BAD backups: 3 older backups cannot be restored")
 
     restored = run_ok("restore", "--backup", "latest", "--json", env=env)
     assert json.loads(restored.stdout)["backup_id"] == good
