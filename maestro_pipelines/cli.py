@@ -598,11 +598,14 @@ def backup_info_command(
 def _print_info(info) -> None:
     from maestro_pipelines.formatting import human_duration
 
+    from rich.markup import escape
+
     def line(key: str, value: str) -> None:
-        out.print(f"{key:<12}{value}", highlight=False, soft_wrap=True)
+        # Not markup: a store's error may hold brackets (`[Errno 2]`, a path).
+        out.print(f"{key:<12}{value}", highlight=False, soft_wrap=True, markup=False)
 
     colour = {"ok": "green", "warning": "yellow", "error": "red"}[info.status]
-    out.print(f"{'status':<12}[{colour}]{info.status_line()}[/{colour}]", highlight=False, soft_wrap=True)
+    out.print(f"{'status':<12}[{colour}]{escape(info.status_line())}[/{colour}]", highlight=False, soft_wrap=True)
     for finding in info.findings:
         line("", f"{finding.level}: {finding.message}")
         if finding.hint:
@@ -641,7 +644,7 @@ def _print_automation(info) -> None:
         said = ["backup schedules and the RPO sensor start running (MAESTRO_DATABASE_URL is set); one",
                 "stopped in the Dagster UI stays stopped"]
     for key, value in zip(("automation", ""), said):
-        out.print(f"{key:<12}{value}", highlight=False, soft_wrap=True)
+        out.print(f"{key:<12}{value}", highlight=False, soft_wrap=True, markup=False)
 
 
 def _info_backup(info, entry) -> str:

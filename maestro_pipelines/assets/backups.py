@@ -265,13 +265,11 @@ def _backup_metadata(manifest, object_store, rpo_s: Optional[float]) -> dict:
         "backup_id": dg.MetadataValue.text(manifest.backup_id),
         "location": dg.MetadataValue.text(f"{object_store.url.rstrip('/')}/backups/{manifest.backup_id}"),
         "databases": dg.MetadataValue.text(", ".join(d.role for d in manifest.databases)),
-        # Numbers Dagster plots over the materializations (the Plots tab): MB, not bytes, to read
-        # them on the axis.
+        # Every number here is a plot over the materializations (Metadata -> Plots): only numbers
+        # worth a plot, sizes in MB to read them on the axis (the exact bytes are in the manifest).
         "stored_mb": dg.MetadataValue.float(round(manifest.stored_bytes / MiB, 3)),
         "dump_mb": dg.MetadataValue.float(round(manifest.dump_bytes / MiB, 3)),
         "duration_s": dg.MetadataValue.float(round(manifest.duration_s, 2)),
-        "stored_bytes": dg.MetadataValue.int(manifest.stored_bytes),
-        "dump_bytes": dg.MetadataValue.int(manifest.dump_bytes),
         "compression_ratio": dg.MetadataValue.float(
             round(manifest.dump_bytes / manifest.compressed_bytes, 2) if manifest.compressed_bytes else 0.0
         ),
@@ -282,7 +280,7 @@ def _backup_metadata(manifest, object_store, rpo_s: Optional[float]) -> dict:
         "dagster/row_count": dg.MetadataValue.int(sum(d.rows for d in manifest.databases)),
         "per_database": _database_table(manifest),
         "largest_tables": dg.MetadataValue.md(_largest_tables(manifest)),
-        "artifacts": dg.MetadataValue.int(manifest.artifacts.count if manifest.artifacts else 0),
+        "artifacts": dg.MetadataValue.text(f"{manifest.artifacts.count if manifest.artifacts else 0} MLflow artifact files"),
         "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in manifest.notes) or "none"),
     }
     if rpo_s is not None:  # the first backup closed no gap: left out rather than plotted as 0
@@ -405,7 +403,7 @@ def database_backup(
         **_backup_metadata(manifest, object_store, closed_rpo_s(object_store, manifest)),
         "verified": dg.MetadataValue.bool(report.ok),
         "verification": check["metadata"]["verification"],
-        "verify_duration_s": dg.MetadataValue.float(report.duration_s),
+        "verify_duration_s": dg.MetadataValue.float(round(report.duration_s, 2)),
     }
     # The backup is recorded either way, with its check: a failed one is in the history as such.
     yield dg.MaterializeResult(

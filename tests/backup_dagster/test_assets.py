@@ -47,8 +47,7 @@ def test_nightly_backup_materializes_a_verified_backup_with_metadata(backup_env)
     assert newest is not None and newest.backup_id == metadata["backup_id"].value
     assert metadata["verified"].value is True and metadata["verification"].value.startswith("ok")
     assert metadata["databases"].value == "platform, mlflow"
-    assert metadata["dump_bytes"].value == newest.manifest.dump_bytes > 0
-    assert metadata["stored_bytes"].value == newest.stored_bytes > 0
+    assert newest.manifest.dump_bytes > 0 and newest.stored_bytes > 0
     assert metadata["stored_mb"].value == pytest.approx(newest.stored_bytes / 2**20, abs=0.001)
     assert metadata["dump_mb"].value == pytest.approx(newest.manifest.dump_bytes / 2**20, abs=0.001)
     assert "rpo_closed_h" not in metadata, "the first backup closed no gap: left out, not plotted as 0"
