@@ -100,6 +100,55 @@ class RestoreStep:
 
 
 @dataclass
+class Phase:
+    """A step of a restore or drill as it happens, for a progress display: sent when the step
+    starts (done 0), as it advances (done of total units, the item it is on), and once when it
+    ends (finished, with its seconds and detail, as in the report's steps)."""
+
+    name: str
+    done: int = 0
+    total: int | None = None
+    """None: how much there is to do is not known (a spinner, not a bar)."""
+    unit: str = ""
+    current: str = ""
+    finished: bool = False
+    seconds: float = 0.0
+    detail: str = ""
+
+
+PhaseProgress = Callable[[Phase], None]
+
+
+class PhaseLog:
+    """Phases as lines to `log` (a Dagster run's log, a console without a terminal): one when a
+    step ends, `name: detail (seconds)`; with `milestones`, also where a long counted step is
+    (`pg_restore platform: 1,200 of 4,000 entries, on TABLE DATA ...`) at each further tenth,
+    at most every MILESTONE_SECONDS: an hour-long pg_restore says where it is, a short one not."""
+
+    MILESTONE_SECONDS = 10.0
+
+    def __init__(self, log: Callable[[str], None], milestones: bool = False):
+        self.log, self.milestones = log, milestones
+        self.said: dict[str, tuple[int, float]] = {}
+        """step -> (tenth last said, when): from the step's start."""
+
+    def __call__(self, phase: Phase) -> None:
+        if phase.finished:
+            self.said.pop(phase.name, None)
+            self.log(f"{phase.name}: {phase.detail or 'done'} ({phase.seconds:.1f} s)")
+            return
+        now = time.monotonic()
+        tenth, when = self.said.setdefault(phase.name, (0, now))
+        if not (self.milestones and phase.total) or now - when < self.MILESTONE_SECONDS:
+            return
+        reached = phase.done * 10 // phase.total
+        if tenth < reached < 10:
+            self.said[phase.name] = (reached, now)
+            on = f", on {phase.current}" if phase.current else ""
+            self.log(f"{phase.name}: {phase.done:,} of {phase.total:,} {phase.unit}{on}")
+
+
+@dataclass
 class DatabaseRestore:
     role: str
     live: str
@@ -377,10 +426,17 @@ def _dispose_engines() -> None:
     dispose_engines()
 
 
-def _timed(report: RestoreReport, name: str, fn: Callable[[], str | None]):
+def _timed(report, name: str, fn: Callable[[], str | None], phases: PhaseProgress | None = None):
+    """Run one step into `report.steps` (a RestoreReport or DrillReport), telling `phases` when it
+    starts and ends."""
     started = time.monotonic()
+    if phases is not None:
+        phases(Phase(name))
     detail = fn()
-    report.steps.append(RestoreStep(name, time.monotonic() - started, detail or ""))
+    step = RestoreStep(name, time.monotonic() - started, detail or "")
+    report.steps.append(step)
+    if phases is not None:
+        phases(Phase(name, finished=True, seconds=step.seconds, detail=step.detail))
 
 
 def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, path: Path,
@@ -436,9 +492,9 @@ def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, pa
         progress(label, written, dump.dump_bytes)
 
 
-def _restore_list(path: Path, env: dict[str, str]) -> tuple[Path | None, list[str]]:
-    """A `pg_restore --use-list` file without OPTIONAL_EXTENSIONS, and the extensions left
-    out; (None, []) when the dump holds none of them."""
+def _restore_list(path: Path, env: dict[str, str]) -> tuple[Path | None, list[str], int]:
+    """A `pg_restore --use-list` file without OPTIONAL_EXTENSIONS, the extensions left out
+    and the number of entries to restore; (None, [], entries) when the dump holds none of them."""
     listed = run_tethered([program("pg_restore"), "--list", str(path)], env)
     if listed.returncode != 0:
         raise RestoreError(
@@ -452,11 +508,12 @@ def _restore_list(path: Path, env: dict[str, str]) -> tuple[Path | None, list[st
             left_out.add(match.group("name"))
             continue
         kept.append(line)
+    entries = sum(1 for line in kept if line.strip() and not line.startswith(";"))
     if not left_out:
-        return None, []
+        return None, [], entries
     list_path = path.with_suffix(".list")
     list_path.write_text("\n".join(kept) + "\n")
-    return list_path, sorted(left_out)
+    return list_path, sorted(left_out), entries
 
 
 def _create_optional_extensions(url: URL, extensions: list[str]) -> list[str]:
@@ -476,19 +533,60 @@ def _create_optional_extensions(url: URL, extensions: list[str]) -> list[str]:
     return notes
 
 
-def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int) -> list[str]:
+# pg_restore --verbose says what it does, one line per table of contents entry: serially
+# (-j 1, and the schema before the parallel part) `creating TABLE "public.t"`, `processing data
+# for table "public.t"`, `executing SEQUENCE SET ...`; in parallel mode `processing item 225
+# TABLE t` (serial part), `launching item 3160 TABLE DATA t` and `finished item 3160 ...`.
+_ENTRY_DONE_PARALLEL = re.compile(r"^pg_restore: (?:processing|finished) item (?P<id>\d+) (?P<what>.*)$")
+_ENTRY_LAUNCHED = re.compile(r"^pg_restore: launching item \d+ (?P<what>.*)$")
+_ENTRY_DONE_SERIAL = re.compile(r"^pg_restore: (?:creating|processing data for table|executing) (?P<what>.*)$")
+
+
+class _EntryCounter:
+    """pg_restore --verbose's stderr lines -> entries done of the --list count, the item it is on."""
+
+    def __init__(self, total: int, parallel: bool, on_count: Callable[[int, int, str], None]):
+        self.total, self.parallel, self.on_count = total, parallel, on_count
+        self.done_ids: set[str] = set()
+        self.done = 0
+
+    def __call__(self, line: str) -> None:
+        if self.parallel:
+            match = _ENTRY_DONE_PARALLEL.match(line) or _ENTRY_LAUNCHED.match(line)
+            if match is None:
+                return
+            if "id" in match.groupdict():
+                self.done_ids.add(match.group("id"))
+            self.done = len(self.done_ids)
+        else:
+            match = _ENTRY_DONE_SERIAL.match(line)
+            if match is None:
+                return
+            self.done += 1
+        # A few entries (ENCODING, SEARCHPATH) are said but not listed: never past the total.
+        self.on_count(min(self.done, self.total), self.total, match.group("what").replace('"', ""))
+
+
+def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int,
+                   on_count: Callable[[int, int, str], None] | None = None) -> list[str]:
     """pg_restore -j into `url`'s (empty) database; any error but the known harmless one fails.
+    `on_count(done, total, current)` follows its table of contents entries as they are restored.
     Returns notes (optional extensions that could not be recreated)."""
     env = libpq_environment(url, "maestro-restore")
-    list_path, optional = _restore_list(path, env)
+    list_path, optional, entries = _restore_list(path, env)
     command = [
         program("pg_restore"), "--no-owner", "--no-privileges", f"--jobs={max(1, jobs)}",
         f"--dbname={url.database}", "--no-password", str(path),
     ]
     if list_path is not None:
         command.insert(-1, f"--use-list={list_path}")
+    counter = None
+    if on_count is not None:
+        command.insert(1, "--verbose")
+        counter = _EntryCounter(entries, jobs > 1, on_count)
+        on_count(0, entries, "")
     # Tethered: if this process is killed, pg_restore and its -j workers die with it.
-    result = run_tethered(command, env)
+    result = run_tethered(command, env, on_stderr_line=counter)
     errors = [
         line for line in result.stderr.splitlines()
         if line.startswith("pg_restore: error:") and not (
@@ -645,8 +743,10 @@ def restore_backup(
     progress: Progress | None = None,
     upgrade_platform: bool = True,
     log: Callable[[str], None] | None = None,
+    phases: PhaseProgress | None = None,
 ) -> RestoreReport:
     """Restore `entry` into the servers of `destinations` (role -> the live database's URL).
+    `progress` follows the download's bytes, `phases` every step from the download on.
 
     target `scratch` (default): restored databases stay next to the live ones as
     `<live>_restore_<stamp>` (report.databases[i].restored_as). target `live`: swapped into
@@ -721,30 +821,39 @@ def restore_backup(
             files: dict[str, Path] = {}
 
             def download() -> str:
-                total = 0
+                stored = dumped = 0
                 for dump, _dest in plans:
                     path = folder / f"{dump.role}.dump"
                     download_dump(store, entry, dump, path, progress)
                     files[dump.role] = path
-                    total += dump.compressed_bytes
-                return f"{len(plans)} dumps, {total / MiB:,.1f} MiB read, sha256 and sizes match the manifest"
+                    stored, dumped = stored + dump.compressed_bytes, dumped + dump.dump_bytes
+                return (f"{len(plans)} dumps, {human_bytes(stored)} read ({human_bytes(dumped)} decompressed), "
+                        "sha256 and sizes match the manifest")
 
             say(f"downloading backup {entry.backup_id} (every object checked before any database is touched)")
-            _timed(report, "download and check", download)
+            _timed(report, "download and check", download, phases)
 
             for (dump, dest), result in zip(plans, report.databases):
                 restored_url = dest.url.set(database=result.restored_as)
                 server_version = _server_version(dest.url, dest.source)
 
-                def restore_one() -> str:
+                def restore_one(name: str = f"pg_restore {dump.role}") -> str:
                     _create_database(dest.url, result.restored_as, dest.source)
                     created.append((dest.url, result.restored_as, dest.source))
-                    notes = run_pg_restore(restored_url, files[dump.role], jobs, server_version)
+                    entries: list[int] = []
+
+                    def on_count(done: int, total: int, current: str) -> None:
+                        entries[:] = [total]
+                        phases(Phase(name, done, total, "entries", current))
+
+                    notes = run_pg_restore(restored_url, files[dump.role], jobs, server_version,
+                                           on_count if phases is not None else None)
                     report.notes.extend(f"{dump.role}: {note}" for note in notes)
-                    return f"{result.restored_as} at {where(dest.url)}"
+                    counted = f"{entries[0]:,} entries into " if entries else ""
+                    return f"{counted}{where(restored_url)}"
 
                 say(f"restoring {dump.role} into {result.restored_as} (pg_restore -j {jobs})")
-                _timed(report, f"pg_restore {dump.role}", restore_one)
+                _timed(report, f"pg_restore {dump.role}", restore_one, phases)
 
                 def verify_one() -> str:
                     conn = psycopg_connect(restored_url, options=CHECKSUM_SESSION_OPTIONS, source=dest.source)
@@ -759,7 +868,7 @@ def restore_backup(
                         "equal to the manifest" if not result.problems else f"{len(result.problems)} differences"
                     )
 
-                _timed(report, f"verify {dump.role}", verify_one)
+                _timed(report, f"verify {dump.role}", verify_one, phases)
                 if result.problems:
                     raise RestoreError(
                         f"The restored {dump.role} database does not match backup {entry.backup_id}: "
@@ -774,7 +883,7 @@ def restore_backup(
                         outcome = upgrade(DatabaseLocation(platform_url=restored_url, source=dest.source))
                         return f"{outcome.before} -> {outcome.after}"
 
-                    _timed(report, "migrations (platform)", migrate)
+                    _timed(report, "migrations (platform)", migrate, phases)
                 result.url = restored_url
 
             def artifacts() -> str:
@@ -783,7 +892,7 @@ def restore_backup(
                     return f"{len(report.missing_artifacts)} of {report.artifacts_checked} model artifacts missing"
                 return f"all {report.artifacts_checked} model artifacts present"
 
-            _timed(report, "artifacts", artifacts)
+            _timed(report, "artifacts", artifacts, phases)
 
             if target == LIVE:
                 def swap() -> str:
@@ -802,7 +911,7 @@ def restore_backup(
                 # From here on the verified copies are kept whatever happens: a failed swap's
                 # message points to them.
                 swapping = True
-                _timed(report, "swap", swap)
+                _timed(report, "swap", swap, phases)
     except BaseException:
         if not swapping:
             for url, name, source in created:

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
 
@@ -32,13 +33,18 @@ def tethered_command(command: list[str]) -> list[str]:
     return [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()), *command]
 
 
-def run_tethered(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+def run_tethered(command: list[str], env: dict[str, str],
+                 on_stderr_line: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
     """subprocess.run(tethered_command(command), capture_output=True, text=True), and if this
-    process stops waiting (Ctrl-C, an exception) the whole group is killed, not the tether alone."""
+    process stops waiting (Ctrl-C, an exception) the whole group is killed, not the tether alone.
+    `on_stderr_line` sees each line of stderr as it comes (pg_restore --verbose: progress)."""
     process = subprocess.Popen(tethered_command(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
-        stdout, stderr = process.communicate()
+        if on_stderr_line is None:
+            stdout, stderr = process.communicate()
+        else:
+            stdout, stderr = _communicate_by_line(process, on_stderr_line)
     except BaseException:
         try:
             os.killpg(process.pid, signal.SIGKILL)  # the tether leads its own group
@@ -47,6 +53,23 @@ def run_tethered(command: list[str], env: dict[str, str]) -> subprocess.Complete
         process.wait()
         raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _communicate_by_line(process: subprocess.Popen, on_line: Callable[[str], None]) -> tuple[str, str]:
+    """communicate(), stderr read line by line here while a thread drains stdout (a full
+    stdout pipe would otherwise stall the program)."""
+    import threading
+
+    chunks: list[str] = []
+    drain = threading.Thread(target=lambda: chunks.append(process.stdout.read()), daemon=True)
+    drain.start()
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        on_line(line.rstrip("\n"))
+    drain.join()
+    process.wait()
+    return "".join(chunks), "".join(lines)
 
 
 def _die_with_parent(parent: int) -> None:

@@ -184,14 +184,22 @@ def _databases_table(report) -> dg.MetadataValue:
     )
 
 
-def _where_now(report) -> str:
+def _where_now(report, markdown: bool = True) -> str:
+    """Where each database is now: markdown for the metadata (Dagster renders it), plain text
+    for the run's log (shown as written)."""
+    def role(name: str) -> str:
+        return f"**{name}**" if markdown else name
+
+    def db(name: str) -> str:
+        return f"`{name}`" if markdown else name
+
     lines = []
     for d in report.databases:
         if d.restored_as == d.live and report.target == "live":
-            line = f"- **{d.role}**: swapped into place as `{d.live}`"
-            line += f"; the old one is kept as `{d.kept_as}`" if d.kept_as else " (there was no live database)"
+            line = f"- {role(d.role)}: swapped into place as {db(d.live)}"
+            line += f"; the old one is kept as {db(d.kept_as)}" if d.kept_as else " (there was no live database)"
         else:
-            line = f"- **{d.role}**: restored into `{d.restored_as}` (the live `{d.live}` is untouched)"
+            line = f"- {role(d.role)}: restored into {db(d.restored_as)} (the live {db(d.live)} is untouched)"
         lines.append(line + f", {d.tables} tables, {d.rows:,} rows equal to the backup")
     return "\n".join(lines)
 
@@ -207,6 +215,7 @@ def restore_from_backup(
 ):
     """Restore a backup into scratch databases (default) or in place of the live ones."""
     from maestro_pipelines.backup import RestoreRefused, resolve_restore_point, restore_backup
+    from maestro_pipelines.backup.restore import PhaseLog
     from maestro_pipelines.backup.catalog import is_latest
 
     before = parse_before(config.before)
@@ -234,12 +243,12 @@ def restore_from_backup(
         jobs=config.jobs,
         progress=_ProgressLog(context.log, "download"),
         log=context.log.info,
+        phases=PhaseLog(context.log.info, milestones=True),  # each step logged as it ends
     )
     # From here on the restore is done (and, live, swapped): report only.
-    for step in report.steps:
-        context.log.info(f"{step.name}: {step.seconds:.2f} s {step.detail}".rstrip())
     where_now = _where_now(report)
-    context.log.info(f"Restore of backup {report.backup_id} done in {report.duration_s:.1f} s:\n{where_now}")
+    context.log.info(f"Restore of backup {report.backup_id} done in {report.duration_s:.1f} s:\n"
+                     f"{_where_now(report, markdown=False)}")
     if report.missing_artifacts:
         context.log.warning(
             f"{len(report.missing_artifacts)} of {report.artifacts_checked} model artifacts listed in the backup are "

@@ -41,9 +41,12 @@ def redact(url: URL) -> str:
 
 
 def describe(url: URL) -> str:
-    """Where a URL points, for humans: `host:port/database` or the socket folder."""
+    """Where a URL points, for humans, never with a password: `host:port/database`, or for a
+    unix socket `database on socket /folder`: the folder is real (`/folder/database` is not)."""
     host = url.host or url.query.get("host") or "localhost"
     if isinstance(host, tuple):
         host = ",".join(host)
-    where = host if str(host).startswith("/") else f"{host}:{url.port or 5432}"
-    return f"{where}/{url.database}"
+    if str(host).startswith("/"):
+        port = url.port or url.query.get("port")
+        return f"{url.database} on socket {host}" + (f" (port {port})" if port and str(port) != "5432" else "")
+    return f"{host}:{url.port or 5432}/{url.database}"

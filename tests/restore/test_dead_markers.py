@@ -76,9 +76,9 @@ def test_killed_backup_and_restore_block_neither_cleanup_nor_retention(pg18_inst
 
     dry = run_maestro("restore", "cleanup", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
-    assert re.search(rf"would drop {scratch} \(scratch restore of {inst.platform}, [\d.,]+ (kB|MB), [\d.]+ h old\)",
+    assert re.search(rf"would drop {scratch} \(scratch restore of {inst.platform}, [\d.,]+ (KiB|MiB), [\d.]+ h old\)",
                      dry.stdout), dry.stdout
-    assert re.search(rf"kept {kept} \(old live database of {inst.mlflow}, [\d.,]+ (kB|MB), [\d.]+ h old\): "
+    assert re.search(rf"kept {kept} \(old live database of {inst.mlflow}, [\d.,]+ (KiB|MiB), [\d.]+ h old\): "
                      rf"the way back from that restore; drop it with --confirm {inst.platform}", dry.stdout), dry.stdout
     assert scratch in dbs.scalar("postgres", "SELECT string_agg(datname, ',') FROM pg_database")
 
