@@ -623,8 +623,12 @@ def _print_info(info) -> None:
     else:
         judged = "ok" if info.rpo <= info.rpo_target else "MISSED"
         line("RPO", f"{human_duration(info.rpo.total_seconds())} (target {target}): {judged}")
-    line("monthly", ", ".join(f"{e.month} {e.backup_id}{'' if e.verified else ' BAD' if e.bad else ' unverified'}"
-                              for e in info.archives) or "none yet (`maestro backup archive`)")
+    for n, archive in enumerate(info.archives):
+        state = "verified" if archive.verified else "BAD" if archive.bad else "not verified"
+        age = f", data {human_duration(info.age(archive).total_seconds())} old" if archive.manifest else ""
+        line("" if n else "monthly", f"{archive.month}  {archive.backup_id}  {state}{age}")
+    if not info.archives:
+        line("monthly", "none yet (`maestro backup archive`)")
     line("drill", _info_drill(info.drill))
     _print_automation(info)
     for activity in info.running:

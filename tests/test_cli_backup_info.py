@@ -124,6 +124,14 @@ def test_info_through_a_backup_an_unverified_one_and_a_damaged_one(env, store):
     assert row.split("│")[3].strip() == human_bytes(listed["stored_bytes"])
     assert latest["duration_s"] > 0 and latest["databases"] == ["platform"]
     assert report["automation"] == {"stopped_by_default": False, "turn_on": None}
+    assert field(lines, "monthly") == "none yet (`maestro backup archive`)" and report["monthly"] == []
+
+    month = f"{first['id'][:4]}-{first['id'][4:6]}"
+    assert run_maestro("backup", "archive", "--month", month, env=env).returncode == 0
+    lines, report = info(env, 0)
+    assert re.fullmatch(rf"{month}  {first['id']}  verified, data [0-9.]+ s old", field(lines, "monthly")), lines
+    assert [(a["month"], a["id"], a["verified"]) for a in report["monthly"]] == [(month, first["id"], True)]
+    assert report["restorable"] == 2 and report["backups"] == 1
 
     second = backup_run(env, "--no-verify")
     lines, report = info(env, 1)
@@ -143,7 +151,7 @@ def test_info_through_a_backup_an_unverified_one_and_a_damaged_one(env, store):
     assert words(lines[0]) == "status error (latest backup BAD)", lines
     assert f"latest backup BAD: {second['id']}:" in lines[1] and "truncated" in lines[1]
     assert f"`maestro restore` takes {first['id']}" in lines[2]
-    assert report["latest"]["id"] == first["id"] and report["restorable"] == 1
+    assert report["latest"]["id"] == first["id"] and report["restorable"] == 2  # first, and its archive
     assert report["recent"][0]["bad"] is True and "truncated" in report["recent"][0]["problem"]
 
 
