@@ -295,6 +295,60 @@ def test_restore_database_launches_from_the_launchpad_into_scratch(page, dagster
     assert MASK not in prefilled and MASK not in run["runOrError"]["runConfigYaml"]
 
 
+BACKUP_HISTORY_QUERY = """
+{ assetOrError(assetKey: {path: ["database_backup"]}) { __typename ... on Asset {
+    assetMaterializations { runId metadataEntries { label ... on TextMetadataEntry { text } } } } } }
+"""
+BACKUP_DEADLINE_S = 300  # one step: pg_dump and verify of a small database, in a subprocess
+ASSET_RUNS_QUERY = "{ runsOrError(limit: 50) { __typename ... on Runs { results { runId assetSelection { path } } } } }"
+
+
+def _asset_run_id(base: str, asset: str) -> str:
+    """The run launched to materialize `asset` (the first one of this instance)."""
+    deadline = time.monotonic() + 60
+    while True:
+        runs = _graphql(base, ASSET_RUNS_QUERY)["runsOrError"].get("results") or []
+        found = [r["runId"] for r in runs if {"path": [asset]} in (r.get("assetSelection") or [])]
+        if found:
+            assert len(found) == 1, f"more than one run of {asset}: {found}"
+            return found[0]
+        assert time.monotonic() < deadline, f"no run materializing {asset} was launched"
+        time.sleep(0.5)
+
+
+def test_the_backup_asset_page_is_the_backup_history_and_materialize_takes_one(page, dagster_ui):
+    """On-call opens database_backup: no partitions, so nothing "missing"; one click on
+    Materialize takes a backup now, the run succeeds, the backup is in the asset's history and
+    its check `verified` passed."""
+    from playwright.sync_api import expect
+
+    base = dagster_ui["base"]
+    page.goto(base + "/assets/database_backup")
+    materialize = page.get_by_role("button", name=re.compile(r"(^|\s)Materialize$"))
+    expect(materialize).to_be_visible()
+    expect(page.get_by_role("tab", name="Checks")).to_be_visible()
+    expect(page.get_by_role("tab", name="Partitions")).to_have_count(0)
+    expect(page.get_by_text(re.compile(r"missing", re.I))).to_have_count(0)
+
+    materialize.click()  # no dialog: the run starts ("Launched run ...")
+    run_id = _asset_run_id(base, "database_backup")
+    _shot(page, dagster_ui, "backup-01-materialize-clicked")
+    page.goto(f"{base}/runs/{run_id}")
+    _wait_for_run_outcome(page, dagster_ui, run_id, BACKUP_DEADLINE_S, "backup-02-run-ended")
+
+    history = _graphql(base, BACKUP_HISTORY_QUERY)["assetOrError"]["assetMaterializations"]
+    (taken,) = [m for m in history if m["runId"] == run_id]
+    backup_id = next(e["text"] for e in taken["metadataEntries"] if e["label"] == "backup_id")
+    assert backup_id != dagster_ui["backup_id"], "a new backup, not the one the CLI took"
+    page.goto(base + "/assets/database_backup?view=events")
+    expect(page.get_by_text(backup_id).first).to_be_visible()
+    _shot(page, dagster_ui, "backup-03-history")
+    page.get_by_role("tab", name="Checks").click()
+    expect(page.get_by_text(f"Backup {backup_id} verified")).to_be_visible()
+    expect(page.get_by_text("Succeeded").first).to_be_visible()
+    _shot(page, dagster_ui, "backup-04-check-verified")
+
+
 def test_one_tenants_ml_graph_materializes_from_the_asset_graph(page, dagster_ui):
     """Lineage -> the `ml` group -> Materialize all -> the tenant's partition -> Launch: the
     run of the whole graph (training to batch predictions) succeeds."""
