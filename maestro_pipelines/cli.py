@@ -423,7 +423,7 @@ def _print_report(report) -> None:
     if report.ok:
         out.print(
             f"backup {report.backup_id} verified: {report.objects} objects, "
-            f"{human_bytes(report.bytes_read)} read, in {report.duration_s:.1f} s",
+            f"{human_bytes(report.bytes_read)} read from the store (compressed), in {report.duration_s:.1f} s",
             highlight=False,
         )
     else:
@@ -691,11 +691,18 @@ def backup_verify(
     backup_id: str = typer.Argument(
         ..., help="A backup id from `maestro backup list`, or `latest`: the latest backup taken, verified or not "
                   "(`newest` is accepted too)."),
-    month: str = typer.Option(None, help="Verify the monthly archive of this month (YYYY-MM) instead."),
+    month: str = typer.Option(None, metavar="MONTH", help="Verify the monthly archive of this month (YYYY-MM) instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
-    """Re-read every object of a backup, check sizes and sha256, read each dump with pg_restore --list.
-    Exits non-zero when anything is wrong."""
+    """Re-read every object of a backup: sizes, sha256, each dump readable by pg_restore --list.
+
+    Exits non-zero when anything is wrong.
+
+    Examples:
+
+        maestro backup verify latest
+        maestro backup verify 20261126T020000Z-3f2a1b --json
+        maestro backup verify latest --month 2026-10"""
     from maestro_pipelines.backup import BackupNotFound, list_backups, verify_backup
     from maestro_pipelines.backup.catalog import is_latest
 
@@ -720,12 +727,18 @@ def backup_verify(
 
 @backup_app.command("retention")
 def backup_retention(
-    daily: int = typer.Option(7, help="Days (with backups) whose latest backup is kept."),
-    monthly: int = typer.Option(12, help="Monthly archives kept."),
+    daily: int = typer.Option(7, metavar="DAYS", help="Days (with backups) whose latest backup is kept."),
+    monthly: int = typer.Option(12, metavar="MONTHS", help="Monthly archives kept."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted, delete nothing."),
 ) -> None:
-    """Delete backups beyond the retention policy (never the latest verified one, never while a
-    backup or restore runs) and leftovers of backups that never finished."""
+    """Delete backups beyond the retention policy, and leftovers of backups that never finished.
+
+    Never the latest verified backup, never while a backup or restore runs.
+
+    Examples:
+
+        maestro backup retention --dry-run
+        maestro backup retention --daily 14 --monthly 12"""
     from maestro_pipelines.backup import RetentionPolicy, apply_retention
 
     try:
@@ -748,7 +761,7 @@ def backup_retention(
 
 @backup_app.command("archive")
 def backup_archive(
-    month: str = typer.Option(None, help="Month to archive, YYYY-MM (default: the previous month)."),
+    month: str = typer.Option(None, metavar="MONTH", help="Month to archive, YYYY-MM (default: the previous month)."),
 ) -> None:
     """Copy (server-side) the latest verified backup of MONTH to the monthly/ prefix."""
     from datetime import timedelta
@@ -870,14 +883,23 @@ def restore(
 def restore_cleanup_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be dropped, drop nothing."),
     confirm: str = typer.Option(
-        None, "--confirm",
+        None, "--confirm", metavar="DATABASE",
         help="The platform database's name: also drop the old live databases (<db>_pre_restore_<time>), "
              "the only way back from a wrong restore.",
     ),
 ) -> None:
-    """List every database restores left on the servers, with size and age, and drop the scratch
-    restores (`<db>_restore_<time>`); the old live databases kept aside (`<db>_pre_restore_<time>`)
-    only with --confirm. Never those of a running or half-done restore."""
+    """Drop the databases restores left: scratch restores, and with --confirm the old live ones.
+
+    Lists every database restores left on the servers, with size and age, and drops the scratch
+    restores (`<db>_restore_<time>`); the old live databases kept aside (`<db>_pre_restore_<time>`,
+    the way back from a wrong restore) only with --confirm. Never those of a running or
+    half-done restore.
+
+    Examples:
+
+        maestro restore cleanup --dry-run
+        maestro restore cleanup
+        maestro restore cleanup --confirm maestro"""
     from maestro_pipelines.backup import restore_cleanup
     from maestro_pipelines.backup.recovery import half_done_swaps
     from maestro_pipelines.backup.restore import raise_for_in_use
@@ -902,8 +924,11 @@ def _print_half_done(found) -> None:
 
 @restore_app.command("status")
 def restore_status(as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts).")) -> None:
-    """Live restores that stopped half way (killed between two swaps): which database is from
-    which backup, read from the servers. Exits 1 when there is one."""
+    """Live restores that stopped half way, and which database is from which backup.
+
+    A live restore killed between two swaps leaves some live databases from the backup and
+    some not: this reads which from the servers. Exits 1 when there is one; `maestro restore
+    finish` or `undo` ends it."""
     from maestro_pipelines.backup.recovery import half_done_swaps
 
     destinations, _notes = _destinations()
@@ -941,15 +966,17 @@ _RECOVER_CONFIRM = "The platform database's name (what the interrupted restore w
 
 @restore_app.command("finish")
 def restore_finish(confirm: str = typer.Option(None, "--confirm", help=_RECOVER_CONFIRM)) -> None:
-    """Finish a live restore that stopped half way: swap into place the databases it had not
-    swapped yet, so every live database is from the backup (the old ones are kept aside)."""
+    """Finish a live restore that stopped half way: swap in the databases it had not swapped yet.
+
+    Every live database is then from the backup; the old ones are kept aside."""
     _recover(undo=False, confirm=confirm)
 
 
 @restore_app.command("undo")
 def restore_undo(confirm: str = typer.Option(None, "--confirm", help=_RECOVER_CONFIRM)) -> None:
-    """Undo a live restore that stopped half way: put back the old live databases it had
-    already swapped, so every live database is as before the restore (the restored copies are kept)."""
+    """Undo a live restore that stopped half way: put back the old live databases it had swapped.
+
+    Every live database is then as before the restore; the restored copies are kept."""
     _recover(undo=True, confirm=confirm)
 
 
@@ -1120,6 +1147,8 @@ def main() -> None:
         code = _command()(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except usage_error as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `maestro backup` alone: its help was the answer
+            sys.exit(2)
         command = exc.ctx.command_path if exc.ctx is not None else "maestro"
         err.print(f"error: {exc.format_message().rstrip('.')}. See `{command} --help`", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from maestro_pipelines.backup import list_backups
 from maestro_pipelines.formatting import human_bytes
 
 from ..test_cli import run_maestro
@@ -37,9 +38,15 @@ def assert_places_are_real(line: str, password: str | None) -> None:
 
 
 def test_restore_and_drill_print_one_line_per_step_when_piped(drill_env, tmp_path):
-    manifest = drill_env.take_backup()
     env = {"MAESTRO_HOME": str(tmp_path / "cli-home"), "MAESTRO_DATABASE_URL": drill_env.databases.platform_url,
            "MAESTRO_STORE_URL": drill_env.store_dir.as_uri()}
+    backup = run_maestro("backup", "run", env=env)
+    assert backup.returncode == 0, backup.stderr
+    [manifest] = [entry.manifest for entry in list_backups(drill_env.store())]
+    for dump in manifest.databases:  # the dump's line and the table say the same size
+        [line] = [line for line in backup.stderr.splitlines() if line.startswith(f"dump {dump.role} (")]
+        [row] = [row for row in backup.stdout.splitlines() if f" {dump.role} " in row]
+        assert human_bytes(dump.dump_bytes) in line and human_bytes(dump.dump_bytes) in row, (line, row)
 
     restore = run_maestro("restore", env=env)
     assert restore.returncode == 0, restore.stderr
