@@ -36,6 +36,7 @@ from maestro_pipelines.backup.catalog import (
     incomplete_backups,
     list_backups,
 )
+from maestro_pipelines.backup.drill_history import DrillRecord, list_drills
 from maestro_pipelines.backup.journal import SwapJournal, interrupted_swaps
 from maestro_pipelines.backup.manifest import _iso, utcnow
 from maestro_pipelines.objectives import RPO_TARGET, RPO_WARNING_MARGIN
@@ -78,8 +79,8 @@ class BackupInfo:
     unfinished: dict[str, int] = field(default_factory=dict)
     """Folders without a manifest that no running process writes (root -> objects in it)."""
     half_done: list[SwapJournal] = field(default_factory=list)
-    drill: Any = None
-    """The latest recorded drill (`backup.drill_history.DrillRecord`), None without one."""
+    drill: DrillRecord | None = None
+    """The latest recorded drill (`maestro drill`, the dr_drill asset), None without one."""
     findings: list[Finding] = field(default_factory=list)
     readable: bool = True
     """False: the store could not be opened or read, nothing above is known."""
@@ -168,7 +169,7 @@ def _seconds(delta: timedelta | None) -> float | None:
     return None if delta is None else round(delta.total_seconds(), 1)
 
 
-def _drill_dict(drill) -> dict[str, Any] | None:
+def _drill_dict(drill: DrillRecord | None) -> dict[str, Any] | None:
     if drill is None:
         return None
     return {"started_at": _iso(drill.started_at), "ok": drill.ok, "source": drill.where, "backup_id": drill.backup_id,
@@ -216,11 +217,7 @@ def _unfinished(store: ObjectStore, running: list[Activity]) -> dict[str, int]:
     return found
 
 
-def _latest_drill(store: ObjectStore):
-    try:
-        from maestro_pipelines.backup.drill_history import list_drills
-    except ImportError:  # a Maestro without drill records
-        return None
+def _latest_drill(store: ObjectStore) -> DrillRecord | None:
     records = list_drills(store, limit=1).records
     return records[-1] if records else None
 
