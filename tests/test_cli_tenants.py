@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,8 @@ def platform(pg18, tmp_path_factory):
 
 def sql(engine, statement: str, **params):
     with engine.begin() as conn:
-        return conn.execute(text(statement), params).all()
+        result = conn.execute(text(statement), params)
+        return result.all() if result.returns_rows else None
 
 
 def write_csv(path: Path, rows: list[list], header=("id", *FEATURES, "label")) -> Path:
@@ -196,3 +198,54 @@ def test_list_shows_rows_production_version_and_last_training(platform, tmp_path
              for line in shown.stdout.splitlines() if line.startswith("│ ")}
     assert cells["listed"][1:] == ["active", "12", "v2", "2026-11-30 09:05 succeeded"]
     assert cells["unloaded"][1:] == ["active", "0", "none", "never"]
+
+
+def test_two_replacing_loads_at_once_leave_one_files_rows(platform, tmp_path):
+    """Two `--replace` loads of one tenant take turns: the rows are one file's, never both."""
+    import subprocess
+    import time
+
+    from .test_cli import MAESTRO
+
+    env, engine, _ = platform
+    add(env, "racing")
+    files = [write_csv(tmp_path / f"{side}.csv", good_rows(2_000, side)) for side in ("a", "b")]
+    clean = {**{k: v for k, v in os.environ.items() if not k.startswith(("MAESTRO_", "MLFLOW_"))}, **env}
+    waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+    with engine.connect() as holder:
+        # Hold the tenant as a load would, so that both loads are surely running at once.
+        holder.execute(text("SELECT id FROM tenants WHERE name = 'racing' FOR UPDATE"))
+        loads = [subprocess.Popen([MAESTRO, "tenants", "load", "racing", str(f), "--replace"], env=clean,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for f in files]
+        deadline = time.monotonic() + 60
+        with engine.connect() as watcher:
+            while watcher.execute(waiting).scalar_one() < 2:
+                watcher.rollback()  # pg_stat_activity is read once per transaction
+                assert all(p.poll() is None for p in loads), [p.communicate() for p in loads]
+                assert time.monotonic() < deadline, "the two loads never waited for the tenant's lock"
+                time.sleep(0.05)
+        holder.rollback()
+    for process in loads:
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+    prefixes = sql(engine, "SELECT DISTINCT left(entity_key, 1) FROM training_rows WHERE tenant = 'racing'")
+    assert len(prefixes) == 1 and sql(engine, "SELECT count(*) FROM training_rows WHERE tenant = 'racing'") == [(2_000,)]
+
+
+def test_with_your_own_database_load_refuses_and_list_counts_its_table(platform, tmp_path):
+    env, engine, _ = platform
+    # The user's own table in the wide layout (here in the same server, as MAESTRO_SOURCE_URL names it).
+    sql(engine, "CREATE TABLE customer_rows (id bigint PRIMARY KEY, customer text NOT NULL, entity_key text NOT NULL, "
+                "age double precision, label text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())")
+    sql(engine, "INSERT INTO customer_rows (id, customer, entity_key, age, label) "
+                "SELECT g, 'ownco', 'k' || g, g, 'x' FROM generate_series(1, 7) g")
+    own = {**env, "MAESTRO_SOURCE_URL": env["MAESTRO_DATABASE_URL"] + "&table=customer_rows&tenant_column=customer"}
+    added = run_maestro("tenants", "add", "ownco", env=own)
+    assert added.returncode == 0, added.stderr
+    assert "once the table MAESTRO_SOURCE_URL names has rows for ownco" in added.stdout
+
+    refused = load(own, "ownco", str(write_csv(tmp_path / "rows.csv", good_rows(2))))
+    assert refused.returncode == 1 and "MAESTRO_SOURCE_URL is set" in refused.stderr
+
+    listed = {t["name"]: t for t in json.loads(run_maestro("tenants", "list", "--json", env=own).stdout)}
+    assert listed["ownco"]["rows"] == 7

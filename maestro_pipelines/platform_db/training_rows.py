@@ -345,6 +345,16 @@ def _locked_tenant(conn: Connection, name: str) -> None:
         raise MaestroError(f"tenant '{name}' does not exist", f"Add it first with `maestro tenants add {name}`")
 
 
+def _ensure_table(conn: Connection) -> None:
+    """The first load creates training_rows; two first loads at once take turns (concurrent
+    CREATE TABLE IF NOT EXISTS can fail on PostgreSQL's catalog)."""
+    from maestro_pipelines.ml.demo import ensure_training_rows_table
+
+    if conn.execute(text("SELECT to_regclass('training_rows') IS NULL")).scalar_one():
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('maestro:training_rows'))"))
+        ensure_training_rows_table(conn)
+
+
 def _check_same_features(conn: Connection, tenant: str, layout: FileLayout, file_name: str) -> None:
     """Rows added next to a tenant's rows must have the same features, or training fails."""
     row = conn.execute(text("SELECT features FROM training_rows WHERE tenant = :t LIMIT 1"), {"t": tenant}).one_or_none()
@@ -412,15 +422,13 @@ def load_training_rows(
 ) -> LoadResult:
     """Load FILE's rows for `tenant` inside the caller's transaction (the caller commits;
     on any error it rolls back and nothing is loaded)."""
-    from maestro_pipelines.ml.demo import ensure_training_rows_table
-
     started = time.perf_counter()
     path = Path(path).expanduser()
     table = open_rows(path)
     try:
         layout = file_layout(table.columns, path.name, key_column)
         _locked_tenant(conn, tenant)
-        ensure_training_rows_table(conn)
+        _ensure_table(conn)
         if not replace:
             _check_same_features(conn, tenant, layout, path.name)
         problems = RowProblems()
