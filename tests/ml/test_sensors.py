@@ -124,3 +124,18 @@ def test_retraining_is_requested_when_a_tenants_data_change(ml_env):
     assert run.partition_key == "globex" and run.tags["maestro/trigger"] == "data-change"
     settled, _ = evaluate(retraining_sensor, ml_env, cursor=changed.cursor, source=source)
     assert not settled.run_requests
+
+
+def test_a_waiting_tenant_is_told_where_its_rows_go_and_is_not_trained_twice(ml_env, tmp_path):
+    """With MAESTRO_SOURCE_URL the skip reason names the table to fill; a tenant trained by
+    hand while it waited (an experiments row) gets no second first training."""
+    platform_db, own_source = ml_env.resources["platform_db"], ml_env.resources["source"]
+    first, _ = evaluate(tenant_partitions_sensor, ml_env, platform_db=platform_db, source=own_source)
+    ml_env.sql("INSERT INTO tenants (name) VALUES ('umbrella')")
+    waiting, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=first.cursor, platform_db=platform_db, source=own_source)
+    assert skipped(waiting) == ("tenant umbrella has no training rows yet: add them to table training_rows of "
+                                "MAESTRO_SOURCE_URL (column tenant = 'umbrella')")
+    load_rows(ml_env, "umbrella", tmp_path)
+    ml_env.sql("INSERT INTO experiments (tenant_id, name, status) SELECT id, 'by hand', 'running' FROM tenants WHERE name = 'umbrella'")
+    later, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=waiting.cursor, platform_db=platform_db, source=own_source)
+    assert not later.run_requests
