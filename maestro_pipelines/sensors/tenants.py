@@ -36,11 +36,12 @@ def tenant_partitions_sensor(context: dg.SensorEvaluationContext, platform_db: P
     to_add = sorted(t.name for t in active if t.name not in existing)
     to_remove = sorted(existing - active_names)
     # A tenant newer than the cursor gets its first training, once the source has rows for it;
-    # one without rows yet waits in the cursor and is looked at again every tick. A partition
-    # removed by hand only comes back; a tenant trained by hand meanwhile is not trained again.
+    # one without rows yet waits in the cursor and is looked at again every tick (unless it was
+    # trained by hand while it waited). A partition removed by hand only comes back. With the
+    # cursor gone (a re-created Dagster instance) every tenant is new again: one training each.
     candidates = [
         t for t in active
-        if ((t.name in to_add and t.id > handled_up_to) or t.name in waiting) and never_trained(models.get(t.name))
+        if (t.name in to_add and t.id > handled_up_to) or (t.name in waiting and never_trained(models.get(t.name)))
     ]
     ready, still_waiting = tenants_with_rows(source, [t.name for t in candidates], context.log)
     first_trainings = [
