@@ -429,8 +429,8 @@ class MonthlyArchiveConfig(dg.Config):
     group_name=BACKUP_GROUP,
     pool=BACKUP_POOL,
     retry_policy=STORE_RETRY,
-    # Lineage only: an archive copies a backup, whoever took it (Dagster or `maestro backup run`).
-    deps=[database_backup],
+    # No dependency on database_backup: an archive copies a verified backup from the store,
+    # whoever took it (`maestro backup run` too), so "upstream never materialized" would be wrong.
     tags={"maestro/kind": "archive"},
     op_tags={"maestro/kind": "archive"},
     description=(
