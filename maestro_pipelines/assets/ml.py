@@ -260,15 +260,7 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model, features,
         if not (evaluation.metrics.get(name, float("nan")) >= floor)  # NaN fails too
     }
     production = registry.production_version(tenant.name)
-    regressions: dict[str, dict] = {}
-    baseline: dict[str, float] = {}
-    if production is not None and production.run_id:
-        run_metrics = registry.run_metrics(production.run_id)
-        baseline = {k[len("test_"):]: v for k, v in run_metrics.items() if k.startswith("test_")}
-        for name, old in baseline.items():
-            new = evaluation.metrics.get(name, float("nan"))
-            if not (new >= old - tenant.regression_tolerance):
-                regressions[name] = {"value": new, "production": old, "tolerance": tenant.regression_tolerance}
+    baseline, regressions = _regressions(registry, production, evaluation.metrics, tenant.regression_tolerance)
 
     gates = {
         METRIC_FLOORS_CHECK: {"passed": not floor_failures, "failures": floor_failures},
@@ -308,6 +300,20 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model, features,
                   "production_metrics": dg.MetadataValue.json({k: round(v, 4) for k, v in baseline.items()}),
                   "tolerance": tenant.regression_tolerance},
     )
+
+
+def _regressions(registry, production, metrics: dict[str, float], tolerance: float) -> tuple[dict, dict]:
+    """(the production model's test metrics, the metrics that fell below them by more than `tolerance`)."""
+    if production is None or not production.run_id:
+        return {}, {}
+    run_metrics = registry.run_metrics(production.run_id)
+    baseline = {k[len("test_"):]: v for k, v in run_metrics.items() if k.startswith("test_")}
+    regressions = {
+        name: {"value": metrics.get(name, float("nan")), "production": old, "tolerance": tolerance}
+        for name, old in baseline.items()
+        if not (metrics.get(name, float("nan")) >= old - tolerance)  # NaN regresses too
+    }
+    return baseline, regressions
 
 
 @ml_asset(kinds={"mlflow"}, retry_policy=NETWORK_RETRY,
