@@ -11,10 +11,15 @@ default /tmp/ui-shots) so a person can look at what the test saw.
   deployment's URL; the Launchpad shows `backup`, `target`, `confirm` and `before` with their
   descriptions.
 - Lineage -> the `ml` group -> Materialize all -> one tenant's partition -> the run succeeds.
+- Catalog -> deployment -> Partitions -> the tenant: the production version and the MLflow run
+  id MLflow serves for it, with a link to the MLflow UI; its check result under the partition.
+- `maestro drill` in a terminal, then dr_drill -> Materialize: the run succeeds and the asset's
+  drill history (metadata) lists the CLI drill beside the Dagster one; the RTO chart is there.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -25,6 +30,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -39,6 +45,7 @@ BIN = Path(sys.executable).parent
 TENANT = "acme"
 STARTUP_DEADLINE_S = 240
 RESTORE_DEADLINE_S = 400
+DRILL_DEADLINE_S = 400
 ML_DEADLINE_S = 900  # 7 assets and their checks, one subprocess per step, on 2 busy cores
 UI_STEP_TIMEOUT_MS = 90_000  # one click or page under load
 MASK = "********"
@@ -67,6 +74,9 @@ query ($partition: String!) {
   }
 }
 """
+DRILL_RUNS_QUERY = """
+{ runsOrError(limit: 20) { __typename ... on Runs { results { runId assetSelection { path } } } } }
+"""
 LOCATION_QUERY = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }"
 
 
@@ -94,7 +104,8 @@ def _user_env(tmp: Path) -> dict[str, str]:
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     (tmp / "tmp").mkdir()
-    return {**env, "TMPDIR": str(tmp / "tmp"), "DAGSTER_HOME": str(dagster_home), "MAESTRO_HOME": str(tmp / "maestro")}
+    return {**env, "TMPDIR": str(tmp / "tmp"), "DAGSTER_HOME": str(dagster_home), "MAESTRO_HOME": str(tmp / "maestro"),
+            "MAESTRO_MLFLOW_UI_URL": "http://127.0.0.1:5000"}  # what `maestro mlflow ui` prints
 
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -174,7 +185,7 @@ def dagster_ui(tmp_path_factory):
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
             try:
-                yield {"base": base, "browser": browser, "backup_id": backup_id, "shots": shots, "log": log}
+                yield {"base": base, "browser": browser, "backup_id": backup_id, "shots": shots, "log": log, "env": env}
             finally:
                 browser.close()
     finally:
@@ -384,3 +395,109 @@ def test_one_tenants_ml_graph_materializes_from_the_asset_graph(page, dagster_ui
         data = _graphql(dagster_ui["base"], MATERIALIZATIONS_QUERY, {"path": [asset], "partition": TENANT})
         runs = {m["runId"] for m in data["assetOrError"]["assetMaterializations"]}
         assert run_id in runs, f"{asset} has no materialization of {TENANT} from run {run_id}"
+
+
+# What MLflow serves as the tenant's production model, and the run the platform database
+# recorded for its active deployment: read in a process of the user's environment.
+LIVE_MODEL = f"""
+import json
+from sqlalchemy import text
+from maestro_pipelines.ml.registry import ModelRegistry
+from maestro_pipelines.platform_db import locate_platform_database
+from maestro_pipelines.platform_db.connection import engine_for
+from maestro_pipelines.resources.mlflow import embedded_tracking_uri
+from maestro_pipelines.settings import load_settings
+settings = load_settings()
+live = ModelRegistry(embedded_tracking_uri(settings)).production_version({TENANT!r})
+with engine_for(locate_platform_database(settings).platform_url).connect() as conn:
+    recorded = conn.execute(text(
+        "SELECT e.mlflow_run_id FROM deployments d JOIN model_versions v ON v.id = d.model_version_id "
+        "JOIN experiments e ON e.id = v.experiment_id JOIN tenants t ON t.id = d.tenant_id "
+        "WHERE t.name = :t AND d.status = 'active'"), {{"t": {TENANT!r}}}).scalar()
+print(json.dumps({{"version": live.version, "run_id": live.run_id, "recorded_run_id": recorded}}))
+"""
+
+
+def _metadata_row(page, key: str):
+    """A row of the metadata table whose key cell is exactly `key`."""
+    return page.locator("tr").filter(has=page.locator("td").get_by_text(key, exact=True))
+
+
+def test_a_tenants_deployment_page_shows_its_production_version_and_mlflow_run(page, dagster_ui):
+    """After the tenant's graph ran (the test above): Catalog -> deployment -> Partitions ->
+    the tenant, as an ML engineer asks which model is live: the page shows the production
+    version and the MLflow run id of the model MLflow serves, a link to that run in the MLflow
+    UI (MAESTRO_MLFLOW_UI_URL), and the quality check's result under the tenant's partition."""
+    from playwright.sync_api import expect
+
+    live = json.loads(_run([sys.executable, "-c", LIVE_MODEL], dagster_ui["env"]).stdout)
+    assert live["run_id"] and live["recorded_run_id"] == live["run_id"], live
+    page.goto(dagster_ui["base"] + "/")
+    _nav(page, "Catalog").click()
+    # Named "<asset> <asset>"; the navigation's "deployment Deployment" is its icon and label.
+    page.get_by_role("link", name=re.compile(r"^deployment\s+deployment$")).click()
+    page.wait_for_url(re.compile(r"/assets/deployment"))
+    page.get_by_role("tab", name="Partitions").click()
+    page.get_by_placeholder(re.compile("Filter by name")).fill(TENANT)
+    page.get_by_text(TENANT, exact=True).first.click()
+    page.wait_for_url(re.compile(rf"partition={TENANT}"))
+    version, run = _metadata_row(page, "production_version"), _metadata_row(page, "mlflow_run_id")
+    expect(version.locator("td").nth(1)).to_have_text(str(live["version"]))
+    expect(run.locator("td").nth(1)).to_have_text(live["run_id"])
+    link = _metadata_row(page, "mlflow_run").get_by_role("link").first
+    assert link.get_attribute("href").endswith(f"/runs/{live['run_id']}"), link.get_attribute("href")
+    _shot(page, dagster_ui, "ml-05-deployment-partition")
+
+    page.goto(dagster_ui["base"] + "/assets/model_evaluation?view=checks&checkDetail=metric_floors")
+    partition = page.get_by_text("Partition", exact=True).locator("xpath=..")
+    expect(partition).to_contain_text(TENANT)
+    _shot(page, dagster_ui, "ml-06-check-under-partition")
+
+
+def _drill_run_id(base: str) -> str:
+    """The run launched to materialize dr_drill (the only one of this instance)."""
+    deadline = time.monotonic() + 60
+    while True:
+        runs = _graphql(base, DRILL_RUNS_QUERY)["runsOrError"].get("results") or []
+        drills = [r["runId"] for r in runs if {"path": ["dr_drill"]} in (r.get("assetSelection") or [])]
+        if drills:
+            assert len(drills) == 1, f"more than one dr_drill run: {drills}"
+            return drills[0]
+        assert time.monotonic() < deadline, "no run materializing dr_drill was launched"
+        time.sleep(0.5)
+
+
+def test_a_drill_from_the_ui_shows_the_cli_drill_in_its_history(page, dagster_ui):
+    """On-call ran `maestro drill` in a terminal (no Dagster involved), then materializes
+    dr_drill from its asset page: the run succeeds, and its materialization's drill history
+    lists the CLI drill (with its RTO) beside the Dagster one, with the RTO chart."""
+    cli = json.loads(_run([str(BIN / "maestro"), "drill", "--json"], dagster_ui["env"]).stdout)
+    assert cli["ok"] and cli["record_key"], cli
+    page.goto(dagster_ui["base"] + "/assets/dr_drill")
+    _shot(page, dagster_ui, "drill-01-asset")
+    page.get_by_role("button", name=re.compile(r"(^|\s)Materialize$")).click()
+    run_id = _drill_run_id(dagster_ui["base"])
+    _shot(page, dagster_ui, "drill-02-launched")
+    page.goto(f"{dagster_ui['base']}/runs/{run_id}")
+    _wait_for_run_outcome(page, dagster_ui, run_id, DRILL_DEADLINE_S, "drill-03-run-ended")
+
+    # The asset's page shows its latest materialization's metadata: the history and the chart.
+    page.goto(dagster_ui["base"] + "/assets/dr_drill")
+    history = page.get_by_role("row").filter(has=page.get_by_text("drill_history", exact=True))
+    history.scroll_into_view_if_needed()
+    _shot(page, dagster_ui, "drill-04-history", ready=history)
+    drills = [[cell.inner_text().strip() for cell in row.locator("td").all()]
+              for row in history.locator("table tr").all()[1:]]
+    started = datetime.fromisoformat(cli["started_at"]).strftime("%Y-%m-%d %H:%M:%S")
+    assert drills[0][1:3] == [f"dagster run {run_id[:8]}", "ok"], drills
+    assert drills[1][:4] == [started, "cli", "ok", f"{cli['rto_s']:.1f} s"] and drills[1][5] == cli["backup_id"], drills
+    # The chart is big for a table cell: Dagster shows it behind "[Show Markdown]".
+    page.get_by_role("row").filter(has=page.get_by_text("rto_history", exact=True)).get_by_text("Show Markdown").click()
+    chart = page.get_by_role("dialog").locator("img")
+    chart.wait_for()
+    page.wait_for_load_state("networkidle")
+    # Without the dialog's fade-in, which would still be half transparent.
+    page.screenshot(path=str(dagster_ui["shots"] / "drill-05-rto-chart.png"), animations="disabled")
+    source = chart.get_attribute("src")
+    assert source.startswith("data:image/png;base64,")
+    (dagster_ui["shots"] / "drill-rto-chart-image.png").write_bytes(base64.b64decode(source.split(",", 1)[1]))

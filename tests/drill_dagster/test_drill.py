@@ -37,7 +37,7 @@ def chart_png(metadata) -> bytes:
 def history_rows(metadata) -> list[list[str]]:
     """The cells of the `drill_history` markdown table, newest drill first."""
     lines = metadata["drill_history"].value.splitlines()
-    assert lines[0] == "| started (UTC) | ran from | backup | RTO | RPO | result |"
+    assert lines[0] == "| started (UTC) | ran from | result | RTO | RPO | backup |"
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
 
 
@@ -58,7 +58,7 @@ def test_the_drill_history_has_the_cli_drills_a_new_dagster_instance_never_saw(d
     metadata = materialization.metadata
     rows = history_rows(metadata)
     assert [row[1] for row in rows] == [f"[dagster run {result.run_id[:8]}](/runs/{result.run_id})", "cli"]
-    assert [row[2] for row in rows] == [backup.backup_id] * 2 and [row[5] for row in rows] == ["ok", "ok"]
+    assert [row[5] for row in rows] == [backup.backup_id] * 2 and [row[2] for row in rows] == ["ok", "ok"]
     assert rows[1][3] == f"{cli_report['rto_s']:.1f} s"
     chart_png(metadata)
     assert isinstance(metadata["rto_s"].value, float) and isinstance(metadata["rpo_h"].value, float)
@@ -170,8 +170,8 @@ def test_a_drill_on_a_damaged_backup_fails_alerts_and_leaves_nothing_behind(dril
     # Both failed drills are in the history, newest first, with why they failed.
     rows = history_rows(observation.metadata)
     assert [row[1] for row in rows] == [f"[dagster run {run.run_id[:8]}](/runs/{run.run_id})" for run in (result, empty)]
-    assert rows[0][5].startswith("FAILED: ") and "is damaged" in rows[0][5]
-    assert rows[1][5].startswith("FAILED: There is no verified backup in the store")
+    assert rows[0][2].startswith("FAILED: ") and "is damaged" in rows[0][2]
+    assert rows[1][2].startswith("FAILED: There is no verified backup in the store")
     assert [r.ok for r in list_drills(drill_env.store()).records] == [False, False]
     drill_alert = webhook.texts()[-1]
     assert drill_alert.startswith(f":rotating_light: [ERROR] Maestro DR drill failed: backup {backup.backup_id}")
