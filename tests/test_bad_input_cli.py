@@ -104,7 +104,7 @@ USAGE_ERRORS = {
                           ["Invalid value for '--min-accuracy'", "maestro tenants add --help"]),
     "jobs-not-a-number": (["restore", "--jobs", "x"], ["Invalid value for '--jobs'", "maestro restore --help"]),
     "unknown-option": (["db", "status", "--verbose"], ["No such option: --verbose", "maestro db status --help"]),
-    "missing-argument": (["tenants", "add"], ["Missing argument 'name'", "maestro tenants add --help"]),
+    "missing-argument": (["tenants", "add"], ["Missing argument 'NAME'", "maestro tenants add --help"]),
     "unknown-command": (["backup", "frobnicate"], ["No such command 'frobnicate'", "maestro backup --help"]),
 }
 
