@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from maestro_pipelines.automation import STOPPED_ON_EMBEDDED_SCHEDULES, STOPPED_ON_EMBEDDED_SENSORS
+from maestro_pipelines.errors import MaestroError
 
 automation_app = typer.Typer(
     help="The backup schedules and sensors of the Dagster instance (DAGSTER_HOME, or MAESTRO_HOME/dagster).",
@@ -66,21 +67,27 @@ def automation_on() -> None:
 
 def start_backup_automation() -> list[tuple[str, str, str]]:
     """(name, schedule|sensor, started|already running) for each, in the instance of DAGSTER_HOME."""
+    import click
     import dagster as dg
     from dagster._cli.workspace.cli_target import get_repository_from_cli_opts
     from dagster_shared.cli import WorkspaceOpts
 
-    done = []
+    # Loaded here first: a setting that stops the definitions from loading (MAESTRO_TIMEZONE)
+    # is then its own one-line error, not a code server's traceback.
+    import maestro_pipelines.definitions  # noqa: F401
+
     with tempfile.TemporaryDirectory() as folder, dg.DagsterInstance.get() as instance:
         workspace = Path(folder) / "workspace.yaml"
         workspace.write_text(_workspace())
         opts = WorkspaceOpts(workspace=[str(workspace)])
-        with get_repository_from_cli_opts(instance, dg.__version__, opts, None) as repo:
-            wanted = [(name, "schedule", repo.get_schedule) for name in STOPPED_ON_EMBEDDED_SCHEDULES]
-            wanted += [(name, "sensor", repo.get_sensor) for name in STOPPED_ON_EMBEDDED_SENSORS]
-            for name, kind, lookup in wanted:
-                done.append((name, kind, _start(instance, lookup(name), kind)))
-    return done
+        try:
+            with get_repository_from_cli_opts(instance, dg.__version__, opts, None) as repo:
+                wanted = [(name, "schedule", repo.get_schedule) for name in STOPPED_ON_EMBEDDED_SCHEDULES]
+                wanted += [(name, "sensor", repo.get_sensor) for name in STOPPED_ON_EMBEDDED_SENSORS]
+                return [(name, kind, _start(instance, lookup(name), kind)) for name, kind, lookup in wanted]
+        except click.UsageError as exc:  # how Dagster says the code location did not load
+            raise MaestroError(f"The code location did not load: {str(exc).splitlines()[0]}",
+                               "Run `dagster dev` in this environment to see why") from None
 
 
 def _start(instance, remote, kind: str) -> str:
