@@ -965,7 +965,7 @@ _RECOVER_CONFIRM = "The platform database's name (what the interrupted restore w
 
 
 @restore_app.command("finish")
-def restore_finish(confirm: str = typer.Option(None, "--confirm", help=_RECOVER_CONFIRM)) -> None:
+def restore_finish(confirm: str = typer.Option(None, "--confirm", metavar="DATABASE", help=_RECOVER_CONFIRM)) -> None:
     """Finish a live restore that stopped half way: swap in the databases it had not swapped yet.
 
     Every live database is then from the backup; the old ones are kept aside."""
@@ -973,7 +973,7 @@ def restore_finish(confirm: str = typer.Option(None, "--confirm", help=_RECOVER_
 
 
 @restore_app.command("undo")
-def restore_undo(confirm: str = typer.Option(None, "--confirm", help=_RECOVER_CONFIRM)) -> None:
+def restore_undo(confirm: str = typer.Option(None, "--confirm", metavar="DATABASE", help=_RECOVER_CONFIRM)) -> None:
     """Undo a live restore that stopped half way: put back the old live databases it had swapped.
 
     Every live database is then as before the restore; the restored copies are kept."""

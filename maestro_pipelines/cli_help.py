@@ -37,7 +37,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "tenants add": ("maestro tenants add umbrella", "maestro tenants add umbrella --display-name Umbrella --min-f1 0.7"),
     "tenants load": ("maestro tenants load umbrella umbrella.csv",),
 }
-_VALUE_WORDS = {"str": "TEXT", "int": "N", "float": "NUMBER", "path": "PATH", "datetime": "TIME"}
+_VALUE_WORDS = {"str": "TEXT", "int": "N", "float": "NUMBER", "path": "PATH", "datetime": "TIME",
+                "int range": "N", "float range": "NUMBER"}
 
 
 def reflow(text: str | None) -> str | None:
