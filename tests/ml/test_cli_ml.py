@@ -134,3 +134,20 @@ def test_mlflow_ui_serves_the_embedded_defaults_experiments(tmp_path):
             break
         assert time.monotonic() < deadline, "the MLflow server outlived `maestro mlflow ui`"
         time.sleep(0.2)
+
+
+def test_mlflow_ui_says_what_to_do_when_there_is_nothing_to_serve(pg18, tmp_path):
+    """Before any training there is no MLflow database to read; with an MLflow server
+    configured, its own UI is the one to open. Each case: one line, exit 1."""
+    name = create_database(pg18, "noui")
+    try:
+        fresh = run_maestro("mlflow", "ui", env={"MAESTRO_DATABASE_URL": pg18.libpq_url(name)})
+    finally:
+        drop_database(pg18, name)
+    assert fresh.returncode == 1, fresh.stdout + fresh.stderr
+    assert fresh.stderr.strip() == (f"error: MLflow's database '{name}_mlflow' does not exist yet: no model was "
+                                    "trained. Train one first (`maestro demo`, or materialize the `ml` group in Dagster)")
+    server = run_maestro("mlflow", "ui", env={"MAESTRO_HOME": str(tmp_path / "home"),
+                                             "MLFLOW_TRACKING_URI": "https://mlflow.internal"})
+    assert server.returncode == 1 and len(server.stderr.strip().splitlines()) == 1, server.stderr
+    assert "MLFLOW_TRACKING_URI is an MLflow server" in server.stderr and "MAESTRO_MLFLOW_UI_URL" in server.stderr
