@@ -225,13 +225,13 @@ def verify_with_marker(store, backup_id: str, log, month: Optional[str] = None):
         return verify_backup(store, backup_id, month=month, progress=_ProgressLog(log, "verify"))
 
 
-def verified_check_result(report, what: str = "backup") -> dict:
+def verified_check_result(report) -> dict:
     """The `verified` check's fields for a verification report: passed, a description naming
     the backup and what failed, and metadata."""
     summary = verification_summary(report)
     description = (
-        f"{what.capitalize()} {report.backup_id} verified" if report.ok
-        else f"{what.capitalize()} {report.backup_id} failed verification: {'; '.join(report.problems)}"
+        f"Backup {report.backup_id} verified" if report.ok
+        else f"Backup {report.backup_id} failed verification: {'; '.join(report.problems)}"
     )
     return {
         "passed": report.ok,
