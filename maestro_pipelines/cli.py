@@ -463,7 +463,7 @@ def backup_run(
     for note in notes:
         err.print(f"note: {note}", highlight=False)
     with _progress("dump") as progress:
-        manifest = create_backup(store, targets, options, progress=progress, notes=notes)
+        manifest = create_backup(store, targets, options, progress=progress, notes=notes, phases=progress.phase)
     report = None
     if verify:
         with _progress("verify") as progress:

@@ -6,7 +6,7 @@ sizes in the one unit of formatting.human_bytes. Without a terminal (a pipe, CI,
 bars: one line per task when it ends, which a log keeps readably.
 
 It is fed by the libraries' two callbacks: `progress(label, done, expected)` (bytes; the
-backup library's Progress) and `phase(Phase)` (backup.restore.PhaseProgress).
+backup library's Progress) and `phase(Phase)` (backup.phases.PhaseProgress).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class CommandProgress:
         self.last_seen = time.monotonic()
         self.phase_lines = None
         if not self.live:
-            from maestro_pipelines.backup.restore import PhaseLog
+            from maestro_pipelines.backup.phases import PhaseLog
 
             self.phase_lines = PhaseLog(lambda line: console.print(line, highlight=False, soft_wrap=True))
 

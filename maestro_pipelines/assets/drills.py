@@ -283,7 +283,7 @@ def dr_drill(
     alerts: AlertResource,
 ) -> Iterator[Union[dg.AssetObservation, dg.MaterializeResult]]:
     from maestro_pipelines.backup import run_drill
-    from maestro_pipelines.backup.restore import PhaseLog
+    from maestro_pipelines.backup.phases import PhaseLog
 
     started = time.monotonic()
     try:

@@ -46,6 +46,7 @@ from maestro_pipelines.backup.manifest import (
     new_backup_id,
     utcnow,
 )
+from maestro_pipelines.backup.phases import Phase, PhaseProgress
 from maestro_pipelines.backup.pgtools import (
     CHECKSUM_SESSION_OPTIONS,
     libpq_environment,
@@ -222,7 +223,7 @@ def _stderr_tail(handle, url: URL, returncode: int) -> str:
 
 
 def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions, backup_id: str,
-          pg_dump: str, progress: Progress | None) -> DatabaseDump:
+          pg_dump: str, progress: Progress | None, phases: PhaseProgress | None = None) -> DatabaseDump:
     import zstandard
 
     target = snap.target
@@ -271,6 +272,12 @@ def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions,
                 process.kill()
             process.wait()
             process.stdout.close()
+        if phases is not None and checker.is_alive():  # the dump is done, its row counts not yet
+            waited = time.monotonic()
+            phases(Phase(f"checksums {target.role}"))
+            checker.join()
+            phases(Phase(f"checksums {target.role}", finished=True, seconds=time.monotonic() - waited,
+                         detail="row counts and checksums in the dump's snapshot"))
         checker.join()
     if "error" in checks:
         store.delete(key)
@@ -300,13 +307,22 @@ def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions,
     )
 
 
-def artifact_entries(store: ObjectStore, prefix: str) -> list[dict[str, Any]]:
+def artifact_entries(store: ObjectStore, prefix: str, phases: PhaseProgress | None = None) -> list[dict[str, Any]]:
     """Key, size and sha256 of every object under `prefix`. MLflow writes artifacts itself,
-    without the sha256 our store records, so those are hashed by reading them once."""
+    without the sha256 our store records, so those are hashed by reading them once (told to
+    `phases` as the step `hash model artifacts`, in bytes: many models take a while)."""
     import hashlib
 
+    from maestro_pipelines.formatting import human_bytes
+
+    step, started = "hash model artifacts", time.monotonic()
+    listed = list(store.list(prefix, with_metadata=True))
+    unhashed = sum(info.size for info in listed if info.sha256 is None)
+    tell = phases if phases is not None and unhashed else (lambda phase: None)
+    tell(Phase(step, 0, unhashed, "bytes"))
+    hashed = 0
     entries = []
-    for info in store.list(prefix, with_metadata=True):
+    for info in listed:
         sha = info.sha256
         if sha is None:
             digest = hashlib.sha256()
@@ -314,7 +330,11 @@ def artifact_entries(store: ObjectStore, prefix: str) -> list[dict[str, Any]]:
                 for block in iter(lambda: reader.read(MiB), b""):
                     digest.update(block)
             sha = digest.hexdigest()
+            hashed += info.size
+            tell(Phase(step, hashed, unhashed, "bytes", info.key.removeprefix(prefix)))
         entries.append({"key": info.key, "size": info.size, "sha256": sha})
+    tell(Phase(step, finished=True, seconds=time.monotonic() - started,
+               detail=f"{len(entries)} objects listed, {human_bytes(unhashed)} without a sha256 read and hashed"))
     return entries
 
 
@@ -324,8 +344,10 @@ def create_backup(
     options: BackupOptions | None = None,
     progress: Progress | None = None,
     notes: list[str] | None = None,
+    phases: PhaseProgress | None = None,
 ) -> BackupManifest:
-    """Back up `targets` into `store`; return the committed manifest."""
+    """Back up `targets` into `store`; return the committed manifest. `progress` follows the
+    bytes dumped; `phases` the hashing of model artifacts and a wait for a dump's checksums."""
     options = options or BackupOptions()
     if not targets:
         raise BackupError("Nothing to back up: no database was given", "Check MAESTRO_DATABASE_URL")
@@ -345,7 +367,7 @@ def create_backup(
                 snapshots.append(_Snapshot(target))
             artifacts = None
             if options.artifact_prefix:
-                entries = artifact_entries(store, options.artifact_prefix)
+                entries = artifact_entries(store, options.artifact_prefix, phases)
                 body = json.dumps({"prefix": options.artifact_prefix, "objects": entries}, indent=1).encode()
                 info = store.put_bytes(f"{root}/{ARTIFACTS_NAME}", body, {"backup_id": backup_id})
                 artifacts = ArtifactsRecord(
@@ -355,7 +377,7 @@ def create_backup(
             dumps = []
             for snap in snapshots:
                 key = f"{root}/{snap.target.role}{DUMP_SUFFIX}"
-                dumps.append(_dump(store, key, snap, options, backup_id, pg_dump, progress))
+                dumps.append(_dump(store, key, snap, options, backup_id, pg_dump, progress, phases))
                 snap.close()
             manifest = BackupManifest(
                 backup_id=backup_id,

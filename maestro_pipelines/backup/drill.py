@@ -24,10 +24,9 @@ from typing import Any, Callable
 from maestro_pipelines.backup.create import DatabaseTarget, Progress
 from maestro_pipelines.backup.manifest import utcnow
 from maestro_pipelines.backup.pgtools import psycopg_connect
+from maestro_pipelines.backup.phases import Phase, PhaseProgress
 from maestro_pipelines.backup.restore import (
     SCRATCH,
-    Phase,
-    PhaseProgress,
     RestoreReport,
     RestoreStep,
     _timed,

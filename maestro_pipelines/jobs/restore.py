@@ -215,7 +215,7 @@ def restore_from_backup(
 ):
     """Restore a backup into scratch databases (default) or in place of the live ones."""
     from maestro_pipelines.backup import RestoreRefused, resolve_restore_point, restore_backup
-    from maestro_pipelines.backup.restore import PhaseLog
+    from maestro_pipelines.backup.phases import PhaseLog
     from maestro_pipelines.backup.catalog import is_latest
 
     before = parse_before(config.before)
