@@ -128,12 +128,13 @@ class CommandProgress:
         task = self._task(phase.name, phase.total, phase.unit)
         bar = self._progress()
         if phase.finished:
-            total = bar.tasks[task].total if bar.tasks[task].total is not None else 1
+            shown = {t.id: t for t in bar.tasks}
+            total = shown[task].total if shown[task].total is not None else 1
             bar.update(task, completed=total, total=total, current="", visible=self.keep)
             if not self.keep:  # the download bars belong to the step that just ended
-                for name, byte_task in self.tasks.items():
-                    if bar.tasks[byte_task].fields.get("unit") == BYTES:
-                        bar.update(byte_task, visible=False)
+                for other in shown.values():
+                    if other.fields.get("unit") == BYTES and other.id != task:
+                        bar.update(other.id, visible=False)
         else:
             bar.update(task, completed=phase.done, total=phase.total, unit=phase.unit, current=phase.current)
 
