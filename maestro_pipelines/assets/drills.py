@@ -1,4 +1,4 @@
-"""The disaster-recovery drill as an asset: `dr_drill` restores the newest verified backup
+"""The disaster-recovery drill as an asset: `dr_drill` restores the latest verified backup
 into scratch databases next to the live ones, proves it (counts and checksums against the
 manifest, amcheck on every btree index, migrations, MLflow's `production` aliases), measures
 RTO and RPO and drops the scratch databases. The work is `maestro_pipelines.backup.run_drill`
@@ -34,6 +34,7 @@ from pydantic import Field
 
 from maestro_pipelines.assets.backups import BACKUP_GROUP, BACKUP_POOL, _ProgressLog
 from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.objectives import RPO_TARGET
 from maestro_pipelines.resources import AlertResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
 from maestro_pipelines.settings import load_settings
 
@@ -81,11 +82,11 @@ class DrillConfig(dg.Config):
         default=15, gt=0, le=7 * 24 * 60, allow_inf_nan=False, description="RTO target: from the drill's start to the restored databases verified."
     )
     rpo_target_hours: float = Field(
-        default=26, gt=0, le=366 * 24, allow_inf_nan=False, description="RPO target: the drilled backup's snapshot at most this old at the drill's start."
+        default=RPO_TARGET.total_seconds() / 3600, gt=0, le=366 * 24, allow_inf_nan=False, description="RPO target: the drilled backup's snapshot at most this old at the drill's start."
     )
     jobs: int = Field(default=2, ge=1, le=32, description="pg_restore parallel jobs (-j).")
     backup: str = Field(
-        default="latest", description="The backup to drill with: `latest` (the newest verified) or a backup id."
+        default="latest", description="The backup to drill with: `latest` (the latest verified backup; `newest` is accepted too) or a backup id."
     )
 
 
@@ -263,7 +264,7 @@ def _alert_text(context, report, failures: list[str]) -> str:
     tags={"maestro/kind": DRILL_KIND},
     op_tags={"maestro/kind": DRILL_KIND},
     description=(
-        "Weekly disaster-recovery drill: restore the newest verified backup into scratch databases, verify "
+        "Weekly disaster-recovery drill: restore the latest verified backup into scratch databases, verify "
         "counts, checksums, btree indexes (amcheck), migrations and MLflow's production aliases, measure "
         "RTO and RPO, drop the scratch databases. Alerts when it fails or misses a target."
     ),

@@ -36,11 +36,13 @@ from maestro_pipelines.backup.restore import (
     restore_backup,
 )
 from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.objectives import RPO_TARGET
 from maestro_pipelines.redaction import hide_secret
 from maestro_pipelines.storage import ObjectStore
 
 DEFAULT_RTO_TARGET = timedelta(minutes=15)
-DEFAULT_RPO_TARGET = timedelta(hours=26)
+DEFAULT_RPO_TARGET = RPO_TARGET
+"""The RPO the sensor alerts on and `maestro backup info` judges by (one number)."""
 MAX_RTO_MINUTES = 7 * 24 * 60
 """A week: a drill's restore is measured in minutes; more is a typo (or hours meant as minutes)."""
 MAX_RPO_HOURS = 366 * 24

@@ -1,7 +1,7 @@
 """Backup sensors: RPO breach alerts, alerts on failed backup runs, verification of backups
 taken outside Dagster.
 
-- `rpo_breach_sensor` reads the store (the newest verified backup, through the library) and
+- `rpo_breach_sensor` reads the store (the latest verified backup, through the library) and
   alerts once when that backup's snapshot gets older than `RPO_TARGET`, or when there is no
   verified backup, or the store cannot be read. It also alerts once per live restore that stopped
   half way (a swap journal whose restore is gone: `maestro restore status|finish|undo`). Its cursor holds the state (ok, breach,
@@ -64,7 +64,7 @@ def _load_state(cursor: str | None) -> dict:
     minimum_interval_seconds=300,
     default_status=DEFAULT_STATUS,
     description=(
-        "Alerts (AlertResource, MAESTRO_ALERT_WEBHOOK) once per breach when the newest verified backup "
+        "Alerts (AlertResource, MAESTRO_ALERT_WEBHOOK) once per breach when the latest verified backup "
         "is older than the RPO target (26 h), when there is none, or when the store cannot be read. "
         + STOPPED_ON_EMBEDDED_HINT
     ),
@@ -134,12 +134,12 @@ def _rpo_evaluation(context: dg.SensorEvaluationContext, store: ObjectStoreResou
                     )
                 state = {"status": "ok", "newest": newest_id}
                 return dg.SensorResult(
-                    skip_reason=f"Newest verified backup {newest_id} is {_age(age)} old (target {_age(RPO_TARGET)})",
+                    skip_reason=f"Latest verified backup {newest_id} is {_age(age)} old (target {_age(RPO_TARGET)})",
                     cursor=json.dumps(state),
                 )
-            status, title = "breach", f"RPO breached: newest verified backup is {_age(age)} old"
+            status, title = "breach", f"RPO breached: latest verified backup is {_age(age)} old"
             detail = (
-                f"The newest verified backup, {newest_id}, holds the data as of "
+                f"The latest verified backup, {newest_id}, holds the data as of "
                 f"{snapshot.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC, {_age(age)} ago; the target is "
                 f"{_age(RPO_TARGET)}. Check the nightly_backup runs and the verify runs."
             )

@@ -45,7 +45,7 @@ def test_rpo_breach_alerts_once_per_breach(backup_env, webhook, capsys):
     breached = evaluate_rpo(backup_env, alerts, taken_at + RPO_TARGET + timedelta(hours=1), fresh.cursor)
     assert len(webhook.posts) == 1
     (alert,) = webhook.posts
-    assert alert["text"].startswith(":fire: [CRITICAL] RPO breached: newest verified backup is 27.0 h old")
+    assert alert["text"].startswith(":fire: [CRITICAL] RPO breached: latest verified backup is 27.0 h old")
     assert first.backup_id in alert["text"] and alert["blocks"][0]["type"] == "header"
 
     still = evaluate_rpo(backup_env, alerts, taken_at + RPO_TARGET + timedelta(hours=2), breached.cursor)
