@@ -99,7 +99,7 @@ class RestoreConfig(dg.Config):
     )
     target: Literal["scratch", "live"] = Field(
         default="scratch",
-        description="`scratch`: restored next to the live databases as <db>_restore_<time>; `live`: in their place.",
+        description="`scratch`: restored next to the live databases as `<db>_restore_<time>`; `live`: in their place.",
     )
     databases: list[str] = Field(
         default=[],
@@ -295,7 +295,7 @@ class RestoreCleanupConfig(dg.Config):
     confirm: Optional[str] = Field(
         default="",
         description="The platform database's name, typed out: also drop the old live databases "
-        "(<db>_pre_restore_<time>). Empty: they are kept.",
+        "(`<db>_pre_restore_<time>`). Empty: they are kept.",
     )
 
 
@@ -326,7 +326,7 @@ def drop_restore_leftovers(
         rows.append(dg.TableRecord({
             "database": leftover.name,
             "kind": "old live database" if leftover.kind == "pre_restore" else "scratch restore",
-            "live": leftover.live, "size_bytes": leftover.size_bytes if leftover.size_bytes is not None else -1,
+            "live": leftover.live, "size_bytes": leftover.size_bytes,  # None: the server would not say
             "created_at": leftover.created_at.isoformat(), "action": item.action,
         }))
     dropped = sum(item.action == "dropped" for item in items)
@@ -347,7 +347,7 @@ def drop_restore_leftovers(
                         dg.TableColumn("database", "string"),
                         dg.TableColumn("kind", "string"),
                         dg.TableColumn("live", "string"),
-                        dg.TableColumn("size_bytes", "int", description="-1: not readable by this user"),
+                        dg.TableColumn("size_bytes", "int", description="empty: not readable by this user"),
                         dg.TableColumn("created_at", "string"),
                         dg.TableColumn("action", "string"),
                     ]
@@ -360,8 +360,8 @@ def drop_restore_leftovers(
 @dg.job(
     tags={KIND_TAG: RESTORE_KIND, **DATABASE_LANE, "dagster/max_runtime": str(3600)},
     description=(
-        "List the databases restores left and drop the scratch ones (<db>_restore_<time>); the old live "
-        "databases (<db>_pre_restore_<time>) only with confirm: <platform database>."
+        "List the databases restores left and drop the scratch ones (`<db>_restore_<time>`); the old live "
+        "databases (`<db>_pre_restore_<time>`) only with confirm: the platform database's name."
     ),
 )
 def restore_cleanup_job():
