@@ -134,7 +134,11 @@ def training_data(context: dg.AssetExecutionContext, source: DataSource, platfor
     if rows.empty:
         from maestro_pipelines.errors import MaestroError
 
-        raise MaestroError(f"the data source has no rows for tenant '{tenant.name}'", "Load its training rows first")
+        raise MaestroError(
+            f"the data source has no rows for tenant '{tenant.name}'",
+            f"Load them with `maestro tenants load {tenant.name} FILE` (CSV or Parquet: feature columns and `label`), "
+            "or, with MAESTRO_SOURCE_URL, add the tenant's rows to that table",
+        )
     context.log.info(f"read {len(rows):,} rows for {tenant.name} in {seconds:.2f} s")
     schema = dg.TableSchema(columns=[dg.TableColumn(str(c), str(t)) for c, t in rows.dtypes.items()])
     preview = rows.head(PREVIEW_ROWS).copy()
