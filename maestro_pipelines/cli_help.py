@@ -25,7 +25,7 @@ LAYOUT: dict[str, tuple[str, ...]] = {
 # Subcommands in the order of use; any not named here follow, as registered.
 ORDER: dict[str, tuple[str, ...]] = {
     "tenants": ("add", "load", "list"),
-    "backup": ("run", "list", "info", "verify", "archive", "retention", "automation"),
+    "backup": ("info", "run", "list", "verify", "archive", "retention", "automation"),
     "restore": ("status", "finish", "undo", "cleanup"),
     "drill": ("list",),
     "db": ("status", "upgrade", "downgrade", "start", "stop"),
