@@ -17,7 +17,7 @@ No partitions
 
     `monthly_archive` is one materialization per archived month: its config `month` (YYYY-MM)
     defaults to last month in MAESTRO_TIMEZONE, and the month is in its metadata. It keeps the
-    newest verified backup taken before the end of that month (`archive_month`, which counts
+    latest verified backup taken before the end of that month (`archive_month`, which counts
     months in UTC) in `monthly/<YYYY-MM>/`, whatever took the backup.
 
 The pool `maestro_backup`
@@ -246,18 +246,42 @@ def verified_check_result(report) -> dict:
     }
 
 
-def closed_rpo_s(store, manifest) -> Optional[float]:
+def closed_rpo_s(entries, manifest) -> Optional[float]:
     """Seconds from the snapshot of the previous backup in the store (committed, not known to be
     bad) to this one's: the window of data this backup stopped being at risk. None for the first."""
-    from maestro_pipelines.backup import list_backups
-
     earlier = [
         entry.manifest.snapshot_at
-        for entry in list_backups(store)
+        for entry in entries
         if entry.manifest is not None and entry.bad is None and entry.backup_id != manifest.backup_id
         and entry.manifest.snapshot_at < manifest.snapshot_at
     ]
     return (manifest.snapshot_at - max(earlier)).total_seconds() if earlier else None
+
+
+STORE_HISTORY_ROWS = 15
+
+
+def store_history_md(entries, now: datetime) -> str:
+    """The store's latest backups as a markdown table, latest first: every backup, whoever took
+    it (`maestro backup run` too, which Dagster never sees), with its state."""
+    from maestro_pipelines.formatting import human_age, human_bytes
+
+    listed = [e for e in entries if e.manifest is not None][-STORE_HISTORY_ROWS:]
+    if not listed:
+        return "no backups in the store"
+    lines = ["| backup | taken (UTC) | age | stored | seconds | state |", "|---|---|---|---:|---:|---|"]
+    for entry in reversed(listed):
+        manifest = entry.manifest
+        state = f"BAD: {entry.bad}" if entry.bad else ("verified" if entry.verified else "not verified")
+        lines.append(
+            f"| `{entry.backup_id}` | {manifest.snapshot_at:%Y-%m-%d %H:%M:%S} | "
+            f"{human_age((now - manifest.snapshot_at).total_seconds())} | {human_bytes(manifest.stored_bytes)} | "
+            f"{manifest.duration_s:.1f} | {state} |"
+        )
+    older = len([e for e in entries if e.manifest is not None]) - len(listed)
+    if older:
+        lines.append(f"\n{older} older backups: `maestro backup list`")
+    return "\n".join(lines)
 
 
 def _backup_metadata(manifest, object_store, rpo_s: Optional[float]) -> dict:
@@ -399,8 +423,12 @@ def database_backup(
     manifest = _take_backup(context, platform_db, mlflow, object_store)
     report = verify_with_marker(object_store, manifest.backup_id, context.log)
     check = verified_check_result(report)
+    from maestro_pipelines.backup import list_backups
+
+    entries = list_backups(object_store)  # after verification: this backup's state is known
     metadata = {
-        **_backup_metadata(manifest, object_store, closed_rpo_s(object_store, manifest)),
+        **_backup_metadata(manifest, object_store, closed_rpo_s(entries, manifest)),
+        "store_history": dg.MetadataValue.md(store_history_md(entries, _utcnow())),
         "verified": dg.MetadataValue.bool(report.ok),
         "verification": check["metadata"]["verification"],
         "verify_duration_s": dg.MetadataValue.float(round(report.duration_s, 2)),
@@ -434,7 +462,7 @@ class MonthlyArchiveConfig(dg.Config):
     tags={"maestro/kind": "archive"},
     op_tags={"maestro/kind": "archive"},
     description=(
-        "A month's restore point kept for a year: a server-side copy of the newest verified backup taken "
+        "A month's restore point kept for a year: a server-side copy of the latest verified backup taken "
         "before the end of the month into monthly/YYYY-MM/ (idempotent). One materialization per archived "
         "month (config `month`, default last month; metadata `month`)."
     ),

@@ -92,12 +92,17 @@ def test_every_step_that_writes_the_store_shares_one_limited_pool(backup_env):
 
 def test_each_backup_records_the_rpo_it_closed(backup_env):
     """rpo_closed_h: hours from the previous backup's snapshot (one taken by the CLI counts) to this one's."""
-    previous = backup_env.take_backup()
+    previous = backup_env.take_backup(verify=False)
     result = backup_env.run("nightly_backup")
     assert result.success, step_failures(result)
     metadata = result.asset_materializations_for_node("database_backup")[0].metadata
     gap = metadata["snapshot_at"].value - previous.snapshot_at.timestamp()
     assert gap > 0 and metadata["rpo_closed_h"].value == pytest.approx(gap / 3600, abs=1e-4)
+    # The page's history has the backup Dagster never saw, latest first, each with its state.
+    history = metadata["store_history"].value.splitlines()
+    rows = [line for line in history if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == [metadata["backup_id"].value, previous.backup_id]
+    assert rows[0].endswith("| verified |") and rows[1].endswith("| not verified |")
 
 
 def test_executing_the_check_alone_re_verifies_the_latest_backup_without_a_new_one(backup_env):
