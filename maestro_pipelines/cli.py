@@ -827,21 +827,12 @@ def restore(
         maestro restore cleanup --dry-run"""
     if ctx.invoked_subcommand is not None:
         return
-    from datetime import datetime, timezone
-
     from maestro_pipelines.backup import resolve_restore_point, restore_backup
     from maestro_pipelines.backup.restore import check_restore_request
 
     roles = [r.strip() for r in databases.split(",")] if databases is not None else None
     check_restore_request(target, roles, jobs)  # before the store or a server is touched
-    moment = None
-    if before:
-        try:
-            moment = datetime.fromisoformat(before.replace("Z", "+00:00"))
-        except ValueError:
-            raise MaestroError(f"--before '{before}' is not a time", "Write it as ISO 8601, e.g. 2026-11-26T14:00:00Z") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
+    moment = _restore_moment(before)
     store = _store()
     entry = resolve_restore_point(store, backup, before=moment, log=lambda message: err.print(message, highlight=False, soft_wrap=True))
     destinations, _notes = _destinations()
@@ -851,6 +842,23 @@ def restore(
             store, entry, destinations, target=target, confirm=confirm, roles=roles, jobs=jobs, progress=progress,
             log=lambda message: err.print(message, highlight=False, soft_wrap=True), phases=progress.phase,
         )
+    _print_restore_report(report, as_json)
+
+
+def _restore_moment(before: str | None):
+    """--before as an aware datetime (UTC when no zone is written), or None."""
+    from datetime import datetime, timezone
+
+    if not before:
+        return None
+    try:
+        moment = datetime.fromisoformat(before.replace("Z", "+00:00"))
+    except ValueError:
+        raise MaestroError(f"--before '{before}' is not a time", "Write it as ISO 8601, e.g. 2026-11-26T14:00:00Z") from None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def _print_restore_report(report, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps({
             "backup_id": report.backup_id,
