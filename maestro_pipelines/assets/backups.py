@@ -49,6 +49,7 @@ from pydantic import Field
 
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.failures import fail_fast_on_user_errors
+from maestro_pipelines.formatting import human_bytes
 from maestro_pipelines.resources import MLflowRegistry, ObjectStoreResource, PlatformDatabase
 from maestro_pipelines.settings import load_settings
 
@@ -167,8 +168,8 @@ def _database_table(manifest) -> dg.MetadataValue:
                     "server_version": dump.server_version,
                     "tables": len(dump.tables),
                     "rows": dump.rows,
-                    "dump_mb": round(dump.dump_bytes / MiB, 2),
-                    "stored_mb": round(dump.compressed_bytes / MiB, 2),
+                    "dump_mib": round(dump.dump_bytes / MiB, 2),
+                    "stored_mib": round(dump.compressed_bytes / MiB, 2),
                     "ratio": round(dump.dump_bytes / dump.compressed_bytes, 2) if dump.compressed_bytes else 0.0,
                     "seconds": dump.duration_s,
                 }
@@ -184,8 +185,8 @@ def _database_table(manifest) -> dg.MetadataValue:
                 dg.TableColumn("server_version", "string"),
                 dg.TableColumn("tables", "int"),
                 dg.TableColumn("rows", "int"),
-                dg.TableColumn("dump_mb", "float"),
-                dg.TableColumn("stored_mb", "float"),
+                dg.TableColumn("dump_mib", "float", description="the dumps as pg_dump wrote them, MiB (2^20 bytes)"),
+                dg.TableColumn("stored_mib", "float", description="compressed, as stored, MiB"),
                 dg.TableColumn("ratio", "float"),
                 dg.TableColumn("seconds", "float"),
             ]
@@ -211,7 +212,7 @@ def verification_summary(report) -> str:
         return "FAILED: " + "; ".join(report.problems)
     entries = ", ".join(f"{role}: {count}" for role, count in sorted(report.toc_entries.items()))
     return (
-        f"ok: {report.objects} objects re-read ({report.bytes_read / MiB:,.1f} MiB, sha256 and sizes match), "
+        f"ok: {report.objects} objects re-read ({human_bytes(report.bytes_read)} stored, sha256 and sizes match), "
         f"pg_restore --list read every dump (TABLE DATA entries {entries}) in {report.duration_s:.1f} s"
     )
 
@@ -264,7 +265,7 @@ STORE_HISTORY_ROWS = 15
 def store_history_md(entries, now: datetime) -> str:
     """The store's latest backups as a markdown table, latest first: every backup, whoever took
     it (`maestro backup run` too, which Dagster never sees), with its state."""
-    from maestro_pipelines.formatting import human_age, human_bytes
+    from maestro_pipelines.formatting import human_age
 
     listed = [e for e in entries if e.manifest is not None][-STORE_HISTORY_ROWS:]
     if not listed:
@@ -290,14 +291,16 @@ def _backup_metadata(manifest, object_store, rpo_s: Optional[float]) -> dict:
         "location": dg.MetadataValue.text(f"{object_store.url.rstrip('/')}/backups/{manifest.backup_id}"),
         "databases": dg.MetadataValue.text(", ".join(d.role for d in manifest.databases)),
         # Every number here is a plot over the materializations (Metadata -> Plots): only numbers
-        # worth a plot, sizes in MB to read them on the axis (the exact bytes are in the manifest).
-        "stored_mb": dg.MetadataValue.float(round(manifest.stored_bytes / MiB, 3)),
-        "dump_mb": dg.MetadataValue.float(round(manifest.dump_bytes / MiB, 3)),
+        # worth a plot, sizes in MiB (2^20 bytes, the unit of the CLI's KiB/MiB/GiB) to read them
+        # on the axis (the exact bytes are in the manifest). stored: compressed, as in the store
+        # (`maestro backup list`'s size); dump: as pg_dump wrote it (what a restore unpacks).
+        "stored_mib": dg.MetadataValue.float(round(manifest.stored_bytes / MiB, 3)),
+        "dump_mib": dg.MetadataValue.float(round(manifest.dump_bytes / MiB, 3)),
         "duration_s": dg.MetadataValue.float(round(manifest.duration_s, 2)),
         "compression_ratio": dg.MetadataValue.float(
             round(manifest.dump_bytes / manifest.compressed_bytes, 2) if manifest.compressed_bytes else 0.0
         ),
-        "throughput_mb_per_s": dg.MetadataValue.float(
+        "throughput_mib_per_s": dg.MetadataValue.float(
             round(manifest.dump_bytes / MiB / manifest.duration_s, 1) if manifest.duration_s > 0 else 0.0
         ),
         "snapshot_at": dg.MetadataValue.timestamp(manifest.snapshot_at),
@@ -337,8 +340,8 @@ def _take_backup(context, platform_db: PlatformDatabase, mlflow: MLflowRegistry,
         object_store, targets, BackupOptions(), progress=_ProgressLog(context.log, "dump"), notes=notes
     )
     context.log.info(
-        f"Backup {manifest.backup_id} committed: {manifest.dump_bytes / MiB:,.1f} MiB dumped, "
-        f"{manifest.stored_bytes / MiB:,.1f} MiB stored in {time.monotonic() - started:.1f} s; verifying"
+        f"Backup {manifest.backup_id} committed: {human_bytes(manifest.dump_bytes)} dumped, "
+        f"{human_bytes(manifest.stored_bytes)} stored in {time.monotonic() - started:.1f} s; verifying"
     )
     return manifest
 

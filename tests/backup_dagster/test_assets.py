@@ -48,8 +48,8 @@ def test_nightly_backup_materializes_a_verified_backup_with_metadata(backup_env)
     assert metadata["verified"].value is True and metadata["verification"].value.startswith("ok")
     assert metadata["databases"].value == "platform, mlflow"
     assert newest.manifest.dump_bytes > 0 and newest.stored_bytes > 0
-    assert metadata["stored_mb"].value == pytest.approx(newest.stored_bytes / 2**20, abs=0.001)
-    assert metadata["dump_mb"].value == pytest.approx(newest.manifest.dump_bytes / 2**20, abs=0.001)
+    assert metadata["stored_mib"].value == pytest.approx(newest.stored_bytes / 2**20, abs=0.001)
+    assert metadata["dump_mib"].value == pytest.approx(newest.manifest.dump_bytes / 2**20, abs=0.001)
     assert "rpo_closed_h" not in metadata, "the first backup closed no gap: left out, not plotted as 0"
     # The verification is the asset check `verified`, recorded with the materialization.
     (check,) = checks_of(backup_env.instance)
@@ -57,7 +57,7 @@ def test_nightly_backup_materializes_a_verified_backup_with_metadata(backup_env)
     assert check.metadata["backup_id"].value == newest.backup_id
     assert check.description == f"Backup {newest.backup_id} verified"
     assert metadata["compression_ratio"].value > 1
-    assert metadata["throughput_mb_per_s"].value > 0 and metadata["duration_s"].value > 0
+    assert metadata["throughput_mib_per_s"].value > 0 and metadata["duration_s"].value > 0
     assert metadata["snapshot_at"].value == pytest.approx(newest.manifest.snapshot_at.timestamp())
     per_database = {row.data["role"]: row.data for row in metadata["per_database"].value.records}
     assert set(per_database) == {"platform", "mlflow"}
