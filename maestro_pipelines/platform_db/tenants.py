@@ -148,10 +148,12 @@ class TenantModels:
     last_training_status: str | None  # running, succeeded, failed (an experiment's status)
     last_training_at: datetime | None  # when it finished, or started while it runs
     last_training_run_id: str | None  # the Dagster run
+    model_versions: int = 0  # registered versions: 0 until a first training got through its gates
 
 
 OVERVIEW_SQL = """
-SELECT t.name, prod.version, prod.deployed_at, last.status, coalesce(last.finished_at, last.started_at), last.dagster_run_id
+SELECT t.name, prod.version, prod.deployed_at, last.status, coalesce(last.finished_at, last.started_at), last.dagster_run_id,
+       (SELECT count(*) FROM model_versions v WHERE v.tenant_id = t.id)
 FROM tenants t
 LEFT JOIN LATERAL (
     SELECT v.version, d.deployed_at FROM deployments d JOIN model_versions v ON v.id = d.model_version_id

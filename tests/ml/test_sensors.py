@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
@@ -139,3 +140,82 @@ def test_a_waiting_tenant_is_told_where_its_rows_go_and_is_not_trained_twice(ml_
     ml_env.sql("INSERT INTO experiments (tenant_id, name, status) SELECT id, 'by hand', 'running' FROM tenants WHERE name = 'umbrella'")
     later, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=waiting.cursor, platform_db=platform_db, source=own_source)
     assert not later.run_requests
+
+
+def write_rows(tmp_path, name: str, count: int, classes: int = 2):
+    path = tmp_path / name
+    # label follows f1 (a model passes the quality gates), f2 is noise
+    path.write_text("id,f1,f2,label\n" + "".join(f"k{i},{i},{(i * 7) % 11},{i * classes // count}\n" for i in range(count)))
+    return path
+
+
+def load_file(ml_env, tenant: str, path, replace: bool = False) -> None:
+    from maestro_pipelines.platform_db.connection import engine_for
+    from maestro_pipelines.platform_db.training_rows import load_training_rows
+
+    with engine_for(ml_env.resources["platform_db"].location().platform_url).connect() as conn:
+        load_training_rows(conn, tenant, path, replace=replace)
+        conn.commit()
+
+
+def test_a_failed_first_training_is_requested_again_when_the_rows_change(ml_env, tmp_path):
+    """hooli's first file has 1 row: its first training fails. The tenant is not lost: the skip
+    reason says what it waits for, a --replace with good rows brings a second first training
+    (once per state of the rows, never beside a running one), and after a model, no more."""
+    platform_db, source = ml_env.resources["platform_db"], platform_source(ml_env)
+    tick = lambda cursor: evaluate(tenant_partitions_sensor, ml_env, cursor=cursor, platform_db=platform_db,  # noqa: E731
+                                   source=source)[0]
+    baseline = tick(None)
+    ml_env.sql("INSERT INTO tenants (name) VALUES ('hooli')")
+    load_file(ml_env, "hooli", write_rows(tmp_path, "t3.csv", 1, classes=1))
+    first = tick(baseline.cursor)
+    (request,) = first.run_requests
+    apply_partition_requests(ml_env, first)
+    failed = ml_env.run("hooli", tags=request.tags)
+    assert not failed.success
+
+    stuck = tick(first.cursor)
+    assert not stuck.run_requests, "the same rows would fail the same way"
+    assert skipped(stuck) == (f"hooli: first training failed (run {failed.run_id[:8]}); "
+                              "waiting for new rows: `maestro tenants load hooli FILE --replace`")
+
+    load_file(ml_env, "hooli", write_rows(tmp_path, "umbrella.csv", 60), replace=True)
+    fixed = tick(stuck.cursor)
+    (second,) = fixed.run_requests
+    assert second.partition_key == "hooli" and second.run_key != request.run_key
+    assert second.tags["maestro/trigger"] == "new-tenant"
+    (twice,) = tick(stuck.cursor).run_requests  # the same tick evaluated again: the same key, one run
+    assert twice.run_key == second.run_key
+    assert not tick(fixed.cursor).run_requests
+
+    from maestro_pipelines.definitions import defs
+
+    started = ml_env.instance.create_run_for_job(defs.resolve_job_def("train_and_deploy"), status=dg.DagsterRunStatus.STARTED,
+                                                tags={**second.tags, "dagster/partition": "hooli"})
+    running = tick(stuck.cursor)  # even a cursor that missed the request sees the running one
+    assert not running.run_requests and skipped(running) == f"hooli: first training running (run {started.run_id[:8]})"
+    ml_env.instance.delete_run(started.run_id)
+
+    trained = ml_env.run("hooli", tags=second.tags)
+    assert trained.success, [e.message for e in trained.all_events if e.is_failure]
+    done = tick(fixed.cursor)
+    assert not done.run_requests and "hooli" not in json.loads(done.cursor)["watching"]
+    load_file(ml_env, "hooli", write_rows(tmp_path, "more.csv", 80))
+    assert not tick(done.cursor).run_requests, "new rows of a tenant with a model are retraining_sensor's job"
+
+
+def test_a_first_training_requested_before_the_watch_list_is_still_watched(ml_env, tmp_path):
+    """A cursor written before tenants were watched ({handled_up_to, waiting}) after hooli's
+    first training failed: new rows still bring a second first training."""
+    platform_db, source = ml_env.resources["platform_db"], platform_source(ml_env)
+    (hooli_id,) = ml_env.sql("INSERT INTO tenants (name) VALUES ('hooli') RETURNING id")[0]
+    ml_env.instance.add_dynamic_partitions(tenant_partitions.name, ["hooli"])
+    load_file(ml_env, "hooli", write_rows(tmp_path, "t3.csv", 1, classes=1))
+    failed = ml_env.run("hooli", tags={"maestro/trigger": "new-tenant"})  # as the sensor tagged runs then
+    assert not failed.success
+    old_cursor = json.dumps({"handled_up_to": hooli_id, "waiting": []})
+    stuck, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=old_cursor, platform_db=platform_db, source=source)
+    assert not stuck.run_requests and skipped(stuck).startswith("hooli: first training failed")
+    load_file(ml_env, "hooli", write_rows(tmp_path, "umbrella.csv", 60), replace=True)
+    fixed, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=stuck.cursor, platform_db=platform_db, source=source)
+    assert [r.partition_key for r in fixed.run_requests] == ["hooli"]
