@@ -208,12 +208,15 @@ def _largest_tables(manifest, limit: int = 15) -> str:
 
 
 def verification_summary(report) -> str:
+    """One line for a VerifyReport, or for the store's VerificationRecord of a verification
+    done elsewhere (`maestro backup verify`), which keeps no pg_restore --list counts."""
     if not report.ok:
         return "FAILED: " + "; ".join(report.problems)
-    entries = ", ".join(f"{role}: {count}" for role, count in sorted(report.toc_entries.items()))
+    toc = getattr(report, "toc_entries", None)
+    entries = f" (TABLE DATA entries {', '.join(f'{role}: {count}' for role, count in sorted(toc.items()))})" if toc else ""
     return (
         f"ok: {report.objects} objects re-read ({human_bytes(report.bytes_read)} stored, sha256 and sizes match), "
-        f"pg_restore --list read every dump (TABLE DATA entries {entries}) in {report.duration_s:.1f} s"
+        f"pg_restore --list read every dump{entries} in {report.duration_s:.1f} s"
     )
 
 
@@ -312,6 +315,25 @@ def _backup_metadata(manifest, object_store, rpo_s: Optional[float]) -> dict:
     }
     if rpo_s is not None:  # the first backup closed no gap: left out rather than plotted as 0
         metadata["rpo_closed_h"] = dg.MetadataValue.float(round(rpo_s / 3600, 4))
+    return metadata
+
+
+def backup_history_metadata(manifest, object_store, entries, now: datetime, verification, taken_by: str) -> dict:
+    """The metadata of one backup in database_backup's history, whoever took it: the asset
+    (`verification`: its VerifyReport) and store_catalog_sensor for a backup taken outside
+    Dagster (the store's VerificationRecord, or None while it is not verified). `entries`:
+    the store's backups (list_backups); the store history shown is the one up to this backup."""
+    upto = [e for e in entries if e.backup_id == manifest.backup_id
+            or (e.manifest is not None and e.manifest.snapshot_at <= manifest.snapshot_at)]
+    metadata = {
+        **_backup_metadata(manifest, object_store, closed_rpo_s(entries, manifest)),
+        "taken_by": dg.MetadataValue.text(taken_by),
+        "store_history": dg.MetadataValue.md(store_history_md(upto, now)),
+    }
+    if verification is not None:
+        metadata["verified"] = dg.MetadataValue.bool(verification.ok)
+        metadata["verification"] = dg.MetadataValue.text(verification_summary(verification))
+        metadata["verify_duration_s"] = dg.MetadataValue.float(round(verification.duration_s, 2))
     return metadata
 
 
@@ -429,13 +451,8 @@ def database_backup(
     from maestro_pipelines.backup import list_backups
 
     entries = list_backups(object_store)  # after verification: this backup's state is known
-    metadata = {
-        **_backup_metadata(manifest, object_store, closed_rpo_s(entries, manifest)),
-        "store_history": dg.MetadataValue.md(store_history_md(entries, _utcnow())),
-        "verified": dg.MetadataValue.bool(report.ok),
-        "verification": check["metadata"]["verification"],
-        "verify_duration_s": dg.MetadataValue.float(round(report.duration_s, 2)),
-    }
+    metadata = backup_history_metadata(manifest, object_store, entries, _utcnow(), report,
+                                       taken_by=f"Dagster run {context.run.run_id}")
     # The backup is recorded either way, with its check: a failed one is in the history as such.
     yield dg.MaterializeResult(
         asset_key=BACKUP_ASSET,
@@ -479,15 +496,24 @@ def monthly_archive(
     month = config.month or previous_month(_utcnow(), BACKUP_TIMEZONE)
     object_store = store.get_store()
     entry, copied = archive_month(object_store, month)  # validates the month; marks itself running
-    manifest = entry.manifest
     context.log.info(
         f"{'Archived' if copied else 'Already archived'}: backup {entry.backup_id} as the restore point of {month}"
     )
+    metadata = archive_metadata(entry, object_store, taken_by=f"Dagster run {context.run.run_id}")
+    metadata["copied_now"] = dg.MetadataValue.bool(copied)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def archive_metadata(entry, object_store, taken_by: str) -> dict:
+    """The metadata of one monthly archive (a list_backups(monthly=True) entry) in
+    monthly_archive's history, whoever archived it: the asset, or store_catalog_sensor for an
+    archive made by `maestro backup archive`."""
+    manifest = entry.manifest
     metadata = {
-        "month": dg.MetadataValue.text(month),
+        "month": dg.MetadataValue.text(entry.month),
         "backup_id": dg.MetadataValue.text(entry.backup_id),
         "location": dg.MetadataValue.text(f"{object_store.url.rstrip('/')}/{entry.root}"),
-        "copied_now": dg.MetadataValue.bool(copied),
+        "taken_by": dg.MetadataValue.text(taken_by),
         "verified": dg.MetadataValue.bool(entry.verified),
         "stored_bytes": dg.MetadataValue.int(entry.stored_bytes),
     }
@@ -495,7 +521,7 @@ def monthly_archive(
         metadata["snapshot_at"] = dg.MetadataValue.timestamp(manifest.snapshot_at)
         metadata["databases"] = dg.MetadataValue.text(", ".join(d.role for d in manifest.databases))
         metadata["per_database"] = _database_table(manifest)
-    return dg.MaterializeResult(metadata=metadata)
+    return metadata
 
 
 backup_assets = [database_backup, monthly_archive]

@@ -193,7 +193,7 @@ def history_markdown(records: list) -> str:
     return "\n".join(lines)
 
 
-def _history_metadata(records: list, target_s: float, log) -> dict:
+def drill_history_metadata(records: list, target_s: float, log) -> dict:
     metadata = {"drill_history": dg.MetadataValue.md(history_markdown(records))}
     if records:
         try:
@@ -209,22 +209,89 @@ def _chart_markdown(png: bytes) -> str:
     return f"![RTO of the last drills](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
-def _drill_metadata(report, store_url: str) -> dict:
+def drill_record_metadata(record, store_url: str) -> dict:
+    """The metadata of one drill in dr_drill's history from its record in the store
+    (backup.drill_history): what store_catalog_sensor reports for a `maestro drill`, and the
+    core of what dr_drill records of its own drills (`_drill_metadata` adds the report's details)."""
     metadata = {
-        "ok": dg.MetadataValue.bool(report.ok),
-        "backup_id": dg.MetadataValue.text(report.backup_id or "none"),
+        "ok": dg.MetadataValue.bool(record.ok),
+        "backup_id": dg.MetadataValue.text(record.backup_id or "none"),
         "store": dg.MetadataValue.text(store_url),
+        "ran_from": dg.MetadataValue.text(record.where),
+        "started_at": dg.MetadataValue.timestamp(record.started_at),
         # Text, not numbers: Dagster plots every number over the materializations, and a target
         # plots as a flat line, a count of 0 or 1 with fractional ticks. Numbers only for what a
         # drill measures (rto_s, rpo_h below; the seconds of the targets are in the drill record).
-        "rto_target": dg.MetadataValue.text(human_duration(report.rto_target_s)),
-        "rpo_target": dg.MetadataValue.text(human_duration(report.rpo_target_s)),
-        "steps": steps_table(report.steps),
+        "rto_target": dg.MetadataValue.text(human_duration(record.rto_target_s)),
+        "rpo_target": dg.MetadataValue.text(human_duration(record.rpo_target_s)),
+        "steps": steps_table([_RecordedStep(name, seconds) for name, seconds in record.steps.items()]),
+        "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in record.problems) or "none"),
+        "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in record.notes) or "none"),
+    }
+    # Only measured values: a missing RTO is not 0 s (the chart and the checks read these).
+    if record.rto_s is not None:
+        metadata["rto_s"] = dg.MetadataValue.float(round(record.rto_s, 3))
+    if record.rpo_s is not None:
+        metadata["rpo_h"] = dg.MetadataValue.float(round(record.rpo_s / 3600, 3))
+        metadata["snapshot_at"] = dg.MetadataValue.timestamp(record.started_at - timedelta(seconds=record.rpo_s))
+    return metadata
+
+
+@dataclasses.dataclass
+class _RecordedStep:
+    name: str
+    seconds: float
+    detail: str = ""
+
+
+def restore_worked(record) -> bool:
+    """Whether the drill restored and proved its backup, a missed target aside: dr_drill then
+    materializes (a missed target is a failed check); otherwise it records an observation."""
+    if not record.restored or record.rto_s is None or record.rpo_s is None:
+        return False
+    missed = (record.rto_s > record.rto_target_s) + (record.rpo_s > record.rpo_target_s)
+    return len(record.problems) <= missed  # the record's problems end with the missed targets
+
+
+def target_check_fields(record) -> list[dict]:
+    """The fields of the checks rto_within_target and rpo_within_target for a drill that
+    restored (a DrillReport or a drill record: both have these fields)."""
+    return [
+        {
+            "check_name": RTO_CHECK,
+            "passed": record.rto_s <= record.rto_target_s,
+            "severity": dg.AssetCheckSeverity.ERROR,
+            "description": f"RTO {human_duration(record.rto_s)}, target {human_duration(record.rto_target_s)}",
+            "metadata": {
+                "rto_s": dg.MetadataValue.float(round(record.rto_s, 3)),
+                "target_s": dg.MetadataValue.float(record.rto_target_s),
+            },
+        },
+        {
+            "check_name": RPO_CHECK,
+            "passed": record.rpo_s <= record.rpo_target_s,
+            "severity": dg.AssetCheckSeverity.ERROR,
+            "description": (
+                f"RPO {human_duration(record.rpo_s)} (backup {record.backup_id}), "
+                f"target {human_duration(record.rpo_target_s)}"
+            ),
+            "metadata": {
+                "rpo_h": dg.MetadataValue.float(round(record.rpo_s / 3600, 3)),
+                "target_h": dg.MetadataValue.float(round(record.rpo_target_s / 3600, 2)),
+            },
+        },
+    ]
+
+
+def _drill_metadata(report, store_url: str, run_id: str) -> dict:
+    from maestro_pipelines.backup.drill_history import drill_record
+
+    metadata = drill_record_metadata(drill_record(report, "dagster", run_id), store_url)
+    metadata.update({
+        "steps": steps_table(report.steps),  # with each step's detail, which the record leaves out
         "indexes_checked": dg.MetadataValue.text(f"{report.indexes_checked} btree indexes (amcheck)"),
         "aliases_resolved": dg.MetadataValue.text(
             f"{report.aliases_resolved} production alias{'' if report.aliases_resolved == 1 else 'es'}"),
-        "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in report.failures()) or "none"),
-        "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in report.notes) or "none"),
         "databases": dg.MetadataValue.table(
             [dg.TableRecord({k: d[k] for k in ("role", "restored_as", "tables", "rows")}) for d in report.databases],
             schema=dg.TableSchema(
@@ -236,12 +303,7 @@ def _drill_metadata(report, store_url: str) -> dict:
                 ]
             ),
         ),
-    }
-    # Only measured values: a missing RTO is not 0 s (the chart and the checks read these).
-    if report.rto_s is not None:
-        metadata["rto_s"] = dg.MetadataValue.float(round(report.rto_s, 3))
-    if report.rpo_s is not None:
-        metadata["rpo_h"] = dg.MetadataValue.float(round(report.rpo_s / 3600, 3))
+    })
     if report.snapshot_at is not None:
         metadata["snapshot_at"] = dg.MetadataValue.timestamp(report.snapshot_at)
     return metadata
@@ -328,8 +390,8 @@ def dr_drill(
     for note in report.notes:
         context.log.warning(f"note: {note}")
 
-    metadata = _drill_metadata(report, object_store.url)
-    metadata.update(_history_metadata(_drill_history(context, object_store, report), report.rto_target_s, context.log))
+    metadata = _drill_metadata(report, object_store.url, context.run.run_id)
+    metadata.update(drill_history_metadata(_drill_history(context, object_store, report), report.rto_target_s, context.log))
     failures = report.failures()
     if report.problems:
         # The restore did not prove the backup: record what the drill saw (yielded, so it is
@@ -362,31 +424,7 @@ def dr_drill(
     )
     yield dg.MaterializeResult(
         metadata=metadata,
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=RTO_CHECK,
-                passed=report.rto_ok,
-                severity=dg.AssetCheckSeverity.ERROR,
-                description=f"RTO {human_duration(report.rto_s)}, target {human_duration(report.rto_target_s)}",
-                metadata={
-                    "rto_s": dg.MetadataValue.float(round(report.rto_s, 3)),
-                    "target_s": dg.MetadataValue.float(report.rto_target_s),
-                },
-            ),
-            dg.AssetCheckResult(
-                check_name=RPO_CHECK,
-                passed=report.rpo_ok,
-                severity=dg.AssetCheckSeverity.ERROR,
-                description=(
-                    f"RPO {human_duration(report.rpo_s)} (backup {report.backup_id}), "
-                    f"target {human_duration(report.rpo_target_s)}"
-                ),
-                metadata={
-                    "rpo_h": dg.MetadataValue.float(round(report.rpo_s / 3600, 3)),
-                    "target_h": dg.MetadataValue.float(round(report.rpo_target_s / 3600, 2)),
-                },
-            ),
-        ],
+        check_results=[dg.AssetCheckResult(**fields) for fields in target_check_fields(report)],
     )
 
 

@@ -151,12 +151,15 @@ def _read_record(store: ObjectStore, key: str) -> DrillRecord:
         raise ValueError(f"drill record {key!r} in the store at {store.url} is damaged: {detail}") from None
 
 
-def list_drills(store: ObjectStore, limit: int | None = None, log: Callable[[str], None] | None = None) -> DrillHistory:
+def list_drills(store: ObjectStore, limit: int | None = None, log: Callable[[str], None] | None = None,
+                after: str | None = None) -> DrillHistory:
     """The recorded drills, newest last: the newest `limit` readable ones (all without a
-    limit). A record that does not verify or parse is skipped and named (`log` and `skipped`)."""
+    limit), only those whose drill id sorts after `after` if given (ids sort by start time).
+    A record that does not verify or parse is skipped and named (`log` and `skipped`)."""
     if limit is not None and limit < 1:
         raise MaestroError(f"the limit {limit} is not a positive number of drills", "Give a limit of 1 or more")
-    keys = [i.key for i in store.list(f"{DRILLS_PREFIX}/", with_metadata=False) if i.key.endswith(".json")]
+    keys = [i.key for i in store.list(f"{DRILLS_PREFIX}/", with_metadata=False) if i.key.endswith(".json")
+            and (after is None or i.key[len(DRILLS_PREFIX) + 1:-len(".json")] > after)]
     records: list[DrillRecord] = []
     skipped: list[str] = []
     for key in reversed(keys):  # newest first, so a limit reads only what it shows
