@@ -12,6 +12,10 @@ AUTOMATION_ON_COMMAND = "maestro backup automation on"
 """Starts every schedule and sensor below in the Dagster instance of DAGSTER_HOME (the demo's,
 MAESTRO_HOME/dagster, when unset); already running ones are left as they are."""
 
+AUTOMATION_STATUS_COMMAND = "maestro backup automation status"
+"""Says RUNNING or STOPPED for each, read from that instance: the one place outside the UI that
+knows (`maestro backup info` reads only the store, never Dagster's state)."""
+
 STOPPED_ON_EMBEDDED_SCHEDULES = (
     "nightly_backup_schedule",
     "monthly_archive_schedule",

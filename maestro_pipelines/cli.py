@@ -19,7 +19,7 @@ from rich.table import Table
 from maestro_pipelines.automation_cli import automation_app
 from maestro_pipelines.objectives import RPO_TARGET
 from maestro_pipelines.errors import MaestroError
-from maestro_pipelines.formatting import human_bytes
+from maestro_pipelines.formatting import counted, human_bytes, human_duration
 from maestro_pipelines.settings import load_settings
 
 app = typer.Typer(
@@ -52,6 +52,26 @@ app.add_typer(restore_app, name="restore")
 # databases: without a terminal (and no COLUMNS) tables get room instead.
 out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 err = Console(stderr=True)
+
+
+def _print_version(wanted: bool) -> None:
+    if not wanted:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        out.print(f"maestro {version('maestro-pipelines')}", highlight=False)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        out.print("maestro (version unknown: the maestro-pipelines package is not installed)", highlight=False)
+    raise typer.Exit()
+
+
+@app.callback()
+def _maestro(
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print the version of maestro-pipelines and exit."),
+) -> None:
+    pass
 
 
 def _location():
@@ -231,35 +251,71 @@ def tenants_list(as_json: bool = typer.Option(False, "--json", help="Print JSON 
 
     --json keys per tenant: id, name, display_name, status, gates, regression_tolerance,
     created_at, rows (null when the source could not be counted), production_version (null:
-    none deployed), deployed_at, last_training {status, at, dagster_run_id} (null: never)."""
+    none deployed), deployed_at, last_training {status, at, dagster_run_id} (null: none recorded),
+    cannot_train (why the tenant's rows cannot train a model yet, or null).
+
+    Trainings are recorded from the moment a model is fit: one that failed before (reading the
+    rows, the train/test split) is only in Dagster's runs, so "none recorded" is not "never"."""
     from maestro_pipelines.platform_db.tenants import list_tenants, tenant_models
 
     with _platform_connection() as conn:
         tenants = list_tenants(conn, include_inactive=True)
         models = tenant_models(conn)
         rows = _tenant_row_counts(conn, [t.name for t in tenants])
-    listed = [_tenant_listing(t, models.get(t.name), rows.get(t.name)) for t in tenants]
+        untrainable = _untrainable_tenants(conn, tenants, models, rows)
+    listed = [_tenant_listing(t, models.get(t.name), rows.get(t.name), untrainable.get(t.name)) for t in tenants]
     if as_json:
         out.print_json(json.dumps(listed))
         return
-    table = Table(title=f"{len(tenants)} tenant{'' if len(tenants) == 1 else 's'}", title_justify="left")
-    for column, justify in (("name", "left"), ("display name", "left"), ("status", "left"), ("rows", "right"),
+    out.print(_tenants_table(listed))
+    for t in listed:
+        if t["cannot_train"]:
+            out.print(f"{t['cannot_train']}: add rows with `maestro tenants load {t['name']} FILE`",
+                      highlight=False, soft_wrap=True)
+    if any(t["last_training"] is None and t["rows"] for t in listed):
+        out.print("none recorded: a training that failed before fitting a model (reading the rows, the split) is "
+                  "only in Dagster: Runs, filtered by tag dagster/partition=NAME", highlight=False, soft_wrap=True)
+
+
+def _untrainable_tenants(conn, tenants, models, rows: dict) -> dict[str, str]:
+    """Why the rows of tenants without a model cannot train one yet: known on the embedded
+    default (training_rows here), one aggregate per such tenant."""
+    from maestro_pipelines.platform_db.training_rows import why_untrainable
+
+    if load_settings().source_url is not None:
+        return {}
+    reasons = {}
+    for tenant in tenants:
+        if rows.get(tenant.name) and not getattr(models.get(tenant.name), "model_versions", 0):
+            reason = why_untrainable(conn, tenant.name)
+            if reason:
+                reasons[tenant.name] = reason
+    return reasons
+
+
+def _tenants_table(listed: list[dict]) -> Table:
+    """Five columns that fit 80: names never wrapped (they are typed into commands), a tenant's
+    status only when it is not active, the display name the one column that wraps."""
+    table = Table(title=counted(len(listed), "tenant"), title_justify="left")
+    for column, justify in (("name", "left"), ("display name", "left"), ("rows", "right"),
                             ("production", "left"), ("last training (UTC)", "left")):
         table.add_column(column, justify=justify, no_wrap=column != "display name")
     for t in listed:
         training = t["last_training"]
         table.add_row(
-            t["name"], t["display_name"], t["status"], "?" if t["rows"] is None else f"{t['rows']:,}",
+            t["name"] if t["status"] == "active" else f"{t['name']} ({t['status']})", t["display_name"],
+            "?" if t["rows"] is None else f"{t['rows']:,}",
             f"v{t['production_version']}" if t["production_version"] is not None else "none",
-            f"{training['at'][:16].replace('T', ' ')} {training['status']}" if training else "never",
+            f"{training['at'][:16].replace('T', ' ')} {training['status']}" if training else "none recorded",
         )
-    out.print(table)
+    return table
 
 
-def _tenant_listing(tenant, models, rows: int | None) -> dict:
+def _tenant_listing(tenant, models, rows: int | None, cannot_train: str | None = None) -> dict:
     from datetime import timezone
 
-    listing = {**_tenant_json(tenant), "rows": rows, "production_version": None, "deployed_at": None, "last_training": None}
+    listing = {**_tenant_json(tenant), "rows": rows, "production_version": None, "deployed_at": None,
+               "last_training": None, "cannot_train": cannot_train}
     if models is not None:
         listing["production_version"] = models.production_version
         listing["deployed_at"] = models.deployed_at.isoformat() if models.deployed_at else None
@@ -319,8 +375,11 @@ def tenants_load(
 
         maestro tenants load umbrella export.parquet --key customer_id --replace
 
+    Rows that cannot train a model yet (one label class, or too few for the train/test split:
+    about 1 row in 5 is held out for testing) are loaded with a warning saying what they lack.
+
     --json keys: tenant, file, file_format, rows, inserted, updated, unchanged, deleted,
-    features, key_column, tenant_rows, seconds."""
+    features, key_column, tenant_rows, seconds, trainable."""
     from maestro_pipelines.platform_db.tenants import validate_tenant_name
     from maestro_pipelines.platform_db.training_rows import file_format, file_layout, load_training_rows, open_rows
 
@@ -335,19 +394,42 @@ def tenants_load(
             "MAESTRO_SOURCE_URL is set: training reads tenants' rows from your database, not from the platform "
             "database this command loads", "Load the rows into the table MAESTRO_SOURCE_URL names (docs/architecture.md, "
             "\"Data sources\", gives its columns), or unset MAESTRO_SOURCE_URL")
+    from maestro_pipelines.platform_db.tenants import tenant_models
+    from maestro_pipelines.platform_db.training_rows import why_untrainable
+
     with _platform_connection() as conn, _RowProgress(file_format(file)) as progress:
         result = load_training_rows(conn, name, file, key_column=key, replace=replace, progress=progress)
+        untrainable = why_untrainable(conn, name)
+        models = tenant_models(conn).get(name)
         conn.commit()
+    if untrainable:  # loaded all the same: the next file may bring the rows it lacks
+        err.print(f"[yellow]warning:[/yellow] {untrainable}; add rows with `maestro tenants load {name} FILE` "
+                  "(without --replace rows are added)", highlight=False, soft_wrap=True)
     if as_json:
-        out.print_json(json.dumps(result.as_dict()))
+        out.print_json(json.dumps({**result.as_dict(), "trainable": untrainable is None}))
         return
     key_text = f"key column {result.key_column}" if result.key_column else "no key column: rows keyed by content"
     deleted = f", {result.deleted:,} deleted" if replace else ""
-    out.print(f"loaded {result.rows:,} rows of {file.name} into tenant {name} in {result.seconds:.1f} s: "
+    out.print(f"loaded {counted(result.rows, 'row')} of {file.name} into tenant {name} in {result.seconds:.1f} s: "
               f"{result.inserted:,} new, {result.updated:,} updated, {result.unchanged:,} unchanged{deleted} "
               f"({len(result.features)} features, {key_text})", highlight=False, soft_wrap=True)
-    out.print(f"tenant {name} has {result.tenant_rows:,} training rows; the tenant sensor requests its first training "
-              "within a minute when Dagster runs (`maestro tenants list` shows it)", highlight=False, soft_wrap=True)
+    out.print(f"tenant {name} has {counted(result.tenant_rows, 'training row')}; {_after_load(result, untrainable, models)}",
+              highlight=False, soft_wrap=True)
+
+
+def _after_load(result, untrainable: str | None, models) -> str:
+    """What happens next, as the sensors will do it (sensors/tenants.py)."""
+    name = result.tenant
+    if models is not None and models.model_versions:
+        return ("a tenant with a model is retrained by retraining_sensor (stopped by default) when its rows change; "
+                f"to train now, launch train_and_deploy for partition {name} in the UI (Jobs > train_and_deploy > "
+                "Materialize all)")
+    if untrainable:
+        return "the tenant sensor requests its first training once they can train a model"
+    if not (result.inserted or result.updated or result.deleted):
+        return ("none changed: the tenant sensor requests a first training only if none ran on these rows "
+                "(`maestro tenants list`)")
+    return "the tenant sensor requests its first training within a minute when Dagster runs (`maestro tenants list` shows it)"
 
 
 class _RowProgress:
@@ -461,7 +543,7 @@ def backup_run(
     store = _store()
     targets, notes = backup_targets(settings)
     for note in notes:
-        err.print(f"note: {note}", highlight=False)
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
     with _progress("dump") as progress:
         manifest = create_backup(store, targets, options, progress=progress, notes=notes, phases=progress.phase)
     report = None
@@ -499,9 +581,11 @@ def backup_list(
     monthly: bool = typer.Option(False, "--monthly", help="List the monthly archives instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
-    """Committed backups, oldest first: id, age, size, verified.
+    """Committed backups, oldest first: id, age, stored size, verified.
 
-    The id is the backup's start time (UTC); the age is its data's. Verified: yes; no; BAD (its
+    The id is the backup's start time (UTC); the age is its data's. Stored: what the backup takes
+    in the store, compressed (its dumps and its list of model artifacts; --json has dump_bytes,
+    the dumps unpacked, what a restore writes out). Verified: yes; no; BAD (its
     verification failed, or an object is missing or changed since, found by one cheap head per
     object). `maestro backup info` says whether that is enough."""
     from maestro_pipelines.backup import check_objects, list_backups
@@ -524,7 +608,7 @@ def backup_list(
     # of the time again: an 80-column terminal fits five columns (archives show their month
     # instead of databases).
     for column, justify in (("id", "left"), ("month", "left"), ("age", "right"),
-                            ("databases", "left"), ("size", "right"), ("verified", "left")):
+                            ("databases", "left"), ("stored", "right"), ("verified", "left")):
         if (column == "month" and not monthly) or (column == "databases" and monthly):
             continue
         # Ids and times are copied into other commands: never wrapped or cut.
@@ -601,8 +685,7 @@ def _print_info(info) -> None:
     from rich.markup import escape
 
     def line(key: str, value: str) -> None:
-        # Not markup: a store's error may hold brackets (`[Errno 2]`, a path).
-        out.print(f"{key:<12}{value}", highlight=False, soft_wrap=True, markup=False)
+        _print_keyed(key, value)
 
     colour = {"ok": "green", "warning": "yellow", "error": "red"}[info.status]
     out.print(f"{'status':<12}[{colour}]{escape(info.status_line())}[/{colour}]", highlight=False, soft_wrap=True)
@@ -639,16 +722,31 @@ def _print_info(info) -> None:
 
 
 def _print_automation(info) -> None:
-    from maestro_pipelines.automation import AUTOMATION_ON_COMMAND
+    """What the backup schedules and sensors start as. Not whether they run now: that is Dagster's
+    state, which this command (reading only the store) never sees; the status command reads it."""
+    from maestro_pipelines.automation import AUTOMATION_ON_COMMAND, AUTOMATION_STATUS_COMMAND
 
     if info.automation_stopped:
-        said = ["backup schedules and the RPO sensor start stopped on the embedded default: nothing backs up",
-                f"by itself here. Turn them on: {AUTOMATION_ON_COMMAND}"]
+        said = ("on the embedded default the backup schedules and sensors start stopped; see "
+                f"`{AUTOMATION_STATUS_COMMAND}`, turn them on with `{AUTOMATION_ON_COMMAND}`")
     else:
-        said = ["backup schedules and the RPO sensor start running (MAESTRO_DATABASE_URL is set); one",
-                "stopped in the Dagster UI stays stopped"]
-    for key, value in zip(("automation", ""), said):
-        out.print(f"{key:<12}{value}", highlight=False, soft_wrap=True, markup=False)
+        said = ("the backup schedules and sensors start running (MAESTRO_DATABASE_URL is set) unless "
+                f"stopped in the Dagster UI; see `{AUTOMATION_STATUS_COMMAND}`")
+    _print_keyed("automation", said)
+
+
+def _print_keyed(key: str, value: str) -> None:
+    """`key        value`, the value wrapped at the terminal's width under itself (an 80-column
+    terminal would otherwise break it under the key). Text, not markup: a store's error may
+    hold brackets (`[Errno 2]`, a path)."""
+    from rich.text import Text
+
+    indent = len(value) - len(value.lstrip(" "))  # a hint under its finding: kept when wrapped
+    grid = Table.grid()
+    grid.add_column(width=12 + indent, no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row(Text(key), Text(value[indent:]))
+    out.print(grid)
 
 
 def _info_backup(info, entry) -> str:
@@ -674,7 +772,7 @@ def _recent_table(info) -> Table:
 
     shown = list(reversed(info.backups[-RECENT_BACKUPS:]))
     table = Table(title=f"last {len(shown)} of {len(info.backups)} backups, latest first", title_justify="left")
-    for column, justify in (("id", "left"), ("age", "right"), ("size", "right"), ("duration", "right"),
+    for column, justify in (("id", "left"), ("age", "right"), ("stored", "right"), ("duration", "right"),
                             ("verified", "left")):
         table.add_column(column, justify=justify, no_wrap=True)
     for entry in shown:
@@ -689,8 +787,8 @@ def _recent_table(info) -> Table:
 @backup_app.command("verify")
 def backup_verify(
     backup_id: str = typer.Argument(
-        ..., help="A backup id from `maestro backup list`, or `latest`: the latest backup taken, verified or not "
-                  "(`newest` is accepted too)."),
+        "latest", help="A backup id from `maestro backup list`, or `latest` (the default): the latest backup taken, "
+                       "verified or not (`newest` is accepted too)."),
     month: str = typer.Option(None, metavar="MONTH", help="Verify the monthly archive of this month (YYYY-MM) instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
 ) -> None:
@@ -700,7 +798,7 @@ def backup_verify(
 
     Examples:
 
-        maestro backup verify latest
+        maestro backup verify
         maestro backup verify 20261126T020000Z-3f2a1b --json
         maestro backup verify latest --month 2026-10"""
     from maestro_pipelines.backup import BackupNotFound, list_backups, verify_backup
@@ -787,11 +885,11 @@ def _destinations():
 
 def _steps_table(title: str, steps) -> Table:
     table = Table(title=title, title_justify="left")
-    table.add_column("step")
-    table.add_column("seconds", justify="right")
+    table.add_column("step", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)  # seconds to the millisecond: --json
     table.add_column("detail", overflow="fold")
     for step in steps:
-        table.add_row(step.name, f"{step.seconds:.2f}", step.detail)
+        table.add_row(step.name, human_duration(step.seconds), step.detail)
     return table
 
 
@@ -873,18 +971,25 @@ def _print_restore_report(report, as_json: bool) -> None:
             "notes": report.notes,
         }))
         return
-    out.print(_steps_table(f"restore of backup {report.backup_id}: {report.duration_s:.1f} s", report.steps))
+    out.print(_steps_table(f"restore of backup {report.backup_id}: {human_duration(report.duration_s)}", report.steps))
     for d in report.databases:
         where_now = f"swapped into place as {d.live}" if d.restored_as == d.live and report.target == "live" else f"in {d.restored_as}"
         kept = f"; the old one is kept as {d.kept_as}" if d.kept_as else ""
-        out.print(f"{d.role}: {d.tables} tables, {d.rows:,} rows equal to the backup, {where_now}{kept}", highlight=False)
+        out.print(f"{d.role}: {counted(d.tables, 'table')}, {counted(d.rows, 'row')} equal to the backup, "
+                  f"{where_now}{kept}", highlight=False, soft_wrap=True)
     if report.missing_artifacts:
         err.print(f"[yellow]warning:[/yellow] {len(report.missing_artifacts)} model artifacts listed in the backup are "
                   f"missing from the store: {', '.join(report.missing_artifacts[:10])}", highlight=False)
     for note in report.notes:
         err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    out.print("when you no longer need them: `maestro restore cleanup` drops the scratch databases, with "
-              "--confirm <platform database> also the old live ones", highlight=False)
+    _print_cleanup_hint([d.live for d in report.databases if d.role == "platform"])
+
+
+def _print_cleanup_hint(platform: list[str]) -> None:
+    """How to drop what a restore left, naming the platform database --confirm wants when known."""
+    confirm = f"--confirm {platform[0]}" if platform else "--confirm DATABASE (the platform database's name)"
+    out.print(f"when you no longer need them: `maestro restore cleanup` drops the scratch databases, with "
+              f"{confirm} also the old live ones", highlight=False)
 
 
 @restore_app.command("cleanup")
@@ -918,10 +1023,18 @@ def restore_cleanup_command(
     items = restore_cleanup(destinations, dry_run=dry_run, store=store, confirm=confirm)
     for item in items:
         out.print(item.describe(), highlight=False, soft_wrap=True)
-    verb = "would drop" if dry_run else "dropped"
-    kept = sum(not item.dropped for item in items)
-    out.print(f"{verb} {sum(item.dropped for item in items)} database(s), kept {kept}", highlight=False)
+    out.print(_cleanup_summary(items, dry_run), highlight=False)
     raise_for_in_use(items)
+
+
+def _cleanup_summary(items, dry_run: bool) -> str:
+    """`nothing to drop`, or `dropped 1 database, kept 2 databases`."""
+    if not items:
+        return "nothing to drop: no database left by a restore"
+    dropped, kept = sum(item.dropped for item in items), sum(not item.dropped for item in items)
+    said = [f"{'would drop' if dry_run else 'dropped'} {counted(dropped, 'database')}"] if dropped else []
+    said += [f"kept {counted(kept, 'database')}"] if kept else []
+    return ", ".join(said)
 
 
 def _print_half_done(found) -> None:
@@ -965,8 +1078,7 @@ def _recover(undo: bool, confirm: str | None) -> None:
     done = recover(_store(), destinations, confirm, log=lambda message: err.print(message, highlight=False))
     for line in done.lines():
         out.print(line, highlight=False, soft_wrap=True)
-    out.print("when you no longer need them: `maestro restore cleanup` drops the scratch databases, with "
-              "--confirm <platform database> also the old live ones", highlight=False)
+    _print_cleanup_hint([t.database for t in destinations if t.role == "platform"])
 
 
 _RECOVER_CONFIRM = "The platform database's name (what the interrupted restore was confirmed with)."
@@ -1037,21 +1149,25 @@ def drill(
     else:
         out.print(_steps_table(f"drill with backup {report.backup_id}", report.steps))
         if report.rto_s is not None:
-            out.print(f"RTO {report.rto_s:.1f} s (target {report.rto_target_s:.0f} s): {'ok' if report.rto_ok else 'MISSED'}", highlight=False)
+            out.print(f"RTO {human_duration(report.rto_s)} (target {human_duration(report.rto_target_s)}): "
+                      f"{'ok' if report.rto_ok else 'MISSED'}", highlight=False)
         if report.rpo_s is not None and not report.restored:
             out.print("RPO not judged: the drill's restore failed (below), so this backup is no proven restore point",
                       highlight=False)
         elif report.rpo_s is not None:
-            out.print(f"RPO {report.rpo_s / 3600:.2f} h (target {report.rpo_target_s / 3600:.1f} h): {'ok' if report.rpo_ok else 'MISSED'}", highlight=False)
+            out.print(f"RPO {human_duration(report.rpo_s)} (target {human_duration(report.rpo_target_s)}): "
+                      f"{'ok' if report.rpo_ok else 'MISSED'}", highlight=False)
         if report.restored:
-            out.print(f"{report.indexes_checked} btree indexes checked, {report.aliases_resolved} production aliases resolved", highlight=False)
+            out.print(f"{counted(report.indexes_checked, 'btree index', 'btree indexes')} checked, "
+                      f"{counted(report.aliases_resolved, 'production alias', 'production aliases')} resolved",
+                      highlight=False)
         for note in report.notes:
             err.print(f"note: {note}", highlight=False)
         for failure in report.failures():
             err.print(f"drill FAILED: {failure}", highlight=False, soft_wrap=True)
         if report.record_key:
             out.print(f"recorded in the store as {report.record_key} (`maestro drill list` shows the history)",
-                      highlight=False, soft_wrap=True)
+                      highlight=False)
     if not report.ok:
         raise typer.Exit(1)
 
@@ -1072,17 +1188,35 @@ def drill_list(
     if as_json:
         out.print_json(json.dumps([{**r.to_dict(), "key": r.key} for r in history.records]))
         return
-    count = len(history.records)
-    table = Table(title=f"{count} drill{'' if count == 1 else 's'} in {store.url}", title_justify="left")
-    for column in ("started (UTC)", "ran from", "backup", "RTO", "RPO", "result"):
-        table.add_column(column, justify="right" if column in ("RTO", "RPO") else "left",
-                         no_wrap=column != "result", overflow="fold")
-    for r in history.records:
-        rto = f"{r.rto_s:.1f} s / {r.rto_target_s:.0f} s" if r.rto_s is not None else "-"
-        rpo = f"{r.rpo_s / 3600:.2f} h / {r.rpo_target_s / 3600:.0f} h" if r.rpo_s is not None else "-"
-        result = "ok" if r.ok else "[red]FAILED[/red]: " + (r.problems[0] if r.problems else "no detail recorded")
-        table.add_row(f"{r.started_at:%Y-%m-%d %H:%M:%S}", r.where, r.backup_id or "-", rto, rpo, result)
-    out.print(table)
+    out.print(_drill_table(history.records, store.url))
+    if history.records:
+        out.print(_drill_targets(history.records), highlight=False)
+
+
+def _drill_table(records, store_url: str) -> Table:
+    """Five columns that fit 80: the time to the minute, the whole backup id (never cut: it is
+    copied into `maestro restore --backup`), durations as people say them, and the result
+    with where it ran, the only column that wraps. Targets and seconds are in --json."""
+    from rich.markup import escape
+
+    table = Table(title=f"{counted(len(records), 'drill', 'drills')} in {store_url}", title_justify="left")
+    for column in ("started (UTC)", "backup", "RTO", "RPO", "result"):
+        table.add_column(column, justify="right" if column in ("RTO", "RPO") else "left", no_wrap=column != "result")
+    for r in records:
+        rto = human_duration(r.rto_s) if r.rto_s is not None else "-"
+        rpo = human_duration(r.rpo_s) if r.rpo_s is not None else "-"
+        problem = escape(r.problems[0]) if r.problems else "no detail recorded"
+        result = f"ok ({escape(r.where)})" if r.ok else f"[red]FAILED[/red] ({escape(r.where)}): {problem}"
+        table.add_row(f"{r.started_at:%Y-%m-%d %H:%M}", r.backup_id or "-", rto, rpo, result)
+    return table
+
+
+def _drill_targets(records) -> str:
+    latest = records[-1]
+    said = f"targets: RTO {human_duration(latest.rto_target_s)}, RPO {human_duration(latest.rpo_target_s)}"
+    if any((r.rto_target_s, r.rpo_target_s) != (latest.rto_target_s, latest.rpo_target_s) for r in records):
+        return f"{said} (the latest drill's; others had other targets: --json gives each drill's)"
+    return said
 
 
 mlflow_app = typer.Typer(help="MLflow: its UI on the runs and models Maestro's trainings recorded.", no_args_is_help=True)

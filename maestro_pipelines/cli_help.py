@@ -28,6 +28,7 @@ ORDER: dict[str, tuple[str, ...]] = {
     "backup": ("info", "run", "list", "verify", "archive", "retention", "automation"),
     "restore": ("status", "finish", "undo", "cleanup"),
     "drill": ("list",),
+    "backup automation": ("status", "on", "off"),
     "db": ("status", "upgrade", "downgrade", "start", "stop"),
 }
 # Examples for commands whose own help has none (command path below `maestro`).

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def counted(count: int, singular: str, plural: str | None = None) -> str:
+    """`1 drill`, `2 drills`, `0 drills`, `1,234 rows`: a count with its noun in the right number
+    (`plural` for nouns that do not just take an s: `btree indexes`)."""
+    return f"{count:,} {singular if count == 1 else plural or singular + 's'}"
+
+
 def human_bytes(size: float) -> str:
     """1,234 B, 12.3 KiB, 4.5 MiB, 6.7 GiB, then TiB: binary multiples, named as such (like git),
     so a size never reads as two different numbers in two places."""

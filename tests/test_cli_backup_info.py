@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from maestro_pipelines.automation import AUTOMATION_ON_COMMAND
+from maestro_pipelines.automation import AUTOMATION_ON_COMMAND, AUTOMATION_STATUS_COMMAND
 from maestro_pipelines.formatting import human_bytes
 from maestro_pipelines.platform_db.migrate import upgrade
 from tests.backup.conftest import wait_until
@@ -80,15 +80,18 @@ def test_an_empty_store_on_the_embedded_default_is_an_error_that_says_what_to_do
     assert "Run `maestro backup run`" in lines[2]
     assert field(lines, "  latest").startswith("none")
     assert field(lines, "RPO").startswith("none: nothing to restore from (target 26 h)")
-    # On the embedded default nothing backs up by itself: said, with the command that changes it.
+    # On the embedded default nothing backs up by itself: said as a default (info reads no
+    # Dagster state, so it claims nothing about now), with the commands that show and change it.
     said = " ".join(line.strip() for line in lines)
-    assert "start stopped on the embedded default" in said and f"Turn them on: {AUTOMATION_ON_COMMAND}" in said
+    assert "on the embedded default the backup schedules and sensors start stopped" in said, said
+    assert f"see `{AUTOMATION_STATUS_COMMAND}`, turn them on with `{AUTOMATION_ON_COMMAND}`" in said
 
     assert report["status"] == "error" and report["latest"] is None and report["oldest"] is None
     [reason] = report["reasons"]
     assert reason["level"] == "error" and "maestro backup run" in reason["hint"]
     assert report["rpo"] == {"target_s": 26 * 3600.0, "age_s": None, "ok": False}
-    assert report["automation"] == {"stopped_by_default": True, "turn_on": AUTOMATION_ON_COMMAND}
+    assert report["automation"] == {"stopped_by_default": True, "turn_on": AUTOMATION_ON_COMMAND,
+                                    "status": AUTOMATION_STATUS_COMMAND}
     assert report["store"] == (tmp_path / "home" / "store").as_uri()
     # It reads the store only: no embedded server was started for it.
     assert not (tmp_path / "home" / "pgdata").exists()
@@ -123,7 +126,7 @@ def test_info_through_a_backup_an_unverified_one_and_a_damaged_one(env, store):
     assert latest["stored_bytes"] == listed["stored_bytes"] > sum(d["stored_bytes"] for d in first["databases"].values())
     assert row.split("│")[3].strip() == human_bytes(listed["stored_bytes"])
     assert latest["duration_s"] > 0 and latest["databases"] == ["platform"]
-    assert report["automation"] == {"stopped_by_default": False, "turn_on": None}
+    assert report["automation"] == {"stopped_by_default": False, "turn_on": None, "status": AUTOMATION_STATUS_COMMAND}
     assert field(lines, "monthly") == "none yet (`maestro backup archive`)" and report["monthly"] == []
 
     month = f"{first['id'][:4]}-{first['id'][4:6]}"
@@ -149,8 +152,9 @@ def test_info_through_a_backup_an_unverified_one_and_a_damaged_one(env, store):
     os.truncate(store.root / "backups" / second["id"] / "platform.dump.zst", 100)
     lines, report = info(env, 2)
     assert words(lines[0]) == "status error (latest backup BAD)", lines
-    assert f"latest backup BAD: {second['id']}:" in lines[1] and "truncated" in lines[1]
-    assert f"`maestro restore` takes {first['id']}" in lines[2]
+    finding = words(" ".join(lines[1:lines.index(next(line for line in lines if line.startswith("store ")))]))
+    assert finding.startswith(f"error: latest backup BAD: {second['id']}:") and "truncated" in finding, lines
+    assert f"`maestro restore` takes {first['id']}" in finding
     assert report["latest"]["id"] == first["id"] and report["restorable"] == 2  # first, and its archive
     assert report["recent"][0]["bad"] is True and "truncated" in report["recent"][0]["problem"]
 
@@ -189,7 +193,7 @@ def test_backup_list_shows_each_backups_age(env):
     table = run_maestro("backup", "list", env=env)
     assert table.returncode == 0, table.stderr
     header = next(line for line in table.stdout.splitlines() if "id" in line and "verified" in line)
-    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["id", "age", "databases", "size", "verified"]
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["id", "age", "databases", "stored", "verified"]
     [row] = [line for line in table.stdout.splitlines() if first["id"] in line]
     age = row.split("│")[2].strip()
     assert age.endswith(" s") or age.endswith(" min"), row
@@ -214,3 +218,46 @@ def test_a_drill_of_newest_drills_the_latest_and_info_shows_it(env):
     for command in ("restore", "drill"):
         helped = " ".join(run_maestro(command, "--help", env=env).stdout.split())
         assert "`latest`" in helped and "`newest` is accepted too" in helped, helped
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of a rich table's body rows (one list per printed line)."""
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+
+
+def test_at_80_columns_every_table_fits_and_keeps_ids_and_times_whole(env):
+    """On a laptop's 80-column terminal: no line wider than the terminal, backup ids and times
+    never cut (they are copied into other commands), durations as people say them; the seconds
+    stay in --json. `backup verify` alone verifies the latest backup, as restore and drill
+    default to it."""
+    first = backup_run(env)
+    narrow = {**env, "COLUMNS": "80"}
+    drilled = run_maestro("drill", env=narrow)
+    assert drilled.returncode == 0, drilled.stderr
+    assert re.search(r"^RTO [0-9.]+ s \(target 15 min\): ok$", drilled.stdout, re.M), drilled.stdout
+    assert re.search(r"^RPO ([0-9.]+ s|\d+ min( \d+ s)?) \(target 26 h\): ok$", drilled.stdout, re.M), drilled.stdout
+    assert re.search(r"^\d+ btree indexes checked, 0 production aliases resolved$", drilled.stdout, re.M)
+    shown = {"drill": drilled.stdout}
+    for command in (["drill", "list"], ["backup", "list"], ["backup", "info"], ["restore", "cleanup", "--dry-run"],
+                    ["backup", "verify"]):
+        done = run_maestro(*command, env=narrow)
+        assert done.returncode == 0, done.stdout + done.stderr
+        shown[" ".join(command)] = done.stdout
+    for command, stdout in shown.items():
+        too_wide = [line for line in stdout.splitlines() if len(line.rstrip()) > 80]
+        assert too_wide == [], f"maestro {command}:\n" + stdout
+
+    [drill_row] = table_rows(shown["drill list"])
+    assert drill_row[:2] == [re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", drill_row[0])[0], first["id"]], drill_row
+    assert re.fullmatch(r"[0-9.]+ s", drill_row[2]) and re.fullmatch(r"[0-9.]+ s|\d+ min( \d+ s)?", drill_row[3])
+    assert drill_row[4] == "ok (cli)"
+    assert "targets: RTO 15 min, RPO 26 h" in shown["drill list"]
+    [listed] = json.loads(run_maestro("drill", "list", "--json", env=narrow).stdout)
+    assert (listed["rto_target_s"], listed["rpo_target_s"]) == (900, 26 * 3600) and listed["rto_s"] > 0
+    assert [row[0] for row in table_rows(shown["backup list"])] == [first["id"]]
+    assert [row[0] for row in table_rows(shown["backup info"])] == [first["id"]]
+    assert field(shown["backup info"].splitlines(), "automation").startswith("the backup schedules and sensors start")
+    assert shown["restore cleanup --dry-run"].strip() == "nothing to drop: no database left by a restore"
+    assert shown["backup verify"].startswith(f"backup {first['id']} verified: ")
+    verified = run_maestro("backup", "verify", "--json", env=env)
+    assert verified.returncode == 0 and json.loads(verified.stdout)["id"] == first["id"], verified.stderr

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from maestro_pipelines.automation import AUTOMATION_ON_COMMAND
+from maestro_pipelines.automation import AUTOMATION_ON_COMMAND, AUTOMATION_STATUS_COMMAND
 from maestro_pipelines.backup.activity import Activity, running_activities, stale_activities
 from maestro_pipelines.backup.catalog import (
     BackupEntry,
@@ -139,8 +139,10 @@ class BackupInfo:
             "unfinished": [{"root": root, "objects": n} for root, n in self.unfinished.items()],
             "half_done_restores": [{"backup_id": j.backup_id, "stamp": j.stamp, "started_at": _iso(j.started_at),
                                     "host": j.host, "pid": j.pid, "summary": j.summary()} for j in self.half_done],
+            # A default, not Dagster's state (never read here): `status` says what runs now.
             "automation": {"stopped_by_default": self.automation_stopped,
-                           "turn_on": AUTOMATION_ON_COMMAND if self.automation_stopped else None},
+                           "turn_on": AUTOMATION_ON_COMMAND if self.automation_stopped else None,
+                           "status": AUTOMATION_STATUS_COMMAND},
             "drill": _drill_dict(self.drill),
         }
 

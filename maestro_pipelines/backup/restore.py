@@ -779,8 +779,10 @@ def restore_backup(
                     download_dump(store, entry, dump, path, progress)
                     files[dump.role] = path
                     stored, dumped = stored + dump.compressed_bytes, dumped + dump.dump_bytes
-                return (f"{len(plans)} dumps, {human_bytes(stored)} read ({human_bytes(dumped)} decompressed), "
-                        "sha256 and sizes match the manifest")
+                # Compressed, as in the store (`backup list`'s size adds the backup's artifact list);
+                # unpacked: what pg_restore reads.
+                return (f"{len(plans)} dump{'' if len(plans) == 1 else 's'}, {human_bytes(stored)} compressed read "
+                        f"({human_bytes(dumped)} unpacked), sha256 and sizes match the manifest")
 
             say(f"downloading backup {entry.backup_id} (every object checked before any database is touched)")
             _timed(report, "download and check", download, phases)
