@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from maestro_pipelines.formatting import human_duration
 from maestro_pipelines.platform_db.embedded import EmbeddedPostgres, bin_dir
 
 from .test_cli import run_maestro
@@ -102,6 +103,9 @@ def test_live_restore_keeps_the_old_database_until_cleanup(kept_server):
     restored = run_maestro("restore", "--target", "live", "--confirm", "maestro", env=env)
     assert restored.returncode == 0, restored.stderr
     assert "the old one is kept as maestro_pre_restore_" in restored.stdout
+    # The closing hint names the database --confirm wants, not a placeholder.
+    assert "`maestro restore cleanup` drops the scratch databases, with --confirm maestro also the old live ones" \
+        in restored.stdout, restored.stdout
     assert psql(home, "maestro", "SELECT string_agg(name, ',' ORDER BY name) FROM tenants") == "acme"
     kept = psql(home, "postgres", "SELECT datname FROM pg_database WHERE datname LIKE 'maestro_pre_restore_%'")
     assert psql(home, kept, "SELECT string_agg(name, ',' ORDER BY name) FROM tenants") == "acme,globex"
@@ -111,7 +115,7 @@ def test_live_restore_keeps_the_old_database_until_cleanup(kept_server):
     for command in (["restore", "cleanup"], ["restore", "cleanup", "--dry-run", "--confirm", "maestro"]):
         cleanup = run_maestro(*command, env=env)
         assert cleanup.returncode == 0, cleanup.stderr
-        assert "would drop 1" in cleanup.stdout if "--dry-run" in command else (
+        assert "would drop 1 database\n" in cleanup.stdout if "--dry-run" in command else (
             f"kept {kept} (old live database of maestro, " in cleanup.stdout
             and "drop it with --confirm maestro" in cleanup.stdout), cleanup.stdout
         assert psql(home, "postgres", f"SELECT count(*) FROM pg_database WHERE datname = '{kept}'") == "1"
@@ -120,8 +124,10 @@ def test_live_restore_keeps_the_old_database_until_cleanup(kept_server):
     assert psql(home, "postgres", f"SELECT count(*) FROM pg_database WHERE datname = '{kept}'") == "1"
     cleanup = run_maestro("restore", "cleanup", "--confirm", "maestro", env=env)
     assert cleanup.returncode == 0, cleanup.stderr
-    assert f"dropped {kept}" in cleanup.stdout
+    assert f"dropped {kept}" in cleanup.stdout and cleanup.stdout.endswith("\ndropped 1 database\n")
     assert psql(home, "postgres", "SELECT count(*) FROM pg_database WHERE datname LIKE 'maestro_%restore_%'") == "0"
+    again = run_maestro("restore", "cleanup", env=env)
+    assert again.returncode == 0 and again.stdout == "nothing to drop: no database left by a restore\n", again.stdout
 
 
 def test_drills_from_the_cli_are_recorded_and_listed(kept_server):
@@ -154,5 +160,7 @@ def test_drills_from_the_cli_are_recorded_and_listed(kept_server):
     table = run_maestro("drill", "list", "--limit", "1", env=env)
     assert table.returncode == 0, table.stderr
     assert "1 drill in file://" in table.stdout and backup_id in table.stdout
-    assert "FAILED" in table.stdout and "over the target" in table.stdout
-    assert f"{drills[1]['rto_s']:.1f} s / 0 s" in table.stdout
+    assert "FAILED (cli)" in table.stdout and "over the target" in table.stdout
+    # Durations as people say them; the target that differs from the default is the table's.
+    assert f"│ {human_duration(drills[1]['rto_s'])} │ {human_duration(drills[1]['rpo_s'])} │" in table.stdout
+    assert "targets: RTO 0.0 s, RPO 26 h" in table.stdout

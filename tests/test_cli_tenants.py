@@ -196,8 +196,19 @@ def test_list_shows_rows_production_version_and_last_training(platform, tmp_path
     assert shown.returncode == 0, shown.stderr
     cells = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
              for line in shown.stdout.splitlines() if line.startswith("│ ")}
-    assert cells["listed"][1:] == ["active", "12", "v2", "2026-11-30 09:05 succeeded"]
-    assert cells["unloaded"][1:] == ["active", "0", "none", "never"]
+    assert cells["listed"][1:] == ["12", "v2", "2026-11-30 09:05 succeeded"]
+    # Not "never": a training that failed before fitting a model is only in Dagster's runs.
+    assert cells["unloaded"][1:] == ["0", "none", "none recorded"]
+
+    # At 80 columns a long display name wraps, the name and the training time never do.
+    sql(engine, "UPDATE tenants SET display_name = 'Umbrella Corporation International' WHERE name = 'listed'")
+    narrow = run_maestro("tenants", "list", env={**env, "COLUMNS": "80"})
+    assert narrow.returncode == 0, narrow.stderr
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80, narrow.stdout
+    body = [[c.strip() for c in line.split("│")[1:-1]] for line in narrow.stdout.splitlines() if line.startswith("│ ")]
+    at = next(n for n, row in enumerate(body) if row[0] == "listed")
+    assert body[at][2:] == ["12", "v2", "2026-11-30 09:05 succeeded"], narrow.stdout
+    assert body[at][1].startswith("Umbrella") and body[at + 1][0] == "" and body[at + 1][1], narrow.stdout
 
 
 def test_two_replacing_loads_at_once_leave_one_files_rows(platform, tmp_path):
@@ -249,3 +260,47 @@ def test_with_your_own_database_load_refuses_and_list_counts_its_table(platform,
 
     listed = {t["name"]: t for t in json.loads(run_maestro("tenants", "list", "--json", env=own).stdout)}
     assert listed["ownco"]["rows"] == 7
+
+
+def record_a_model_version(engine, tenant: str) -> None:
+    """What a first training that passed its gates leaves (assets/ml.py registered_model)."""
+    sql(engine, """
+        WITH t AS (SELECT id FROM tenants WHERE name = :n),
+        m AS (INSERT INTO models (tenant_id, name, registry_name) SELECT id, 'classifier', 'maestro-' || :n FROM t
+              RETURNING id, tenant_id)
+        INSERT INTO model_versions (model_id, tenant_id, version, status) SELECT id, tenant_id, 1, 'registered' FROM m""",
+        n=tenant)
+
+
+def test_rows_that_cannot_train_are_loaded_with_a_warning_and_the_next_step_is_what_happens(platform, tmp_path):
+    env, engine, _ = platform
+    add(env, "tiny")
+    one = load(env, "tiny", str(write_csv(tmp_path / "t3.csv", [["r0", 1, 2, 3, "no"]])))
+    assert one.returncode == 0, one.stderr  # loaded: the next file can bring the rows it lacks
+    assert one.stderr.strip() == (
+        "warning: tenant tiny's 1 row cannot train a model yet: every row has label 'no', and a classifier needs two "
+        "classes or more; the train/test split (1 row in 5 held out by a hash of its key) keeps none of them for "
+        "testing: load more rows (10 or more usually do); add rows with `maestro tenants load tiny FILE` "
+        "(without --replace rows are added)")
+    assert one.stdout.splitlines()[-1] == (
+        "tenant tiny has 1 training row; the tenant sensor requests its first training once they can train a model")
+    listed = {t["name"]: t for t in json.loads(run_maestro("tenants", "list", "--json", env=env).stdout)}
+    assert listed["tiny"]["cannot_train"].startswith("tenant tiny's 1 row cannot train a model yet")
+    shown = run_maestro("tenants", "list", env=env).stdout
+    assert "tenant tiny's 1 row cannot train a model yet" in shown and "only in Dagster" in shown
+
+    rows = write_csv(tmp_path / "tiny.csv", good_rows(40))
+    enough = load(env, "tiny", str(rows))
+    assert enough.returncode == 0 and enough.stderr == "", enough.stderr
+    assert enough.stdout.splitlines()[-1] == ("tenant tiny has 40 training rows; the tenant sensor requests its first "
+                                              "training within a minute when Dagster runs (`maestro tenants list` shows it)")
+    assert json.loads(load(env, "tiny", str(rows), "--json").stdout)["trainable"] is True
+    same = load(env, "tiny", str(rows))
+    assert "none changed: the tenant sensor requests a first training only if none ran on these rows" in same.stdout
+
+    record_a_model_version(engine, "tiny")
+    more = load(env, "tiny", str(write_csv(tmp_path / "more.csv", good_rows(5, "n"))))
+    assert more.stdout.splitlines()[-1] == (
+        "tenant tiny has 45 training rows; a tenant with a model is retrained by retraining_sensor (stopped by "
+        "default) when its rows change; to train now, launch train_and_deploy for partition tiny in the UI (Jobs > train_and_deploy > "
+        "Materialize all)")
