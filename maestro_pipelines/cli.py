@@ -408,12 +408,16 @@ def tenants_load(
     if as_json:
         out.print_json(json.dumps({**result.as_dict(), "trainable": untrainable is None}))
         return
+    _print_load(result, file, replace, _after_load(result, untrainable, models))
+
+
+def _print_load(result, file: Path, replace: bool, next_step: str) -> None:
     key_text = f"key column {result.key_column}" if result.key_column else "no key column: rows keyed by content"
     deleted = f", {result.deleted:,} deleted" if replace else ""
-    out.print(f"loaded {counted(result.rows, 'row')} of {file.name} into tenant {name} in {result.seconds:.1f} s: "
+    out.print(f"loaded {counted(result.rows, 'row')} of {file.name} into tenant {result.tenant} in {result.seconds:.1f} s: "
               f"{result.inserted:,} new, {result.updated:,} updated, {result.unchanged:,} unchanged{deleted} "
               f"({len(result.features)} features, {key_text})", highlight=False, soft_wrap=True)
-    out.print(f"tenant {name} has {counted(result.tenant_rows, 'training row')}; {_after_load(result, untrainable, models)}",
+    out.print(f"tenant {result.tenant} has {counted(result.tenant_rows, 'training row')}; {next_step}",
               highlight=False, soft_wrap=True)
 
 

@@ -452,3 +452,47 @@ def row_counts(conn: Connection) -> dict[str, int]:
     if conn.execute(text("SELECT to_regclass('training_rows') IS NULL")).scalar_one():
         return {}
     return dict(conn.execute(text("SELECT tenant, count(*) FROM training_rows GROUP BY tenant")).all())
+
+
+# ---- can these rows train a model? ----------------------------------------------------------------
+
+TEST_FRACTION = 0.2
+"""The share of rows held out for testing: FeatureConfig.test_fraction's default (assets/ml.py)."""
+ROWS_THAT_USUALLY_SPLIT = 10
+"""With 1 row in 5 held out by a hash of its key, 10 rows leave both sides empty about 1 time in 10."""
+
+# A row's side of the split, as ml/features.py in_test_split decides it: the first 8 bytes of
+# sha256("tenant:entity_key"), big-endian, modulo 10,000, against test_fraction * 10,000.
+_BUCKET = " + ".join(f"get_byte(h.digest, {i})::numeric * {256 ** (7 - i)}" for i in range(8))
+SPLIT_SQL = f"""
+SELECT count(*) AS total_rows, count(*) FILTER (WHERE held_out) AS test_rows,
+       count(DISTINCT label) AS labels, count(DISTINCT label) FILTER (WHERE NOT held_out) AS training_labels,
+       min(label) AS some_label
+FROM (
+    SELECT r.label, (({_BUCKET}) % 10000) < :threshold AS held_out
+    FROM training_rows r, LATERAL (SELECT sha256(convert_to(:t || ':' || r.entity_key, 'UTF8')) AS digest) h
+    WHERE r.tenant = :t
+) split
+"""
+
+
+def why_untrainable(conn: Connection, tenant: str, test_fraction: float = TEST_FRACTION) -> str | None:
+    """Why the tenant's rows in training_rows cannot train a model yet (the split of ml/features.py
+    leaves a side empty, or one label class where a classifier needs two), or None when they can
+    (gates may still refuse the model). No rows, or no table yet: None (that is another wait)."""
+    if conn.execute(text("SELECT to_regclass('training_rows') IS NULL")).scalar_one():
+        return None
+    split = conn.execute(text(SPLIT_SQL), {"t": tenant, "threshold": int(test_fraction * 10_000)}).one()
+    if not split.total_rows:
+        return None
+    rows = "1 row" if split.total_rows == 1 else f"{split.total_rows:,} rows"
+    reasons = []
+    if split.labels < 2:
+        reasons.append(f"every row has label {_shown(split.some_label)}, and a classifier needs two classes or more")
+    if split.test_rows in (0, split.total_rows):
+        side = "none of them for testing" if split.test_rows == 0 else "none of them for training"
+        reasons.append(f"the train/test split (1 row in {round(1 / test_fraction)} held out by a hash of its key) "
+                       f"keeps {side}: load more rows ({ROWS_THAT_USUALLY_SPLIT} or more usually do)")
+    elif split.labels >= 2 and split.training_labels < 2:
+        reasons.append("the rows kept for training all have the same label: load more rows of each class")
+    return f"tenant {tenant}'s {rows} cannot train a model yet: {'; '.join(reasons)}" if reasons else None

@@ -45,7 +45,8 @@ def tenant_partitions_sensor(context: dg.SensorEvaluationContext, platform_db: P
         t for t in active
         if ((t.name in to_add and t.id > handled_up_to) or t.name in watching) and not has_model(models.get(t.name))
     ]
-    requests, notes, still_watched = first_trainings(context, source, watched, models, watching)
+    requests, notes, still_watched = first_trainings(context, source, watched, models, watching,
+                                                     untrainable_rows(platform_db, source))
     cursor = json.dumps({"handled_up_to": max([handled_up_to, *(t.id for t in active)]), "watching": still_watched})
     partition_requests = []
     if to_add:
@@ -132,7 +133,7 @@ def rows_changed_since(last: LastTraining, fingerprint) -> bool:
     return bool(fingerprint.newest and last.created_at and fingerprint.newest > last.created_at)
 
 
-def first_trainings(context, source: DataSource, watched, models, requested: dict[str, str | None]):
+def first_trainings(context, source: DataSource, watched, models, requested: dict[str, str | None], why_untrainable):
     """(run requests, what the others wait for, the cursor's watch list). One request per state
     of a tenant's rows (the run_key and the cursor hold it), none while a training of it runs."""
     requests, notes = [], []
@@ -151,12 +152,30 @@ def first_trainings(context, source: DataSource, watched, models, requested: dic
         elif watching[tenant.name] == rows_tag(fingerprint) or (last is not None and not rows_changed_since(last, fingerprint)):
             outcome = f"{last.outcome} ({run_named(last)})" if last is not None else "requested"
             notes.append(f"{tenant.name}: first training {outcome}; {new_rows_hint(tenant.name, source)}")
+        elif (untrainable := why_untrainable(tenant.name)) is not None:
+            notes.append(f"{untrainable}; add rows with `maestro tenants load {tenant.name} FILE`")
         else:
             watching[tenant.name] = tag = rows_tag(fingerprint)
             requests.append(dg.RunRequest(
                 partition_key=tenant.name, run_key=f"first-training-{tenant.name}-{tenant.id}-{tag}",
                 tags={TRIGGER_TAG: FIRST_TRAINING, ROWS_TAG: tag}))
     return requests, notes, dict(sorted(watching.items()))
+
+
+def untrainable_rows(platform_db: PlatformDatabase, source: DataSource):
+    """tenant -> why its rows cannot train a model yet, or None. Known on the embedded default
+    (training_rows in the platform database), where a run that would fail is not requested;
+    a source of your own is not read twice: the training says it."""
+    if source.url_variable == SOURCE_URL_VARIABLE:
+        return lambda tenant: None
+
+    def why(tenant: str) -> str | None:
+        from maestro_pipelines.platform_db.training_rows import why_untrainable
+
+        with platform_db.get_connection() as conn:
+            return why_untrainable(conn, tenant)
+
+    return why
 
 
 def rows_of(source: DataSource, tenant: str, log):

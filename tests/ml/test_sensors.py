@@ -142,10 +142,11 @@ def test_a_waiting_tenant_is_told_where_its_rows_go_and_is_not_trained_twice(ml_
     assert not later.run_requests
 
 
-def write_rows(tmp_path, name: str, count: int, classes: int = 2):
+def write_rows(tmp_path, name: str, count: int, classes: int = 2, learnable: bool = True):
+    """Rows whose label follows f1 (a model passes the quality gates), or not at all."""
     path = tmp_path / name
-    # label follows f1 (a model passes the quality gates), f2 is noise
-    path.write_text("id,f1,f2,label\n" + "".join(f"k{i},{i},{(i * 7) % 11},{i * classes // count}\n" for i in range(count)))
+    labels = [i * classes // count if learnable else i % classes for i in range(count)]
+    path.write_text("id,f1,f2,label\n" + "".join(f"k{i},{i},{(i * 7) % 11},{labels[i]}\n" for i in range(count)))
     return path
 
 
@@ -159,15 +160,15 @@ def load_file(ml_env, tenant: str, path, replace: bool = False) -> None:
 
 
 def test_a_failed_first_training_is_requested_again_when_the_rows_change(ml_env, tmp_path):
-    """hooli's first file has 1 row: its first training fails. The tenant is not lost: the skip
-    reason says what it waits for, a --replace with good rows brings a second first training
+    """hooli's first rows hold nothing to learn: its first training fails its quality gates. The
+    tenant is not lost: the skip reason says what it waits for, a --replace with good rows brings a second first training
     (once per state of the rows, never beside a running one), and after a model, no more."""
     platform_db, source = ml_env.resources["platform_db"], platform_source(ml_env)
     tick = lambda cursor: evaluate(tenant_partitions_sensor, ml_env, cursor=cursor, platform_db=platform_db,  # noqa: E731
                                    source=source)[0]
     baseline = tick(None)
     ml_env.sql("INSERT INTO tenants (name) VALUES ('hooli')")
-    load_file(ml_env, "hooli", write_rows(tmp_path, "t3.csv", 1, classes=1))
+    load_file(ml_env, "hooli", write_rows(tmp_path, "noise.csv", 60, learnable=False))
     first = tick(baseline.cursor)
     (request,) = first.run_requests
     apply_partition_requests(ml_env, first)
@@ -219,3 +220,48 @@ def test_a_first_training_requested_before_the_watch_list_is_still_watched(ml_en
     load_file(ml_env, "hooli", write_rows(tmp_path, "umbrella.csv", 60), replace=True)
     fixed, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=stuck.cursor, platform_db=platform_db, source=source)
     assert [r.partition_key for r in fixed.run_requests] == ["hooli"]
+
+
+def test_rows_that_cannot_train_a_model_get_no_run_until_rows_are_added(ml_env, tmp_path):
+    """On the embedded default the sensor knows 1 row of 1 class cannot train (the split of
+    ml/features.py): no red run, a skip reason saying why; added rows bring the first training."""
+    platform_db, source = ml_env.resources["platform_db"], platform_source(ml_env)
+    baseline, _ = evaluate(tenant_partitions_sensor, ml_env, platform_db=platform_db, source=source)
+    ml_env.sql("INSERT INTO tenants (name) VALUES ('hooli')")
+    load_file(ml_env, "hooli", write_rows(tmp_path, "t3.csv", 1, classes=1))
+    one_row, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=baseline.cursor, platform_db=platform_db, source=source)
+    assert not one_row.run_requests
+    assert skipped(one_row) == (
+        "tenant hooli's 1 row cannot train a model yet: every row has label '0', and a classifier needs two classes "
+        "or more; the train/test split (1 row in 5 held out by a hash of its key) keeps none of them for testing: "
+        "load more rows (10 or more usually do); add rows with `maestro tenants load hooli FILE`")
+
+    load_file(ml_env, "hooli", write_rows(tmp_path, "umbrella.csv", 60))  # added to the first row
+    ready, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=one_row.cursor, platform_db=platform_db, source=source)
+    assert [r.partition_key for r in ready.run_requests] == ["hooli"]
+
+
+def test_the_loaders_split_is_the_trainings_split(ml_env, tmp_path):
+    """why_untrainable (SQL, Dagster-free) puts each row on the side ml/features.py does: rows
+    the training would hold out entirely, or keep entirely, are named; a good split is not."""
+    import pandas as pd
+
+    from maestro_pipelines.ml.features import in_test_split
+    from maestro_pipelines.platform_db.connection import engine_for
+    from maestro_pipelines.platform_db.training_rows import why_untrainable
+
+    ml_env.sql("INSERT INTO tenants (name) VALUES ('hooli')")
+    keys = pd.Series([f"k{i}" for i in range(400)])
+    held_out = in_test_split("hooli", keys, 0.2)
+    test_keys, training_keys = list(keys[held_out][:3]), list(keys[~held_out][:3])
+
+    def verdict(chosen: list[str]) -> str | None:
+        path = tmp_path / "rows.csv"
+        path.write_text("id,f1,label\n" + "".join(f"{k},{i},{i % 2}\n" for i, k in enumerate(chosen)))
+        load_file(ml_env, "hooli", path, replace=True)
+        with engine_for(ml_env.resources["platform_db"].location().platform_url).connect() as conn:
+            return why_untrainable(conn, "hooli")
+
+    assert "keeps none of them for testing" in verdict(training_keys)
+    assert "keeps none of them for training" in verdict(test_keys)
+    assert verdict(training_keys[:2] + test_keys[:1]) is None  # two classes to learn, one row to test
