@@ -209,9 +209,12 @@ def no_rows_yet(tenant: str, source: DataSource) -> str:
     name="retraining_sensor",
     job=train_and_deploy_job,
     minimum_interval_seconds=300,
-    description="Requests a tenant's training when its source data changes (row count or newest timestamp).",
+    description="Requests a tenant's training when its source data changes (row count or newest timestamp); "
+    "a tenant without a model yet is the tenant sensor's to train.",
 )
-def retraining_sensor(context: dg.SensorEvaluationContext, source: DataSource):
+def retraining_sensor(context: dg.SensorEvaluationContext, source: DataSource, platform_db: PlatformDatabase):
+    from maestro_pipelines.platform_db.tenants import tenant_models
+
     state = json.loads(context.cursor) if context.cursor else {}
     seen: dict = state.get("seen", {})
     tenants = sorted(context.instance.get_dynamic_partitions(tenant_partitions.name))
@@ -220,6 +223,8 @@ def retraining_sensor(context: dg.SensorEvaluationContext, source: DataSource):
     # Resume where the last evaluation stopped, so many tenants are covered over several ticks.
     start = state.get("next", 0) % len(tenants)
     order = tenants[start:] + tenants[:start]
+    with platform_db.get_connection() as conn:
+        models = tenant_models(conn)
     deadline = time.monotonic() + FINGERPRINT_BUDGET_SECONDS
     requests, checked = [], 0
     for tenant in order:
@@ -230,9 +235,10 @@ def retraining_sensor(context: dg.SensorEvaluationContext, source: DataSource):
         checked += 1
         previous = seen.get(tenant)
         seen[tenant] = current
-        if previous is None or previous == current or not previous[0]:
-            # First sight only records a baseline, and rows appearing for a tenant that had
-            # none are its first training: the tenant sensor requests that one.
+        if previous is None or previous == current or not previous[0] or not has_model(models.get(tenant)):
+            # First sight only records a baseline; a tenant without a model version (rows
+            # appearing, or changing after a first training that failed) is watched by the
+            # tenant sensor, which requests its first training: one run, not two.
             continue
         requests.append(
             dg.RunRequest(

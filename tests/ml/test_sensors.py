@@ -54,7 +54,7 @@ def test_a_new_tenant_waits_for_its_rows_then_gets_its_first_training(ml_env, tm
     # acme and globex already have partitions (the fixture added them): nothing to do.
     first, _ = evaluate(tenant_partitions_sensor, ml_env, platform_db=platform_db, source=source)
     assert skipped(first) == "2 active tenants, all with partitions" and not first.run_requests
-    retrain_baseline, _ = evaluate(retraining_sensor, ml_env, source=source)
+    retrain_baseline, _ = evaluate(retraining_sensor, ml_env, source=source, platform_db=platform_db)
 
     ml_env.sql("INSERT INTO tenants (name) VALUES ('umbrella')")
     waiting, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=first.cursor, platform_db=platform_db, source=source)
@@ -67,7 +67,7 @@ def test_a_new_tenant_waits_for_its_rows_then_gets_its_first_training(ml_env, tm
     # Still no rows: the tenant is not lost behind the cursor, and asks again.
     still, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=waiting.cursor, platform_db=platform_db, source=source)
     assert not still.run_requests and "umbrella has no training rows yet" in skipped(still)
-    retrain_empty, _ = evaluate(retraining_sensor, ml_env, cursor=retrain_baseline.cursor, source=source)
+    retrain_empty, _ = evaluate(retraining_sensor, ml_env, cursor=retrain_baseline.cursor, source=source, platform_db=platform_db)
 
     load_rows(ml_env, "umbrella", tmp_path)
     ready, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=still.cursor, platform_db=platform_db, source=source)
@@ -77,7 +77,7 @@ def test_a_new_tenant_waits_for_its_rows_then_gets_its_first_training(ml_env, tm
     again, _ = evaluate(tenant_partitions_sensor, ml_env, cursor=ready.cursor, platform_db=platform_db, source=source)
     assert not again.run_requests, "a tenant is trained once by this sensor, not every tick"
     # Nor does the retraining sensor take the first rows for a data change: one first training.
-    retrain, _ = evaluate(retraining_sensor, ml_env, cursor=retrain_empty.cursor, source=source)
+    retrain, _ = evaluate(retraining_sensor, ml_env, cursor=retrain_empty.cursor, source=source, platform_db=platform_db)
     assert not retrain.run_requests
 
 
@@ -107,23 +107,37 @@ def test_a_partition_removed_by_hand_comes_back_without_retraining(ml_env):
     assert not result.run_requests
 
 
+def record_a_model_version(ml_env, tenant: str) -> None:
+    """What a first training that passed its gates leaves (assets/ml.py registered_model)."""
+    ml_env.sql("""
+        WITH m AS (INSERT INTO models (tenant_id, name, registry_name) SELECT id, 'classifier', 'maestro-' || name
+                   FROM tenants WHERE name = :n RETURNING id, tenant_id)
+        INSERT INTO model_versions (model_id, tenant_id, version, status) SELECT id, tenant_id, 1, 'registered' FROM m""",
+               n=tenant)
+
+
 def test_retraining_is_requested_when_a_tenants_data_change(ml_env):
-    source = ml_env.resources["source"]
-    baseline, _ = evaluate(retraining_sensor, ml_env, source=source)
+    """For tenants with a model: one without (acme here) is the tenant sensor's to train."""
+    source, platform_db = ml_env.resources["source"], ml_env.resources["platform_db"]
+    record_a_model_version(ml_env, "globex")
+    tick = lambda cursor: evaluate(retraining_sensor, ml_env, cursor=cursor, source=source,  # noqa: E731
+                                   platform_db=platform_db)[0]
+    baseline = tick(None)
     assert not baseline.run_requests, "first sight records fingerprints only"
-    unchanged, _ = evaluate(retraining_sensor, ml_env, cursor=baseline.cursor, source=source)
+    unchanged = tick(baseline.cursor)
     assert not unchanged.run_requests
 
     later = datetime.now(timezone.utc) + timedelta(minutes=1)
     ml_env.sql(
         "INSERT INTO training_rows (tenant, entity_key, features, label, updated_at) "
-        "SELECT tenant, entity_key || '-v2', features, label, :later FROM training_rows WHERE tenant = 'globex' LIMIT 3",
+        "SELECT tenant, entity_key || '-v2', features, label, :later FROM training_rows "
+        "WHERE tenant IN ('acme', 'globex') AND entity_key LIKE '%-0000_'",
         later=later,
     )
-    changed, _ = evaluate(retraining_sensor, ml_env, cursor=unchanged.cursor, source=source)
+    changed = tick(unchanged.cursor)
     (run,) = changed.run_requests
     assert run.partition_key == "globex" and run.tags["maestro/trigger"] == "data-change"
-    settled, _ = evaluate(retraining_sensor, ml_env, cursor=changed.cursor, source=source)
+    settled = tick(changed.cursor)
     assert not settled.run_requests
 
 
@@ -180,11 +194,14 @@ def test_a_failed_first_training_is_requested_again_when_the_rows_change(ml_env,
     assert skipped(stuck) == (f"hooli: first training failed (run {failed.run_id[:8]}); "
                               "waiting for new rows: `maestro tenants load hooli FILE --replace`")
 
+    retrain_baseline, _ = evaluate(retraining_sensor, ml_env, source=source, platform_db=platform_db)
     load_file(ml_env, "hooli", write_rows(tmp_path, "umbrella.csv", 60), replace=True)
     fixed = tick(stuck.cursor)
     (second,) = fixed.run_requests
     assert second.partition_key == "hooli" and second.run_key != request.run_key
     assert second.tags["maestro/trigger"] == "new-tenant"
+    retrain, _ = evaluate(retraining_sensor, ml_env, cursor=retrain_baseline.cursor, source=source, platform_db=platform_db)
+    assert not retrain.run_requests, "one run for the changed rows of a tenant without a model, not two"
     (twice,) = tick(stuck.cursor).run_requests  # the same tick evaluated again: the same key, one run
     assert twice.run_key == second.run_key
     assert not tick(fixed.cursor).run_requests
