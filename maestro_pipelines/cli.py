@@ -791,7 +791,7 @@ def _recent_table(info) -> Table:
 @backup_app.command("verify")
 def backup_verify(
     backup_id: str = typer.Argument(
-        "latest", help="A backup id from `maestro backup list`, or `latest` (the default): the latest backup taken, "
+        "latest", help="A backup id from `maestro backup list`, or `latest`: the latest backup taken, "
                        "verified or not (`newest` is accepted too)."),
     month: str = typer.Option(None, metavar="MONTH", help="Verify the monthly archive of this month (YYYY-MM) instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),

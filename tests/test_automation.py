@@ -1,10 +1,11 @@
 """`maestro backup automation on`, the one command the stopped schedules' descriptions name, on a
 real Dagster instance: then `dagster schedule list` and `dagster sensor list`, run from the
 repository as `dagster dev` is, show them running (the UI and the daemon find them the same
-way), and nothing else was started."""
+way), and nothing else was started; `status` says the same as those, `off` stops them again."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from maestro_pipelines.automation import (
     AUTOMATION_ON_COMMAND,
+    AUTOMATION_STATUS_COMMAND,
     STOPPED_ON_EMBEDDED_SCHEDULES,
     STOPPED_ON_EMBEDDED_SENSORS,
 )
@@ -43,9 +45,14 @@ def test_automation_on_starts_the_backup_schedules_and_sensors_once(tmp_path):
     before = {**statuses("schedule", shell), **statuses("sensor", shell)}
     wanted = {*STOPPED_ON_EMBEDDED_SCHEDULES, *STOPPED_ON_EMBEDDED_SENSORS}
     assert {before[name] for name in wanted} == {"STOPPED"}
+    # `status` reads the same instance and location as `dagster schedule list` does.
+    assert automation_status(env) == dict.fromkeys(wanted, ("STOPPED", "default"))
 
     turned_on = run_maestro(*AUTOMATION_ON_COMMAND.split()[1:], env=env)
     assert turned_on.returncode == 0, turned_on.stderr[-2000:]
+    # Only its own lines: no code server INFO lines, no colour codes into a pipe.
+    assert "\x1b[" not in turned_on.stdout + turned_on.stderr and "code_server" not in turned_on.stdout + turned_on.stderr
+    assert turned_on.stderr == "", turned_on.stderr
     for name in wanted:
         assert re.search(rf"^(schedule|sensor) +{name} +started$", turned_on.stdout, re.M), turned_on.stdout
     after = {**statuses("schedule", shell), **statuses("sensor", shell)}
@@ -55,3 +62,26 @@ def test_automation_on_starts_the_backup_schedules_and_sensors_once(tmp_path):
     again = run_maestro(*AUTOMATION_ON_COMMAND.split()[1:], env=env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("already running") == len(wanted) and "started" not in again.stdout
+    assert automation_status(env) == dict.fromkeys(wanted, ("RUNNING", "instance"))
+    shown = run_maestro(*AUTOMATION_STATUS_COMMAND.split()[1:], env=env)
+    assert re.search(r"^schedule +nightly_backup_schedule +RUNNING +\(set in the instance\)$", shown.stdout, re.M)
+    assert f"(0 of {len(wanted)} stopped)" in shown.stdout, shown.stdout
+
+    turned_off = run_maestro("backup", "automation", "off", env=env)
+    assert turned_off.returncode == 0 and turned_off.stderr == "", turned_off.stderr[-2000:]
+    for name in wanted:
+        assert re.search(rf"^(schedule|sensor) +{name} +stopped$", turned_off.stdout, re.M), turned_off.stdout
+    off = {**statuses("schedule", shell), **statuses("sensor", shell)}
+    assert {name: off[name] for name in wanted} == dict.fromkeys(wanted, "STOPPED")
+    assert automation_status(env) == dict.fromkeys(wanted, ("STOPPED", "instance"))
+    shown = run_maestro(*AUTOMATION_STATUS_COMMAND.split()[1:], env=env)
+    assert f"({len(wanted)} of {len(wanted)} stopped; `{AUTOMATION_ON_COMMAND}` starts them)" in shown.stdout
+
+
+def automation_status(env: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """`maestro backup automation status --json`: name -> (RUNNING|STOPPED, default|instance)."""
+    shown = run_maestro(*AUTOMATION_STATUS_COMMAND.split()[1:], "--json", env=env)
+    assert shown.returncode == 0 and shown.stderr == "", shown.stderr[-2000:]
+    report = json.loads(shown.stdout)
+    assert report["dagster_home"] == env["DAGSTER_HOME"] and report["location"] == "maestro"
+    return {row["name"]: (row["status"], row["set_by"]) for row in report["automation"]}

@@ -16,7 +16,8 @@ MAIN_COMMANDS = (
     ("backup", "run"), ("backup", "list"), ("backup", "info"), ("restore",), ("drill",),
     ("tenants", "add"), ("tenants", "load"), ("db", "status"),
 )
-OTHER_COMMANDS = ((), ("backup",), ("backup", "verify"), ("db", "downgrade"), ("restore", "cleanup"))
+OTHER_COMMANDS = ((), ("backup",), ("backup", "verify"), ("db", "downgrade"), ("restore", "cleanup"),
+                  ("backup", "automation"), ("backup", "automation", "status"))
 EXAMPLE = "     "
 """Where an example line starts: the help's margin and the example's indent."""
 
@@ -48,8 +49,10 @@ def test_help_shows_no_type_junk(command):
     assert not re.search(r"<(bool|str|int|float|path)>", text), text
     usage = text.splitlines()[1]
     assert "{" not in usage, usage  # a required argument is NAME, not {name}
-    if command in (("backup", "verify"), ("tenants", "load")):
+    if command == ("tenants", "load"):
         assert re.search(r"\[OPTIONS\] [A-Z_]+", usage), usage
+    if command == ("backup", "verify"):  # optional: `latest` when left out, as for restore and drill
+        assert usage.rstrip().endswith("[OPTIONS] [BACKUP_ID]"), usage
     if command == ("restore",):  # a word that says what goes there; a flag shows none
         assert re.search(r"--backup +ID ", text) and re.search(r"--jobs +N ", text), text
         assert re.search(r"--json +Print", text), text
@@ -65,7 +68,9 @@ def test_help_paragraphs_wrap_at_the_terminal_width(command):
     for above, below in zip(lines, lines[1:]):
         if above.strip() and below.strip() and not below.startswith((EXAMPLE, " - ")):
             assert above.startswith(EXAMPLE), f"a paragraph broken in two:\n{above}\n{below}"
-    continued = [line for line in text.splitlines() if re.match(r"^│ {3,}[^-*\s]", line)]
+    # (An optional argument's row starts indented too: `│   BACKUP_ID    A backup id ...`.)
+    continued = [line for line in text.splitlines()
+                 if re.match(r"^│ {3,}[^-*\s]", line) and not re.match(r"^│ {3}[A-Z_]+ {2,}\S", line)]
     assert not continued, f"a description broken in two: {continued}"
 
 
@@ -75,3 +80,12 @@ def test_main_commands_end_with_examples(command):
     assert " Examples:" in lines, lines
     examples = [line.strip() for line in lines[lines.index(" Examples:"):] if line.startswith(EXAMPLE)]
     assert any(line.startswith(" ".join(("maestro", *command))) for line in examples), examples
+
+
+def test_version_is_the_installed_packages():
+    from importlib.metadata import version
+
+    shown = run_maestro("--version")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == f"maestro {version('maestro-pipelines')}\n"
+    assert "--version" in help_of()
