@@ -13,8 +13,11 @@ default /tmp/ui-shots) so a person can look at what the test saw.
 - Lineage -> the `ml` group -> Materialize all -> one tenant's partition -> the run succeeds.
 - Catalog -> deployment -> Partitions -> the tenant: the production version and the MLflow run
   id MLflow serves for it, with a link to the MLflow UI; its check result under the partition.
-- `maestro drill` in a terminal, then dr_drill -> Materialize: the run succeeds and the asset's
-  drill history (metadata) lists the CLI drill beside the Dagster one; the RTO chart is there.
+- The backup `maestro backup run` took before `dagster dev` started is in database_backup's
+  history (the daemon's store_catalog_sensor records it), with its check `verified`.
+- `maestro drill` in a terminal: the sensor makes it a materialization of dr_drill (a point of
+  its RTO plot); then dr_drill -> Materialize: the run succeeds and the asset's drill history
+  (metadata) lists the CLI drill beside the Dagster one; the RTO chart is there.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+
+from maestro_pipelines.formatting import human_duration
 
 from .services import REPO_ROOT, free_port, missing_service
 
@@ -311,6 +316,44 @@ BACKUP_HISTORY_QUERY = """
     assetMaterializations { runId metadataEntries { label ... on TextMetadataEntry { text } } } } } }
 """
 BACKUP_DEADLINE_S = 300  # one step: pg_dump and verify of a small database, in a subprocess
+CATALOG_DEADLINE_S = 240  # store_catalog_sensor ticks every 60 s once the daemon is up, on 2 busy cores
+ASSET_HISTORY_QUERY = """
+query ($path: [String!]!) { assetOrError(assetKey: {path: $path}) { __typename ... on Asset {
+    assetMaterializations { runId metadataEntries { label
+      ... on TextMetadataEntry { text } ... on FloatMetadataEntry { floatValue } } } } } }
+"""
+
+
+def _recorded_by_the_catalog_sensor(base: str, asset: str, key: str, value: str) -> dict:
+    """{label: value} of `asset`'s materialization whose metadata `key` is `value`, once the
+    daemon's store_catalog_sensor has recorded it (a materialization outside any run)."""
+    deadline = time.monotonic() + CATALOG_DEADLINE_S
+    while True:
+        history = _graphql(base, ASSET_HISTORY_QUERY, {"path": [asset]})["assetOrError"]["assetMaterializations"]
+        for materialization in history:
+            entries = {e["label"]: e.get("text", e.get("floatValue")) for e in materialization["metadataEntries"]}
+            if entries.get(key) == value:
+                assert materialization["runId"] == "", "recorded by the sensor, outside any run"
+                return entries
+        assert time.monotonic() < deadline, f"store_catalog_sensor did not record {asset} {key}={value}"
+        time.sleep(1)
+
+
+def test_a_backup_taken_by_the_cli_is_in_the_backup_assets_history(page, dagster_ui):
+    """The fixture's `maestro backup run` (no Dagster involved): the daemon's
+    store_catalog_sensor records it, so database_backup's page lists it, taken outside Dagster,
+    with its check `verified` passed."""
+    from playwright.sync_api import expect
+
+    base, backup_id = dagster_ui["base"], dagster_ui["backup_id"]
+    metadata = _recorded_by_the_catalog_sensor(base, "database_backup", "backup_id", backup_id)
+    assert metadata["taken_by"].startswith("outside Dagster") and metadata["stored_mib"] > 0
+    page.goto(base + "/assets/database_backup?view=events")
+    page.get_by_text(backup_id).first.hover()  # an action: the community modal, if it came, is skipped
+    _shot(page, dagster_ui, "backup-00-cli-backup-in-history")
+    page.goto(base + "/assets/database_backup?view=checks")
+    expect(page.get_by_text(f"Backup {backup_id} verified").first).to_be_visible()
+    _shot(page, dagster_ui, "backup-00-cli-backup-check")
 ASSET_RUNS_QUERY = "{ runsOrError(limit: 50) { __typename ... on Runs { results { runId assetSelection { path } } } } }"
 
 
@@ -358,6 +401,17 @@ def test_the_backup_asset_page_is_the_backup_history_and_materialize_takes_one(p
     expect(page.get_by_text(f"Backup {backup_id} verified")).to_be_visible()
     expect(page.get_by_text("Succeeded").first).to_be_visible()
     _shot(page, dagster_ui, "backup-04-check-verified")
+    _plots(page, dagster_ui, "database_backup", "stored_mib", "backup-05-plots")  # a point per backup, the CLI's too
+
+
+def _plots(page, dagster_ui, asset: str, plotted: str, name: str) -> None:
+    """The asset page's metadata as Plots (one point per materialization) for review."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{dagster_ui['base']}/assets/{asset}")
+    page.get_by_role("button", name=re.compile(r"Plots$")).click()
+    expect(page.get_by_text(plotted, exact=True).first).to_be_visible()
+    _shot(page, dagster_ui, name)
 
 
 def test_one_tenants_ml_graph_materializes_from_the_asset_graph(page, dagster_ui):
@@ -468,11 +522,22 @@ def _drill_run_id(base: str) -> str:
 
 
 def test_a_drill_from_the_ui_shows_the_cli_drill_in_its_history(page, dagster_ui):
-    """On-call ran `maestro drill` in a terminal (no Dagster involved), then materializes
-    dr_drill from its asset page: the run succeeds, and its materialization's drill history
-    lists the CLI drill (with its RTO) beside the Dagster one, with the RTO chart."""
+    """On-call ran `maestro drill` in a terminal (no Dagster involved): it becomes a point of
+    dr_drill's RTO plot. Then on-call materializes dr_drill from its asset page: the run
+    succeeds, and its materialization's drill history lists the CLI drill (with its RTO)
+    beside the Dagster one, with the RTO chart."""
+    from playwright.sync_api import expect
+
     cli = json.loads(_run([str(BIN / "maestro"), "drill", "--json"], dagster_ui["env"]).stdout)
     assert cli["ok"] and cli["record_key"], cli
+    # The daemon's store_catalog_sensor makes the CLI drill a point of dr_drill's RTO plot;
+    # waited for here, so the Dagster drill below is the latest materialization.
+    drill_id = cli["record_key"].removeprefix("drills/").removesuffix(".json")
+    recorded = _recorded_by_the_catalog_sensor(dagster_ui["base"], "dr_drill", "drill_id", drill_id)
+    assert recorded["rto_s"] == round(cli["rto_s"], 3) and recorded["ran_from"] == "cli", recorded
+    page.goto(dagster_ui["base"] + "/assets/dr_drill?view=events")
+    page.get_by_text(drill_id).first.hover()
+    _shot(page, dagster_ui, "drill-00-cli-drill-recorded")
     page.goto(dagster_ui["base"] + "/assets/dr_drill")
     _shot(page, dagster_ui, "drill-01-asset")
     page.get_by_role("button", name=re.compile(r"(^|\s)Materialize$")).click()
@@ -490,7 +555,7 @@ def test_a_drill_from_the_ui_shows_the_cli_drill_in_its_history(page, dagster_ui
               for row in history.locator("table tr").all()[1:]]
     started = datetime.fromisoformat(cli["started_at"]).strftime("%Y-%m-%d %H:%M:%S")
     assert drills[0][1:3] == [f"dagster run {run_id[:8]}", "ok"], drills
-    assert drills[1][:4] == [started, "cli", "ok", f"{cli['rto_s']:.1f} s"] and drills[1][5] == cli["backup_id"], drills
+    assert drills[1][:4] == [started, "cli", "ok", human_duration(cli["rto_s"])] and drills[1][5] == cli["backup_id"], drills
     # The chart is big for a table cell: Dagster shows it behind "[Show Markdown]".
     page.get_by_role("row").filter(has=page.get_by_text("rto_history", exact=True)).get_by_text("Show Markdown").click()
     chart = page.get_by_role("dialog").locator("img")
@@ -501,3 +566,5 @@ def test_a_drill_from_the_ui_shows_the_cli_drill_in_its_history(page, dagster_ui
     source = chart.get_attribute("src")
     assert source.startswith("data:image/png;base64,")
     (dagster_ui["shots"] / "drill-rto-chart-image.png").write_bytes(base64.b64decode(source.split(",", 1)[1]))
+    page.keyboard.press("Escape")
+    _plots(page, dagster_ui, "dr_drill", "rto_s", "drill-06-rto-plot")  # the CLI drill's point and the Dagster one
