@@ -9,7 +9,9 @@ No partitions
     value over the materializations: sizes, duration, the RPO each backup closed), and its
     Materialize button takes a backup now. Days were partitions before; a backup cannot be
     taken for a past day, so all but today's were "missing" forever and refused when launched.
-    Backups taken outside Dagster (`maestro backup run`) are in the store, not in this history.
+    Backups taken outside Dagster (`maestro backup run`) are in this history too:
+    `store_catalog_sensor` (sensors/catalog.py) finds them in the store and records each as a
+    materialization with the same metadata (`backup_history_metadata`) and its check.
 
     The check `verified` (blocking) is the backup's verification: each materialization
     records it, "Execute check" re-verifies the backup of the latest materialization (nothing
@@ -267,7 +269,7 @@ STORE_HISTORY_ROWS = 15
 
 def store_history_md(entries, now: datetime) -> str:
     """The store's latest backups as a markdown table, latest first: every backup, whoever took
-    it (`maestro backup run` too, which Dagster never sees), with its state."""
+    it (`maestro backup run` too), with its state."""
     from maestro_pipelines.formatting import human_age
 
     listed = [e for e in entries if e.manifest is not None][-STORE_HISTORY_ROWS:]

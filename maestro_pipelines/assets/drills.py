@@ -6,7 +6,8 @@ RTO and RPO and drops the scratch databases. The work is `maestro_pipelines.back
 shows the drill history and alerts. The history is read from the store's drill records
 (backup.drill_history), which every drill writes, `maestro drill` ones too: it survives a new
 Dagster instance. Metadata `drill_history` (a table: when, ran from, backup, RTO, RPO, result)
-and `rto_history` (the chart) show the last drills; `rto_s` and `rpo_h` are Dagster's plots.
+and `rto_history` (the chart) show the last drills; `rto_s` and `rpo_h` are Dagster's plots,
+where `store_catalog_sensor` (sensors/catalog.py) adds a point for each `maestro drill`.
 
 Outcomes
     - the drill worked and met both targets: a materialization, both checks pass;
