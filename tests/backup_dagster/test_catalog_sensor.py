@@ -68,7 +68,7 @@ def test_a_cli_backup_becomes_one_materialization_with_its_verified_check(backup
     assert not lost_cursor.asset_events and len(history(backup_env.instance, BACKUP)) == 1
 
 
-def test_backups_are_recorded_oldest_first_and_a_later_verification_too(backup_env):
+def test_backups_are_recorded_oldest_first_and_a_later_failed_verification_too(backup_env):
     start = datetime.now(timezone.utc) - timedelta(hours=3)
     older = backup_env.take_backup(at=start)
     newer = backup_env.take_backup(at=start + timedelta(hours=1), verify=False)  # `maestro backup run --no-verify`
@@ -81,17 +81,23 @@ def test_backups_are_recorded_oldest_first_and_a_later_verification_too(backup_e
     assert "verified" not in recorded[1].metadata
     assert [c.metadata["backup_id"].value for c in checks_of(backup_env.instance)] == [older.backup_id]
 
-    assert verify_backup(backup_env.store(), newer.backup_id).ok  # `maestro backup verify` later
+    dump = backup_env.store_dir / "backups" / newer.backup_id / "platform.dump.zst"
+    dump.write_bytes(dump.read_bytes()[:-10])  # truncated
+    assert not verify_backup(backup_env.store(), newer.backup_id).ok  # `maestro backup verify` later
     later = tick(backup_env, first.cursor)
     latest_check = checks_of(backup_env.instance)[0]
-    assert latest_check.passed and latest_check.metadata["backup_id"].value == newer.backup_id
+    assert not latest_check.passed and latest_check.metadata["backup_id"].value == newer.backup_id
+    assert latest_check.description.startswith(f"Backup {newer.backup_id} failed verification: ")
+    assert "platform.dump.zst" in latest_check.description
     assert len(history(backup_env.instance, BACKUP)) == 2, "a verification is a check, not another backup"
     assert not tick(backup_env, later.cursor).asset_events
 
 
 def test_a_backup_dagster_took_is_not_recorded_twice(backup_env):
-    assert backup_env.run("nightly_backup").success
+    own = backup_env.run("nightly_backup")
+    assert own.success
     assert not tick(backup_env).asset_events and len(history(backup_env.instance, BACKUP)) == 1
+    assert history(backup_env.instance, BACKUP)[0].metadata["taken_by"].value == f"Dagster run {own.run_id}"
 
     # A backup run in progress: a backup committed since its start is its own until it ends.
     run = backup_env.instance.add_run(dg.DagsterRun(
