@@ -526,8 +526,6 @@ def test_a_drill_from_the_ui_shows_the_cli_drill_in_its_history(page, dagster_ui
     dr_drill's RTO plot. Then on-call materializes dr_drill from its asset page: the run
     succeeds, and its materialization's drill history lists the CLI drill (with its RTO)
     beside the Dagster one, with the RTO chart."""
-    from playwright.sync_api import expect
-
     cli = json.loads(_run([str(BIN / "maestro"), "drill", "--json"], dagster_ui["env"]).stdout)
     assert cli["ok"] and cli["record_key"], cli
     # The daemon's store_catalog_sensor makes the CLI drill a point of dr_drill's RTO plot;

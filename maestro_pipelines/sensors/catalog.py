@@ -52,7 +52,8 @@ evaluation times out after 60 s)."""
 SETTLED_AFTER = timedelta(days=3)
 """A backup or drill is in the store once it ends, under an id of its start: one started
 longer ago than this and not in the store yet is taken as never coming."""
-RUN_CLOCK_SKEW = timedelta(minutes=1)
+CLOCK_SKEW = timedelta(minutes=1)
+"""Margin for the clocks of the hosts that took a backup and that run Dagster."""
 IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 MAX_AWAITING_VERIFICATION = 100
 OUTSIDE_DAGSTER = {
@@ -123,7 +124,7 @@ def _busy_since(instance: dg.DagsterInstance) -> dict[str, datetime]:
             kinds.add("verify")
         if "monthly_archive" in touched or run.tags.get(KIND_TAG) == "archive":
             kinds.add("archive")
-        created = record.create_timestamp.astimezone(timezone.utc) - RUN_CLOCK_SKEW
+        created = record.create_timestamp.astimezone(timezone.utc) - CLOCK_SKEW
         for kind in kinds:
             busy[kind] = min(busy.get(kind, created), created)
     return busy
@@ -135,7 +136,7 @@ def _recorded(instance: dg.DagsterInstance, asset_key: dg.AssetKey, key_of, sinc
     what Dagster already has. Every event of a backup or drill is later than its start."""
     found: set[str] = set()
     fetches = [instance.fetch_materializations] + ([instance.fetch_observations] if observations else [])
-    records_filter = dg.AssetRecordsFilter(asset_key=asset_key, after_timestamp=since.timestamp() - 1)
+    records_filter = dg.AssetRecordsFilter(asset_key=asset_key, after_timestamp=(since - CLOCK_SKEW).timestamp())
     for fetch in fetches:
         cursor = None
         while True:
