@@ -268,13 +268,12 @@ def tenants_list(as_json: bool = typer.Option(False, "--json", help="Print JSON 
         out.print_json(json.dumps(listed))
         return
     out.print(_tenants_table(listed))
-    for t in listed:
+    for t in listed:  # wrapped at the terminal's width, as the table is
         if t["cannot_train"]:
-            out.print(f"{t['cannot_train']}: add rows with `maestro tenants load {t['name']} FILE`",
-                      highlight=False, soft_wrap=True)
+            out.print(f"{t['cannot_train']}; add rows with `maestro tenants load {t['name']} FILE`", highlight=False)
     if any(t["last_training"] is None and t["rows"] for t in listed):
         out.print("none recorded: a training that failed before fitting a model (reading the rows, the split) is "
-                  "only in Dagster: Runs, filtered by tag dagster/partition=NAME", highlight=False, soft_wrap=True)
+                  "only in Dagster: Runs, filtered by tag dagster/partition=NAME", highlight=False)
 
 
 def _untrainable_tenants(conn, tenants, models, rows: dict) -> dict[str, str]:
