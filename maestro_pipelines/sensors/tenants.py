@@ -40,7 +40,8 @@ def tenant_partitions_sensor(context: dg.SensorEvaluationContext, platform_db: P
     # A tenant is watched from the tick it is new (an id above the cursor's) until it has a
     # model version: its first training waits for rows, and one that produced no model is
     # requested again when the rows change. A partition removed by hand only comes back.
-    # With the cursor gone (a re-created Dagster instance) every tenant is new again.
+    # With the cursor gone (a re-created Dagster instance) every tenant is new again: those
+    # without a model are watched, those with one keep it (no training on a lost cursor).
     watched = [
         t for t in active
         if ((t.name in to_add and t.id > handled_up_to) or t.name in watching) and not has_model(models.get(t.name))
