@@ -51,7 +51,8 @@ def _age(delta: timedelta) -> str:
     return f"{hours:.1f} h" if hours < 72 else f"{hours / 24:.1f} days"
 
 
-def _load_state(cursor: str | None) -> dict:
+def load_state(cursor: str | None) -> dict:
+    """A sensor's JSON cursor as a dict; an empty, unreadable or non-object cursor is a fresh start."""
     try:
         state = json.loads(cursor) if cursor else {}
     except ValueError:
@@ -80,12 +81,12 @@ def _with_half_done_restores(context, store: ObjectStoreResource, alerts: AlertR
     says nothing about them. The alerted journals are kept in the cursor (`half_done`)."""
     from maestro_pipelines.backup.journal import interrupted_swaps
 
-    state = _load_state(result.cursor)
+    state = load_state(result.cursor)
     try:
         found = interrupted_swaps(store.get_store())
     except MaestroError:
         return result  # the store cannot be read: _rpo_evaluation alerted on that
-    alerted = set(_load_state(context.cursor).get("half_done") or [])
+    alerted = set(load_state(context.cursor).get("half_done") or [])
     if not found and not alerted:
         return result
     for journal in found:
@@ -106,7 +107,7 @@ def _with_half_done_restores(context, store: ObjectStoreResource, alerts: AlertR
 def _rpo_evaluation(context: dg.SensorEvaluationContext, store: ObjectStoreResource, alerts: AlertResource):
     from maestro_pipelines.backup import newest_verified
 
-    previous = _load_state(context.cursor)
+    previous = load_state(context.cursor)
     now = _now()
     try:
         object_store = store.get_store()

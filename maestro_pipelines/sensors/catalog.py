@@ -42,6 +42,7 @@ import dagster as dg
 from maestro_pipelines.assets.backups import BACKUP_ASSET, VERIFIED_CHECK
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.resources import ObjectStoreResource
+from maestro_pipelines.sensors.backups import load_state
 
 ARCHIVE_ASSET = dg.AssetKey("monthly_archive")
 DRILL_ASSET = dg.AssetKey("dr_drill")
@@ -97,14 +98,6 @@ class _Budget:
 
     def spent(self) -> bool:
         return time.monotonic() > self.deadline
-
-
-def _load_state(cursor: str | None) -> dict:
-    try:
-        state = json.loads(cursor) if cursor else {}
-    except ValueError:
-        state = {}
-    return state if isinstance(state, dict) else {}
 
 
 def _busy_since(instance: dg.DagsterInstance) -> dict[str, datetime]:
@@ -349,7 +342,7 @@ def _count(number: int, what: str) -> str:
     ),
 )
 def store_catalog_sensor(context: dg.SensorEvaluationContext, store: ObjectStoreResource):
-    state = _load_state(context.cursor)
+    state = load_state(context.cursor)
     budget = _Budget(time.monotonic() + TICK_BUDGET_S)
     now = _now()
     busy = _busy_since(context.instance)  # before reading the store: see the module's docstring
