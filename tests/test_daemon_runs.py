@@ -21,7 +21,7 @@ from sqlalchemy import text
 from maestro_pipelines.platform_db.embedded import EmbeddedPostgres
 
 from . import test_production_instance
-from .test_production_instance import REPO_ROOT, VENV_BIN, failure_messages, launch
+from .test_production_instance import failure_messages, launch, start_daemon
 
 TENANTS = ["acme", "globex", "initech"]
 RUN_DEADLINE_S = 900
@@ -93,10 +93,7 @@ def test_train_and_deploy_for_three_tenants_launched_by_the_daemon(user_setup, t
 
     started = time.monotonic()
     log = tmp_path / "daemon.log"
-    with log.open("w") as out:
-        daemon = subprocess.Popen([str(VENV_BIN / "dagster-daemon"), "run", "-w", str(REPO_ROOT / "workspace.yaml")],
-                                  cwd=env["MAESTRO_HOME"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    daemon = start_daemon(env, log, cwd=env["MAESTRO_HOME"])
     instance = dg.DagsterInstance.from_config(env["DAGSTER_HOME"])
     try:
         monkeypatch.setattr(test_production_instance, "RUN_DEADLINE_S", RUN_DEADLINE_S)

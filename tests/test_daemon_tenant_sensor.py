@@ -12,7 +12,7 @@ import pytest
 
 from .test_cli import run_maestro
 from .test_daemon_runs import user_setup  # noqa: F401 (the fixture)
-from .test_production_instance import REPO_ROOT, VENV_BIN, stop_daemon
+from .test_production_instance import start_daemon, stop_daemon
 
 DEADLINE_S = 180
 
@@ -46,10 +46,7 @@ def test_the_daemon_waits_for_a_new_tenants_rows_then_trains_it(user_setup, tmp_
     rows = tmp_path / "umbrella.csv"
     rows.write_text("id,f1,f2,label\n" + "".join(f"k{i},{i},{(i * 7) % 11},{i % 2}\n" for i in range(80)))
     log = tmp_path / "daemon.log"
-    with log.open("w") as out:
-        daemon = subprocess.Popen([str(VENV_BIN / "dagster-daemon"), "run", "-w", str(REPO_ROOT / "workspace.yaml")],
-                                  cwd=env["MAESTRO_HOME"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    daemon = start_daemon(env, log, cwd=env["MAESTRO_HOME"])
     instance = dg.DagsterInstance.from_config(env["DAGSTER_HOME"])
     try:
         reason = "tenant umbrella has no training rows yet: load them with `maestro tenants load umbrella FILE`"

@@ -179,6 +179,14 @@ def test_runs_queue_start_and_record_in_postgres_then_come_back_after_a_restore(
     assert cleanup.returncode == 0, cleanup.stderr
 
 
+def start_daemon(env: dict[str, str], log: Path, cwd: str) -> subprocess.Popen:
+    """`dagster-daemon run` on the repository's workspace.yaml, as a user starts it, in its own
+    process group (stop_daemon stops it and its run workers); output into `log`."""
+    with log.open("w") as out:
+        return subprocess.Popen([str(VENV_BIN / "dagster-daemon"), "run", "-w", str(REPO_ROOT / "workspace.yaml")],
+                                cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def stop_daemon(daemon: subprocess.Popen) -> None:
     """SIGTERM the daemon's process group (it and its run workers); SIGKILL after a minute."""
     os.killpg(daemon.pid, signal.SIGTERM)
