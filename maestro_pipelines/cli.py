@@ -251,7 +251,7 @@ def tenants_list(as_json: bool = typer.Option(False, "--json", help="Print JSON 
 
     --json keys per tenant: id, name, display_name, status, gates, regression_tolerance,
     created_at, rows (null when the source could not be counted), production_version (null:
-    none deployed), deployed_at, last_training {status, at, dagster_run_id} (null: none recorded),
+    none deployed), deployed_at, last_training {status (running, failed, succeeded, or not registered: fit but refused by its gates), at, dagster_run_id} (null: none recorded),
     cannot_train (why the tenant's rows cannot train a model yet, or null).
 
     Trainings are recorded from the moment a model is fit: one that failed before (reading the

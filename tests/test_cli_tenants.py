@@ -180,7 +180,8 @@ def test_list_shows_rows_production_version_and_last_training(platform, tmp_path
         m AS (INSERT INTO models (tenant_id, name, registry_name) SELECT id, 'classifier', 'maestro-listed' FROM t RETURNING id, tenant_id),
         e AS (INSERT INTO experiments (tenant_id, model_id, name, status, dagster_run_id, started_at, finished_at)
               SELECT tenant_id, id, 'listed-run', 'succeeded', 'run-1234', '2026-11-30 09:00+00', '2026-11-30 09:05+00' FROM m RETURNING id),
-        v AS (INSERT INTO model_versions (model_id, tenant_id, version, status) SELECT id, tenant_id, 2, 'deployed' FROM m RETURNING id, model_id, tenant_id)
+        v AS (INSERT INTO model_versions (model_id, tenant_id, experiment_id, version, status)
+              SELECT m.id, m.tenant_id, e.id, 2, 'deployed' FROM m, e RETURNING id, model_id, tenant_id)
         INSERT INTO deployments (tenant_id, model_id, model_version_id, status) SELECT tenant_id, model_id, id, 'active' FROM v
         RETURNING id""")
     listed = run_maestro("tenants", "list", "--json", env=env)
@@ -197,6 +198,14 @@ def test_list_shows_rows_production_version_and_last_training(platform, tmp_path
     cells = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
              for line in shown.stdout.splitlines() if line.startswith("│ ")}
     assert cells["listed"][1:] == ["12", "v2", "2026-11-30 09:05 succeeded"]
+    # A later fit that its gates refused (no version came of it) is not "succeeded".
+    sql(engine, """
+        INSERT INTO experiments (tenant_id, model_id, name, status, dagster_run_id, started_at, finished_at)
+        SELECT m.tenant_id, m.id, 'listed-run-2', 'succeeded', 'run-5678', '2026-11-30 10:00+00', '2026-11-30 10:05+00'
+        FROM models m JOIN tenants t ON t.id = m.tenant_id WHERE t.name = 'listed' RETURNING id""")
+    refused = {t["name"]: t for t in json.loads(run_maestro("tenants", "list", "--json", env=env).stdout)}["listed"]
+    assert refused["production_version"] == 2
+    assert refused["last_training"] == {"status": "not registered", "at": "2026-11-30T10:05:00+00:00", "dagster_run_id": "run-5678"}
     # Not "never": a training that failed before fitting a model is only in Dagster's runs.
     assert cells["unloaded"][1:] == ["0", "none", "none recorded"]
 
@@ -207,7 +216,7 @@ def test_list_shows_rows_production_version_and_last_training(platform, tmp_path
     assert max(len(line) for line in narrow.stdout.splitlines()) <= 80, narrow.stdout
     body = [[c.strip() for c in line.split("│")[1:-1]] for line in narrow.stdout.splitlines() if line.startswith("│ ")]
     at = next(n for n, row in enumerate(body) if row[0] == "listed")
-    assert body[at][2:] == ["12", "v2", "2026-11-30 09:05 succeeded"], narrow.stdout
+    assert body[at][2:] == ["12", "v2", "2026-11-30 10:05 not registered"], narrow.stdout
     assert body[at][1].startswith("Umbrella") and body[at + 1][0] == "" and body[at + 1][1], narrow.stdout
 
 

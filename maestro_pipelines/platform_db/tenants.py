@@ -145,14 +145,20 @@ class TenantModels:
 
     production_version: int | None
     deployed_at: datetime | None
-    last_training_status: str | None  # running, succeeded, failed (an experiment's status)
+    last_training_status: str | None
+    """running, failed, succeeded (fit and registered), or `not registered`: fit, but no version
+    came of it (the gates refused it, or the run is still on its way to registration)."""
     last_training_at: datetime | None  # when it finished, or started while it runs
     last_training_run_id: str | None  # the Dagster run
     model_versions: int = 0  # registered versions: 0 until a first training got through its gates
 
 
 OVERVIEW_SQL = """
-SELECT t.name, prod.version, prod.deployed_at, last.status, coalesce(last.finished_at, last.started_at), last.dagster_run_id,
+SELECT t.name, prod.version, prod.deployed_at,
+       -- A fit that registered no version: its gates refused it (or the run is still registering).
+       CASE WHEN last.status = 'succeeded' AND NOT EXISTS (SELECT 1 FROM model_versions v WHERE v.experiment_id = last.id)
+            THEN 'not registered' ELSE last.status END,
+       coalesce(last.finished_at, last.started_at), last.dagster_run_id,
        (SELECT count(*) FROM model_versions v WHERE v.tenant_id = t.id)
 FROM tenants t
 LEFT JOIN LATERAL (
@@ -161,7 +167,7 @@ LEFT JOIN LATERAL (
     ORDER BY d.deployed_at DESC LIMIT 1
 ) prod ON true
 LEFT JOIN LATERAL (
-    SELECT e.status, e.started_at, e.finished_at, e.dagster_run_id FROM experiments e
+    SELECT e.id, e.status, e.started_at, e.finished_at, e.dagster_run_id FROM experiments e
     WHERE e.tenant_id = t.id ORDER BY e.started_at DESC, e.id DESC LIMIT 1
 ) last ON true
 """
