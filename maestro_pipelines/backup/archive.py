@@ -43,11 +43,18 @@ def archive_month(store: ObjectStore, month: str) -> tuple[BackupEntry, bool]:
     # Marked as running from the choice of the source on: retention must not delete it mid-copy.
     with activity(store, "archive", month):
         end = month_end(month)
-        candidates = [e for e in list_backups(store) if e.verified and e.started_at and e.started_at < end]
+        verified = [e for e in list_backups(store) if e.verified and e.started_at]
+        candidates = [e for e in verified if e.started_at < end]
+        if not candidates and verified:
+            first = verified[0].started_at.strftime("%Y-%m")
+            raise BackupError(
+                f"No verified backup taken before the end of {month} to archive: the first one is from {first}",
+                f"Archive a month from {first} on (`maestro backup archive --month {first}`)",
+            )
         if not candidates:
             raise BackupError(
                 f"No verified backup taken before the end of {month} to archive",
-                "Run and verify a backup first (`maestro backup run`, then `maestro backup verify ID`)",
+                "Run and verify a backup first (`maestro backup run`, then `maestro backup verify`)",
             )
         source = candidates[-1]
         # A server-side copy does not read the bytes: an archive of a backup whose objects

@@ -210,6 +210,12 @@ def test_monthly_archive_is_the_newest_verified_backup_and_outlives_it(pg18_data
     with pytest.raises(BackupError, match=f"No verified backup taken before the end of {month}"):
         archive_month(store, month)  # backups, but none verified
     assert verify_backup(store, first.backup_id).ok
+    # The default month (the last one) on a store whose backups are all from this month: the
+    # refusal names the month that can be archived.
+    last_month = f"{utcnow().replace(day=1) - timedelta(days=1):%Y-%m}"
+    with pytest.raises(BackupError, match=f"the first one is from {month}") as refused:
+        archive_month(store, last_month)
+    assert f"maestro backup archive --month {month}" in refused.value.hint
 
     archived, copied = archive_month(store, month)
     assert copied and (archived.backup_id, archived.month) == (first.backup_id, month)
