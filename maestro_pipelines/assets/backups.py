@@ -246,7 +246,7 @@ def verified_check_result(report) -> dict:
             "backup_id": dg.MetadataValue.text(report.backup_id),
             "verification": dg.MetadataValue.text(summary),
             "objects": dg.MetadataValue.int(report.objects),
-            "bytes_read": dg.MetadataValue.int(report.bytes_read),
+            "read_mib": dg.MetadataValue.float(round(report.bytes_read / MiB, 3)),
             "duration_s": dg.MetadataValue.float(round(report.duration_s, 2)),
         },
     }
@@ -517,7 +517,7 @@ def archive_metadata(entry, object_store, taken_by: str) -> dict:
         "location": dg.MetadataValue.text(f"{object_store.url.rstrip('/')}/{entry.root}"),
         "taken_by": dg.MetadataValue.text(taken_by),
         "verified": dg.MetadataValue.bool(entry.verified),
-        "stored_bytes": dg.MetadataValue.int(entry.stored_bytes),
+        "stored_mib": dg.MetadataValue.float(round(entry.stored_bytes / MiB, 3)),
     }
     if manifest is not None:
         metadata["snapshot_at"] = dg.MetadataValue.timestamp(manifest.snapshot_at)

@@ -19,6 +19,7 @@ from pydantic import Field
 from maestro_pipelines.assets.backups import (
     BACKUP_ASSET,
     BACKUP_POOL,
+    MiB,
     STORE_RETRY,
     VERIFIED_CHECK,
     backup_step,
@@ -95,7 +96,7 @@ def apply_backup_retention(context: dg.OpExecutionContext, config: RetentionConf
             "deleted": dg.MetadataValue.int(len(plan.delete)),
             "deleted_incomplete": dg.MetadataValue.int(len(plan.delete_incomplete)),
             "discarded_uploads": dg.MetadataValue.int(len(plan.discarded)),
-            "freed_bytes": dg.MetadataValue.int(sum(entry.stored_bytes for entry, _ in plan.delete)),
+            "freed_mib": dg.MetadataValue.float(round(sum(entry.stored_bytes for entry, _ in plan.delete) / MiB, 3)),
             "kept_backups": dg.MetadataValue.md(listing(plan.keep)),
             "deleted_backups": dg.MetadataValue.md(listing(plan.delete)),
         },
@@ -135,7 +136,7 @@ def verify_stored_backup(context: dg.OpExecutionContext, config: VerifyBackupCon
         "verified": dg.MetadataValue.bool(report.ok),
         "verification": dg.MetadataValue.text(summary),
         "objects": dg.MetadataValue.int(report.objects),
-        "bytes_read": dg.MetadataValue.int(report.bytes_read),
+        "read_mib": dg.MetadataValue.float(round(report.bytes_read / MiB, 3)),
         "duration_s": dg.MetadataValue.float(report.duration_s),
     }
     if not report.ok:
