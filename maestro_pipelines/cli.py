@@ -572,7 +572,7 @@ def backup_run(
         for d in manifest.databases:
             table.add_row(d.database, d.role, str(len(d.tables)), f"{d.rows:,}", human_bytes(d.dump_bytes),
                           human_bytes(d.compressed_bytes), f"{d.duration_s:.1f} s")
-        out.print(table)
+        _print_titled(table)
         if report is not None:
             _print_report(report)
     if report is not None and not report.ok:
@@ -626,7 +626,7 @@ def backup_list(
             verified,
         ]
         table.add_row(*cells)
-    out.print(table)
+    _print_titled(table)
     for entry in entries:
         if entry.bad:
             err.print(f"{entry.backup_id}: {entry.bad}", highlight=False, soft_wrap=True)
@@ -974,7 +974,7 @@ def _print_restore_report(report, as_json: bool) -> None:
             "notes": report.notes,
         }))
         return
-    out.print(_steps_table(f"restore of backup {report.backup_id}: {human_duration(report.duration_s)}", report.steps))
+    _print_titled(_steps_table(f"restore of backup {report.backup_id}: {human_duration(report.duration_s)}", report.steps))
     for d in report.databases:
         where_now = f"swapped into place as {d.live}" if d.restored_as == d.live and report.target == "live" else f"in {d.restored_as}"
         kept = f"; the old one is kept as {d.kept_as}" if d.kept_as else ""
@@ -1150,7 +1150,7 @@ def drill(
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
     else:
-        out.print(_steps_table(f"drill with backup {report.backup_id}", report.steps))
+        _print_titled(_steps_table(f"drill with backup {report.backup_id}", report.steps))
         if report.rto_s is not None:
             out.print(f"RTO {human_duration(report.rto_s)} (target {human_duration(report.rto_target_s)}): "
                       f"{'ok' if report.rto_ok else 'MISSED'}", highlight=False)
@@ -1191,9 +1191,18 @@ def drill_list(
     if as_json:
         out.print_json(json.dumps([{**r.to_dict(), "key": r.key} for r in history.records]))
         return
-    out.print(_drill_table(history.records, store.url))
+    _print_titled(_drill_table(history.records, store.url))
     if history.records:
         out.print(_drill_targets(history.records), highlight=False)
+
+
+def _print_titled(table: Table) -> None:
+    """The table's title on a line of its own that never wraps (it names the store, whose URL
+    or path people copy: a table wraps its title at the table's width), then the table."""
+    if table.title:
+        out.print(table.title, soft_wrap=True, highlight=False, markup=False)
+        table.title = None
+    out.print(table)
 
 
 def _drill_table(records, store_url: str) -> Table:

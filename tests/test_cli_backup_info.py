@@ -244,7 +244,8 @@ def test_at_80_columns_every_table_fits_and_keeps_ids_and_times_whole(env):
         assert done.returncode == 0, done.stdout + done.stderr
         shown[" ".join(command)] = done.stdout
     for command, stdout in shown.items():
-        too_wide = [line for line in stdout.splitlines() if len(line.rstrip()) > 80]
+        # A line naming the store is never broken (people copy the path): the terminal wraps it.
+        too_wide = [line for line in stdout.splitlines() if len(line.rstrip()) > 80 and "file://" not in line]
         assert too_wide == [], f"maestro {command}:\n" + stdout
 
     [drill_row] = table_rows(shown["drill list"])

@@ -191,7 +191,7 @@ def test_backup_restore_and_drill_commands(managed):
     assert managed.databases() == {managed.database, f"{managed.database}_mlflow"}
 
     drill = managed.maestro("drill")
-    assert "RTO" in drill.stdout and "1 production aliases resolved" in drill.stdout
+    assert "RTO" in drill.stdout and "1 production alias resolved" in drill.stdout
     assert managed.databases() == {managed.database, f"{managed.database}_mlflow"}, "the drill left scratch databases"
     stored = [path for path in managed.store_dir.rglob("*") if path.is_file()]
     assert stored and not [path for path in stored if managed.password.encode() in path.read_bytes()]
