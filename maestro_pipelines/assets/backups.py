@@ -128,11 +128,11 @@ class _ProgressLog:
             # For a dump, `expected` is the database's size on disk: the dump is usually smaller
             # (no indexes), so the last step jumps to 100%.
             self.log.info(
-                f"{self.what} {label}: {done / MiB:,.1f} MiB (~{percent}% of {expected / MiB:,.1f} MiB), "
+                f"{self.what} {label}: {human_bytes(done)} (~{percent}% of {human_bytes(expected)}), "
                 f"{time.monotonic() - self.started:.1f} s"
             )
         else:
-            self.log.info(f"{self.what} {label}: {done / MiB:,.1f} MiB, {time.monotonic() - self.started:.1f} s")
+            self.log.info(f"{self.what} {label}: {human_bytes(done)}, {time.monotonic() - self.started:.1f} s")
 
 
 def _pool_check(context) -> None:
