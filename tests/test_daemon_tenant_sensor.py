@@ -5,11 +5,11 @@ rows, no run fails), then requests its first training once `maestro tenants load
 from __future__ import annotations
 
 import subprocess
-import time
 
 import dagster as dg
 import pytest
 
+from .backup.conftest import wait_until
 from .test_cli import run_maestro
 from .test_daemon_runs import user_setup  # noqa: F401 (the fixture)
 from .test_production_instance import start_daemon, stop_daemon
@@ -18,16 +18,8 @@ DEADLINE_S = 180
 
 
 def wait_for(what: str, condition, daemon: subprocess.Popen, log):
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        value = condition()
-        if value:
-            return value
-        if daemon.poll() is not None:
-            pytest.fail(f"dagster-daemon exited ({daemon.returncode}) before {what}:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {DEADLINE_S} s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
+    return wait_until(what, condition, daemon, deadline_s=DEADLINE_S, running="dagster-daemon",
+                      output=lambda: log.read_text()[-4000:], poll_s=0.5)
 
 
 def latest_tick(instance: dg.DagsterInstance, name: str):
@@ -46,8 +38,11 @@ def test_the_daemon_waits_for_a_new_tenants_rows_then_trains_it(user_setup, tmp_
     rows = tmp_path / "umbrella.csv"
     rows.write_text("id,f1,f2,label\n" + "".join(f"k{i},{i},{(i * 7) % 11},{i % 2}\n" for i in range(80)))
     log = tmp_path / "daemon.log"
-    daemon = start_daemon(env, log, cwd=env["MAESTRO_HOME"])
+    # The instance's storage is created (and its schema stamped) before the daemon opens it:
+    # two processes creating a new SQLite storage at once can stamp two alembic heads, and the
+    # daemon then cannot load the code location.
     instance = dg.DagsterInstance.from_config(env["DAGSTER_HOME"])
+    daemon = start_daemon(env, log, cwd=env["MAESTRO_HOME"])
     try:
         reason = "tenant umbrella has no training rows yet: load them with `maestro tenants load umbrella FILE`"
 

@@ -258,18 +258,21 @@ CHILD_DEADLINE_S = 60
 
 
 def wait_until(what: str, condition, child: subprocess.Popen, deadline_s: float = CHILD_DEADLINE_S,
-               running: str = "backup"):
-    """Poll `condition` until it is true; fail if the child (`running` a backup, a restore)
-    exits or the deadline passes."""
+               running: str = "backup", output=None, poll_s: float = 0.02):
+    """Poll `condition` until it is true; fail if the child (`running` a backup, a restore, a
+    daemon) exits or the deadline passes. `output()`: what the child wrote, for a child whose
+    output goes to a file (else its pipes are read when it exited)."""
     deadline = time.monotonic() + deadline_s
     while True:
         value = condition()
         if value:
             return value
         if child.poll() is not None:
-            out, err = child.communicate()
-            pytest.fail(f"the {running} exited ({child.returncode}) before {what}:\n{out.decode()}\n{err.decode()}")
+            if output is None:
+                out, err = child.communicate()
+                output = lambda: f"{out.decode()}\n{err.decode()}"  # noqa: E731
+            pytest.fail(f"the {running} exited ({child.returncode}) before {what}:\n{output()}")
         if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {deadline_s} s")
-        time.sleep(0.02)
+            pytest.fail(f"no {what} after {deadline_s} s" + (f":\n{output()}" if output else ""))
+        time.sleep(poll_s)
 
