@@ -462,7 +462,16 @@ from maestro_pipelines.platform_db.connection import engine_for
 from maestro_pipelines.resources.mlflow import embedded_tracking_uri
 from maestro_pipelines.settings import load_settings
 settings = load_settings()
-live = ModelRegistry(embedded_tracking_uri(settings)).production_version({TENANT!r})
+registry = ModelRegistry(embedded_tracking_uri(settings))
+# The client's own call, not production_version (which reads any MLflow error as "none"): a
+# failure here says what MLflow answered and which models and databases there are.
+try:
+    live = registry.client.get_model_version_by_alias("maestro-" + {TENANT!r}, "production")
+except Exception as exc:
+    models = [m.name for m in registry.client.search_registered_models()]
+    with engine_for(locate_platform_database(settings).admin_url).connect() as conn:
+        databases = conn.execute(text("SELECT datname FROM pg_database ORDER BY 1")).scalars().all()
+    raise SystemExit(f"no production version: {{exc}}; registered models {{models}}; databases {{databases}}")
 with engine_for(locate_platform_database(settings).platform_url).connect() as conn:
     recorded = conn.execute(text(
         "SELECT e.mlflow_run_id FROM deployments d JOIN model_versions v ON v.id = d.model_version_id "
