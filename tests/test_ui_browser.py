@@ -201,6 +201,9 @@ def dagster_ui(tmp_path_factory):
         copy_to.mkdir(parents=True, exist_ok=True)
         for shot in shots.glob("*.png"):
             shutil.copy(shot, copy_to / shot.name)
+        for kept in (log, Path(env["MAESTRO_HOME"]) / "pgdata" / "log"):  # the logs, to read a failure afterwards
+            if kept.is_file():
+                shutil.copy(kept, copy_to / kept.name)
 
 
 @pytest.fixture
@@ -471,13 +474,23 @@ except Exception as exc:
     models = [m.name for m in registry.client.search_registered_models()]
     with engine_for(locate_platform_database(settings).admin_url).connect() as conn:
         databases = conn.execute(text("SELECT datname FROM pg_database ORDER BY 1")).scalars().all()
-    raise SystemExit(f"no production version: {{exc}}; registered models {{models}}; databases {{databases}}")
+        server = conn.execute(text("SELECT current_setting('data_directory') || ' since ' || pg_postmaster_start_time()")).scalar()
+    pid_file = (settings.home / "pgdata" / "postmaster.pid").read_text().split()
+    raise SystemExit(f"no production version: {{exc}}; registered models {{models}}; databases {{databases}}; "
+                     f"server {{server}}; tracking {{registry.tracking_uri}}; home {{settings.home}}; postmaster.pid {{pid_file}}")
 with engine_for(locate_platform_database(settings).platform_url).connect() as conn:
     recorded = conn.execute(text(
         "SELECT e.mlflow_run_id FROM deployments d JOIN model_versions v ON v.id = d.model_version_id "
         "JOIN experiments e ON e.id = v.experiment_id JOIN tenants t ON t.id = d.tenant_id "
         "WHERE t.name = :t AND d.status = 'active'"), {{"t": {TENANT!r}}}).scalar()
 print(json.dumps({{"version": live.version, "run_id": live.run_id, "recorded_run_id": recorded}}))
+"""
+
+
+DEPLOYMENT_METADATA_QUERY = """
+query ($partition: String!) { assetOrError(assetKey: {path: ["deployment"]}) { __typename ... on Asset {
+    assetMaterializations(partitions: [$partition]) { runId timestamp metadataEntries { label
+      ... on TextMetadataEntry { text } ... on IntMetadataEntry { intValue } ... on UrlMetadataEntry { url } } } } } }
 """
 
 
@@ -493,7 +506,12 @@ def test_a_tenants_deployment_page_shows_its_production_version_and_mlflow_run(p
     UI (MAESTRO_MLFLOW_UI_URL), and the quality check's result under the tenant's partition."""
     from playwright.sync_api import expect
 
-    live = json.loads(_run([sys.executable, "-c", LIVE_MODEL], dagster_ui["env"]).stdout)
+    checked = subprocess.run([sys.executable, "-c", LIVE_MODEL], env=dagster_ui["env"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=600)
+    if checked.returncode != 0:
+        recorded = _graphql(dagster_ui["base"], DEPLOYMENT_METADATA_QUERY, {"partition": TENANT})
+        pytest.fail(f"{checked.stderr[-3000:]}\nwhat Dagster recorded: {json.dumps(recorded)[:3000]}")
+    live = json.loads(checked.stdout)
     assert live["run_id"] and live["recorded_run_id"] == live["run_id"], live
     page.goto(dagster_ui["base"] + "/")
     _nav(page, "Catalog").click()
