@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 
+from maestro_pipelines.connectors.mongodb import MongoReader
 from maestro_pipelines.resources.sources import DataSource, MongoDataSource, source_from_url
 
 from ..conftest import create_database, drop_database
@@ -375,12 +376,19 @@ def seed_nx(port: int) -> Seeded:
     return seeded
 
 
-class MongomockDataSource(MongoDataSource):
-    """`MongoDataSource` over an in-process mongomock client: the query logic, without a
+class MongomockReader(MongoReader):
+    """`MongoReader` over an in-process mongomock client: the query logic, without a
     server, for what nx-27017 gets wrong (`$max` of dates in `$group`)."""
 
     def _new_client(self, parsed):
         return MONGOMOCK_CLIENT
+
+
+class MongomockDataSource(MongoDataSource):
+    """`MongoDataSource` whose reader is a `MongomockReader`."""
+
+    def _open(self):
+        return MongomockReader(**self._reader_fields())
 
 
 def _mongomock_client():

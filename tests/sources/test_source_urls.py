@@ -21,9 +21,10 @@ from maestro_pipelines.resources.sources import (
     source_from_url,
     source_spec_for_url,
 )
-from maestro_pipelines.resources.sources import base
-from maestro_pipelines.resources.sources.mongodb import parse_mongodb_url
-from maestro_pipelines.resources.sources.sql import parse_mysql_url, parse_postgres_source_url
+from maestro_pipelines.connectors import base
+from maestro_pipelines.connectors.mongodb import parse_mongodb_url
+from maestro_pipelines.connectors.mysql import parse_mysql_url
+from maestro_pipelines.connectors.postgres import parse_postgres_source_url
 
 SECRET = "Sup3r-s3cret"
 ALL_CLASSES = [PostgresDataSource, MySQLDataSource, MongoDataSource, SnowflakeDataSource, BigQueryDataSource]

@@ -1,22 +1,19 @@
-"""Data connectors: where tenants' training rows come from, behind one interface.
+"""Data connectors as Dagster resources: where tenants' training rows come from.
 
 `DataSource` is what assets and sensors ask for (`source: DataSource`); the deployment picks
-the backend (`environment.py`, from MAESTRO_SOURCE_URL). Importing this package imports no
-driver, SQLAlchemy or pandas: each backend loads its own inside the methods that need it.
+the connector (`environment.py`, from MAESTRO_SOURCE_URL). Each resource only holds
+configuration and delegates to the Dagster-free library `maestro_pipelines.connectors`.
+Importing this package imports no driver, SQLAlchemy or pandas: each connector loads its
+own inside the methods that need it.
 """
 
-from maestro_pipelines.resources.sources.base import (
-    SOURCE_PASSWORD_VARIABLE,
-    SOURCE_URL_VARIABLE,
-    DataFingerprint,
-    DataSource,
-)
+from maestro_pipelines.connectors.base import SOURCE_PASSWORD_VARIABLE, SOURCE_URL_VARIABLE, DataFingerprint
+from maestro_pipelines.resources.sources.base import DataSource, SQLDataSource, URLDataSource
 from maestro_pipelines.resources.sources.bigquery import BigQueryDataSource
 from maestro_pipelines.resources.sources.mongodb import MongoDataSource
 from maestro_pipelines.resources.sources.snowflake import SnowflakeDataSource
 from maestro_pipelines.resources.sources.sql import MySQLDataSource, PostgresDataSource
 from maestro_pipelines.resources.sources.urls import (
-    SUPPORTED_SCHEMES,
     SourceSpec,
     source_from_environment,
     source_from_url,
@@ -26,15 +23,16 @@ from maestro_pipelines.resources.sources.urls import (
 __all__ = [
     "SOURCE_PASSWORD_VARIABLE",
     "SOURCE_URL_VARIABLE",
-    "SUPPORTED_SCHEMES",
     "BigQueryDataSource",
     "DataFingerprint",
     "DataSource",
     "MongoDataSource",
     "MySQLDataSource",
     "PostgresDataSource",
+    "SQLDataSource",
     "SnowflakeDataSource",
     "SourceSpec",
+    "URLDataSource",
     "source_from_environment",
     "source_from_url",
     "source_spec_for_url",
