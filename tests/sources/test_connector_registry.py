@@ -136,3 +136,21 @@ def test_a_scheme_is_registered_once():
             name="other", label="Other", schemes=("mysql",), url_form="mysql://", url_settings=memrows_url_settings,
             open=MemoryReader,
         ))
+
+
+def test_the_connector_library_never_imports_dagster_or_the_dagster_layer():
+    """Every import in maestro_pipelines/connectors (at module level or inside functions)."""
+    import ast
+    from pathlib import Path
+
+    import maestro_pipelines.connectors as library
+
+    forbidden = ("dagster", "dagster_snowflake", "pydantic", *(f"maestro_pipelines.{layer}" for layer in (
+        "resources", "assets", "jobs", "sensors", "schedules", "cli", "environment", "definitions")))
+    found = []
+    for path in sorted(Path(library.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}: {n}" for n in names if any(n == f or n.startswith(f + ".") for f in forbidden)]
+    assert found == []
