@@ -17,9 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from maestro_pipelines.automation_cli import automation_app
-from maestro_pipelines.objectives import RPO_TARGET
+from maestro_pipelines.objectives import DAILY_BACKUPS_KEPT, MONTHLY_ARCHIVES_KEPT, RPO_TARGET_HOURS
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.formatting import counted, human_bytes, human_duration
+from maestro_pipelines.ml.gates import DEFAULT_GATES, DEFAULT_REGRESSION_TOLERANCE
 from maestro_pipelines.settings import load_settings
 
 app = typer.Typer(
@@ -205,10 +206,10 @@ def _platform_connection():
 def tenants_add(
     name: str = typer.Argument(..., help="Lowercase letters, digits, - and _; starts with a letter."),
     display_name: str = typer.Option("", help="Human-readable name."),
-    min_accuracy: float = typer.Option(None, help="Quality gate: accuracy floor (default 0.70)."),
-    min_f1: float = typer.Option(None, help="Quality gate: F1 floor (default 0.65)."),
-    min_roc_auc: float = typer.Option(None, help="Quality gate: ROC AUC floor (default 0.70)."),
-    regression_tolerance: float = typer.Option(None, help="Allowed drop against production (default 0.02)."),
+    min_accuracy: float = typer.Option(None, help=f"Quality gate: accuracy floor (default {DEFAULT_GATES['accuracy']:.2f})."),
+    min_f1: float = typer.Option(None, help=f"Quality gate: F1 floor (default {DEFAULT_GATES['f1']:.2f})."),
+    min_roc_auc: float = typer.Option(None, help=f"Quality gate: ROC AUC floor (default {DEFAULT_GATES['roc_auc']:.2f})."),
+    regression_tolerance: float = typer.Option(None, help=f"Allowed drop against production (default {DEFAULT_REGRESSION_TOLERANCE:.2f})."),
     as_json: bool = typer.Option(False, "--json", help="Print the tenant as JSON (for scripts)."),
 ) -> None:
     """Add a tenant; the tenant sensor gives it a partition, and requests its first training
@@ -468,13 +469,12 @@ class _RowProgress:
 
 
 def _store():
-    """The object store from MAESTRO_STORE_URL (default: the `store` folder in MAESTRO_HOME)."""
-    from maestro_pipelines.storage import open_store
+    """The object store from MAESTRO_STORE_URL (default: the `store` folder in MAESTRO_HOME),
+    opened as ObjectStoreResource opens it."""
+    from maestro_pipelines.storage import open_configured_store
 
     settings = load_settings()
-    if settings.store_url is None:
-        return open_store(settings.effective_store_url, "MAESTRO_STORE_URL (default)", create=True)
-    return open_store(settings.store_url, "MAESTRO_STORE_URL")
+    return open_configured_store(settings.store_url, settings.home, settings.store_environment)
 
 
 def _progress(verb: str, keep: bool = True):
@@ -828,8 +828,8 @@ def backup_verify(
 
 @backup_app.command("retention")
 def backup_retention(
-    daily: int = typer.Option(7, metavar="DAYS", help="Days (with backups) whose latest backup is kept."),
-    monthly: int = typer.Option(12, metavar="MONTHS", help="Monthly archives kept."),
+    daily: int = typer.Option(DAILY_BACKUPS_KEPT, metavar="DAYS", help="Days (with backups) whose latest backup is kept."),
+    monthly: int = typer.Option(MONTHLY_ARCHIVES_KEPT, metavar="MONTHS", help="Monthly archives kept."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted, delete nothing."),
 ) -> None:
     """Delete backups beyond the retention policy, and leftovers of backups that never finished.
@@ -929,11 +929,11 @@ def restore(
     if ctx.invoked_subcommand is not None:
         return
     from maestro_pipelines.backup import resolve_restore_point, restore_backup
-    from maestro_pipelines.backup.restore import check_restore_request
+    from maestro_pipelines.backup.restore import check_restore_request, parse_before
 
     roles = [r.strip() for r in databases.split(",")] if databases is not None else None
     check_restore_request(target, roles, jobs)  # before the store or a server is touched
-    moment = _restore_moment(before)
+    moment = parse_before(before, "--before")
     store = _store()
     entry = resolve_restore_point(store, backup, before=moment, log=lambda message: err.print(message, highlight=False, soft_wrap=True))
     destinations, _notes = _destinations()
@@ -944,19 +944,6 @@ def restore(
             log=lambda message: err.print(message, highlight=False, soft_wrap=True), phases=progress.phase,
         )
     _print_restore_report(report, as_json)
-
-
-def _restore_moment(before: str | None):
-    """--before as an aware datetime (UTC when no zone is written), or None."""
-    from datetime import datetime, timezone
-
-    if not before:
-        return None
-    try:
-        moment = datetime.fromisoformat(before.replace("Z", "+00:00"))
-    except ValueError:
-        raise MaestroError(f"--before '{before}' is not a time", "Write it as ISO 8601, e.g. 2026-11-26T14:00:00Z") from None
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
 
 def _print_restore_report(report, as_json: bool) -> None:
@@ -1017,8 +1004,8 @@ def restore_cleanup_command(
         maestro restore cleanup
         maestro restore cleanup --confirm maestro"""
     from maestro_pipelines.backup import restore_cleanup
-    from maestro_pipelines.backup.recovery import half_done_swaps
-    from maestro_pipelines.backup.restore import raise_for_in_use
+    from maestro_pipelines.backup.restore.recovery import half_done_swaps
+    from maestro_pipelines.backup.restore import cleanup_summary, raise_for_in_use
 
     destinations, _notes = _destinations()
     store = _store()
@@ -1026,18 +1013,8 @@ def restore_cleanup_command(
     items = restore_cleanup(destinations, dry_run=dry_run, store=store, confirm=confirm)
     for item in items:
         out.print(item.describe(), highlight=False, soft_wrap=True)
-    out.print(_cleanup_summary(items, dry_run), highlight=False)
+    out.print(cleanup_summary(items, dry_run), highlight=False)
     raise_for_in_use(items)
-
-
-def _cleanup_summary(items, dry_run: bool) -> str:
-    """`nothing to drop`, or `dropped 1 database, kept 2 databases`."""
-    if not items:
-        return "nothing to drop: no database left by a restore"
-    dropped, kept = sum(item.dropped for item in items), sum(not item.dropped for item in items)
-    said = [f"{'would drop' if dry_run else 'dropped'} {counted(dropped, 'database')}"] if dropped else []
-    said += [f"kept {counted(kept, 'database')}"] if kept else []
-    return ", ".join(said)
 
 
 def _print_half_done(found) -> None:
@@ -1053,7 +1030,7 @@ def restore_status(as_json: bool = typer.Option(False, "--json", help="Print JSO
     A live restore killed between two swaps leaves some live databases from the backup and
     some not: this reads which from the servers. Exits 1 when there is one; `maestro restore
     finish` or `undo` ends it."""
-    from maestro_pipelines.backup.recovery import half_done_swaps
+    from maestro_pipelines.backup.restore.recovery import half_done_swaps
 
     destinations, _notes = _destinations()
     found = half_done_swaps(_store(), destinations)
@@ -1074,7 +1051,7 @@ def restore_status(as_json: bool = typer.Option(False, "--json", help="Print JSO
 
 
 def _recover(undo: bool, confirm: str | None) -> None:
-    from maestro_pipelines.backup.recovery import finish_swap, undo_swap
+    from maestro_pipelines.backup.restore.recovery import finish_swap, undo_swap
 
     destinations, _notes = _destinations()
     recover = undo_swap if undo else finish_swap
@@ -1111,7 +1088,7 @@ app.add_typer(drill_app, name="drill")
 def drill(
     ctx: typer.Context,
     rto_minutes: float = typer.Option(15, metavar="MINUTES", help="RTO target: restore to verified within this many minutes."),
-    rpo_hours: float = typer.Option(RPO_TARGET.total_seconds() / 3600, metavar="HOURS",
+    rpo_hours: float = typer.Option(RPO_TARGET_HOURS, metavar="HOURS",
                                     help="RPO target: the latest verified backup at most this old."),
     backup: str = typer.Option("latest", metavar="ID", help="Backup to drill with: an id, or `latest`, the latest verified "
                                               "(`newest` is accepted too)."),
@@ -1150,29 +1127,34 @@ def drill(
     if as_json:
         out.print_json(json.dumps(report.as_dict()))
     else:
-        _print_titled(_steps_table(f"drill with backup {report.backup_id}", report.steps))
-        if report.rto_s is not None:
-            out.print(f"RTO {human_duration(report.rto_s)} (target {human_duration(report.rto_target_s)}): "
-                      f"{'ok' if report.rto_ok else 'MISSED'}", highlight=False)
-        if report.rpo_s is not None and not report.restored:
-            out.print("RPO not judged: the drill's restore failed (below), so this backup is no proven restore point",
-                      highlight=False)
-        elif report.rpo_s is not None:
-            out.print(f"RPO {human_duration(report.rpo_s)} (target {human_duration(report.rpo_target_s)}): "
-                      f"{'ok' if report.rpo_ok else 'MISSED'}", highlight=False)
-        if report.restored:
-            out.print(f"{counted(report.indexes_checked, 'btree index', 'btree indexes')} checked, "
-                      f"{counted(report.aliases_resolved, 'production alias', 'production aliases')} resolved",
-                      highlight=False)
-        for note in report.notes:
-            err.print(f"note: {note}", highlight=False)
-        for failure in report.failures():
-            err.print(f"drill FAILED: {failure}", highlight=False, soft_wrap=True)
-        if report.record_key:
-            out.print(f"recorded in the store as {report.record_key} (`maestro drill list` shows the history)",
-                      highlight=False)
+        _print_drill_report(report)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _print_drill_report(report) -> None:
+    """The drill's steps, RTO and RPO against their targets, what it checked, notes and failures."""
+    _print_titled(_steps_table(f"drill with backup {report.backup_id}", report.steps))
+    if report.rto_s is not None:
+        out.print(f"RTO {human_duration(report.rto_s)} (target {human_duration(report.rto_target_s)}): "
+                  f"{'ok' if report.rto_ok else 'MISSED'}", highlight=False)
+    if report.rpo_s is not None and not report.restored:
+        out.print("RPO not judged: the drill's restore failed (below), so this backup is no proven restore point",
+                  highlight=False)
+    elif report.rpo_s is not None:
+        out.print(f"RPO {human_duration(report.rpo_s)} (target {human_duration(report.rpo_target_s)}): "
+                  f"{'ok' if report.rpo_ok else 'MISSED'}", highlight=False)
+    if report.restored:
+        out.print(f"{counted(report.indexes_checked, 'btree index', 'btree indexes')} checked, "
+                  f"{counted(report.aliases_resolved, 'production alias', 'production aliases')} resolved",
+                  highlight=False)
+    for note in report.notes:
+        err.print(f"note: {note}", highlight=False)
+    for failure in report.failures():
+        err.print(f"drill FAILED: {failure}", highlight=False, soft_wrap=True)
+    if report.record_key:
+        out.print(f"recorded in the store as {report.record_key} (`maestro drill list` shows the history)",
+                  highlight=False)
 
 
 @drill_app.command("list", short_help="The drills recorded in the store (CLI and Dagster ones), oldest first.")
@@ -1319,7 +1301,9 @@ def main() -> None:
         err.print("interrupted", highlight=False)
         sys.exit(130)
     except Exception as exc:  # a bug, not a user error: say so in one line
-        if os.environ.get("MAESTRO_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        from maestro_pipelines.settings import debug_requested
+
+        if debug_requested():
             raise
         first_line = (str(exc).strip().splitlines() or [""])[0]
         err.print(

@@ -1,4 +1,5 @@
-"""The one place that decides which resources this deployment gets.
+"""The one place that decides what this deployment gets: its resources, whether its schedules
+and sensors start running, and their time zone (read in `settings.py`, decided here).
 
 Embedded default (nothing configured): the embedded PostgreSQL under MAESTRO_HOME holds the
 platform database, MLflow's backend and the demo's training rows; the object store is
@@ -15,8 +16,10 @@ from __future__ import annotations
 import dagster as dg
 
 from maestro_pipelines.resources import AlertResource, CacheResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
-from maestro_pipelines.resources.secret_fields import check_secrets_by_name
+from maestro_pipelines.resources.secret_fields import check_secrets_by_name, secret_field_names
 from maestro_pipelines.settings import Settings, load_settings
+
+STORE_URL_VARIABLE = "MAESTRO_STORE_URL"
 
 
 def _env_or_none(value: str | None, variable: str):
@@ -39,10 +42,27 @@ def mlflow_registry(settings: Settings) -> MLflowRegistry:
 
 
 def object_store(settings: Settings) -> ObjectStoreResource:
-    secrets = {}
-    if settings.store_url and settings.store_url.startswith("az://"):
-        secrets["azure_connection_string"] = dg.EnvVar("AZURE_STORAGE_CONNECTION_STRING")
-    return ObjectStoreResource(url=settings.store_url, home=str(settings.home), **secrets)
+    return ObjectStoreResource(url=settings.store_url, home=str(settings.home), **_store_secrets(settings.store_url))
+
+
+def _store_secrets(store_url: str | None) -> dict[str, dg.EnvVar]:
+    """The resource's credential fields its backend fills from an environment variable
+    (Azure's connection string), passed by name so the UI shows the variable, not the key."""
+    from maestro_pipelines.storage import InvalidStoreURL
+    from maestro_pipelines.storage.urls import backend_for
+
+    if store_url is None:
+        return {}
+    try:
+        backend = backend_for(store_url, STORE_URL_VARIABLE)
+    except InvalidStoreURL:
+        return {}  # the definitions load; opening the store says what is wrong with the URL
+    secret = secret_field_names(ObjectStoreResource)
+    return {
+        name: dg.EnvVar(backend.environment[option])
+        for name, option in backend.resource_options.items()
+        if name in secret and option in backend.environment
+    }
 
 
 def alerts(settings: Settings) -> AlertResource:
@@ -91,3 +111,56 @@ def resources_for_environment(settings: Settings | None = None) -> dict[str, dg.
         # The UI shows a credential field's value unless it is an EnvVar (see secret_fields).
         check_secrets_by_name(key, resource)
     return resources
+
+
+def run_settings(platform_db: PlatformDatabase, mlflow: MLflowRegistry) -> Settings:
+    """The settings a run's library calls take (`backup_targets`, `database_targets`): the run
+    process's environment (Dagster's own storage) with the home and databases of the run's
+    resources, which a test or the Launchpad may have pointed elsewhere."""
+    import dataclasses
+    from pathlib import Path
+
+    return dataclasses.replace(
+        load_settings(),
+        home=Path(platform_db.home).expanduser().resolve(),
+        database_url=platform_db.database_url or None,
+        mlflow_tracking_uri=mlflow.tracking_uri or None,
+    )
+
+
+def schedule_timezone(settings: Settings) -> str:
+    """MAESTRO_TIMEZONE, checked: the schedules' clock and the default month of `monthly_archive`."""
+    import zoneinfo
+
+    from maestro_pipelines.errors import MaestroError
+
+    try:
+        zoneinfo.ZoneInfo(settings.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise MaestroError(
+            f"MAESTRO_TIMEZONE '{settings.timezone}' is not a time zone",
+            "Use an IANA name such as Europe/Berlin, or unset it for UTC",
+        ) from None
+    return settings.timezone
+
+
+def automation_on_by_default(settings: Settings) -> bool:
+    """Backup schedules and sensors start RUNNING in production (MAESTRO_DATABASE_URL set) and
+    STOPPED on the embedded default (a laptop): see `maestro_pipelines.schedules.backups`."""
+    return not settings.uses_embedded_database
+
+
+_DEPLOYMENT_DECISIONS = {
+    "BACKUP_TIMEZONE": schedule_timezone,
+    "AUTOMATION_ON_BY_DEFAULT": automation_on_by_default,
+}
+"""Constants the schedules and sensors are defined with, decided from this process's settings
+when first imported (not when this module is: the CLI imports it without a schedule)."""
+
+
+def __getattr__(name: str):
+    if name in _DEPLOYMENT_DECISIONS:
+        value = _DEPLOYMENT_DECISIONS[name](load_settings())
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,17 +1,41 @@
 """Every environment variable Maestro reads is read here, and nowhere else.
 
 Pure Python (no Dagster import) so the CLI and the backup/restore library can use it when
-the orchestrator itself is down. `environment.py` turns these settings into Dagster resources.
+the orchestrator itself is down. Configuration flows one way: read here, decided in
+`environment.py` (which resources, schedules running or stopped, their time zone), handed
+to the libraries as explicit values (the storage library never reads the environment: the
+variables its backends take defaults from are read here, into `store_environment`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_HOME = ".maestro"
 DEFAULT_PLATFORM_DATABASE = "maestro"
+
+
+def _non_empty(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def read_store_environment() -> dict[str, str]:
+    """The variables the store backends take defaults from (AZURE_STORAGE_CONNECTION_STRING,
+    STORAGE_EMULATOR_HOST, a plugin's own), those set: {name: value}. The SDKs read the rest
+    of theirs themselves (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)."""
+    from maestro_pipelines.storage.backends import environment_variables
+
+    values = {name: _non_empty(name) for name in environment_variables()}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def debug_requested() -> bool:
+    """`MAESTRO_DEBUG`: an unexpected error shows its traceback instead of one line."""
+    return (_non_empty("MAESTRO_DEBUG") or "").lower() not in ("", "0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -51,9 +75,15 @@ class Settings:
     timezone: str = "UTC"
     """`MAESTRO_TIMEZONE`: the time zone of the schedules (nightly backup at 02:00 there)."""
 
+    store_environment: Mapping[str, str] = field(default_factory=read_store_environment, repr=False)
+    """What the store backends take from the environment (`read_store_environment`), read when
+    the settings are made. Not shown: it may hold a connection string with its key."""
+
     @property
     def effective_store_url(self) -> str:
-        return self.store_url or (self.home / "store").as_uri()
+        from maestro_pipelines.storage.urls import default_store_url
+
+        return self.store_url or default_store_url(self.home)
 
     @property
     def uses_embedded_database(self) -> bool:
@@ -63,11 +93,6 @@ class Settings:
     def environment(self) -> str:
         """`embedded` on a laptop with nothing configured, `production` otherwise."""
         return "embedded" if self.uses_embedded_database else "production"
-
-
-def _non_empty(name: str) -> str | None:
-    value = os.environ.get(name, "").strip()
-    return value or None
 
 
 def load_settings() -> Settings:

@@ -49,48 +49,33 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
+from maestro_pipelines.dagster_support import (
+    BACKUP_POOL,
+    STORE_RETRY,
+    Column,
+    MiB,
+    ProgressLog,
+    backup_step,
+    markdown_list,
+    metadata_table,
+    mib,
+)
 from maestro_pipelines.errors import MaestroError
-from maestro_pipelines.failures import fail_fast_on_user_errors
 from maestro_pipelines.formatting import human_bytes
+from maestro_pipelines.environment import BACKUP_TIMEZONE, run_settings
 from maestro_pipelines.resources import MLflowRegistry, ObjectStoreResource, PlatformDatabase
-from maestro_pipelines.settings import load_settings
 
 BACKUP_GROUP = "backups"
-BACKUP_POOL = "maestro_backup"
 BACKUP_ASSET = dg.AssetKey("database_backup")
 VERIFIED_CHECK = "verified"
 """The asset check on database_backup that holds each backup's verification."""
-MiB = 1024 * 1024
+_ProgressLog = ProgressLog
+"""The progress log's old private name, still imported by jobs/restore.py: use
+`maestro_pipelines.dagster_support.ProgressLog`."""
 
 
-def _backup_timezone(name: str) -> str:
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise MaestroError(
-            f"MAESTRO_TIMEZONE '{name}' is not a time zone", "Use an IANA name such as Europe/Berlin, or unset it for UTC"
-        ) from None
-    return name
-
-
-_SETTINGS = load_settings()
-BACKUP_TIMEZONE = _backup_timezone(_SETTINGS.timezone)
-"""MAESTRO_TIMEZONE: the schedules' clock and the default month of `monthly_archive`."""
-
-AUTOMATION_ON_BY_DEFAULT = not _SETTINGS.uses_embedded_database
-"""Backup schedules and sensors start RUNNING in production (MAESTRO_DATABASE_URL set) and
-STOPPED on the embedded default (a laptop): see `maestro_pipelines.schedules.backups`."""
-
-STORE_RETRY = dg.RetryPolicy(max_retries=2, delay=60, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
-"""Retries of transient store failures (`StoreUnavailable`: the store retried each request
-already). A configuration problem (any other MaestroError) fails at once."""
-
-
-def backup_step(fn):
-    """Decorate a backup asset/op body: transient errors (store or database unavailable) retry
-    under STORE_RETRY, other MaestroErrors fail at once."""
-    return fail_fast_on_user_errors(fn)
-
+# BACKUP_TIMEZONE (the schedules' clock, the default month of `monthly_archive`) and whether
+# automation starts running are deployment decisions: maestro_pipelines.environment takes them.
 
 def local_day(moment: datetime, tz: str) -> str:
     """The calendar day (YYYY-MM-DD) of `moment` in time zone `tz` (naive moments are UTC)."""
@@ -107,32 +92,6 @@ def previous_month(moment: datetime, tz: str) -> str:
     """The month (YYYY-MM) before the one `moment` falls in, in time zone `tz`."""
     first = date.fromisoformat(local_day(moment, tz)).replace(day=1)
     return (first - timedelta(days=1)).strftime("%Y-%m")
-
-
-class _ProgressLog:
-    """create_backup/verify_backup progress -> context.log, about every 10% per database."""
-
-    def __init__(self, log, what: str):
-        self.log = log
-        self.what = what
-        self.logged: dict[str, int] = {}
-        self.started = time.monotonic()
-
-    def __call__(self, label: str, done: int, expected: Optional[int]) -> None:
-        if expected:
-            percent = min(100, int(done * 100 / expected))
-            step = percent // 10 * 10
-            if step <= self.logged.get(label, -1):
-                return
-            self.logged[label] = step
-            # For a dump, `expected` is the database's size on disk: the dump is usually smaller
-            # (no indexes), so the last step jumps to 100%.
-            self.log.info(
-                f"{self.what} {label}: {human_bytes(done)} (~{percent}% of {human_bytes(expected)}), "
-                f"{time.monotonic() - self.started:.1f} s"
-            )
-        else:
-            self.log.info(f"{self.what} {label}: {human_bytes(done)}, {time.monotonic() - self.started:.1f} s")
 
 
 def _pool_check(context) -> None:
@@ -158,41 +117,38 @@ def _others_running(context, store, kinds: tuple[str, ...], ident: Optional[str]
             )
 
 
+DATABASE_COLUMNS = [
+    Column("role", "string"),
+    Column("database", "string"),
+    Column("where", "string"),
+    Column("server_version", "string"),
+    Column("tables", "int"),
+    Column("rows", "int"),
+    Column("dump_mib", "float", "the dumps as pg_dump wrote them, MiB (2^20 bytes)"),
+    Column("stored_mib", "float", "compressed, as stored, MiB"),
+    Column("ratio", "float"),
+    Column("seconds", "float"),
+]
+
+
 def _database_table(manifest) -> dg.MetadataValue:
-    records = []
-    for dump in manifest.databases:
-        records.append(
-            dg.TableRecord(
-                {
-                    "role": dump.role,
-                    "database": dump.database,
-                    "where": dump.where,
-                    "server_version": dump.server_version,
-                    "tables": len(dump.tables),
-                    "rows": dump.rows,
-                    "dump_mib": round(dump.dump_bytes / MiB, 2),
-                    "stored_mib": round(dump.compressed_bytes / MiB, 2),
-                    "ratio": round(dump.dump_bytes / dump.compressed_bytes, 2) if dump.compressed_bytes else 0.0,
-                    "seconds": dump.duration_s,
-                }
-            )
-        )
-    return dg.MetadataValue.table(
-        records,
-        schema=dg.TableSchema(
-            columns=[
-                dg.TableColumn("role", "string"),
-                dg.TableColumn("database", "string"),
-                dg.TableColumn("where", "string"),
-                dg.TableColumn("server_version", "string"),
-                dg.TableColumn("tables", "int"),
-                dg.TableColumn("rows", "int"),
-                dg.TableColumn("dump_mib", "float", description="the dumps as pg_dump wrote them, MiB (2^20 bytes)"),
-                dg.TableColumn("stored_mib", "float", description="compressed, as stored, MiB"),
-                dg.TableColumn("ratio", "float"),
-                dg.TableColumn("seconds", "float"),
-            ]
+    return metadata_table(
+        (
+            {
+                "role": dump.role,
+                "database": dump.database,
+                "where": dump.where,
+                "server_version": dump.server_version,
+                "tables": len(dump.tables),
+                "rows": dump.rows,
+                "dump_mib": mib(dump.dump_bytes, 2),
+                "stored_mib": mib(dump.compressed_bytes, 2),
+                "ratio": round(dump.dump_bytes / dump.compressed_bytes, 2) if dump.compressed_bytes else 0.0,
+                "seconds": dump.duration_s,
+            }
+            for dump in manifest.databases
         ),
+        DATABASE_COLUMNS,
     )
 
 
@@ -228,27 +184,27 @@ def verify_with_marker(store, backup_id: str, log, month: Optional[str] = None):
     from maestro_pipelines.backup import activity, verify_backup
 
     with activity(store, "verify", backup_id):
-        return verify_backup(store, backup_id, month=month, progress=_ProgressLog(log, "verify"))
+        return verify_backup(store, backup_id, month=month, progress=ProgressLog(log, "verify"))
 
 
 def verified_check_result(report) -> dict:
     """The `verified` check's fields for a verification report: passed, a description naming
     the backup and what failed, and metadata."""
-    summary = verification_summary(report)
     description = (
         f"Backup {report.backup_id} verified" if report.ok
         else f"Backup {report.backup_id} failed verification: {'; '.join(report.problems)}"
     )
+    return {"passed": report.ok, "description": description, "metadata": verification_metadata(report)}
+
+
+def verification_metadata(report) -> dict:
+    """What a verification report publishes: on the check `verified` and on verify_backup_job's step."""
     return {
-        "passed": report.ok,
-        "description": description,
-        "metadata": {
-            "backup_id": dg.MetadataValue.text(report.backup_id),
-            "verification": dg.MetadataValue.text(summary),
-            "objects": dg.MetadataValue.int(report.objects),
-            "read_mib": dg.MetadataValue.float(round(report.bytes_read / MiB, 3)),
-            "duration_s": dg.MetadataValue.float(round(report.duration_s, 2)),
-        },
+        "backup_id": dg.MetadataValue.text(report.backup_id),
+        "verification": dg.MetadataValue.text(verification_summary(report)),
+        "objects": dg.MetadataValue.int(report.objects),
+        "read_mib": dg.MetadataValue.float(mib(report.bytes_read)),
+        "duration_s": dg.MetadataValue.float(round(report.duration_s, 2)),
     }
 
 
@@ -299,8 +255,8 @@ def _backup_metadata(manifest, object_store, rpo_s: Optional[float]) -> dict:
         # worth a plot, sizes in MiB (2^20 bytes, the unit of the CLI's KiB/MiB/GiB) to read them
         # on the axis (the exact bytes are in the manifest). stored: compressed, as in the store
         # (`maestro backup list`'s size); dump: as pg_dump wrote it (what a restore unpacks).
-        "stored_mib": dg.MetadataValue.float(round(manifest.stored_bytes / MiB, 3)),
-        "dump_mib": dg.MetadataValue.float(round(manifest.dump_bytes / MiB, 3)),
+        "stored_mib": dg.MetadataValue.float(mib(manifest.stored_bytes)),
+        "dump_mib": dg.MetadataValue.float(mib(manifest.dump_bytes)),
         "duration_s": dg.MetadataValue.float(round(manifest.duration_s, 2)),
         "compression_ratio": dg.MetadataValue.float(
             round(manifest.dump_bytes / manifest.compressed_bytes, 2) if manifest.compressed_bytes else 0.0
@@ -313,7 +269,7 @@ def _backup_metadata(manifest, object_store, rpo_s: Optional[float]) -> dict:
         "per_database": _database_table(manifest),
         "largest_tables": dg.MetadataValue.md(_largest_tables(manifest)),
         "artifacts": dg.MetadataValue.text(f"{manifest.artifacts.count if manifest.artifacts else 0} MLflow artifact files"),
-        "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in manifest.notes) or "none"),
+        "notes": markdown_list(manifest.notes),
     }
     if rpo_s is not None:  # the first backup closed no gap: left out rather than plotted as 0
         metadata["rpo_closed_h"] = dg.MetadataValue.float(round(rpo_s / 3600, 4))
@@ -340,20 +296,11 @@ def backup_history_metadata(manifest, object_store, entries, now: datetime, veri
 
 
 def _take_backup(context, platform_db: PlatformDatabase, mlflow: MLflowRegistry, object_store):
-    import dataclasses
-    from pathlib import Path
-
     from maestro_pipelines.backup import BackupOptions, backup_targets, create_backup
 
     # The databases are those of this run's resources; Dagster's own storage is the
     # environment's (MAESTRO_DAGSTER_DATABASE_URL), as for `maestro backup run`.
-    settings = dataclasses.replace(
-        load_settings(),
-        home=Path(platform_db.home).expanduser().resolve(),
-        database_url=platform_db.database_url or None,
-        mlflow_tracking_uri=mlflow.tracking_uri or None,
-    )
-    targets, notes = backup_targets(settings, platform_db.location())
+    targets, notes = backup_targets(run_settings(platform_db, mlflow), platform_db.location())
     for note in notes:
         context.log.info(note)
     context.log.info(
@@ -361,7 +308,7 @@ def _take_backup(context, platform_db: PlatformDatabase, mlflow: MLflowRegistry,
     )
     started = time.monotonic()
     manifest = create_backup(
-        object_store, targets, BackupOptions(), progress=_ProgressLog(context.log, "dump"), notes=notes
+        object_store, targets, BackupOptions(), progress=ProgressLog(context.log, "dump"), notes=notes
     )
     context.log.info(
         f"Backup {manifest.backup_id} committed: {human_bytes(manifest.dump_bytes)} dumped, "
@@ -517,7 +464,7 @@ def archive_metadata(entry, object_store, taken_by: str) -> dict:
         "location": dg.MetadataValue.text(f"{object_store.url.rstrip('/')}/{entry.root}"),
         "taken_by": dg.MetadataValue.text(taken_by),
         "verified": dg.MetadataValue.bool(entry.verified),
-        "stored_mib": dg.MetadataValue.float(round(entry.stored_bytes / MiB, 3)),
+        "stored_mib": dg.MetadataValue.float(mib(entry.stored_bytes)),
     }
     if manifest is not None:
         metadata["snapshot_at"] = dg.MetadataValue.timestamp(manifest.snapshot_at)

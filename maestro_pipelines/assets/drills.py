@@ -27,18 +27,18 @@ with that fresh one.
 import dataclasses
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Iterator, Union
 
 import dagster as dg
 from pydantic import Field
 
-from maestro_pipelines.assets.backups import BACKUP_GROUP, BACKUP_POOL, _ProgressLog
+from maestro_pipelines.assets.backups import BACKUP_GROUP
+from maestro_pipelines.dagster_support import BACKUP_POOL, Column, ProgressLog, markdown_list, metadata_table
+from maestro_pipelines.environment import run_settings
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.formatting import human_duration
-from maestro_pipelines.objectives import RPO_TARGET
+from maestro_pipelines.objectives import RPO_TARGET_HOURS
 from maestro_pipelines.resources import AlertResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
-from maestro_pipelines.settings import load_settings
 
 DRILL_KIND = "drill"
 RTO_CHECK = "rto_within_target"
@@ -54,26 +54,14 @@ def live_destinations(platform_db: PlatformDatabase, mlflow: MLflowRegistry) -> 
     (MAESTRO_DAGSTER_DATABASE_URL), as for `maestro restore`."""
     from maestro_pipelines.backup import database_targets
 
-    settings = dataclasses.replace(
-        load_settings(),
-        home=Path(platform_db.home).expanduser().resolve(),
-        database_url=platform_db.database_url or None,
-        mlflow_tracking_uri=mlflow.tracking_uri or None,
-    )
-    return database_targets(settings, platform_db.location())
+    return database_targets(run_settings(platform_db, mlflow), platform_db.location())
 
 
 def steps_table(steps) -> dg.MetadataValue:
     """RestoreStep list -> a table of step, seconds, detail."""
-    return dg.MetadataValue.table(
-        [dg.TableRecord({"step": s.name, "seconds": round(s.seconds, 3), "detail": s.detail or ""}) for s in steps],
-        schema=dg.TableSchema(
-            columns=[
-                dg.TableColumn("step", "string"),
-                dg.TableColumn("seconds", "float"),
-                dg.TableColumn("detail", "string"),
-            ]
-        ),
+    return metadata_table(
+        ({"step": s.name, "seconds": round(s.seconds, 3), "detail": s.detail or ""} for s in steps),
+        [Column("step", "string"), Column("seconds", "float"), Column("detail", "string")],
     )
 
 
@@ -84,7 +72,7 @@ class DrillConfig(dg.Config):
         default=15, gt=0, le=7 * 24 * 60, allow_inf_nan=False, description="RTO target: from the drill's start to the restored databases verified."
     )
     rpo_target_hours: float = Field(
-        default=RPO_TARGET.total_seconds() / 3600, gt=0, le=366 * 24, allow_inf_nan=False, description="RPO target: the drilled backup's snapshot at most this old at the drill's start."
+        default=RPO_TARGET_HOURS, gt=0, le=366 * 24, allow_inf_nan=False, description="RPO target: the drilled backup's snapshot at most this old at the drill's start."
     )
     jobs: int = Field(default=2, ge=1, le=32, description="pg_restore parallel jobs (-j).")
     backup: str = Field(
@@ -226,8 +214,8 @@ def drill_record_metadata(record, store_url: str) -> dict:
         "rto_target": dg.MetadataValue.text(human_duration(record.rto_target_s)),
         "rpo_target": dg.MetadataValue.text(human_duration(record.rpo_target_s)),
         "steps": steps_table([_RecordedStep(name, seconds) for name, seconds in record.steps.items()]),
-        "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in record.problems) or "none"),
-        "notes": dg.MetadataValue.md("\n".join(f"- {n}" for n in record.notes) or "none"),
+        "problems": markdown_list(record.problems),
+        "notes": markdown_list(record.notes),
     }
     # Only measured values: a missing RTO is not 0 s (the chart and the checks read these).
     if record.rto_s is not None:
@@ -284,6 +272,14 @@ def target_check_fields(record) -> list[dict]:
     ]
 
 
+DRILLED_DATABASE_COLUMNS = [
+    Column("role", "string"),
+    Column("restored_as", "string", "scratch database (dropped after the drill)"),
+    Column("tables", "int"),
+    Column("rows", "int"),
+]
+
+
 def _drill_metadata(report, store_url: str, run_id: str) -> dict:
     from maestro_pipelines.backup.drill_history import drill_record
 
@@ -293,17 +289,7 @@ def _drill_metadata(report, store_url: str, run_id: str) -> dict:
         "indexes_checked": dg.MetadataValue.text(f"{report.indexes_checked} btree indexes (amcheck)"),
         "aliases_resolved": dg.MetadataValue.text(
             f"{report.aliases_resolved} production alias{'' if report.aliases_resolved == 1 else 'es'}"),
-        "databases": dg.MetadataValue.table(
-            [dg.TableRecord({k: d[k] for k in ("role", "restored_as", "tables", "rows")}) for d in report.databases],
-            schema=dg.TableSchema(
-                columns=[
-                    dg.TableColumn("role", "string"),
-                    dg.TableColumn("restored_as", "string", description="scratch database (dropped after the drill)"),
-                    dg.TableColumn("tables", "int"),
-                    dg.TableColumn("rows", "int"),
-                ]
-            ),
-        ),
+        "databases": metadata_table(report.databases, DRILLED_DATABASE_COLUMNS),
     })
     if report.snapshot_at is not None:
         metadata["snapshot_at"] = dg.MetadataValue.timestamp(report.snapshot_at)
@@ -340,7 +326,7 @@ def _alert_text(context, report, failures: list[str]) -> str:
         dg.AssetCheckSpec(RTO_CHECK, asset="dr_drill", blocking=False,
                           description="Restore to verified within the RTO target (default 15 minutes)."),
         dg.AssetCheckSpec(RPO_CHECK, asset="dr_drill", blocking=False,
-                          description="The drilled backup's snapshot within the RPO target (default 26 hours)."),
+                          description=f"The drilled backup's snapshot within the RPO target (default {RPO_TARGET_HOURS:g} hours)."),
     ],
 )
 def dr_drill(
@@ -351,11 +337,39 @@ def dr_drill(
     store: ObjectStoreResource,
     alerts: AlertResource,
 ) -> Iterator[Union[dg.AssetObservation, dg.MaterializeResult]]:
+    started = time.monotonic()
+    report, object_store = _run_drill(context, config, platform_db, mlflow, store, alerts)
+    for note in report.notes:
+        context.log.warning(f"note: {note}")
+    metadata = _drill_metadata(report, object_store.url, context.run.run_id)
+    metadata.update(drill_history_metadata(_drill_history(context, object_store, report), report.rto_target_s, context.log))
+    if report.problems:
+        # The restore did not prove the backup: record what the drill saw (yielded, so it is
+        # recorded before the step fails), alert, fail.
+        yield dg.AssetObservation(asset_key=context.asset_key, metadata=metadata)
+        raise _unproven_backup(context, report, alerts, metadata)
+    _alert_missed_targets(context, report, alerts)
+    context.log.info(
+        f"Drill with backup {report.backup_id} done in {time.monotonic() - started:.1f} s: "
+        f"RTO {report.rto_s:.1f} s, RPO {report.rpo_s / 3600:.2f} h, {report.indexes_checked} indexes checked, "
+        f"{report.aliases_resolved} production aliases resolved"
+    )
+    yield dg.MaterializeResult(
+        metadata=metadata,
+        check_results=[dg.AssetCheckResult(**fields) for fields in target_check_fields(report)],
+    )
+
+
+def _run_drill(context, config: DrillConfig, platform_db: PlatformDatabase, mlflow: MLflowRegistry,
+               store: ObjectStoreResource, alerts: AlertResource):
+    """(the DrillReport, the store) of `run_drill` with this run's resources, as `maestro drill`
+    runs it; a drill that could not start or broke off alerts and fails the step."""
     from maestro_pipelines.backup import run_drill
+    from maestro_pipelines.backup.drill import drill_targets
     from maestro_pipelines.backup.phases import PhaseLog
 
-    started = time.monotonic()
     try:
+        rto_target, rpo_target = drill_targets(config.rto_target_minutes, config.rpo_target_hours)
         destinations, notes = live_destinations(platform_db, mlflow)
         for note in notes:
             context.log.info(note)
@@ -365,16 +379,9 @@ def dr_drill(
             f"{', '.join(f'{d.role} ({d.database})' for d in destinations)}"
         )
         report = run_drill(
-            object_store,
-            destinations,
-            rto_target=timedelta(minutes=config.rto_target_minutes),
-            rpo_target=timedelta(hours=config.rpo_target_hours),
-            jobs=config.jobs,
-            progress=_ProgressLog(context.log, "download"),
-            log=context.log.info,
-            backup=config.backup,
-            source="dagster",
-            run_id=context.run.run_id,
+            object_store, destinations, rto_target=rto_target, rpo_target=rpo_target, jobs=config.jobs,
+            progress=ProgressLog(context.log, "download"), log=context.log.info, backup=config.backup,
+            source="dagster", run_id=context.run.run_id,
             phases=PhaseLog(context.log.info, milestones=True),  # each step logged as it ends
         )
     except MaestroError as exc:  # before any restore: no verified backup, an unknown id, a server or store down
@@ -388,44 +395,35 @@ def dr_drill(
             log=context.log,
         )
         raise
-    for note in report.notes:
-        context.log.warning(f"note: {note}")
+    return report, object_store
 
-    metadata = _drill_metadata(report, object_store.url, context.run.run_id)
-    metadata.update(drill_history_metadata(_drill_history(context, object_store, report), report.rto_target_s, context.log))
-    failures = report.failures()
-    if report.problems:
-        # The restore did not prove the backup: record what the drill saw (yielded, so it is
-        # recorded before the step fails), alert, fail.
-        yield dg.AssetObservation(asset_key=context.asset_key, metadata=metadata)
-        alerts.send(
-            f"Maestro DR drill failed: backup {report.backup_id or '?'} did not restore cleanly",
-            _alert_text(context, report, failures),
-            "error",
-            log=context.log,
-        )
-        raise dg.Failure(
-            description=f"DR drill failed with backup {report.backup_id}: {'; '.join(report.problems)}",
-            metadata=metadata,
-            allow_retries=False,
-        )
 
-    if failures:
-        missed = [name for name, ok in (("RTO", report.rto_ok), ("RPO", report.rpo_ok)) if not ok]
-        alerts.send(
-            f"Maestro DR drill missed its {' and '.join(missed)} target",
-            _alert_text(context, report, failures),
-            "error",
-            log=context.log,
-        )
-    context.log.info(
-        f"Drill with backup {report.backup_id} done in {time.monotonic() - started:.1f} s: "
-        f"RTO {report.rto_s:.1f} s, RPO {report.rpo_s / 3600:.2f} h, {report.indexes_checked} indexes checked, "
-        f"{report.aliases_resolved} production aliases resolved"
+def _unproven_backup(context, report, alerts: AlertResource, metadata: dict) -> dg.Failure:
+    """Alert that the drill's restore did not prove its backup; the Failure that fails the step."""
+    alerts.send(
+        f"Maestro DR drill failed: backup {report.backup_id or '?'} did not restore cleanly",
+        _alert_text(context, report, report.failures()),
+        "error",
+        log=context.log,
     )
-    yield dg.MaterializeResult(
+    return dg.Failure(
+        description=f"DR drill failed with backup {report.backup_id}: {'; '.join(report.problems)}",
         metadata=metadata,
-        check_results=[dg.AssetCheckResult(**fields) for fields in target_check_fields(report)],
+        allow_retries=False,
+    )
+
+
+def _alert_missed_targets(context, report, alerts: AlertResource) -> None:
+    """A drill that proved its backup but missed its RTO or RPO target alerts (its check fails)."""
+    failures = report.failures()
+    if not failures:
+        return
+    missed = [name for name, ok in (("RTO", report.rto_ok), ("RPO", report.rpo_ok)) if not ok]
+    alerts.send(
+        f"Maestro DR drill missed its {' and '.join(missed)} target",
+        _alert_text(context, report, failures),
+        "error",
+        log=context.log,
     )
 
 

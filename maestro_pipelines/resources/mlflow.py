@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import dagster as dg
@@ -13,6 +12,7 @@ from maestro_pipelines.settings import DEFAULT_HOME, Settings
 
 if TYPE_CHECKING:
     from maestro_pipelines.ml.registry import ModelRegistry
+    from maestro_pipelines.platform_db.location import DatabaseLocation
 
 
 class MLflowRegistry(dg.ConfigurableResource):
@@ -50,59 +50,36 @@ class MLflowRegistry(dg.ConfigurableResource):
     def registry(self) -> "ModelRegistry":
         if self._registry is None:
             from maestro_pipelines.ml.registry import ModelRegistry
+            from maestro_pipelines.resources.platform_database import locate_configured_database
+            from maestro_pipelines.settings import read_store_environment
+            from maestro_pipelines.storage.urls import artifact_uri_for, default_store_url
 
-            settings = Settings(
-                home=Path(self.home).expanduser().resolve(),
-                database_url=self.database_url or None,
-                store_url=self.store_url or None,
+            tracking_uri = self.tracking_uri or mlflow_database_uri(locate_configured_database(self.home, self.database_url))
+            artifact_root = self.artifact_root or artifact_uri_for(
+                self.store_url or default_store_url(self.home), read_store_environment()
             )
-            tracking_uri = self.tracking_uri or embedded_tracking_uri(settings)
-            self._registry = ModelRegistry(tracking_uri, self.artifact_root or artifact_root_for(settings))
+            self._registry = ModelRegistry(tracking_uri, artifact_root)
         return self._registry
 
 
-def embedded_tracking_uri(settings: Settings) -> str:
+def mlflow_database_uri(location: "DatabaseLocation") -> str:
     """MLflow's backend: a database next to the platform database, created when missing."""
-    from maestro_pipelines.platform_db import locate_platform_database
     from maestro_pipelines.platform_db.connection import ensure_database
 
-    location = locate_platform_database(settings)
     name = location.mlflow_database
     ensure_database(location.admin_url, name, location.source)
     return location.url_for(name).render_as_string(hide_password=False)
 
 
+def embedded_tracking_uri(settings: Settings) -> str:
+    """MLflow's backend for `settings` when MLFLOW_TRACKING_URI is unset (`mlflow_database_uri`)."""
+    from maestro_pipelines.platform_db import locate_platform_database
+
+    return mlflow_database_uri(locate_platform_database(settings))
+
+
 def artifact_root_for(settings: Settings) -> str:
-    """MLflow's artifact URI for the configured object store."""
-    store = settings.effective_store_url.rstrip("/")
-    if store.startswith(("file://", "s3://", "gs://")):
-        return f"{store}/mlflow-artifacts"
-    if store.startswith("az://"):
-        return _azure_artifact_root(store)
-    return f"{Path(store).resolve().as_uri()}/mlflow-artifacts"
+    """MLflow's artifact URI for the configured object store (its backend's `artifact_uri`)."""
+    from maestro_pipelines.storage.urls import artifact_uri_for
 
-
-def _azure_artifact_root(store: str) -> str:
-    """az://container/prefix -> wasbs://container@ACCOUNT.blob.SUFFIX/prefix/mlflow-artifacts,
-    the account (and cloud) from AZURE_STORAGE_CONNECTION_STRING, which MLflow's Azure
-    artifact repository also connects with (its BlobEndpoint included, so Azurite works)."""
-    import os
-
-    from maestro_pipelines.errors import MaestroError
-    from maestro_pipelines.storage.azure import CONNECTION_STRING_VARIABLE
-
-    container, _, prefix = store[len("az://"):].partition("/")
-    fields = dict(
-        part.split("=", 1) for part in os.environ.get(CONNECTION_STRING_VARIABLE, "").split(";") if "=" in part
-    )
-    account = fields.get("AccountName", "").strip()
-    if not account:
-        raise MaestroError(
-            f"MLflow's artifact location for the az:// MAESTRO_STORE_URL needs the storage account, and "
-            f"{CONNECTION_STRING_VARIABLE} names none",
-            f"Set {CONNECTION_STRING_VARIABLE} (AccountName=...;AccountKey=...), or give the MLflowRegistry "
-            "artifact_root as wasbs://CONTAINER@ACCOUNT.blob.core.windows.net/PATH",
-        )
-    suffix = fields.get("EndpointSuffix", "core.windows.net").strip()
-    path = f"{prefix.strip('/')}/mlflow-artifacts" if prefix.strip("/") else "mlflow-artifacts"
-    return f"wasbs://{container}@{account}.blob.{suffix}/{path}"
+    return artifact_uri_for(settings.effective_store_url, settings.store_environment)

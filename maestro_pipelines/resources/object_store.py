@@ -2,19 +2,22 @@
 
 Importing this module imports Dagster and pydantic only; the storage library and the
 cloud SDKs (dagster-aws/boto3, google-cloud-storage, azure-storage-blob) are imported by
-`get_store()`, for the one scheme the URL names.
+`get_store()`, for the one backend the URL names. Which fields a backend takes is the
+backend's declaration (`resource_options`, see `maestro_pipelines.storage.backends`), so a
+new backend needs nothing here unless it wants a field of its own (or, as S3 with dagster-aws,
+a client a Dagster integration builds). The store is opened by the function the CLI uses too
+(`storage.open_configured_store`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from maestro_pipelines.resources.secret_fields import SECRET_FIELD
-from maestro_pipelines.settings import DEFAULT_HOME, Settings
+from maestro_pipelines.settings import DEFAULT_HOME
 
 if TYPE_CHECKING:
     from maestro_pipelines.storage import ObjectStore
@@ -87,40 +90,39 @@ class ObjectStoreResource(dg.ConfigurableResource):
         return self._store
 
     def _open(self) -> "ObjectStore":
-        from maestro_pipelines.storage import RetryPolicy, open_store
-        from maestro_pipelines.storage.urls import missing_sdk, parse_store_url
+        from maestro_pipelines.settings import read_store_environment
+        from maestro_pipelines.storage import RetryPolicy, open_configured_store
 
         retry = RetryPolicy(attempts=self.retry_attempts, backoff_s=self.retry_backoff_s)
-        if not self.url:
-            settings = Settings(home=Path(self.home).expanduser().resolve(), database_url=None)
-            return open_store(settings.effective_store_url, STORE_URL_VARIABLE, create=True, retry=retry)
-        location = parse_store_url(self.url, STORE_URL_VARIABLE)
-        if location.scheme == "s3":
-            try:
-                from dagster_aws.s3 import S3Resource
-            except ImportError:
-                raise missing_sdk("s3", "dagster-aws", location.url, STORE_URL_VARIABLE) from None
-            # dagster-aws builds the boto3 client (credential chain, endpoint, SSL options);
-            # its retries are off (max_attempts=0) because the store retries each request.
-            client = S3Resource(
-                region_name=self.region_name,
-                endpoint_url=self.endpoint_url,
-                aws_access_key_id=self.aws_access_key_id,
-                aws_secret_access_key=self.aws_secret_access_key,
-                aws_session_token=self.aws_session_token,
-                profile_name=self.profile_name,
-                max_attempts=0,
-            ).get_client()
-            return open_store(
-                self.url, STORE_URL_VARIABLE, client=client, retry=retry, part_concurrency=self.part_concurrency
-            )
-        if location.scheme == "gs":
-            return open_store(
-                self.url, STORE_URL_VARIABLE, project=self.gcs_project, endpoint_url=self.gcs_endpoint_url, retry=retry
-            )
-        if location.scheme == "az":
-            return open_store(
-                self.url, STORE_URL_VARIABLE, connection_string=self.azure_connection_string, retry=retry,
-                part_concurrency=self.part_concurrency,
-            )
-        return open_store(self.url, STORE_URL_VARIABLE, retry=retry)
+        options = self._backend_options() if self.url else {}
+        return open_configured_store(self.url, self.home, read_store_environment(), retry=retry, **options)
+
+    def _backend_options(self) -> dict[str, Any]:
+        """The fields the URL's backend takes (its `resource_options`), as its open options."""
+        from maestro_pipelines.storage.urls import backend_for
+
+        backend = backend_for(self.url, STORE_URL_VARIABLE)
+        options = {option: getattr(self, name) for name, option in backend.resource_options.items()}
+        build_client = _CLIENTS.get(backend.name)
+        return build_client(self.url, options) if build_client else options
+
+
+def _s3_client_through_dagster_aws(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """dagster-aws builds the boto3 client (credential chain, endpoint, SSL options); its
+    retries are off (max_attempts=0) because the store retries each request."""
+    from maestro_pipelines.storage.backends import missing_sdk
+    from maestro_pipelines.storage.urls import parse_store_url
+
+    try:
+        from dagster_aws.s3 import S3Resource
+    except ImportError:
+        raise missing_sdk("s3", "dagster-aws", parse_store_url(url, STORE_URL_VARIABLE).url, STORE_URL_VARIABLE) from None
+    client_fields = ("region_name", "endpoint_url", "aws_access_key_id", "aws_secret_access_key",
+                     "aws_session_token", "profile_name")
+    client = S3Resource(**{name: options.pop(name) for name in client_fields}, max_attempts=0).get_client()
+    return {**options, "client": client}
+
+
+_CLIENTS = {"s3": _s3_client_through_dagster_aws}
+"""Backends whose client a Dagster integration builds, by backend name. Only here, because
+the storage library never imports Dagster; any other backend gets its options as they are."""

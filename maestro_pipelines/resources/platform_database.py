@@ -46,12 +46,7 @@ class PlatformDatabase(dg.ConfigurableResource):
     def location(self) -> "DatabaseLocation":
         """Where the database lives; starts the embedded server on first call."""
         if self._location is None:
-            from pathlib import Path
-
-            from maestro_pipelines.platform_db import locate_platform_database
-
-            settings = Settings(home=Path(self.home).expanduser().resolve(), database_url=self.database_url or None)
-            self._location = locate_platform_database(settings)
+            self._location = locate_configured_database(self.home, self.database_url)
         return self._location
 
     def get_engine(self) -> "Engine":
@@ -79,3 +74,14 @@ class PlatformDatabase(dg.ConfigurableResource):
         from maestro_pipelines.platform_db.status import database_status
 
         return database_status(self.location())
+
+
+def locate_configured_database(home: str, database_url: str | None) -> "DatabaseLocation":
+    """The platform database a resource's `home` and `database_url` name (PlatformDatabase's,
+    MLflowRegistry's): the one place a resource's fields become what the library takes."""
+    from pathlib import Path
+
+    from maestro_pipelines.platform_db import locate_platform_database
+
+    home_path = Path(home).expanduser().resolve()
+    return locate_platform_database(Settings(home=home_path, database_url=database_url or None, store_environment={}))

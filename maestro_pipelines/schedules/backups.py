@@ -8,7 +8,7 @@
 - `backup_retention_schedule`: 05:00 every day, after the backup and the archive.
 
 The hours and the archive day are module constants, not settings: changing them changes
-the RPO the sensors assume (`RPO_TARGET` in `maestro_pipelines.sensors.backups`), so they
+the RPO the sensors assume (`RPO_TARGET` in `maestro_pipelines.objectives`), so they
 change together, in code review. On the day clocks spring forward 02:00 does not exist and
 Dagster runs the backup at 03:00; the day they fall back it runs once.
 
@@ -26,9 +26,11 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from maestro_pipelines.assets.backups import AUTOMATION_ON_BY_DEFAULT, BACKUP_TIMEZONE, local_day, previous_month
+from maestro_pipelines.assets.backups import local_day, previous_month
+from maestro_pipelines.environment import AUTOMATION_ON_BY_DEFAULT, BACKUP_TIMEZONE
 from maestro_pipelines.automation import STOPPED_ON_EMBEDDED_HINT
 from maestro_pipelines.jobs.backups import backup_retention, monthly_archive_job, nightly_backup
+from maestro_pipelines.objectives import DAILY_BACKUPS_KEPT, MONTHLY_ARCHIVES_KEPT
 
 NIGHTLY_BACKUP_HOUR = 2
 ARCHIVE_DAY_OF_MONTH = 1
@@ -82,7 +84,8 @@ def monthly_archive_schedule(context: dg.ScheduleEvaluationContext):
     job=backup_retention,
     default_status=DEFAULT_STATUS,
     description=(
-        "At 05:00 (MAESTRO_TIMEZONE), delete backups the policy no longer keeps (7 daily, 12 monthly). "
+        f"At 05:00 (MAESTRO_TIMEZONE), delete backups the policy no longer keeps ({DAILY_BACKUPS_KEPT} daily, "
+        f"{MONTHLY_ARCHIVES_KEPT} monthly). "
         + STOPPED_ON_EMBEDDED_HINT
     ),
 )

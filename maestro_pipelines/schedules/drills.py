@@ -1,7 +1,7 @@
 """The weekly DR drill: Sunday at 03:00 on MAESTRO_TIMEZONE's clock, an hour after that
 night's 02:00 backup. The drill runs in the pool `maestro_backup`, so when the backup is still
 running it waits for it and drills with that fresh backup; without a pool limit it drills with
-the latest verified one (Saturday's, about 25 h old: inside the 26 h RPO target).
+the latest verified one (Saturday's, about 25 h old: inside the RPO target, `RPO_TARGET`).
 
 Default status as the backup schedules (`maestro_pipelines.schedules.backups`): RUNNING in
 production (MAESTRO_DATABASE_URL set), STOPPED on the embedded default, where a drill that
@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from maestro_pipelines.assets.backups import BACKUP_TIMEZONE, local_day
+from maestro_pipelines.assets.backups import local_day
+from maestro_pipelines.environment import BACKUP_TIMEZONE
 from maestro_pipelines.jobs.restore import dr_drill_job
 from maestro_pipelines.automation import STOPPED_ON_EMBEDDED_HINT
 from maestro_pipelines.schedules.backups import DEFAULT_STATUS

@@ -5,7 +5,7 @@ schedules: RUNNING in production, STOPPED on the embedded default."""
 
 import dagster as dg
 
-from maestro_pipelines.assets.backups import BACKUP_TIMEZONE
+from maestro_pipelines.environment import BACKUP_TIMEZONE
 from maestro_pipelines.jobs.upkeep import platform_upkeep
 from maestro_pipelines.schedules.backups import DEFAULT_STATUS, _scheduled
 

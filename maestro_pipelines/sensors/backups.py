@@ -27,11 +27,12 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
-from maestro_pipelines.assets.backups import AUTOMATION_ON_BY_DEFAULT
+from maestro_pipelines.environment import AUTOMATION_ON_BY_DEFAULT
 from maestro_pipelines.automation import STOPPED_ON_EMBEDDED_HINT
-from maestro_pipelines.objectives import RPO_TARGET
+from maestro_pipelines.dagster_support import KIND_TAG
 from maestro_pipelines.errors import MaestroError
-from maestro_pipelines.jobs.backups import KIND_TAG, verify_backup_job
+from maestro_pipelines.jobs.backups import verify_backup_job
+from maestro_pipelines.objectives import RPO_TARGET, RPO_TARGET_HOURS
 from maestro_pipelines.resources import AlertResource, ObjectStoreResource
 
 ALERTED_KINDS = frozenset({"backup", "archive", "retention", "verify", "restore", "drill", "upkeep"})
@@ -66,7 +67,7 @@ def load_state(cursor: str | None) -> dict:
     default_status=DEFAULT_STATUS,
     description=(
         "Alerts (AlertResource, MAESTRO_ALERT_WEBHOOK) once per breach when the latest verified backup "
-        "is older than the RPO target (26 h), when there is none, or when the store cannot be read. "
+        f"is older than the RPO target ({RPO_TARGET_HOURS:g} h), when there is none, or when the store cannot be read. "
         + STOPPED_ON_EMBEDDED_HINT
     ),
 )

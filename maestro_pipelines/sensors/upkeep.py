@@ -6,7 +6,7 @@ embedded default."""
 
 import dagster as dg
 
-from maestro_pipelines.assets.backups import AUTOMATION_ON_BY_DEFAULT
+from maestro_pipelines.environment import AUTOMATION_ON_BY_DEFAULT
 from maestro_pipelines.assets.upkeep import model_statistics, tenant_usage_statistics
 
 statistics_refresh_sensor = dg.AutomationConditionSensorDefinition(

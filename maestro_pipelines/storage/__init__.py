@@ -8,7 +8,8 @@
         ...
 
 A library: no Dagster import (the backup/restore CLI uses it while the orchestrator is
-down), and no cloud SDK import until a store of that kind is opened.
+down), and no cloud SDK import until a store of that kind is opened. Each kind of store is
+a backend declared once in its own module (`backends.py` says how to add one).
 `maestro_pipelines.resources.object_store.ObjectStoreResource` wraps it for Dagster.
 """
 
@@ -28,9 +29,11 @@ from maestro_pipelines.storage.base import (
     StoreNotFound,
     StoreUnavailable,
 )
-from maestro_pipelines.storage.urls import StoreLocation, open_store, parse_store_url
+from maestro_pipelines.storage.backends import Backend, StoreLocation, register
+from maestro_pipelines.storage.urls import open_configured_store, open_store, parse_store_url
 
 __all__ = [
+    "Backend",
     "CHUNK_SIZE",
     "ChecksumMismatch",
     "ChecksumMissing",
@@ -46,6 +49,8 @@ __all__ = [
     "StoreLocation",
     "StoreNotFound",
     "StoreUnavailable",
+    "open_configured_store",
     "open_store",
     "parse_store_url",
+    "register",
 ]

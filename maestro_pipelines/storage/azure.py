@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
+from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.storage.backends import Backend, Container, StoreLocation, missing_sdk
 from maestro_pipelines.storage.base import (
     CHUNK_SIZE,
     DEFAULT_SOURCE,
@@ -46,7 +49,6 @@ from maestro_pipelines.storage.base import (
     short_cause,
     split_metadata,
 )
-from maestro_pipelines.storage.urls import missing_sdk
 
 CONTENT_TYPE = "application/octet-stream"
 CONNECTION_STRING_VARIABLE = "AZURE_STORAGE_CONNECTION_STRING"
@@ -280,3 +282,47 @@ class _AzureUpload(PartUpload):
 
     def abort(self) -> None:
         pass  # uncommitted blocks are invisible and expire on their own (see the module docstring)
+
+
+# ---- the backend ----------------------------------------------------------------------------
+
+
+def _open(location: StoreLocation, source: str, **options: Any) -> AzureObjectStore:
+    return AzureObjectStore(location.bucket, location.prefix, source=source, **options)
+
+
+def mlflow_artifact_uri(location: StoreLocation, environment: Mapping[str, str]) -> str:
+    """az://container/prefix -> wasbs://container@ACCOUNT.blob.SUFFIX/prefix/mlflow-artifacts,
+    the account (and cloud) from AZURE_STORAGE_CONNECTION_STRING, which MLflow's Azure
+    artifact repository also connects with (its BlobEndpoint included, so Azurite works)."""
+    fields = dict(
+        part.split("=", 1) for part in environment.get(CONNECTION_STRING_VARIABLE, "").split(";") if "=" in part
+    )
+    account = fields.get("AccountName", "").strip()
+    if not account:
+        raise MaestroError(
+            f"MLflow's artifact location for the az:// MAESTRO_STORE_URL needs the storage account, and "
+            f"{CONNECTION_STRING_VARIABLE} names none",
+            f"Set {CONNECTION_STRING_VARIABLE} (AccountName=...;AccountKey=...), or give the MLflowRegistry "
+            "artifact_root as wasbs://CONTAINER@ACCOUNT.blob.core.windows.net/PATH",
+        )
+    suffix = fields.get("EndpointSuffix", "core.windows.net").strip()
+    path = f"{location.prefix}/mlflow-artifacts" if location.prefix else "mlflow-artifacts"
+    return f"wasbs://{location.bucket}@{account}.blob.{suffix}/{path}"
+
+
+BACKEND = Backend(
+    name="az",
+    schemes=("az",),
+    example="az://container/prefix",
+    open=_open,
+    extra="azure",
+    container=Container(
+        "container", re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$"),
+        "Container names are 3-63 lowercase letters, digits and '-'",
+    ),
+    credentials=CONNECTION_STRING_VARIABLE,
+    environment={"connection_string": CONNECTION_STRING_VARIABLE},
+    resource_options={"azure_connection_string": "connection_string", "part_concurrency": "part_concurrency"},
+    artifact_uri=mlflow_artifact_uri,
+)

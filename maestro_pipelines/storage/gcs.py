@@ -29,10 +29,12 @@ the metadata server). The SDK's own retries are off for the calls made here so t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+from maestro_pipelines.storage.backends import Backend, Container, StoreLocation, missing_sdk
 from maestro_pipelines.storage.base import (
     CHUNK_SIZE,
     DEFAULT_SOURCE,
@@ -49,7 +51,6 @@ from maestro_pipelines.storage.base import (
     short_cause,
     split_metadata,
 )
-from maestro_pipelines.storage.urls import missing_sdk
 
 CONTENT_TYPE = "application/octet-stream"
 _TIMEOUT = (10, 120)
@@ -406,3 +407,27 @@ class _GCSUpload(PartUpload):
             self.store._call("clean up an upload", lambda: self.temp.delete(retry=None, timeout=_TIMEOUT))
         except Exception:
             pass  # never created, or already gone
+
+
+# ---- the backend ----------------------------------------------------------------------------
+
+
+def _open(location: StoreLocation, source: str, **options: Any) -> GCSObjectStore:
+    return GCSObjectStore(location.bucket, location.prefix, source=source, **options)
+
+
+BACKEND = Backend(
+    name="gs",
+    schemes=("gs",),
+    example="gs://bucket/prefix",
+    open=_open,
+    extra="gcs",
+    container=Container(
+        "bucket", re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$"),
+        "Bucket names are 3-63 lowercase letters, digits and '-' (and '.', '_')",
+    ),
+    credentials="GOOGLE_APPLICATION_CREDENTIALS",
+    # The SDK reads GOOGLE_APPLICATION_CREDENTIALS itself; the emulator's address is ours to pass.
+    environment={"emulator_host": "STORAGE_EMULATOR_HOST"},
+    resource_options={"gcs_project": "project", "gcs_endpoint_url": "endpoint_url"},
+)

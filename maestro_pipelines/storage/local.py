@@ -35,6 +35,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 import uuid
@@ -42,7 +43,9 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import SplitResult, unquote
 
+from maestro_pipelines.storage.backends import Backend, BadURL, StoreLocation
 from maestro_pipelines.storage.base import (
     CHUNK_SIZE,
     DEFAULT_SOURCE,
@@ -64,6 +67,7 @@ from maestro_pipelines.storage.base import (
 META_DIR = f"{RESERVED_PREFIX}meta"
 TMP_PREFIX = f"{RESERVED_PREFIX}tmp-"
 SIDECAR_PREFIX = f"{RESERVED_PREFIX}ino-"
+WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]")
 STALE_TEMP_S = 3600
 """A temporary file not written to for this long belongs to a writer that died (SIGKILL,
 power loss): deleting an object removes such files beside it."""
@@ -88,6 +92,42 @@ def _fsync_dir(path: Path) -> None:
 
 def _mtime(st: os.stat_result) -> datetime:
     return datetime.fromtimestamp(st.st_mtime, timezone.utc)
+
+
+def _create_temp(parent: Path) -> tuple[Path, int]:
+    """A new temporary file in `parent` (made if missing), opened for writing: (path, fd)."""
+    for attempt in range(3):
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+        except FileNotFoundError:  # a concurrent delete pruned the empty folder
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _write_hashed(fd: int, chunks: Iterable[bytes]) -> tuple[str, int, os.stat_result]:
+    """Write every chunk to `fd`, hashing on the way, then fsync and close it: (sha256, size, stat).
+    A failure of the source (not of the disk) is raised as _SourceFailed."""
+    hasher = hashlib.sha256()
+    size = 0
+    with open(fd, "wb") as f:
+        iterator = iter(chunks)
+        while True:
+            try:
+                chunk = next(iterator, None)
+            except Exception as exc:
+                raise _SourceFailed(exc) from exc
+            if chunk is None:
+                break
+            hasher.update(chunk)
+            size += len(chunk)
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+        st = os.fstat(f.fileno())
+    return hasher.hexdigest(), size, st
 
 
 class LocalObjectStore(ObjectStore):
@@ -256,36 +296,11 @@ class LocalObjectStore(ObjectStore):
         self._root_ready(writing=True)
         path = self._path(key)
         parent = path.parent
-        for attempt in range(3):
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp = parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
-                break
-            except FileNotFoundError:  # a concurrent delete pruned the empty folder
-                if attempt == 2:
-                    raise
+        tmp, fd = _create_temp(parent)
         sidecar: Path | None = None
         published = False
         try:
-            hasher = hashlib.sha256()
-            size = 0
-            with open(fd, "wb") as f:
-                iterator = iter(chunks)
-                while True:
-                    try:
-                        chunk = next(iterator, None)
-                    except Exception as exc:
-                        raise _SourceFailed(exc) from exc
-                    if chunk is None:
-                        break
-                    hasher.update(chunk)
-                    size += len(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-                st = os.fstat(f.fileno())
-            digest = hasher.hexdigest()
+            digest, size, st = _write_hashed(fd, chunks)
             if expected_sha256 is not None and digest != expected_sha256:
                 # The corrupt object is the source: naming the destination sends the user to a
                 # key that was never written.
@@ -483,3 +498,32 @@ class LocalObjectStore(ObjectStore):
                 ),
                 dest_key,
             )
+
+
+# ---- the backend ----------------------------------------------------------------------------
+
+
+def _parse_file_url(backend: Backend, scheme: str, parts: SplitResult, bad: BadURL) -> StoreLocation:
+    if parts.netloc not in ("", "localhost"):
+        raise bad(
+            f"names the host '{parts.netloc}'",
+            "A file URL needs three slashes and an absolute path: file:///absolute/folder",
+        )
+    path = unquote(parts.path)
+    if not path or not os.path.isabs(path) and not WINDOWS_PATH.match(path.lstrip("/")):
+        raise bad("has no absolute path", "Write it as file:///absolute/folder")
+    return StoreLocation("file", str(Path(path).resolve()))
+
+
+def _open(location: StoreLocation, source: str, **options: Any) -> LocalObjectStore:
+    return LocalObjectStore(location.bucket, source=source, **options)
+
+
+BACKEND = Backend(
+    name="file",
+    schemes=("file",),
+    example="file:///absolute/folder",
+    open=_open,
+    parse=_parse_file_url,
+    url_of=lambda location: Path(location.bucket).as_uri(),
+)

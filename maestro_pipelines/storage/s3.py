@@ -31,8 +31,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+import re
 from typing import Any
 
+from maestro_pipelines.storage.backends import Backend, Container, StoreLocation, missing_sdk
 from maestro_pipelines.storage.base import (
     DEFAULT_SOURCE,
     MiB,
@@ -48,7 +50,6 @@ from maestro_pipelines.storage.base import (
     short_cause,
     split_metadata,
 )
-from maestro_pipelines.storage.urls import missing_sdk
 
 CONTENT_TYPE = "application/octet-stream"
 PART_CHECKSUM = "CRC32"
@@ -408,3 +409,34 @@ class _S3Upload(PartUpload):
                 store._call("clean up an upload", action)
             except Exception:
                 pass  # best effort: lifecycle rules collect what is left
+
+
+# ---- the backend ----------------------------------------------------------------------------
+
+
+def _open(location: StoreLocation, source: str, **options: Any) -> S3ObjectStore:
+    return S3ObjectStore(location.bucket, location.prefix, source=source, **options)
+
+
+BACKEND = Backend(
+    name="s3",
+    schemes=("s3",),
+    example="s3://bucket/prefix",
+    open=_open,
+    extra="s3",
+    container=Container(
+        "bucket", re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"),
+        "Bucket names are 3-63 lowercase letters, digits and '-' (and '.')",
+    ),
+    credentials="AWS_* variables",
+    # boto3 reads AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE and the credentials itself.
+    resource_options={
+        "region_name": "region_name",
+        "endpoint_url": "endpoint_url",
+        "aws_access_key_id": "aws_access_key_id",
+        "aws_secret_access_key": "aws_secret_access_key",
+        "aws_session_token": "aws_session_token",
+        "profile_name": "profile_name",
+        "part_concurrency": "part_concurrency",
+    },
+)

@@ -340,7 +340,11 @@ def test_azure_wrong_key(azurite_port):
 
 
 def test_stores_honour_their_environment_variables(request, monkeypatch):
-    """AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST and AZURE_STORAGE_CONNECTION_STRING: a bare URL works."""
+    """AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST and AZURE_STORAGE_CONNECTION_STRING: a bare URL works
+    (MAESTRO_STORE_URL's store, opened as the CLI and the resource open it)."""
+    from maestro_pipelines.settings import load_settings
+    from maestro_pipelines.storage import open_configured_store
+
     s3 = S3Case(request.getfixturevalue("moto_endpoint"))
     gcs = GCSCase(request.getfixturevalue("gcs_endpoint"))
     port = request.getfixturevalue("azurite_port")
@@ -355,7 +359,9 @@ def test_stores_honour_their_environment_variables(request, monkeypatch):
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite_connection_string(port))
     try:
         for url in (f"s3://{s3.bucket}/env", f"gs://{gcs.bucket.name}/env", "az://from-env/env"):
-            store = open_store(url)
+            monkeypatch.setenv("MAESTRO_STORE_URL", url)
+            settings = load_settings()
+            store = open_configured_store(settings.store_url, settings.home, settings.store_environment)
             store.put_bytes("hello.txt", b"from the environment")
             assert store.get_bytes("hello.txt") == b"from the environment"
     finally:

@@ -1,0 +1,126 @@
+"""A store backend from outside Maestro: one module and one entry-point line, nothing in Maestro
+changed, and `maestro backup run` / `backup list` and ObjectStoreResource use it.
+
+The plugin is installed as pip would install a package declaring, in its pyproject.toml,
+
+    [project.entry-points."maestro_pipelines.storage.backends"]
+    fakestore = "fake_store_backend:BACKEND"
+
+that is, a module on the path and a dist-info folder whose entry_points.txt holds that line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+
+from maestro_pipelines.platform_db.migrate import upgrade
+
+from .conftest import create_database, drop_database
+from .test_cli import run_maestro
+
+PLUGIN_MODULE = '''
+"""fakestore://NAME: objects in the folder NAME under FAKE_STORE_ROOT (a local folder store
+under another scheme, as a backend for some other service would be)."""
+import re
+from pathlib import Path
+
+from maestro_pipelines.storage.backends import Backend, Container
+from maestro_pipelines.storage.base import InvalidStoreURL
+from maestro_pipelines.storage.local import LocalObjectStore
+
+
+class FakeStore(LocalObjectStore):
+    scheme = "fakestore"
+
+    def __init__(self, name, source, *, root=None, retry=None):
+        if not root:
+            raise InvalidStoreURL(f"{source} (fakestore://{name}) needs FAKE_STORE_ROOT", "Set FAKE_STORE_ROOT")
+        super().__init__(Path(root) / name, source, create=True, retry=retry)
+        self.url = f"fakestore://{name}"
+
+
+BACKEND = Backend(
+    name="fakestore",
+    schemes=("fakestore",),
+    example="fakestore://name",
+    open=lambda location, source, **options: FakeStore(location.bucket, source, **options),
+    container=Container("folder", re.compile(r"^[a-z]{3,20}$"), "Folder names are 3-20 lowercase letters"),
+    environment={"root": "FAKE_STORE_ROOT"},
+)
+'''
+ENTRY_POINTS = '''
+[maestro_pipelines.storage.backends]
+fakestore = fake_store_backend:BACKEND
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin_path(tmp_path_factory):
+    """A folder on PYTHONPATH holding the plugin module and its dist-info (what pip installs)."""
+    folder = tmp_path_factory.mktemp("plugin")
+    (folder / "fake_store_backend.py").write_text(textwrap.dedent(PLUGIN_MODULE))
+    dist_info = folder / "fake_store_backend-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-store-backend\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(ENTRY_POINTS)
+    return folder
+
+
+@pytest.fixture
+def platform_database(pg18):
+    """A migrated platform database (one server: the store is what is under test here)."""
+    name = create_database(pg18, "plugin")
+    upgrade(pg18.location(name))
+    yield pg18.libpq_url(name)
+    drop_database(pg18, name)
+
+
+def test_a_plugin_store_backend_through_the_cli_and_the_resource(plugin_path, platform_database, tmp_path, monkeypatch):
+    root = tmp_path / "fake-root"
+    env = {
+        "MAESTRO_DATABASE_URL": platform_database,
+        "MAESTRO_HOME": str(tmp_path / "home"),
+        "MAESTRO_STORE_URL": "fakestore://backups",
+        "FAKE_STORE_ROOT": str(root),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(plugin_path), os.environ.get("PYTHONPATH")])),
+    }
+    run = run_maestro("backup", "run", "--json", env=env)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["verified"] is True and "platform" in summary["databases"]
+    backup_id = summary["id"]
+    # The plugin's store holds it: its folder under FAKE_STORE_ROOT, not MAESTRO_HOME's store.
+    assert (root / "backups" / "backups" / backup_id / "manifest.json").is_file()
+    assert not (tmp_path / "home" / "store").exists()
+
+    listed = run_maestro("backup", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "in fakestore://backups" in listed.stdout and backup_id in listed.stdout
+
+    # The same store as a Dagster run gets it: the deployment's resource, from the same settings.
+    from maestro_pipelines.backup import list_backups
+    from maestro_pipelines.environment import resources_for_environment
+    from maestro_pipelines.settings import Settings
+
+    monkeypatch.syspath_prepend(str(plugin_path))
+    monkeypatch.setenv("FAKE_STORE_ROOT", str(root))
+    settings = Settings(home=tmp_path / "home", database_url=None, store_url="fakestore://backups")
+    store = resources_for_environment(settings)["store"].get_store()
+    assert store.url == "fakestore://backups"
+    assert [entry.backup_id for entry in list_backups(store)] == [backup_id]
+
+
+def test_a_plugin_url_is_checked_by_its_own_rules(plugin_path):
+    """The plugin's scheme is listed among the supported ones, and its name rule is its own."""
+    env = {"MAESTRO_STORE_URL": "fakestore://Not_Valid", "FAKE_STORE_ROOT": "/nonexistent",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(plugin_path), os.environ.get("PYTHONPATH")]))}
+    bad = run_maestro("backup", "list", env=env)
+    assert bad.returncode == 1
+    assert "names the folder 'Not_Valid', which is not a valid folder name" in bad.stderr
+    assert "Folder names are 3-20 lowercase letters" in bad.stderr
+    unknown = run_maestro("backup", "list", env={**env, "MAESTRO_STORE_URL": "ftp://x/y"})
+    assert "fakestore://" in unknown.stderr and "s3://" in unknown.stderr
