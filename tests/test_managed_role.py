@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from maestro_pipelines.backup.pgtools import psycopg_connect, quote_ident
+from maestro_pipelines.platform_db.admin import quote_ident
+from maestro_pipelines.platform_db.connection import psycopg_connect
 from maestro_pipelines.platform_db.migrate import head_revision
 from tests.test_cli import run_maestro
 

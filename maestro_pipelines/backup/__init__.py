@@ -23,7 +23,7 @@ from maestro_pipelines.backup.catalog import (
     newest_verified,
     object_key,
 )
-from maestro_pipelines.backup.create import BackupOptions, DatabaseTarget, Progress, create_backup
+from maestro_pipelines.backup.create import BackupOptions, create_backup
 from maestro_pipelines.backup.manifest import (
     BackupError,
     BackupManifest,
@@ -46,6 +46,7 @@ from maestro_pipelines.backup.restore import (
 )
 from maestro_pipelines.backup.retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
 from maestro_pipelines.backup.targets import backup_targets, database_targets
+from maestro_pipelines.backup.types import DatabaseTarget, Progress
 from maestro_pipelines.backup.verify import VerifyReport, verify_backup
 
 __all__ = [

@@ -19,7 +19,7 @@ with like.
 from __future__ import annotations
 
 from maestro_pipelines.backup.manifest import TableCheck
-from maestro_pipelines.backup.pgtools import quote_ident
+from maestro_pipelines.platform_db.admin import quote_ident
 
 # Ordinary tables (leaf partitions included: partitioned parents hold no rows) that pg_dump
 # dumps data for: not in system schemas, not temporary, not owned by an extension.

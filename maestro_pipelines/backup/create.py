@@ -24,7 +24,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,6 @@ from maestro_pipelines.backup.manifest import (
     BackupError,
     BackupManifest,
     DatabaseDump,
-    TableCheck,
     backup_root,
     new_backup_id,
     utcnow,
@@ -55,33 +53,15 @@ from maestro_pipelines.backup.pgtools import (
     psycopg_connect,
     where,
 )
+from maestro_pipelines.backup.types import DatabaseTarget, MiB, Progress
 from maestro_pipelines.redaction import hide_secret
 from maestro_pipelines.storage import ObjectStore
 
-MiB = 1024 * 1024
 MIN_LEVEL = -7
 """zstd accepts much faster (negative) levels; for dumps even -1 and -3 grow the file by half
 (see compression_level), so lower ones are refused as a typo rather than a choice."""
 MAX_LEVEL = 22
 MAX_THREADS = 64
-
-Progress = Callable[[str, int, "int | None"], None]
-"""progress(label, bytes_done, bytes_expected_or_None): called as a backup advances."""
-
-
-@dataclass(frozen=True)
-class DatabaseTarget:
-    """One database to back up. `role` names it in the backup (platform, mlflow, dagster);
-    `source` names the setting its URL came from, for error messages."""
-
-    role: str
-    url: URL
-    source: str = "MAESTRO_DATABASE_URL"
-
-    @property
-    def database(self) -> str:
-        return self.url.database or "postgres"
-
 
 @dataclass(frozen=True)
 class BackupOptions:
@@ -222,12 +202,9 @@ def _stderr_tail(handle, url: URL, returncode: int) -> str:
     return " / ".join(lines[-3:])
 
 
-def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions, backup_id: str,
-          pg_dump: str, progress: Progress | None, phases: PhaseProgress | None = None) -> DatabaseDump:
-    import zstandard
-
-    target = snap.target
-    started = time.monotonic()
+def _start_checks(snap: _Snapshot, options: BackupOptions) -> tuple[threading.Thread, dict[str, Any]]:
+    """Row counts and checksums in the dump's snapshot, on a thread beside the dump: `tables`
+    in the dict it returns, or `error`."""
     checks: dict[str, Any] = {}
 
     def run_checks() -> None:
@@ -239,46 +216,64 @@ def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions,
         except BaseException as exc:  # reported after the dump, with the dump's own error first
             checks["error"] = exc
 
+    checker = threading.Thread(target=run_checks, name=f"checks-{snap.target.role}", daemon=True)
+    checker.start()
+    return checker, checks
+
+
+def _compressed_chunks(process: subprocess.Popen, stderr, reader: _CountingReader, target: DatabaseTarget,
+                       options: BackupOptions):
+    """pg_dump's output through zstd; pg_dump's exit checked after the last chunk, before
+    put_stream commits: a failed dump never becomes an object."""
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor(
+        level=options.compression_level, threads=options.compression_threads, write_checksum=True
+    )
+    yield from compressor.read_to_iter(reader, read_size=options.read_size, write_size=options.read_size)
+    returncode = process.wait()
+    if returncode != 0:
+        raise BackupError(
+            f"pg_dump of {target.role} database '{target.database}' at {where(target.url)} failed: "
+            f"{_stderr_tail(stderr, target.url, returncode)}",
+            f"Fix what pg_dump says (permissions on {target.source}'s user, server reachable), then run the backup again",
+        )
+    if reader.count == 0:
+        raise BackupError(f"pg_dump of '{target.database}' produced no output", "Run the backup again")
+
+
+def _wait_for_checks(checker: threading.Thread, target: DatabaseTarget, phases: PhaseProgress | None) -> None:
+    if phases is not None and checker.is_alive():  # the dump is done, its row counts not yet
+        waited = time.monotonic()
+        phases(Phase(f"checksums {target.role}"))
+        checker.join()
+        phases(Phase(f"checksums {target.role}", finished=True, seconds=time.monotonic() - waited,
+                     detail="row counts and checksums in the dump's snapshot"))
+    checker.join()
+
+
+def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions, backup_id: str,
+          pg_dump: str, progress: Progress | None, phases: PhaseProgress | None = None) -> DatabaseDump:
+    """pg_dump of one snapshot streamed compressed into `key`, its tables checked beside it."""
+    target = snap.target
+    started = time.monotonic()
     command = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={snap.snapshot_id}", "--no-password"]
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=stderr, env=libpq_environment(target.url), bufsize=0
         )
         _widen_pipe(process.stdout)
-        checker = threading.Thread(target=run_checks, name=f"checks-{target.role}", daemon=True)
-        checker.start()
+        checker, checks = _start_checks(snap, options)
         reader = _CountingReader(process.stdout, f"{target.role} ({target.database})", snap.database_bytes, progress)
-        compressor = zstandard.ZstdCompressor(
-            level=options.compression_level, threads=options.compression_threads, write_checksum=True
-        )
-
-        def compressed_chunks():
-            yield from compressor.read_to_iter(reader, read_size=options.read_size, write_size=options.read_size)
-            # Checked before put_stream commits: a failed dump never becomes an object.
-            returncode = process.wait()
-            if returncode != 0:
-                raise BackupError(
-                    f"pg_dump of {target.role} database '{target.database}' at {where(target.url)} failed: "
-                    f"{_stderr_tail(stderr, target.url, returncode)}",
-                    f"Fix what pg_dump says (permissions on {target.source}'s user, server reachable), then run the backup again",
-                )
-            if reader.count == 0:
-                raise BackupError(f"pg_dump of '{target.database}' produced no output", "Run the backup again")
-
         try:
-            info = store.put_stream(key, compressed_chunks(), {"backup_id": backup_id, "role": target.role})
+            info = store.put_stream(key, _compressed_chunks(process, stderr, reader, target, options),
+                                    {"backup_id": backup_id, "role": target.role})
         finally:
             if process.poll() is None:
                 process.kill()
             process.wait()
             process.stdout.close()
-        if phases is not None and checker.is_alive():  # the dump is done, its row counts not yet
-            waited = time.monotonic()
-            phases(Phase(f"checksums {target.role}"))
-            checker.join()
-            phases(Phase(f"checksums {target.role}", finished=True, seconds=time.monotonic() - waited,
-                         detail="row counts and checksums in the dump's snapshot"))
-        checker.join()
+        _wait_for_checks(checker, target, phases)
     if "error" in checks:
         store.delete(key)
         error = checks["error"]
@@ -288,7 +283,6 @@ def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions,
         ) from error
     if progress is not None:
         progress(f"{target.role} ({target.database})", reader.count, reader.count)
-    tables: list[TableCheck] = checks["tables"]
     return DatabaseDump(
         role=target.role,
         database=target.database,
@@ -303,7 +297,7 @@ def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions,
         sha256=info.sha256 or "",
         duration_s=round(time.monotonic() - started, 3),
         database_bytes=int(snap.database_bytes),
-        tables=tables,
+        tables=checks["tables"],
     )
 
 
@@ -338,6 +332,20 @@ def artifact_entries(store: ObjectStore, prefix: str, phases: PhaseProgress | No
     return entries
 
 
+def _artifact_manifest(store: ObjectStore, options: BackupOptions, root: str, backup_id: str,
+                       phases: PhaseProgress | None) -> ArtifactsRecord | None:
+    """The backup's list of model artifacts (key, size, sha256), written beside its dumps."""
+    if not options.artifact_prefix:
+        return None
+    entries = artifact_entries(store, options.artifact_prefix, phases)
+    body = json.dumps({"prefix": options.artifact_prefix, "objects": entries}, indent=1).encode()
+    info = store.put_bytes(f"{root}/{ARTIFACTS_NAME}", body, {"backup_id": backup_id})
+    return ArtifactsRecord(
+        key=info.key, sha256=info.sha256 or "", size=info.size, prefix=options.artifact_prefix,
+        count=len(entries), total_bytes=sum(e["size"] for e in entries),
+    )
+
+
 def create_backup(
     store: ObjectStore,
     targets: list[DatabaseTarget],
@@ -365,15 +373,7 @@ def create_backup(
         try:
             for target in targets:
                 snapshots.append(_Snapshot(target))
-            artifacts = None
-            if options.artifact_prefix:
-                entries = artifact_entries(store, options.artifact_prefix, phases)
-                body = json.dumps({"prefix": options.artifact_prefix, "objects": entries}, indent=1).encode()
-                info = store.put_bytes(f"{root}/{ARTIFACTS_NAME}", body, {"backup_id": backup_id})
-                artifacts = ArtifactsRecord(
-                    key=info.key, sha256=info.sha256 or "", size=info.size, prefix=options.artifact_prefix,
-                    count=len(entries), total_bytes=sum(e["size"] for e in entries),
-                )
+            artifacts = _artifact_manifest(store, options, root, backup_id, phases)
             dumps = []
             for snap in snapshots:
                 key = f"{root}/{snap.target.role}{DUMP_SUFFIX}"

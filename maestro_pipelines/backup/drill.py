@@ -21,22 +21,22 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from maestro_pipelines.backup.create import DatabaseTarget, Progress
 from maestro_pipelines.backup.manifest import utcnow
-from maestro_pipelines.backup.pgtools import psycopg_connect
 from maestro_pipelines.backup.phases import Phase, PhaseProgress
 from maestro_pipelines.backup.restore import (
     SCRATCH,
     RestoreReport,
     RestoreStep,
-    _timed,
     check_restore_request,
-    drop_database,
     resolve_restore_point,
     restore_backup,
+    timed,
 )
+from maestro_pipelines.backup.types import DatabaseTarget, Progress
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.objectives import RPO_TARGET
+from maestro_pipelines.platform_db.admin import drop_database
+from maestro_pipelines.platform_db.connection import psycopg_connect
 from maestro_pipelines.redaction import hide_secret
 from maestro_pipelines.storage import ObjectStore
 
@@ -277,13 +277,14 @@ def _record(store: ObjectStore, report: DrillReport, source: str, run_id: str | 
         say(f"drill: {report.notes[-1]}")
 
 
+def _counted(phases: PhaseProgress | None, name: str, unit: str):
+    return None if phases is None else (lambda done, total, current: phases(Phase(name, done, total, unit, current)))
+
+
 def _drill(report: DrillReport, store: ObjectStore, destinations: list[DatabaseTarget], jobs: int,
            workdir: Path | None, progress: Progress | None, say: Callable[[str], None], backup: str,
            phases: PhaseProgress | None = None) -> None:
     """The drill's steps, filling `report`; the scratch databases are dropped whatever happens."""
-    def counted(name: str, unit: str):
-        return None if phases is None else (lambda done, total, current: phases(Phase(name, done, total, unit, current)))
-
     started = time.monotonic()
     restored: RestoreReport | None = None
     try:
@@ -311,39 +312,50 @@ def _drill(report: DrillReport, store: ObjectStore, destinations: list[DatabaseT
                 + ", ".join(restored.missing_artifacts[:5])
             )
         for db in restored.databases:
-            def amcheck(name: str = f"amcheck {db.role}") -> str:
-                checked, problems, skipped = check_indexes(db.url, counted(name, "indexes"))
-                report.indexes_checked += checked
-                report.problems.extend(f"{db.role}: {p}" for p in problems)
-                if skipped and f"btree indexes not checked: {skipped}" not in report.notes:  # once, not per database
-                    report.notes.append(f"btree indexes not checked: {skipped}")
-                return f"{checked} btree indexes"
-
-            _timed(report, f"amcheck {db.role}", amcheck, phases)
-            if db.role == "mlflow":
-                def smoke_test(name: str = "mlflow registry smoke test") -> str:
-                    if warming is not None:
-                        warming.join()  # never two threads importing the same modules
-                    dumped = entry.manifest.database("mlflow").tables
-                    resolved, problems = resolve_production_aliases(
-                        db.url, expect_registry=any(t.name == "registered_model_aliases" for t in dumped),
-                        on_step=counted(name, "steps"),
-                    )
-                    report.aliases_resolved = resolved
-                    report.problems.extend(f"mlflow: {p}" for p in problems)
-                    return f"{resolved} production aliases resolve"
-
-                _timed(report, "mlflow registry smoke test", smoke_test, phases)
-            report.databases.append({"role": db.role, "restored_as": db.restored_as, "tables": db.tables, "rows": db.rows})
+            _check_restored(report, entry, db, warming, phases)
         report.rto_s = time.monotonic() - started
     finally:
         if restored is not None:
-            def drop_scratch() -> str:
-                for db in restored.databases:
-                    try:
-                        drop_database(db.url, db.restored_as)
-                    except Exception as exc:  # reported, never hides the drill's result
-                        report.notes.append(f"could not drop scratch database {db.restored_as}: {exc}")
-                return ""
+            _drop_scratch(report, restored, phases)
 
-            _timed(report, "drop scratch databases", drop_scratch, phases)
+
+def _check_restored(report: DrillReport, entry, db, warming: threading.Thread | None,
+                    phases: PhaseProgress | None) -> None:
+    """The steps `amcheck <role>` and, for MLflow's database, `mlflow registry smoke test`."""
+    def amcheck(name: str = f"amcheck {db.role}") -> str:
+        checked, problems, skipped = check_indexes(db.url, _counted(phases, name, "indexes"))
+        report.indexes_checked += checked
+        report.problems.extend(f"{db.role}: {p}" for p in problems)
+        if skipped and f"btree indexes not checked: {skipped}" not in report.notes:  # once, not per database
+            report.notes.append(f"btree indexes not checked: {skipped}")
+        return f"{checked} btree indexes"
+
+    timed(report, f"amcheck {db.role}", amcheck, phases)
+    if db.role == "mlflow":
+        def smoke_test(name: str = "mlflow registry smoke test") -> str:
+            if warming is not None:
+                warming.join()  # never two threads importing the same modules
+            dumped = entry.manifest.database("mlflow").tables
+            resolved, problems = resolve_production_aliases(
+                db.url, expect_registry=any(t.name == "registered_model_aliases" for t in dumped),
+                on_step=_counted(phases, name, "steps"),
+            )
+            report.aliases_resolved = resolved
+            report.problems.extend(f"mlflow: {p}" for p in problems)
+            return f"{resolved} production aliases resolve"
+
+        timed(report, "mlflow registry smoke test", smoke_test, phases)
+    report.databases.append({"role": db.role, "restored_as": db.restored_as, "tables": db.tables, "rows": db.rows})
+
+
+def _drop_scratch(report: DrillReport, restored: RestoreReport, phases: PhaseProgress | None) -> None:
+    """The step `drop scratch databases`: always, and a failure is a note, never the drill's result."""
+    def drop_scratch() -> str:
+        for db in restored.databases:
+            try:
+                drop_database(db.url, db.restored_as)
+            except Exception as exc:  # reported, never hides the drill's result
+                report.notes.append(f"could not drop scratch database {db.restored_as}: {exc}")
+        return ""
+
+    timed(report, "drop scratch databases", drop_scratch, phases)

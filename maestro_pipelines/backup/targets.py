@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from maestro_pipelines.backup.create import DatabaseTarget
+from maestro_pipelines.backup.types import DatabaseTarget
 from maestro_pipelines.platform_db.connection import connect
 from maestro_pipelines.platform_db.location import DatabaseLocation, locate_platform_database
 from maestro_pipelines.platform_db.urls import parse_postgres_url

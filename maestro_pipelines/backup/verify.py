@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 from maestro_pipelines.backup.catalog import BackupEntry, get_backup, object_key, object_problem
-from maestro_pipelines.backup.create import MiB, Progress
 from maestro_pipelines.backup.manifest import VERIFIED_NAME, VerificationRecord, utcnow
 from maestro_pipelines.backup.pgtools import program
+from maestro_pipelines.backup.types import MiB, Progress
 from maestro_pipelines.storage import ObjectStore, StoreError
 
 

@@ -30,7 +30,6 @@ message. A failed restore left the live databases as they were.
 """
 
 import functools
-from datetime import datetime, timezone
 from typing import Literal, Optional
 
 import dagster as dg
@@ -68,19 +67,6 @@ def _restore_step(fn):
             raise dg.Failure(description=f"{type(exc).__name__}: {str(exc).strip()[:1000]}", allow_retries=False) from exc
 
     return wrapper
-
-
-def parse_before(value: Optional[str]) -> Optional[datetime]:
-    """ISO 8601 time (UTC when it has no zone) or None."""
-    if not value or not value.strip():
-        return None
-    try:
-        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise MaestroError(
-            f"before '{value}' is not a time", "Write it as ISO 8601, e.g. 2026-11-26T14:00:00Z"
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 class RestoreConfig(dg.Config):
@@ -204,6 +190,52 @@ def _where_now(report, markdown: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _restore_before(config: RestoreConfig):
+    """`before` as a time (the CLI's --before parser), refused together with a backup id."""
+    from maestro_pipelines.backup import RestoreRefused
+    from maestro_pipelines.backup.catalog import is_latest
+    from maestro_pipelines.backup.restore import parse_before
+
+    before = parse_before(config.before, "before")
+    if before is not None and not is_latest(config.backup):
+        raise RestoreRefused(
+            f"Both backup ({config.backup}) and before ({config.before}) are set",
+            "Set one: a backup id, or a time to take the latest verified backup before it",
+        )
+    return before
+
+
+def _log_restore_done(log, report) -> None:
+    log.info(f"Restore of backup {report.backup_id} done in {report.duration_s:.1f} s:\n"
+             f"{_where_now(report, markdown=False)}")
+    if report.missing_artifacts:
+        log.warning(
+            f"{len(report.missing_artifacts)} of {report.artifacts_checked} model artifacts listed in the backup are "
+            f"missing from the store: {', '.join(report.missing_artifacts[:10])}"
+        )
+    for note in report.notes:
+        log.warning(note)
+    log.info(CLEANUP_HINT)
+
+
+def _restore_metadata(report) -> dict:
+    return {
+        "backup_id": dg.MetadataValue.text(report.backup_id),
+        "snapshot_at": dg.MetadataValue.timestamp(report.snapshot_at),
+        "target": dg.MetadataValue.text(report.target),
+        "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),
+        "steps": steps_table(report.steps),
+        "databases": _databases_table(report),
+        "where_now": dg.MetadataValue.md(_where_now(report)),
+        "artifacts_checked": dg.MetadataValue.int(report.artifacts_checked),
+        "missing_artifacts": dg.MetadataValue.md(
+            "\n".join(f"- `{key}`" for key in report.missing_artifacts) or "none"
+        ),
+        "notes": dg.MetadataValue.md("\n".join(f"- {note}" for note in report.notes) or "none"),
+        "next_step": dg.MetadataValue.text(CLEANUP_HINT),
+    }
+
+
 @dg.op(pool=BACKUP_POOL, retry_policy=STORE_RETRY, tags={KIND_TAG: RESTORE_KIND})
 @_restore_step
 def restore_from_backup(
@@ -214,16 +246,10 @@ def restore_from_backup(
     store: ObjectStoreResource,
 ):
     """Restore a backup into scratch databases (default) or in place of the live ones."""
-    from maestro_pipelines.backup import RestoreRefused, resolve_restore_point, restore_backup
+    from maestro_pipelines.backup import resolve_restore_point, restore_backup
     from maestro_pipelines.backup.phases import PhaseLog
-    from maestro_pipelines.backup.catalog import is_latest
 
-    before = parse_before(config.before)
-    if before is not None and not is_latest(config.backup):
-        raise RestoreRefused(
-            f"Both backup ({config.backup}) and before ({config.before}) are set",
-            "Set one: a backup id, or a time to take the latest verified backup before it",
-        )
+    before = _restore_before(config)
     object_store = store.get_store()
     destinations, notes = live_destinations(platform_db, mlflow)
     for note in notes:
@@ -246,35 +272,8 @@ def restore_from_backup(
         phases=PhaseLog(context.log.info, milestones=True),  # each step logged as it ends
     )
     # From here on the restore is done (and, live, swapped): report only.
-    where_now = _where_now(report)
-    context.log.info(f"Restore of backup {report.backup_id} done in {report.duration_s:.1f} s:\n"
-                     f"{_where_now(report, markdown=False)}")
-    if report.missing_artifacts:
-        context.log.warning(
-            f"{len(report.missing_artifacts)} of {report.artifacts_checked} model artifacts listed in the backup are "
-            f"missing from the store: {', '.join(report.missing_artifacts[:10])}"
-        )
-    for note in report.notes:
-        context.log.warning(note)
-    context.log.info(CLEANUP_HINT)
-    return dg.Output(
-        None,
-        metadata={
-            "backup_id": dg.MetadataValue.text(report.backup_id),
-            "snapshot_at": dg.MetadataValue.timestamp(report.snapshot_at),
-            "target": dg.MetadataValue.text(report.target),
-            "duration_s": dg.MetadataValue.float(round(report.duration_s, 3)),
-            "steps": steps_table(report.steps),
-            "databases": _databases_table(report),
-            "where_now": dg.MetadataValue.md(where_now),
-            "artifacts_checked": dg.MetadataValue.int(report.artifacts_checked),
-            "missing_artifacts": dg.MetadataValue.md(
-                "\n".join(f"- `{key}`" for key in report.missing_artifacts) or "none"
-            ),
-            "notes": dg.MetadataValue.md("\n".join(f"- {note}" for note in report.notes) or "none"),
-            "next_step": dg.MetadataValue.text(CLEANUP_HINT),
-        },
-    )
+    _log_restore_done(context.log, report)
+    return dg.Output(None, metadata=_restore_metadata(report))
 
 
 @dg.job(
@@ -311,8 +310,8 @@ def drop_restore_leftovers(
     """List every database restores left (with size and age) and drop the scratch restores;
     the old live databases only with `confirm`; never those of a running or half-done restore."""
     from maestro_pipelines.backup import restore_cleanup
-    from maestro_pipelines.backup.recovery import half_done_swaps
-    from maestro_pipelines.backup.restore import raise_for_in_use
+    from maestro_pipelines.backup.restore.recovery import half_done_swaps
+    from maestro_pipelines.backup.restore import cleanup_summary, raise_for_in_use
 
     destinations, _notes = live_destinations(platform_db, mlflow)
     object_store = store.get_store()
@@ -325,13 +324,13 @@ def drop_restore_leftovers(
         leftover = item.leftover
         rows.append(dg.TableRecord({
             "database": leftover.name,
-            "kind": "old live database" if leftover.kind == "pre_restore" else "scratch restore",
+            "kind": leftover.what,
             "live": leftover.live, "size_bytes": leftover.size_bytes,  # None: the server would not say
             "created_at": leftover.created_at.isoformat(), "action": item.action,
         }))
     dropped = sum(item.action == "dropped" for item in items)
     skipped = sum(not item.dropped for item in items)
-    context.log.info(f"{'Would drop' if config.dry_run else 'Dropped'} {len(items) - skipped} database(s), kept {skipped}")
+    context.log.info(cleanup_summary(items, config.dry_run))
     raise_for_in_use(items)
     return dg.Output(
         None,

@@ -9,10 +9,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.platform_db.admin import ensure_database
 from maestro_pipelines.platform_db.connection import (
     check_server,
     connect,
-    ensure_database,
     translate_error,
 )
 from maestro_pipelines.platform_db.location import DatabaseLocation

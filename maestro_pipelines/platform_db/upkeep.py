@@ -37,8 +37,9 @@ from datetime import date, datetime, timezone
 
 from sqlalchemy.engine import URL
 
-from maestro_pipelines.backup.pgtools import psycopg_connect, quote_ident
 from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.platform_db.admin import quote_ident
+from maestro_pipelines.platform_db.connection import psycopg_connect
 
 STATISTICS_VIEWS = ("model_statistics", "tenant_usage_statistics")
 VIEW_ORDER = {"model_statistics": "tenant_name, model_name", "tenant_usage_statistics": "tenant_name"}

@@ -24,13 +24,9 @@ from sqlalchemy.engine import URL
 
 from maestro_pipelines.backup.consistency import table_checks
 from maestro_pipelines.backup.manifest import TableCheck
-from maestro_pipelines.backup.pgtools import (
-    CHECKSUM_SESSION_OPTIONS,
-    libpq_environment,
-    program,
-    psycopg_connect,
-    quote_ident,
-)
+from maestro_pipelines.backup.pgtools import CHECKSUM_SESSION_OPTIONS, libpq_environment, program
+from maestro_pipelines.platform_db.admin import quote_ident
+from maestro_pipelines.platform_db.connection import psycopg_connect
 from maestro_pipelines.platform_db.location import DatabaseLocation
 from maestro_pipelines.storage import ObjectStore
 from tests.conftest import ServerUnderTest

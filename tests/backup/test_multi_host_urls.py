@@ -8,7 +8,8 @@ from __future__ import annotations
 from sqlalchemy.engine import make_url
 
 from maestro_pipelines.backup import DatabaseTarget, create_backup, verify_backup
-from maestro_pipelines.backup.pgtools import libpq_environment, psycopg_connect
+from maestro_pipelines.backup.pgtools import libpq_environment
+from maestro_pipelines.platform_db.connection import psycopg_connect
 from tests.conftest import create_database, drop_database
 from tests.services import free_port
 

@@ -58,7 +58,7 @@ def main() -> None:
     destinations = [DatabaseTarget(d["role"], parse_postgres_url(d["url"], "test"), d["source"])
                     for d in config["destinations"]]
     if config.get("recover"):  # `maestro restore finish|undo`'s library call, killable the same way
-        from maestro_pipelines.backup.recovery import finish_swap, undo_swap
+        from maestro_pipelines.backup.restore.recovery import finish_swap, undo_swap
 
         recover = finish_swap if config["recover"] == "finish" else undo_swap
         recover(store, destinations, config["confirm"], log=lambda line: print(line, flush=True))

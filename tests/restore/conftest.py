@@ -33,7 +33,8 @@ from maestro_pipelines.backup import (
 )
 from maestro_pipelines.backup.consistency import list_tables
 from maestro_pipelines.backup.manifest import BackupManifest
-from maestro_pipelines.backup.pgtools import libpq_environment, program, quote_ident
+from maestro_pipelines.backup.pgtools import libpq_environment, program
+from maestro_pipelines.platform_db.admin import quote_ident
 from maestro_pipelines.platform_db.connection import dispose_engines
 from maestro_pipelines.platform_db.location import DatabaseLocation
 from maestro_pipelines.platform_db.migrate import upgrade

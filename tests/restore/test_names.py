@@ -17,7 +17,7 @@ from maestro_pipelines.backup import (
     verify_backup,
 )
 from maestro_pipelines.backup.manifest import utcnow
-from maestro_pipelines.backup.pgtools import quote_ident
+from maestro_pipelines.platform_db.admin import quote_ident
 from maestro_pipelines.settings import Settings
 from tests.restore.conftest import Installation, database_names, fresh_suffix, tenants
 

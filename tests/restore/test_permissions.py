@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from maestro_pipelines.backup import LIVE, SCRATCH, DatabaseTarget, RestoreError, get_backup, restore_backup
-from maestro_pipelines.backup.pgtools import quote_ident
+from maestro_pipelines.platform_db.admin import quote_ident
 from tests.restore.conftest import Installation, contents, tenants
 
 PASSWORD = "restorer-password"

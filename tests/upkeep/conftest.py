@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from maestro_pipelines.backup.pgtools import psycopg_connect
-from maestro_pipelines.platform_db.connection import engine_for
+from maestro_pipelines.platform_db.connection import engine_for, psycopg_connect
 from maestro_pipelines.platform_db.migrate import upgrade
 from maestro_pipelines.platform_db.tenants import add_tenant
 

@@ -1,7 +1,7 @@
 """Half-done live swaps: what the server says each database is, and finishing or undoing one.
 
 The journal (`journal.py`) says which databases a live restore swaps; each database's swap
-is one transaction, so pg_database tells whether it happened:
+is one transaction (`swap.py`), so pg_database tells whether it happened:
 
     swapped      <restored> is gone, <live> exists (and <kept>, when there was a live one)
     not swapped  <restored> exists, <kept> does not
@@ -20,21 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from maestro_pipelines.backup.activity import activity
-from maestro_pipelines.backup.create import DatabaseTarget
-from maestro_pipelines.backup.journal import (
-    DONE,
-    STARTED,
-    SwapJournal,
-    SwapStep,
-    delete_journal,
-    interrupted_swaps,
-    write_journal,
+from maestro_pipelines.backup.journal import SwapJournal, SwapStep, delete_journal, interrupted_swaps
+from maestro_pipelines.backup.restore.state import RestoreRefused
+from maestro_pipelines.backup.restore.swap import (
+    NOT_SWAPPED,
+    SWAPPED,
+    UNKNOWN,
+    destination_for,
+    run_swap,
+    server_names,
+    step_state,
 )
-from maestro_pipelines.backup.pgtools import psycopg_connect
-from maestro_pipelines.backup.restore import RestoreError, RestoreRefused, _admin, _swap
+from maestro_pipelines.backup.types import DatabaseTarget
 from maestro_pipelines.storage import ObjectStore
-
-SWAPPED, NOT_SWAPPED, UNKNOWN = "swapped", "not swapped", "unknown"
 
 
 @dataclass
@@ -74,69 +72,16 @@ class HalfDoneSwap:
                 "as it was; nothing is dropped either way")
 
 
-def _names(dest: DatabaseTarget) -> set[str]:
-    with psycopg_connect(_admin(dest.url), autocommit=True, source=dest.source) as conn:
-        return {r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()}
-
-
-def step_state(step: SwapStep, names: set[str]) -> str:
-    if step.restored in names and step.kept not in names:
-        return NOT_SWAPPED
-    if step.restored not in names and step.live in names and (step.kept in names or not step.live_existed):
-        return SWAPPED
-    return UNKNOWN
-
-
-def _destination(step: SwapStep, destinations: list[DatabaseTarget]) -> DatabaseTarget:
-    for dest in destinations:
-        if dest.role == step.role and dest.database == step.live:
-            return dest
-    raise RestoreRefused(
-        f"The half-done restore swapped the {step.role} database '{step.live}', which the configuration does not "
-        "name now",
-        "Run the command with the settings the restore ran with (MAESTRO_DATABASE_URL, MLFLOW_TRACKING_URI, "
-        "MAESTRO_DAGSTER_DATABASE_URL)",
-    )
-
-
 def half_done_state(journal: SwapJournal, destinations: list[DatabaseTarget]) -> HalfDoneSwap:
     states = []
     for step in journal.steps:
-        states.append((step, step_state(step, _names(_destination(step, destinations)))))
+        states.append((step, step_state(step, server_names(destination_for(step, destinations)))))
     return HalfDoneSwap(journal, states)
 
 
 def half_done_swaps(store: ObjectStore, destinations: list[DatabaseTarget]) -> list[HalfDoneSwap]:
     """The interrupted swaps in the store, each database's state read from its server."""
     return [half_done_state(journal, destinations) for journal in interrupted_swaps(store)]
-
-
-def run_swap(store: ObjectStore, journal: SwapJournal, destinations: list[DatabaseTarget],
-             undo: bool = False) -> list[SwapStep]:
-    """Swap (or with `undo` swap back) each database of `journal` that is not there yet,
-    marking it started before and done after in the store; return the steps it changed."""
-    changed = []
-    for step in journal.steps:
-        dest = _destination(step, destinations)
-        state = step_state(step, _names(dest))
-        if state == (NOT_SWAPPED if undo else SWAPPED):
-            continue
-        if state == UNKNOWN:
-            raise RestoreError(f"Cannot {'undo' if undo else 'finish'} the swap of {step.role} ({step.live}): "
-                               f"neither {step.restored} nor {step.kept} is where the swap left it",
-                               "Look at the databases on the server (`maestro restore status`) and rename them by hand")
-        step.state = STARTED
-        write_journal(store, journal)
-        if undo and step.live_existed:
-            _swap(dest.url, step.live, step.kept, step.restored, True, dest.source)
-        elif undo:
-            _swap(dest.url, step.restored, step.live, step.kept, False, dest.source)
-        else:
-            _swap(dest.url, step.live, step.restored, step.kept, step.live in _names(dest), dest.source)
-        step.state = DONE
-        write_journal(store, journal)
-        changed.append(step)
-    return changed
 
 
 def _one_half_done(store: ObjectStore, destinations: list[DatabaseTarget], confirm: str | None) -> HalfDoneSwap:

@@ -1,0 +1,76 @@
+"""Phase 4, verify: each restored database against the manifest, and the model artifacts.
+
+Row counts and content checksums of every table are computed in the scratch database with
+the same session settings as at backup time (`CHECKSUM_SESSION_OPTIONS`) and compared with
+the manifest's; any difference fails the restore before a swap. The artifacts the backup
+listed (MLflow's models) must still be in the store: missing ones are reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import json
+
+from maestro_pipelines.backup.catalog import BackupEntry, object_key
+from maestro_pipelines.backup.consistency import compare_checks, table_checks
+from maestro_pipelines.backup.pgtools import CHECKSUM_SESSION_OPTIONS
+from maestro_pipelines.backup.restore.state import DatabasePlan, RestoreError, RestoreState
+from maestro_pipelines.platform_db.connection import psycopg_connect
+from maestro_pipelines.storage import ObjectStore
+
+
+def verify_database(state: RestoreState, plan: DatabasePlan) -> None:
+    """The step `verify <role>`: counts and checksums of the scratch database equal to the
+    manifest's, else a RestoreError (the live database untouched)."""
+    dump, result = plan.dump, plan.result
+
+    def verify_one() -> str:
+        conn = psycopg_connect(plan.scratch_url, options=CHECKSUM_SESSION_OPTIONS, source=plan.dest.source)
+        try:
+            checks = table_checks(conn, checksums=any(t.checksum for t in dump.tables))
+        finally:
+            conn.close()
+        result.problems = compare_checks(dump.tables, checks)
+        result.tables = len(checks)
+        result.rows = sum(t.rows for t in checks)
+        return f"{result.tables} tables, {result.rows:,} rows compared: " + (
+            "equal to the manifest" if not result.problems else f"{len(result.problems)} differences"
+        )
+
+    state.timed(f"verify {dump.role}", verify_one)
+    if result.problems:
+        raise RestoreError(
+            f"The restored {dump.role} database does not match backup {state.entry.backup_id}: "
+            + "; ".join(result.problems[:5]),
+            "The live database was not touched; pick another restore point",
+        )
+    result.url = plan.scratch_url
+
+
+def check_artifacts(store: ObjectStore, entry: BackupEntry) -> tuple[int, list[str]]:
+    """(artifacts listed, keys missing or changed in the store) for the backup's artifact manifest."""
+    manifest = entry.manifest
+    if manifest is None or manifest.artifacts is None:
+        return 0, []
+    body = json.loads(store.get_bytes(object_key(entry, manifest.artifacts.key)))
+    present = {info.key: info for info in store.list(body["prefix"], with_metadata=False)}
+    missing = []
+    for item in body["objects"]:
+        info = present.get(item["key"])
+        if info is None:
+            missing.append(item["key"])
+        elif info.size != item["size"]:
+            missing.append(f"{item['key']} (size {info.size}, the backup recorded {item['size']})")
+    return len(body["objects"]), missing
+
+
+def verify_artifacts(state: RestoreState) -> None:
+    """The step `artifacts`: the model artifacts the backup listed, present in the store."""
+    report = state.report
+
+    def artifacts() -> str:
+        report.artifacts_checked, report.missing_artifacts = check_artifacts(state.store, state.entry)
+        if report.missing_artifacts:
+            return f"{len(report.missing_artifacts)} of {report.artifacts_checked} model artifacts missing"
+        return f"all {report.artifacts_checked} model artifacts present"
+
+    state.timed("artifacts", artifacts)

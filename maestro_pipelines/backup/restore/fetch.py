@@ -1,0 +1,124 @@
+"""Phase 2, fetch: every dump downloaded and checked before any database is touched.
+
+The store's reader checks each object's sha256 at its last byte, zstd its frame checksum,
+and the sizes must match the manifest. pg_restore needs a file for `-j` (it seeks), so dumps
+are decompressed to a local work folder: the one place a restore needs free space (about
+the uncompressed dump size, `dump_bytes`). The folder's name carries the pid, so a later
+restore removes the folders of restores whose process died.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from maestro_pipelines.backup.catalog import BackupEntry, object_key
+from maestro_pipelines.backup.manifest import DatabaseDump
+from maestro_pipelines.backup.restore.state import RestoreError, RestoreState
+from maestro_pipelines.backup.types import MiB, Progress
+from maestro_pipelines.formatting import human_bytes
+from maestro_pipelines.processes import process_alive
+from maestro_pipelines.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
+
+WORKDIR_PREFIX = "maestro-restore-"
+_PICK_ANOTHER = "Nothing was restored. Pick another restore point (`maestro backup list`)"
+
+
+def remove_stale_workdirs(tmp: Path | None = None) -> list[Path]:
+    """Remove the download folders of restores whose process died (killed, OOM, power): each
+    holds a whole decompressed dump, the disk space the next restore needs."""
+    removed = []
+    for folder in Path(tmp or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = folder.name[len(WORKDIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not folder.is_dir() or process_alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def open_workdir(state: RestoreState) -> Path:
+    """The restore's work folder: the caller's, or a new one of its own (after removing what
+    dead restores left), which `clean_up` removes."""
+    if state.workdir is None:
+        for stale in remove_stale_workdirs():
+            state.log(f"removed {stale}, left by a restore whose process is gone")
+        # The pid in the name lets a later restore know the folder's owner is gone.
+        state.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
+        state.own_workdir = True
+    return state.workdir
+
+
+def _check_stored_object(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, key: str) -> None:
+    """The object is there with the manifest's size and the sha256 the store recorded."""
+    try:
+        info = store.head(key)
+    except ObjectNotFound:
+        raise RestoreError(f"{key} of backup {entry.backup_id} is missing from the store at {store.url}",
+                           _PICK_ANOTHER) from None
+    if info.size != dump.compressed_bytes or info.sha256 != dump.sha256:
+        # Only what differs; the sha256 is the one the store recorded at write time (a truncated
+        # object keeps it), so it is never shown as if it were the hash of the bytes there now.
+        if info.size != dump.compressed_bytes:
+            differs = f"it has {info.size} bytes, the manifest says {dump.compressed_bytes} (truncated or replaced)"
+        else:
+            recorded = f"sha256 {info.sha256[:12]}..." if info.sha256 else "no sha256"
+            differs = f"the store records {recorded} for it, the manifest says {dump.sha256[:12]}... (replaced)"
+        raise RestoreError(
+            f"{key} in the store at {store.url} does not match backup {entry.backup_id}'s manifest: {differs}",
+            _PICK_ANOTHER,
+        )
+
+
+def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, path: Path,
+                  progress: Progress | None = None) -> None:
+    """Stream one dump from the store into `path`, decompressed; the store's reader checks the
+    sha256 at the last byte, zstd its frame checksum; the size must match the manifest."""
+    import zstandard
+
+    key = object_key(entry, dump.key)
+    _check_stored_object(store, entry, dump, key)
+    written = 0
+    label = f"{dump.role} ({dump.database})"
+    try:
+        with store.open_read(key) as raw, open(path, "wb") as out:
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=MiB)
+            while block := reader.read(4 * MiB):
+                out.write(block)
+                written += len(block)
+                if progress is not None and written % (64 * MiB) < 4 * MiB:
+                    progress(label, written, dump.dump_bytes)
+    except (ChecksumMismatch, zstandard.ZstdError) as exc:  # damage; a store outage propagates as itself
+        raise RestoreError(f"{key} of backup {entry.backup_id} is damaged: {getattr(exc, 'problem', exc)}",
+                           _PICK_ANOTHER) from None
+    if written != dump.dump_bytes:
+        raise RestoreError(
+            f"{key} of backup {entry.backup_id} decompresses to {written} bytes, the manifest says {dump.dump_bytes}",
+            _PICK_ANOTHER,
+        )
+    if progress is not None:
+        progress(label, written, dump.dump_bytes)
+
+
+def fetch(state: RestoreState) -> None:
+    """The step `download and check`: every dump of the restore into the work folder
+    (`plan.file`), each checked; nothing on any server is touched."""
+    folder = open_workdir(state)
+
+    def download() -> str:
+        stored = dumped = 0
+        for plan in state.databases:
+            path = folder / f"{plan.role}.dump"
+            download_dump(state.store, state.entry, plan.dump, path, state.progress)
+            plan.file = path
+            stored, dumped = stored + plan.dump.compressed_bytes, dumped + plan.dump.dump_bytes
+        # Compressed, as in the store (`backup list`'s size adds the backup's artifact list);
+        # unpacked: what pg_restore reads.
+        count = len(state.databases)
+        return (f"{count} dump{'' if count == 1 else 's'}, {human_bytes(stored)} compressed read "
+                f"({human_bytes(dumped)} unpacked), sha256 and sizes match the manifest")
+
+    state.log(f"downloading backup {state.entry.backup_id} (every object checked before any database is touched)")
+    state.timed("download and check", download)

@@ -1,0 +1,224 @@
+"""Phase 3, restore: each fetched dump into a new scratch database next to the live one.
+
+    CREATE DATABASE <live>_restore_<stamp>
+    pg_restore --list, without the optional extensions  ->  pg_restore -j N --no-owner --no-privileges --use-list
+    CREATE EXTENSION of the optional ones, where the user may
+    alembic upgrade head (platform database, after it was verified)
+
+Every database created is recorded in the state, so `clean_up` drops it if the restore fails.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy.engine import URL
+
+from maestro_pipelines.backup.phases import Phase
+from maestro_pipelines.backup.pgtools import libpq_environment, program, where
+from maestro_pipelines.backup.restore.state import DatabasePlan, RestoreError, RestoreState
+from maestro_pipelines.backup.tethered import run_tethered
+from maestro_pipelines.platform_db.admin import (
+    DatabaseAdminError,
+    DatabaseExists,
+    create_database,
+    first_line,
+    quote_ident,
+    server_version,
+)
+from maestro_pipelines.platform_db.connection import psycopg_connect
+from maestro_pipelines.redaction import hide_secret
+
+# pg_restore 18 always sets transaction_timeout, which servers before 17 do not know; that
+# one statement failing is harmless (the setting does not exist there).
+_HARMLESS_ON_OLD_SERVERS = re.compile(r'unrecognized configuration parameter "transaction_timeout"')
+# Creating pg_stat_statements or amcheck needs a privileged user, and Maestro works without
+# them (migration 0003 goes on with a warning; the drill notes indexes it could not check): a
+# restore by Maestro's own user (a managed database's LOGIN CREATEDB role, whose administrator
+# created them in the live database) leaves them out of pg_restore and creates them afterwards
+# where it may.
+OPTIONAL_EXTENSIONS = ("pg_stat_statements", "amcheck")
+# Table of contents entries (`pg_restore --list`) of an extension and of its comment:
+#   215; 3079 16385 EXTENSION - pg_stat_statements
+#   4242; 0 0 COMMENT - EXTENSION pg_stat_statements
+_EXTENSION_ENTRY = re.compile(r"^\d+; \d+ \d+ (?:EXTENSION - |COMMENT - EXTENSION )(?P<name>\S+)")
+
+
+def create_scratch_database(state: RestoreState, plan: DatabasePlan) -> None:
+    """CREATE DATABASE `plan.scratch`, recorded in the state (dropped if the restore fails)."""
+    dest = plan.dest
+    try:
+        create_database(dest.url, plan.scratch, dest.source)
+    except DatabaseExists:
+        raise RestoreError(
+            f"Database '{plan.scratch}' at {where(dest.url)} was created by someone else while this restore started",
+            "Another restore or drill started in the same second: run this one again",
+        ) from None
+    except DatabaseAdminError as exc:
+        raise RestoreError(
+            f"Cannot create database '{plan.scratch}' at {where(dest.url)}: {exc.detail}",
+            "The restoring user needs CREATEDB (or use a user that has it) and the server free disk space",
+        ) from None
+    state.created.append((dest.url, plan.scratch, dest.source))
+
+
+def _restore_list(path: Path, env: dict[str, str]) -> tuple[Path | None, list[str], int]:
+    """A `pg_restore --use-list` file without OPTIONAL_EXTENSIONS, the extensions left out
+    and the number of entries to restore; (None, [], entries) when the dump holds none of them."""
+    listed = run_tethered([program("pg_restore"), "--list", str(path)], env)
+    if listed.returncode != 0:
+        raise RestoreError(
+            f"pg_restore cannot read the dump {path.name}: {(listed.stderr.strip().splitlines() or [f'exit {listed.returncode}'])[0]}",
+            "The live database was not touched; pick another restore point",
+        )
+    kept, left_out = [], set()
+    for line in listed.stdout.splitlines():
+        match = _EXTENSION_ENTRY.match(line)
+        if match and match.group("name") in OPTIONAL_EXTENSIONS:
+            left_out.add(match.group("name"))
+            continue
+        kept.append(line)
+    entries = sum(1 for line in kept if line.strip() and not line.startswith(";"))
+    if not left_out:
+        return None, [], entries
+    list_path = path.with_suffix(".list")
+    list_path.write_text("\n".join(kept) + "\n")
+    return list_path, sorted(left_out), entries
+
+
+def _create_optional_extensions(url: URL, extensions: list[str]) -> list[str]:
+    """CREATE EXTENSION where the user may; notes for the ones it may not."""
+    import psycopg
+
+    notes = []
+    with psycopg_connect(url, autocommit=True, source="restored database") as conn:
+        for extension in extensions:
+            try:
+                conn.execute(f"CREATE EXTENSION IF NOT EXISTS {quote_ident(extension)}")
+            except psycopg.Error as exc:
+                notes.append(
+                    f"{extension} was not recreated in '{url.database}' ({first_line(exc)}): Maestro works without "
+                    f"it; an administrator can run CREATE EXTENSION {extension}"
+                )
+    return notes
+
+
+# pg_restore --verbose says what it does, one line per table of contents entry: serially
+# (-j 1, and the schema before the parallel part) `creating TABLE "public.t"`, `processing data
+# for table "public.t"`, `executing SEQUENCE SET ...`; in parallel mode `processing item 225
+# TABLE t` (serial part), `launching item 3160 TABLE DATA t` and `finished item 3160 ...`.
+_ENTRY_DONE_PARALLEL = re.compile(r"^pg_restore: (?:processing|finished) item (?P<id>\d+) (?P<what>.*)$")
+_ENTRY_LAUNCHED = re.compile(r"^pg_restore: launching item \d+ (?P<what>.*)$")
+_ENTRY_DONE_SERIAL = re.compile(r"^pg_restore: (?:creating|processing data for table|executing) (?P<what>.*)$")
+
+
+class _EntryCounter:
+    """pg_restore --verbose's stderr lines -> entries done of the --list count, the item it is on."""
+
+    def __init__(self, total: int, parallel: bool, on_count: Callable[[int, int, str], None]):
+        self.total, self.parallel, self.on_count = total, parallel, on_count
+        self.done_ids: set[str] = set()
+        self.done = 0
+
+    def __call__(self, line: str) -> None:
+        if self.parallel:
+            match = _ENTRY_DONE_PARALLEL.match(line) or _ENTRY_LAUNCHED.match(line)
+            if match is None:
+                return
+            if "id" in match.groupdict():
+                self.done_ids.add(match.group("id"))
+            self.done = len(self.done_ids)
+        else:
+            match = _ENTRY_DONE_SERIAL.match(line)
+            if match is None:
+                return
+            self.done += 1
+        # A few entries (ENCODING, SEARCHPATH) are said but not listed: never past the total.
+        self.on_count(min(self.done, self.total), self.total, match.group("what").replace('"', ""))
+
+
+def _pg_restore_errors(stderr: str, returncode: int, server_version_num: int) -> str | None:
+    """The first error pg_restore printed that matters, or None. Without --exit-on-error it goes
+    on after an error and exits 1 at the end; the errors it printed decide (one harmless line
+    on servers before 17)."""
+    errors = [
+        line for line in stderr.splitlines()
+        if line.startswith("pg_restore: error:") and not (
+            server_version_num < 170000 and _HARMLESS_ON_OLD_SERVERS.search(line)
+        )
+    ]
+    if errors or (returncode != 0 and "warning: errors ignored on restore" not in stderr):
+        # The first error is the cause; later ones usually follow from it.
+        return (errors or stderr.strip().splitlines() or [f"exit {returncode}"])[0]
+    return None
+
+
+def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int,
+                   on_count: Callable[[int, int, str], None] | None = None) -> list[str]:
+    """pg_restore -j into `url`'s (empty) database; any error but the known harmless one fails.
+    `on_count(done, total, current)` follows its table of contents entries as they are restored.
+    Returns notes (optional extensions that could not be recreated)."""
+    env = libpq_environment(url, "maestro-restore")
+    list_path, optional, entries = _restore_list(path, env)
+    command = [
+        program("pg_restore"), "--no-owner", "--no-privileges", f"--jobs={max(1, jobs)}",
+        f"--dbname={url.database}", "--no-password", str(path),
+    ]
+    if list_path is not None:
+        command.insert(-1, f"--use-list={list_path}")
+    counter = None
+    if on_count is not None:
+        command.insert(1, "--verbose")
+        counter = _EntryCounter(entries, jobs > 1, on_count)
+        on_count(0, entries, "")
+    # Tethered: if this process is killed, pg_restore and its -j workers die with it.
+    result = run_tethered(command, env, on_stderr_line=counter)
+    shown = _pg_restore_errors(result.stderr, result.returncode, server_version_num)
+    if shown is not None:
+        raise RestoreError(
+            f"pg_restore into '{url.database}' at {where(url)} failed: {hide_secret(shown, url.password)}",
+            "The live database was not touched; fix the cause (disk space, permissions, extensions) and restore again",
+        )
+    return _create_optional_extensions(url, optional)
+
+
+def restore_database(state: RestoreState, plan: DatabasePlan) -> None:
+    """The step `pg_restore <role>`: the fetched dump into a new scratch database."""
+    if plan.file is None:
+        raise RestoreError(f"The {plan.role} dump was not fetched", "Run the fetch phase before restoring it")
+    name = f"pg_restore {plan.role}"
+    version = server_version(plan.dest.url, plan.dest.source)
+    phases = state.phases
+
+    def restore_one() -> str:
+        create_scratch_database(state, plan)
+        entries: list[int] = []
+
+        def on_count(done: int, total: int, current: str) -> None:
+            entries[:] = [total]
+            phases(Phase(name, done, total, "entries", current))
+
+        notes = run_pg_restore(plan.scratch_url, plan.file, state.jobs, version, on_count if phases is not None else None)
+        state.report.notes.extend(f"{plan.role}: {note}" for note in notes)
+        counted = f"{entries[0]:,} entries into " if entries else ""
+        return f"{counted}{where(plan.scratch_url)}"
+
+    state.log(f"restoring {plan.role} into {plan.scratch} (pg_restore -j {state.jobs})")
+    state.timed(name, restore_one)
+
+
+def migrate_database(state: RestoreState, plan: DatabasePlan) -> None:
+    """The step `migrations (platform)`: the restored platform database upgraded to this
+    version's schema (after it was compared with the backup, which describes the old one)."""
+    if plan.role != "platform" or not state.upgrade_platform:
+        return
+    from maestro_pipelines.platform_db.location import DatabaseLocation
+    from maestro_pipelines.platform_db.migrate import upgrade
+
+    def migrate() -> str:
+        outcome = upgrade(DatabaseLocation(platform_url=plan.scratch_url, source=plan.dest.source))
+        return f"{outcome.before} -> {outcome.after}"
+
+    state.timed("migrations (platform)", migrate)
