@@ -1,6 +1,8 @@
-"""Recovery objectives, in one place for everything that judges them: the RPO sensor, the
-drill's default target and `maestro backup info` (Dagster-free, so the CLI reads the same
-number the sensor alerts on)."""
+"""Backup policies, one home each, for everything that applies or judges them: the RPO
+target (the RPO sensor, the drill's default target, `maestro backup info`) and the retention
+counts (`maestro backup retention`, the retention job and its schedule, the library's
+`RetentionPolicy`). Dagster-free and import-light, so the CLI, the library and the
+definitions read the same numbers."""
 
 from __future__ import annotations
 
@@ -9,7 +11,14 @@ from datetime import timedelta
 RPO_TARGET = timedelta(hours=26)
 """Oldest acceptable snapshot of the latest verified backup: a day between nightly backups,
 plus two hours for the backup to run and for DST days (25 h between two 02:00s)."""
+RPO_TARGET_HOURS = RPO_TARGET.total_seconds() / 3600
+"""RPO_TARGET in hours, as the drill's option and config take it (`--rpo-hours`)."""
 
 RPO_WARNING_MARGIN = timedelta(hours=1)
 """`maestro backup info` warns this long before the target is missed: the nightly backup is
 then overdue (it normally lands 24 h after the last one), with time left to take one by hand."""
+
+DAILY_BACKUPS_KEPT = 7
+"""Retention: days (with at least one backup) whose latest backup is kept."""
+MONTHLY_ARCHIVES_KEPT = 12
+"""Retention: monthly archives kept (the latest months): a restore point a month for a year."""

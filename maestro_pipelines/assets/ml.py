@@ -15,7 +15,9 @@ from typing import Any, Literal, Optional
 import dagster as dg
 from pydantic import Field
 
+from maestro_pipelines.dagster_support import NETWORK_RETRY, PLATFORM_DATABASE_POOL, frame_table
 from maestro_pipelines.failures import fail_fast_on_user_errors
+from maestro_pipelines.ml.gates import METRIC_FLOORS_CHECK, NO_REGRESSION_CHECK
 from maestro_pipelines.partitions import tenant_partitions
 from maestro_pipelines.profiling import profile_when_tagged
 from maestro_pipelines.resources import MLflowRegistry, PlatformDatabase
@@ -23,10 +25,6 @@ from maestro_pipelines.resources.cache import CacheResource
 from maestro_pipelines.resources.sources import DataSource
 
 ML_GROUP = "ml"
-# Reading the source and talking to MLflow and the platform database cross the network in
-# production. 5, 10 then 20 s (and the connect timeouts) outlast a managed database's failover;
-# configuration errors do not wait for them (maestro_pipelines.failures).
-NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 PREVIEW_ROWS = 10
 
 
@@ -112,15 +110,6 @@ def _tenant(context, platform_db: PlatformDatabase):
     return tenant
 
 
-def _table_metadata(frame) -> dg.MetadataValue:
-    columns = [dg.TableColumn(str(c), "number" if str(t).startswith(("int", "float")) else "string") for c, t in frame.dtypes.items()]
-    records = [
-        dg.TableRecord({str(k): (v if isinstance(v, (int, float, bool)) and not (isinstance(v, float) and math.isnan(v)) else str(v)) for k, v in row.items()})
-        for row in frame.to_dict("records")
-    ]
-    return dg.MetadataValue.table(records, schema=dg.TableSchema(columns=columns))
-
-
 @ml_asset(
     kinds={"python", "pandas"},
     retry_policy=NETWORK_RETRY,
@@ -149,7 +138,7 @@ def training_data(context: dg.AssetExecutionContext, source: DataSource, platfor
         metadata={
             "dagster/row_count": len(rows),
             "dagster/column_schema": schema,
-            "preview": _table_metadata(preview),
+            "preview": frame_table(preview),
             "read_seconds": round(seconds, 3),
         },
     )
@@ -169,13 +158,13 @@ def features(context: dg.AssetExecutionContext, config: FeatureConfig, training_
             "features": len(feature_set.feature_names),
             "classes": dg.MetadataValue.json([str(c) for c in feature_set.classes]),
             "data_hash": feature_set.data_hash,
-            "feature_statistics": _table_metadata(feature_statistics(feature_set.X_train)),
+            "feature_statistics": frame_table(feature_statistics(feature_set.X_train)),
         },
     )
 
 
 @ml_asset(kinds={"scikitlearn", "mlflow"},
-          retry_policy=NETWORK_RETRY, pool="platform_database",
+          retry_policy=NETWORK_RETRY, pool=PLATFORM_DATABASE_POOL,
           description="A scikit-learn model trained on the split; the MLflow run and an `experiments` row record it.")
 def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, features,
                   platform_db: PlatformDatabase, mlflow: MLflowRegistry):
@@ -222,10 +211,6 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, fea
     )
 
 
-METRIC_FLOORS_CHECK = "metric_floors"
-NO_REGRESSION_CHECK = "no_regression_vs_production"
-
-
 def tenant_check_spec(name: str, asset: str, **kwargs) -> dg.AssetCheckSpec:
     """A check of one tenant's partition: without the asset's partitions, Dagster records the
     evaluation with no partition and the UI shows it on none of the tenants' pages."""
@@ -248,6 +233,7 @@ def tenant_check_spec(name: str, asset: str, **kwargs) -> dg.AssetCheckSpec:
 def model_evaluation(context: dg.AssetExecutionContext, trained_model, features,
                      platform_db: PlatformDatabase, mlflow: MLflowRegistry):
     from maestro_pipelines.ml.evaluation import evaluate, markdown_image
+    from maestro_pipelines.ml.gates import judge_gates
     from maestro_pipelines.platform_db import ml_records
 
     tenant = _tenant(context, platform_db)
@@ -257,23 +243,15 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model, features,
     with platform_db.get_connection() as conn:
         ml_records.add_experiment_metrics(conn, trained_model.mlflow_run_id, {f"test_{k}": v for k, v in evaluation.metrics.items() if not math.isnan(v)})
 
-    floors = tenant.gates
-    floor_failures = {
-        name: {"value": evaluation.metrics.get(name), "floor": floor}
-        for name, floor in floors.items()
-        if not (evaluation.metrics.get(name, float("nan")) >= floor)  # NaN fails too
-    }
     production = registry.production_version(tenant.name)
-    baseline, regressions = _regressions(registry, production, evaluation.metrics, tenant.regression_tolerance)
-
-    gates = {
-        METRIC_FLOORS_CHECK: {"passed": not floor_failures, "failures": floor_failures},
-        NO_REGRESSION_CHECK: {"passed": not regressions, "failures": regressions,
-                              "production_version": production.version if production else None},
-    }
+    verdict = judge_gates(
+        evaluation.metrics, tenant.gates, tenant.regression_tolerance,
+        production.version if production else None,
+        registry.run_metrics(production.run_id) if production and production.run_id else None,
+    )
     metrics_md = {k: (round(v, 4) if not math.isnan(v) else "n/a") for k, v in evaluation.metrics.items()}
     yield dg.Output(
-        ModelEvaluation(tenant.name, trained_model.mlflow_run_id, evaluation.metrics, gates),
+        ModelEvaluation(tenant.name, trained_model.mlflow_run_id, evaluation.metrics, verdict.results()),
         metadata={
             **{k: dg.MetadataValue.float(v) for k, v in evaluation.metrics.items() if not math.isnan(v)},
             "test_rows": evaluation.test_rows,
@@ -284,40 +262,21 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model, features,
     )
     yield dg.AssetCheckResult(
         check_name=METRIC_FLOORS_CHECK,
-        passed=not floor_failures,
+        passed=verdict.floors_passed,
         severity=dg.AssetCheckSeverity.ERROR,
-        description=("all metrics reach their floors" if not floor_failures else "; ".join(
-            f"{name} {f['value']:.3f} < floor {f['floor']:.3f}" for name, f in floor_failures.items())),
-        metadata={"floors": dg.MetadataValue.json(floors), "metrics": dg.MetadataValue.json(metrics_md)},
+        description=verdict.floors_summary(),
+        metadata={"floors": dg.MetadataValue.json(verdict.floors), "metrics": dg.MetadataValue.json(metrics_md)},
     )
     yield dg.AssetCheckResult(
         check_name=NO_REGRESSION_CHECK,
-        passed=not regressions,
+        passed=verdict.no_regression,
         severity=dg.AssetCheckSeverity.ERROR,
-        description=(
-            "no production model yet" if production is None else
-            f"no regression against production version {production.version}" if not regressions else
-            "; ".join(f"{name} {r['value']:.3f} < production {r['production']:.3f} - {r['tolerance']}" for name, r in regressions.items())
-        ),
+        description=verdict.regression_summary(),
         # No production model yet: no version at all (a -1 would be plotted as one).
         metadata={**({"production_version": production.version} if production else {}),
-                  "production_metrics": dg.MetadataValue.json({k: round(v, 4) for k, v in baseline.items()}),
+                  "production_metrics": dg.MetadataValue.json({k: round(v, 4) for k, v in verdict.baseline.items()}),
                   "tolerance": tenant.regression_tolerance},
     )
-
-
-def _regressions(registry, production, metrics: dict[str, float], tolerance: float) -> tuple[dict, dict]:
-    """(the production model's test metrics, the metrics that fell below them by more than `tolerance`)."""
-    if production is None or not production.run_id:
-        return {}, {}
-    run_metrics = registry.run_metrics(production.run_id)
-    baseline = {k[len("test_"):]: v for k, v in run_metrics.items() if k.startswith("test_")}
-    regressions = {
-        name: {"value": metrics.get(name, float("nan")), "production": old, "tolerance": tolerance}
-        for name, old in baseline.items()
-        if not (metrics.get(name, float("nan")) >= old - tolerance)  # NaN regresses too
-    }
-    return baseline, regressions
 
 
 @ml_asset(kinds={"mlflow"}, retry_policy=NETWORK_RETRY,
@@ -346,25 +305,23 @@ def registered_model(context: dg.AssetExecutionContext, trained_model, model_eva
 
 
 @ml_asset(kinds={"mlflow", "postgres"},
-          retry_policy=NETWORK_RETRY, pool="platform_database",
+          retry_policy=NETWORK_RETRY, pool=PLATFORM_DATABASE_POOL,
           description="The tenant's live model: alias `production` moved to the new version and a `deployments` row "
                       "written (the previous one retired). Each partition's page tells which version is live and "
                       "where it came from: MLflow run, training Dagster run, data hash, metrics, gates, what it replaced.")
 def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, registered_model,
                platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource):
+    from maestro_pipelines.ml.deployment import deploy
     from maestro_pipelines.platform_db import ml_records
 
     tenant = _tenant(context, platform_db)
     registry = mlflow.registry()
     # One transaction: if moving the alias fails, the deployment rows roll back with it.
     with platform_db.get_connection() as conn:
-        model_id = ml_records.ensure_model(conn, tenant)
-        record = ml_records.deploy_version(
-            conn, tenant, model_id, registered_model.version, config.environment, config.replicas, context.run.run_id
+        record, lineage = deploy(
+            conn, registry, tenant, ml_records.ensure_model(conn, tenant), registered_model.version,
+            config.environment, config.replicas, context.run.run_id,
         )
-        lineage = ml_records.version_lineage(conn, model_id, record.version)
-        if config.environment == "production":
-            registry.set_production(tenant.name, registered_model.version)
     context.log.info(f"{registered_model.name}: production {record.previous_version} -> {record.version}")
     invalidated = 0
     if config.environment == "production":  # the alias moved
@@ -420,35 +377,22 @@ def _mlflow_run_link(registry, run_id: str, tenant: Optional[str] = None, versio
 
 
 @ml_asset(kinds={"postgres"},
-          retry_policy=NETWORK_RETRY, pool="platform_database",
+          retry_policy=NETWORK_RETRY, pool=PLATFORM_DATABASE_POOL,
           description="The tenant's new rows scored with its production model (`models:/maestro-TENANT@production`), "
                       "written to `predictions` with COPY.")
 def batch_predictions(context: dg.AssetExecutionContext, deployment, source: DataSource,
                       platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource) -> dg.MaterializeResult:
-    from maestro_pipelines.ml.scoring import load_model_cached, model_cache_key, prediction_cache_prefix, score_and_copy
+    from maestro_pipelines.ml.scoring import prediction_cache_prefix, score_and_copy
+    from maestro_pipelines.platform_db import ml_records
 
     tenant = _tenant(context, platform_db)
-    registry = mlflow.registry()
     cached = cache.cache(context.log)
-    live = registry.production_version(tenant.name)
-    if live is None:
-        model, model_source = registry.load_production_model(tenant.name), "loaded"
-    else:
-        # The model of a version is loaded from MLflow once, then served from the cache.
-        model, model_source = load_model_cached(
-            cached, model_cache_key(tenant.name, live.version, live.run_id), lambda: registry.load_production_model(tenant.name)
-        )
-        if model_source == "loaded":
-            moved = registry.production_version(tenant.name)
-            if moved is None or moved.version != live.version:  # the alias moved while loading
-                cached.delete(model_cache_key(tenant.name, live.version, live.run_id))
-                live = moved
-    previous = _previous_scoring(context, live.version if live else None)
+    model, model_source, live = _production_model(mlflow.registry(), cached, tenant.name)
+    live_version = live.version if live else None
     started = time.perf_counter()
     with platform_db.get_connection() as conn:
-        from maestro_pipelines.platform_db.ml_records import active_deployment, ensure_model
-
-        active = active_deployment(conn, ensure_model(conn, tenant))
+        previous = _scored_through(context, conn, tenant.id, live_version)
+        active = ml_records.active_deployment(conn, ml_records.ensure_model(conn, tenant))
         model_version_id = active.model_version_id if active else deployment.model_version_id
         deployment_id = active.id if active else deployment.deployment_id
         batches = source.iter_tenant_batches(tenant.name, since=previous)
@@ -456,42 +400,85 @@ def batch_predictions(context: dg.AssetExecutionContext, deployment, source: Dat
             conn, model, batches, tenant.id, model_version_id, deployment_id, cache=cached,
             cache_prefix=prediction_cache_prefix(tenant.name, live.version, live.run_id) if live else None,
         )
+        # In the predictions' transaction: a restore of the platform database brings both back together.
+        ml_records.record_scoring_watermark(conn, tenant.id, live_version, scored.watermark or previous)
     seconds = time.perf_counter() - started
-    written, watermark = scored.written, scored.watermark
     counters = cached.counters()
     cached.close()
     context.log.info(
-        f"scored {written:,} rows for {tenant.name} with version {live.version if live else '?'} in {seconds:.2f} s "
+        f"scored {scored.written:,} rows for {tenant.name} with version {live_version or '?'} in {seconds:.2f} s "
         f"({scored.predicted:,} predicted, {scored.from_cache:,} from the cache; model {model_source}; "
         f"cache hit rate {counters.hit_rate:.0%}, redis {cached.redis_state})"
     )
+    through = scored.watermark or previous
     return dg.MaterializeResult(
         metadata={
-            "rows_scored": written,
-            **({"model_version": live.version} if live else {}),  # no sentinel: it would be plotted
+            "rows_scored": scored.written,
+            **({"model_version": live_version} if live else {}),  # no sentinel: it would be plotted
             "seconds": round(seconds, 3),
-            "rows_per_second": round(written / seconds, 1) if seconds > 0 else 0.0,
-            "scored_through": watermark.isoformat() if watermark else (previous.isoformat() if previous else ""),
+            "rows_per_second": round(scored.written / seconds, 1) if seconds > 0 else 0.0,
+            "scored_through": through.isoformat() if through else "",
             "incremental_since": previous.isoformat() if previous else "all rows",
             "rows_predicted": scored.predicted,
             "rows_from_cache": scored.from_cache,
             "model_from": model_source,
-            "cache_l1_hits": counters.l1_hits,
-            "cache_l2_hits": counters.l2_hits,
-            "cache_misses": counters.misses,
-            "cache_hit_rate": dg.MetadataValue.float(round(counters.hit_rate, 4)),
-            "cache_l1_hit_rate": dg.MetadataValue.float(round(counters.l1_hit_rate, 4)),
-            "cache_l2_hit_rate": dg.MetadataValue.float(round(counters.l2_hit_rate, 4)),
-            "cache_redis": cached.redis_state,
-            "cache_redis_at": cache.redis_location(),
-            "cache_redis_errors": counters.redis_errors,
-            "cache": dg.MetadataValue.json(counters.as_dict()),
+            **_cache_metadata(cache, cached, counters),
         }
     )
 
 
-def _previous_scoring(context: dg.AssetExecutionContext, live_version: Optional[int]):
-    """Rows newer than the last scoring by the same model version; a new version rescoring all."""
+def _production_model(registry, cached, tenant: str):
+    """(the tenant's production model, where it came from: `l1`, `l2` or `loaded`, its
+    registered version or None). A version's model is loaded from MLflow once, then served
+    from the cache."""
+    from maestro_pipelines.ml.scoring import load_model_cached, model_cache_key
+
+    live = registry.production_version(tenant)
+    if live is None:
+        return registry.load_production_model(tenant), "loaded", None
+    key = model_cache_key(tenant, live.version, live.run_id)
+    model, model_source = load_model_cached(cached, key, lambda: registry.load_production_model(tenant))
+    if model_source == "loaded":
+        moved = registry.production_version(tenant)
+        if moved is None or moved.version != live.version:  # the alias moved while loading
+            cached.delete(key)
+            live = moved
+    return model, model_source, live
+
+
+def _cache_metadata(cache: CacheResource, cached, counters) -> dict[str, Any]:
+    return {
+        "cache_l1_hits": counters.l1_hits,
+        "cache_l2_hits": counters.l2_hits,
+        "cache_misses": counters.misses,
+        "cache_hit_rate": dg.MetadataValue.float(round(counters.hit_rate, 4)),
+        "cache_l1_hit_rate": dg.MetadataValue.float(round(counters.l1_hit_rate, 4)),
+        "cache_l2_hit_rate": dg.MetadataValue.float(round(counters.l2_hit_rate, 4)),
+        "cache_redis": cached.redis_state,
+        "cache_redis_at": cache.redis_location(),
+        "cache_redis_errors": counters.redis_errors,
+        "cache": dg.MetadataValue.json(counters.as_dict()),
+    }
+
+
+def _scored_through(context: dg.AssetExecutionContext, conn, tenant_id: int, live_version: Optional[int]):
+    """Where this scoring starts: after the rows the same model version scored last (the
+    platform database's `scoring_watermarks`, next to the predictions); None scores every row
+    (the first scoring, a new version)."""
+    from maestro_pipelines.platform_db import ml_records
+
+    watermark = ml_records.scoring_watermark(conn, tenant_id)
+    if watermark is not None:
+        return watermark.since_for(live_version)
+    if ml_records.has_predictions(conn, tenant_id):
+        # Scored before migration 0004 moved the watermark into the platform database: it is
+        # still in the last materialization's metadata. Read once; the next one is recorded here.
+        return _event_log_watermark(context, live_version)
+    return None
+
+
+def _event_log_watermark(context: dg.AssetExecutionContext, live_version: Optional[int]):
+    """The watermark a materialization before migration 0004 left in its metadata."""
     from datetime import datetime
 
     records = context.instance.fetch_materializations(

@@ -2,7 +2,17 @@
 
 import dagster as dg
 
+from maestro_pipelines.dagster_support import DDL_POOL, Column, markdown_list, metadata_table
 from maestro_pipelines.resources import PlatformDatabase
+
+TABLE_COLUMNS = [
+    Column("table", "string"),
+    Column("estimated_rows", "int"),
+    Column("rows", "int", "exact when rows_exact, else the estimate"),
+    Column("rows_exact", "bool"),
+    Column("size_mb", "float"),
+    Column("partitions", "int"),
+]
 
 
 @dg.asset(
@@ -10,7 +20,7 @@ from maestro_pipelines.resources import PlatformDatabase
     kinds={"postgres"},
     # DDL takes strong locks: never two migrations, and never beside the backup that will
     # share this pool (issue on backups).
-    pool="platform_database_ddl",
+    pool=DDL_POOL,
     description=(
         "The platform database's schema at the newest alembic revision (tables, partitioned "
         "predictions, indexes, statistics views). Materializing runs `maestro db upgrade`."
@@ -25,16 +35,14 @@ def platform_schema(context: dg.AssetExecutionContext, platform_db: PlatformData
         f"{status.database} at {status.where}: revision {result.before or 'base'} -> {result.after}"
     )
     table_rows = [
-        dg.TableRecord(
-            {
-                "table": t.table_name,
-                "estimated_rows": t.estimated_rows,
-                "rows": t.rows,
-                "rows_exact": t.rows_exact,
-                "size_mb": round(t.total_bytes / 2**20, 2),
-                "partitions": t.partitions,
-            }
-        )
+        {
+            "table": t.table_name,
+            "estimated_rows": t.estimated_rows,
+            "rows": t.rows,
+            "rows_exact": t.rows_exact,
+            "size_mb": round(t.total_bytes / 2**20, 2),
+            "partitions": t.partitions,
+        }
         for t in status.tables
     ]
     return dg.MaterializeResult(
@@ -44,19 +52,7 @@ def platform_schema(context: dg.AssetExecutionContext, platform_db: PlatformData
             "server_version": dg.MetadataValue.text(status.server_version),
             "where": dg.MetadataValue.text(status.where),
             "pg_stat_statements": dg.MetadataValue.text(status.pg_stat_statements),
-            "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in result.warnings) or "none"),
-            "tables": dg.MetadataValue.table(
-                table_rows,
-                schema=dg.TableSchema(
-                    columns=[
-                        dg.TableColumn("table", "string"),
-                        dg.TableColumn("estimated_rows", "int"),
-                        dg.TableColumn("rows", "int", description="exact when rows_exact, else the estimate"),
-                        dg.TableColumn("rows_exact", "bool"),
-                        dg.TableColumn("size_mb", "float"),
-                        dg.TableColumn("partitions", "int"),
-                    ]
-                ),
-            ),
+            "warnings": markdown_list(result.warnings),
+            "tables": metadata_table(table_rows, TABLE_COLUMNS),
         }
     )

@@ -11,19 +11,14 @@ queries and the admin's summary of the platform. The work is in
 - `platform_summary`: per-tenant counts as a table and a chart.
 """
 
-from datetime import date, datetime
-from typing import Any
-
 import dagster as dg
 from pydantic import Field, field_validator
 
+from maestro_pipelines.dagster_support import DDL_POOL, PLATFORM_DATABASE_POOL, UPKEEP_RETRY, metadata_table, table_cell
 from maestro_pipelines.failures import fail_fast_on_user_errors
 from maestro_pipelines.resources import ObjectStoreResource, PlatformDatabase
 
 UPKEEP_GROUP = "upkeep"
-DATABASE_POOL = "platform_database"
-DDL_POOL = "platform_database_ddl"
-STORE_RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL)
 SLOW_QUERY_CHECK = "no_slow_statements"
 
 # Refresh when a tenant's deployment or predictions changed. Not `eager()`: it waits until no
@@ -36,30 +31,6 @@ STATISTICS_AUTOMATION = (
 ).with_label("after deployments or predictions change")
 
 
-def _cell(value: Any) -> Any:
-    """A value a TableRecord accepts (str, int, float, bool)."""
-    if value is None:
-        return ""
-    if isinstance(value, (datetime, date)):
-        return value.isoformat(timespec="seconds") if isinstance(value, datetime) else value.isoformat()
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def _table(rows: list[dict], columns: list[str] | None = None) -> dg.MetadataValue:
-    columns = columns or (list(rows[0]) if rows else [])
-    kinds = {}
-    for column in columns:
-        sample = next((r[column] for r in rows if r.get(column) is not None), None)
-        kinds[column] = ("bool" if isinstance(sample, bool) else "int" if isinstance(sample, int)
-                         else "float" if isinstance(sample, float) else "string")
-    return dg.MetadataValue.table(
-        [dg.TableRecord({c: _cell(r.get(c)) for c in columns}) for r in rows],
-        schema=dg.TableSchema(columns=[dg.TableColumn(c, kinds[c]) for c in columns]),
-    )
-
-
 def _statistics_view(view: str, description: str):
     @dg.asset(
         name=view,
@@ -67,7 +38,7 @@ def _statistics_view(view: str, description: str):
         kinds={"postgres"},
         deps=[dg.AssetKey("deployment"), dg.AssetKey("batch_predictions")],
         automation_condition=STATISTICS_AUTOMATION,
-        pool=DATABASE_POOL,
+        pool=PLATFORM_DATABASE_POOL,
         description=description,
     )
     @fail_fast_on_user_errors
@@ -81,7 +52,7 @@ def _statistics_view(view: str, description: str):
             "dagster/row_count": result.row_count,
             "refresh_seconds": round(result.seconds, 3),
             "concurrently": result.concurrently,
-            "rows": _table(result.rows),
+            "rows": metadata_table(result.rows),
             "rows_shown": len(result.rows),
         })
 
@@ -123,7 +94,7 @@ class PartitionUpkeepConfig(dg.Config):
     group_name=UPKEEP_GROUP,
     kinds={"postgres"},
     pool=DDL_POOL,
-    retry_policy=STORE_RETRY,
+    retry_policy=UPKEEP_RETRY,
     description="Monthly partitions of `predictions`: created months ahead, stray rows moved out of the "
                 "default partition, partitions past the retention archived to the object store, then dropped.",
 )
@@ -149,9 +120,9 @@ def predictions_partitions(context: dg.AssetExecutionContext, config: PartitionU
         "rows_in_default_partition": report.left_in_default,
         "partitions_archived": len(report.archived),
         "rows_archived": sum(item["rows"] for item in report.archived),
-        "archived": _table(report.archived, ["partition", "month", "rows", "key", "compressed_bytes"]) if report.archived
+        "archived": metadata_table(report.archived, ["partition", "month", "rows", "key", "compressed_bytes"]) if report.archived
         else dg.MetadataValue.text("none"),
-        "partitions": _table(report.partitions, ["partition", "from", "to", "estimated_rows"]),
+        "partitions": metadata_table(report.partitions, ["partition", "from", "to", "estimated_rows"]),
     })
 
 
@@ -179,7 +150,7 @@ def slow_queries(context: dg.AssetExecutionContext, config: SlowQueryConfig, pla
     yield dg.MaterializeResult(metadata={
         "available": found.available,
         "reason": found.reason or "pg_stat_statements answered",
-        "statements": _table(found.statements, ["query", "calls", "total_ms", "mean_ms", "rows"]) if found.statements
+        "statements": metadata_table(found.statements, ["query", "calls", "total_ms", "mean_ms", "rows"]) if found.statements
         else dg.MetadataValue.text(found.reason or "no statements recorded yet"),
         "slowest_mean_ms": max((s["mean_ms"] for s in found.statements), default=0.0),
     })
@@ -254,11 +225,11 @@ def platform_summary(context: dg.AssetExecutionContext, platform_db: PlatformDat
     return dg.MaterializeResult(metadata={
         "tenants": len(rows),
         **{f"total_{k}": v for k, v in totals.items()},
-        "per_tenant": _table(rows, ["tenant_name", "status", "models", "model_versions", "experiments",
+        "per_tenant": metadata_table(rows, ["tenant_name", "status", "models", "model_versions", "experiments",
                                     "failed_experiments", "active_deployments", "predictions",
                                     "predictions_last_30_days", "last_prediction_at"]),
         "chart": dg.MetadataValue.md(markdown_image(summary_chart(rows), "per-tenant models, deployments and predictions")),
-        "statistics_refreshed_at": _cell(rows[0]["refreshed_at"]) if rows else "",
+        "statistics_refreshed_at": table_cell(rows[0]["refreshed_at"]) if rows else "",
     })
 
 

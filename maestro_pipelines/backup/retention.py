@@ -22,14 +22,15 @@ from maestro_pipelines.backup.catalog import (
     list_backups,
 )
 from maestro_pipelines.backup.manifest import BACKUPS_PREFIX, MANIFEST_NAME, MONTHLY_PREFIX, VERIFIED_NAME, utcnow
+from maestro_pipelines.objectives import DAILY_BACKUPS_KEPT, MONTHLY_ARCHIVES_KEPT
 from maestro_pipelines.storage import ObjectStore
 
 
 @dataclass(frozen=True)
 class RetentionPolicy:
-    daily: int = 7
+    daily: int = DAILY_BACKUPS_KEPT
     """Days (with at least one backup) whose newest backup is kept."""
-    monthly: int = 12
+    monthly: int = MONTHLY_ARCHIVES_KEPT
     """Monthly archives kept."""
     stale_after: timedelta = DEFAULT_STALE_AFTER
     """An unfinished backup folder younger than this may still be in progress: kept."""

@@ -18,45 +18,47 @@ from pydantic import Field
 
 from maestro_pipelines.assets.backups import (
     BACKUP_ASSET,
-    BACKUP_POOL,
-    MiB,
-    STORE_RETRY,
     VERIFIED_CHECK,
-    backup_step,
     database_backup,
     monthly_archive,
+    verification_metadata,
     verification_summary,
     verified_check_result,
     verify_with_marker,
 )
+from maestro_pipelines.dagster_support import (
+    BACKUP_POOL,
+    DATABASE_LANE,  # noqa: F401  (jobs/restore.py imports it from here)
+    KIND_TAG,
+    STORE_RETRY,
+    backup_step,
+    markdown_list,
+    mib,
+    run_tags,
+)
+from maestro_pipelines.objectives import DAILY_BACKUPS_KEPT, MONTHLY_ARCHIVES_KEPT
 from maestro_pipelines.resources import ObjectStoreResource
 
-KIND_TAG = "maestro/kind"
-LANE_TAG = "maestro/lane"
-DATABASE_LANE = {LANE_TAG: "database"}
-"""Runs that dump, restore or alter the databases wholesale carry this tag; the production
-instance (deploy/dagster.yaml) lets one such run at a time out of the queue, so a backup, a
-restore, a drill and the upkeep's DDL never run together."""
 NIGHTLY_BACKUP_MAX_RUNTIME_S = 3 * 3600
 
 nightly_backup = dg.define_asset_job(
     "nightly_backup",
     selection=dg.AssetSelection.assets(database_backup),
     description="Back up every stateful database into the object store and verify it: one materialization of database_backup.",
-    tags={KIND_TAG: "backup", **DATABASE_LANE, "dagster/max_runtime": str(NIGHTLY_BACKUP_MAX_RUNTIME_S)},
+    tags=run_tags("backup", NIGHTLY_BACKUP_MAX_RUNTIME_S, database_lane=True),
 )
 
 monthly_archive_job = dg.define_asset_job(
     "monthly_archive_job",
     selection=dg.AssetSelection.assets(monthly_archive),
     description="Copy a month's latest verified backup into monthly/YYYY-MM/ (config `month`, default last month).",
-    tags={KIND_TAG: "archive", **DATABASE_LANE, "dagster/max_runtime": str(2 * 3600)},
+    tags=run_tags("archive", 2 * 3600, database_lane=True),
 )
 
 
 class RetentionConfig(dg.Config):
-    daily: int = Field(default=7, ge=1, description="Days (with at least one backup) whose latest backup is kept.")
-    monthly: int = Field(default=12, ge=0, description="Monthly archives kept (the latest months).")
+    daily: int = Field(default=DAILY_BACKUPS_KEPT, ge=1, description="Days (with at least one backup) whose latest backup is kept.")
+    monthly: int = Field(default=MONTHLY_ARCHIVES_KEPT, ge=0, description="Monthly archives kept (the latest months).")
     dry_run: bool = Field(default=False, description="Only report what would be deleted.")
 
 
@@ -83,8 +85,8 @@ def apply_backup_retention(context: dg.OpExecutionContext, config: RetentionConf
     for leftover in plan.discarded:
         context.log.info(f"removed {leftover}: left by a write that never finished")
 
-    def listing(items) -> str:
-        return "\n".join(f"- `{entry.root}`: {why}" for entry, why in items) or "none"
+    def listing(items) -> dg.MetadataValue:
+        return markdown_list(f"`{entry.root}`: {why}" for entry, why in items)
 
     return dg.Output(
         None,
@@ -96,16 +98,19 @@ def apply_backup_retention(context: dg.OpExecutionContext, config: RetentionConf
             "deleted": dg.MetadataValue.int(len(plan.delete)),
             "deleted_incomplete": dg.MetadataValue.int(len(plan.delete_incomplete)),
             "discarded_uploads": dg.MetadataValue.int(len(plan.discarded)),
-            "freed_mib": dg.MetadataValue.float(round(sum(entry.stored_bytes for entry, _ in plan.delete) / MiB, 3)),
-            "kept_backups": dg.MetadataValue.md(listing(plan.keep)),
-            "deleted_backups": dg.MetadataValue.md(listing(plan.delete)),
+            "freed_mib": dg.MetadataValue.float(mib(sum(entry.stored_bytes for entry, _ in plan.delete))),
+            "kept_backups": listing(plan.keep),
+            "deleted_backups": listing(plan.delete),
         },
     )
 
 
 @dg.job(
-    tags={KIND_TAG: "retention", "dagster/max_runtime": str(3600)},
-    description="Apply the retention policy to the backup store (default: 7 daily backups, 12 monthly archives).",
+    tags=run_tags("retention", 3600),
+    description=(
+        f"Apply the retention policy to the backup store (default: {DAILY_BACKUPS_KEPT} daily backups, "
+        f"{MONTHLY_ARCHIVES_KEPT} monthly archives)."
+    ),
 )
 def backup_retention():
     apply_backup_retention()
@@ -125,32 +130,24 @@ def verify_stored_backup(context: dg.OpExecutionContext, config: VerifyBackupCon
     pg_restore --list; record the result in the store (verified.json) and, for a backup (not an
     archive's copy), as an evaluation of database_backup's check `verified`."""
     report = verify_with_marker(store.get_store(), config.backup_id, context.log, month=config.month)
-    summary = verification_summary(report)
     if config.month is None:
         # Yielded, not context.log_event: logged events are lost when the step then fails.
         yield dg.AssetCheckEvaluation(
             asset_key=BACKUP_ASSET, check_name=VERIFIED_CHECK, blocking=True, **verified_check_result(report)
         )
-    metadata = {
-        "backup_id": dg.MetadataValue.text(report.backup_id),
-        "verified": dg.MetadataValue.bool(report.ok),
-        "verification": dg.MetadataValue.text(summary),
-        "objects": dg.MetadataValue.int(report.objects),
-        "read_mib": dg.MetadataValue.float(round(report.bytes_read / MiB, 3)),
-        "duration_s": dg.MetadataValue.float(report.duration_s),
-    }
+    metadata = {"verified": dg.MetadataValue.bool(report.ok), **verification_metadata(report)}
     if not report.ok:
         raise dg.Failure(
             description=f"Backup {report.backup_id} failed verification: {'; '.join(report.problems)}",
             metadata=metadata,
             allow_retries=False,
         )
-    context.log.info(f"Backup {report.backup_id} verified: {summary}")
+    context.log.info(f"Backup {report.backup_id} verified: {verification_summary(report)}")
     yield dg.Output(None, metadata=metadata)
 
 
 @dg.job(
-    tags={KIND_TAG: "verify", "dagster/max_runtime": str(3 * 3600)},
+    tags=run_tags("verify", 3 * 3600),
     description="Verify one backup in the store (the verify sensor launches it for backups taken outside Dagster).",
 )
 def verify_backup_job():

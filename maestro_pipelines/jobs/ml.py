@@ -3,7 +3,8 @@
 import dagster as dg
 from pydantic import Field
 
-from maestro_pipelines.assets.ml import NETWORK_RETRY, deployment_metadata, ml_assets
+from maestro_pipelines.assets.ml import deployment_metadata, ml_assets
+from maestro_pipelines.dagster_support import NETWORK_RETRY, PLATFORM_DATABASE_POOL, run_tags
 from maestro_pipelines.failures import fail_fast_on_user_errors
 from maestro_pipelines.resources import MLflowRegistry, PlatformDatabase
 from maestro_pipelines.resources.cache import CacheResource
@@ -12,7 +13,7 @@ train_and_deploy_job = dg.define_asset_job(
     "train_and_deploy",
     selection=dg.AssetSelection.assets(*ml_assets),
     description="The whole ML graph for one tenant: data to batch predictions, gated by the quality checks.",
-    tags={"maestro/kind": "training"},
+    tags=run_tags("training"),
 )
 
 
@@ -22,11 +23,12 @@ class RollbackConfig(dg.Config):
     replicas: int = Field(default=2, ge=0, description="Replicas recorded for the restored deployment.")
 
 
-@dg.op(retry_policy=NETWORK_RETRY, pool="platform_database")
+@dg.op(retry_policy=NETWORK_RETRY, pool=PLATFORM_DATABASE_POOL)
 @fail_fast_on_user_errors
 def roll_back_deployment(context: dg.OpExecutionContext, config: RollbackConfig,
                          platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource) -> None:
     """Move alias `production` back to the previous version and record the rollback."""
+    from maestro_pipelines.ml.deployment import deploy
     from maestro_pipelines.platform_db import ml_records
     from maestro_pipelines.platform_db.tenants import get_tenant
 
@@ -35,13 +37,10 @@ def roll_back_deployment(context: dg.OpExecutionContext, config: RollbackConfig,
         tenant = get_tenant(conn, config.tenant)
         model_id = ml_records.ensure_model(conn, tenant)
         target = ml_records.rollback_target(conn, model_id, config.environment)
-        record = ml_records.deploy_version(
-            conn, tenant, model_id, target, config.environment, config.replicas, context.run.run_id,
+        record, lineage = deploy(
+            conn, registry, tenant, model_id, target, config.environment, config.replicas, context.run.run_id,
             retire_status="rolled_back",
         )
-        lineage = ml_records.version_lineage(conn, model_id, target)
-        if config.environment == "production":
-            registry.set_production(tenant.name, target)
     context.log.info(f"{tenant.registry_name}: production {record.previous_version} -> {target} (rollback)")
     # As after a deployment: what was cached for the tenant described the version rolled back.
     invalidated = cache.invalidate_tenant(tenant.name, context.log)
@@ -58,6 +57,6 @@ def roll_back_deployment(context: dg.OpExecutionContext, config: RollbackConfig,
     )
 
 
-@dg.job(tags={"maestro/kind": "deployment"}, description="Roll a tenant's production model back to the version deployed before it.")
+@dg.job(tags=run_tags("deployment"), description="Roll a tenant's production model back to the version deployed before it.")
 def rollback_deployment():
     roll_back_deployment()

@@ -5,7 +5,7 @@ run alerts like a failed backup (an archive that keeps failing lets old partitio
 import dagster as dg
 
 from maestro_pipelines.assets.upkeep import UPKEEP_GROUP
-from maestro_pipelines.jobs.backups import DATABASE_LANE, KIND_TAG
+from maestro_pipelines.dagster_support import run_tags
 
 UPKEEP_KIND = "upkeep"
 UPKEEP_MAX_RUNTIME_S = 2 * 3600
@@ -14,7 +14,7 @@ platform_upkeep = dg.define_asset_job(
     "platform_upkeep",
     selection=dg.AssetSelection.groups(UPKEEP_GROUP),
     description="Refresh the statistics views, keep the prediction partitions, list slow queries, summarize the platform.",
-    tags={KIND_TAG: UPKEEP_KIND, **DATABASE_LANE, "dagster/max_runtime": str(UPKEEP_MAX_RUNTIME_S)},
+    tags=run_tags(UPKEEP_KIND, UPKEEP_MAX_RUNTIME_S, database_lane=True),
 )
 
 upkeep_jobs = [platform_upkeep]

@@ -206,3 +206,49 @@ def copy_predictions(conn: Connection, rows: Iterable[tuple]) -> int:
                 copy.write_row(row)
                 count += 1
     return count
+
+
+@dataclass(frozen=True)
+class ScoringWatermark:
+    """How far `batch_predictions` has scored a tenant's rows (table `scoring_watermarks`)."""
+
+    model_version: int | None
+    """The MLflow registry version that scored last; None: unknown (nothing is incremental after it)."""
+    scored_through: datetime | None
+    """The newest source row time (`updated_at`) it scored; None: no row had one."""
+
+    def since_for(self, live_version: int | None) -> datetime | None:
+        """Where a scoring by `live_version` starts: after `scored_through` when the same
+        version scored last, else None (a new or unknown version scores every row)."""
+        if live_version is None or self.model_version != live_version:
+            return None
+        return self.scored_through
+
+
+def scoring_watermark(conn: Connection, tenant_id: int) -> ScoringWatermark | None:
+    """The tenant's scoring watermark; None before its first scoring."""
+    row = conn.execute(
+        text("SELECT model_version, scored_through FROM scoring_watermarks WHERE tenant_id = :t"), {"t": tenant_id}
+    ).one_or_none()
+    return ScoringWatermark(row[0], row[1]) if row else None
+
+
+def record_scoring_watermark(conn: Connection, tenant_id: int, model_version: int | None,
+                             scored_through: datetime | None) -> None:
+    """Set the tenant's watermark. Call it in the transaction that wrote the predictions it
+    describes: a restore of the platform database then brings both back as one."""
+    conn.execute(
+        text(
+            "INSERT INTO scoring_watermarks (tenant_id, model_version, scored_through) VALUES (:t, :v, :through) "
+            "ON CONFLICT (tenant_id) DO UPDATE SET model_version = EXCLUDED.model_version, "
+            "scored_through = EXCLUDED.scored_through, updated_at = now()"
+        ),
+        {"t": tenant_id, "v": model_version, "through": scored_through},
+    )
+
+
+def has_predictions(conn: Connection, tenant_id: int) -> bool:
+    """Whether any prediction of the tenant is recorded (index predictions_tenant_created_idx)."""
+    return bool(conn.execute(
+        text("SELECT EXISTS (SELECT 1 FROM predictions WHERE tenant_id = :t)"), {"t": tenant_id}
+    ).scalar())

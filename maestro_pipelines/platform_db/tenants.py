@@ -14,13 +14,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.ml.gates import DEFAULT_GATES, DEFAULT_REGRESSION_TOLERANCE
 
 # The same rule as the tenants_name_format CHECK constraint: tenant names become Dagster
 # partition keys, MLflow model names (maestro-<tenant>) and object key prefixes.
 TENANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
-DEFAULT_GATES = {"accuracy": 0.70, "f1": 0.65, "roc_auc": 0.70}
-DEFAULT_REGRESSION_TOLERANCE = 0.02
 SHOWN_NAME = 40
 """Characters of a refused name echoed back: enough to recognise it, never a screenful."""
 

@@ -104,7 +104,7 @@ def _busy_since(instance: dg.DagsterInstance) -> dict[str, datetime]:
     """kind -> creation time of the oldest in-progress Dagster run that will record it:
     `backup` (a run materializing database_backup, whose backup is in the store before its
     materialization), `archive` (monthly_archive), `verify` (a run recording the check)."""
-    from maestro_pipelines.jobs.backups import KIND_TAG
+    from maestro_pipelines.dagster_support import KIND_TAG
 
     busy: dict[str, datetime] = {}
     for record in instance.get_run_records(filters=dg.RunsFilter(statuses=IN_PROGRESS), limit=500):
