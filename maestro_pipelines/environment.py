@@ -16,10 +16,9 @@ from __future__ import annotations
 import dagster as dg
 
 from maestro_pipelines.resources import AlertResource, CacheResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
+from maestro_pipelines.resources.object_store import STORE_URL_VARIABLE
 from maestro_pipelines.resources.secret_fields import check_secrets_by_name, secret_field_names
 from maestro_pipelines.settings import Settings, load_settings
-
-STORE_URL_VARIABLE = "MAESTRO_STORE_URL"
 
 
 def _env_or_none(value: str | None, variable: str):

@@ -32,7 +32,7 @@ from datetime import datetime
 from typing import Any
 
 from maestro_pipelines.errors import MaestroError
-from maestro_pipelines.storage.backends import Backend, Container, StoreLocation, missing_sdk
+from maestro_pipelines.storage.backends import Backend, Container, StoreLocation, bucket_opener, missing_sdk
 from maestro_pipelines.storage.base import (
     CHUNK_SIZE,
     DEFAULT_SOURCE,
@@ -287,10 +287,6 @@ class _AzureUpload(PartUpload):
 # ---- the backend ----------------------------------------------------------------------------
 
 
-def _open(location: StoreLocation, source: str, **options: Any) -> AzureObjectStore:
-    return AzureObjectStore(location.bucket, location.prefix, source=source, **options)
-
-
 def mlflow_artifact_uri(location: StoreLocation, environment: Mapping[str, str]) -> str:
     """az://container/prefix -> wasbs://container@ACCOUNT.blob.SUFFIX/prefix/mlflow-artifacts,
     the account (and cloud) from AZURE_STORAGE_CONNECTION_STRING, which MLflow's Azure
@@ -315,7 +311,7 @@ BACKEND = Backend(
     name="az",
     schemes=("az",),
     example="az://container/prefix",
-    open=_open,
+    open=bucket_opener(AzureObjectStore),
     extra="azure",
     container=Container(
         "container", re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$"),

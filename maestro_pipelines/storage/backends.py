@@ -70,6 +70,15 @@ def mlflow_artifacts_beside(location: StoreLocation, environment: Mapping[str, s
     return f"{location.url}/mlflow-artifacts"
 
 
+def bucket_opener(store_class: Callable[..., ObjectStore]) -> Callable[..., ObjectStore]:
+    """The `open` of a backend whose store takes (bucket, prefix, source=..., **options)."""
+
+    def open_bucket(location: StoreLocation, source: str, **options: Any) -> ObjectStore:
+        return store_class(location.bucket, location.prefix, source=source, **options)
+
+    return open_bucket
+
+
 @dataclass(frozen=True)
 class Container:
     """The bucket (or container) rule of a `scheme://bucket/prefix` URL."""

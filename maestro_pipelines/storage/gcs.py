@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from maestro_pipelines.storage.backends import Backend, Container, StoreLocation, missing_sdk
+from maestro_pipelines.storage.backends import Backend, Container, bucket_opener, missing_sdk
 from maestro_pipelines.storage.base import (
     CHUNK_SIZE,
     DEFAULT_SOURCE,
@@ -412,15 +412,11 @@ class _GCSUpload(PartUpload):
 # ---- the backend ----------------------------------------------------------------------------
 
 
-def _open(location: StoreLocation, source: str, **options: Any) -> GCSObjectStore:
-    return GCSObjectStore(location.bucket, location.prefix, source=source, **options)
-
-
 BACKEND = Backend(
     name="gs",
     schemes=("gs",),
     example="gs://bucket/prefix",
-    open=_open,
+    open=bucket_opener(GCSObjectStore),
     extra="gcs",
     container=Container(
         "bucket", re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$"),

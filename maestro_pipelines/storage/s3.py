@@ -34,7 +34,7 @@ from email.utils import parsedate_to_datetime
 import re
 from typing import Any
 
-from maestro_pipelines.storage.backends import Backend, Container, StoreLocation, missing_sdk
+from maestro_pipelines.storage.backends import Backend, Container, bucket_opener, missing_sdk
 from maestro_pipelines.storage.base import (
     DEFAULT_SOURCE,
     MiB,
@@ -414,15 +414,11 @@ class _S3Upload(PartUpload):
 # ---- the backend ----------------------------------------------------------------------------
 
 
-def _open(location: StoreLocation, source: str, **options: Any) -> S3ObjectStore:
-    return S3ObjectStore(location.bucket, location.prefix, source=source, **options)
-
-
 BACKEND = Backend(
     name="s3",
     schemes=("s3",),
     example="s3://bucket/prefix",
-    open=_open,
+    open=bucket_opener(S3ObjectStore),
     extra="s3",
     container=Container(
         "bucket", re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"),
