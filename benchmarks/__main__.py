@@ -206,7 +206,7 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--quick", dest="mode", action="store_const", const="quick",
@@ -216,22 +216,66 @@ def main() -> int:
                             "benchmarks/results/<name>.json")
     parser.add_argument("--only", help="comma-separated benchmark names (see --list)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and their sizes, run nothing")
-    args = parser.parse_args()
-    mode = args.mode or "quick"
+    return parser, parser.parse_args()
 
+
+def list_benchmarks() -> None:
+    for bench in BENCHMARKS:
+        print(f"{bench.name:13} {bench.what}\n{'':13} quick: {' '.join(bench.quick) or '(defaults)'} "
+              f"(budget {bench.budget_quick_s} s); full: {' '.join(bench.full) or '(defaults)'} "
+              f"(budget {bench.budget_full_s} s)")
+
+
+def chosen_benchmarks(parser: argparse.ArgumentParser, only: str | None) -> list[Benchmark]:
+    """Every benchmark, or those `--only` names (an unknown name is a usage error)."""
+    if not only:
+        return BENCHMARKS
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = sorted(set(names) - {b.name for b in BENCHMARKS})
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; see --list")
+    return [b for b in BENCHMARKS if b.name in names]
+
+
+def run_all(chosen: list[Benchmark], mode: str, results_dir: Path, logs_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Run each benchmark in turn, a progress line each: (their records, all their rows)."""
+    records, rows = [], []
+    for index, bench in enumerate(chosen, 1):
+        say(f"[{index}/{len(chosen)}] {bench.name} {' '.join(bench.arguments(mode))} "
+            f"(budget {bench.budget(mode)} s, log {logs_dir.relative_to(REPO)}/{bench.name}.log) ...")
+        record = run_one(bench, mode, results_dir, logs_dir)
+        bench_rows = record.pop("rows", [])
+        failed = sum(1 for x in bench_rows if x.get("pass") is False)
+        say(f"    {record['wall_s']:.1f} s, {record['status']}: {len(bench_rows)} rows"
+            + (f", {failed} missed target(s)" if failed else ""))
+        if record["status"] not in ("ok", "target missed"):
+            for line in last_lines(REPO / record["log"]) if record["log"] else []:
+                say(f"    | {line}")
+            bench_rows = [*bench_rows, failure_row(record)]
+        records.append(record)
+        rows += [{"benchmark": bench.name, **{k: x.get(k) for k in HEADER}} for x in bench_rows]
+    return records, rows
+
+
+def write_report(report: dict) -> list[dict]:
+    """latest.json and latest.md (printed too); returns the rows that missed their target."""
+    finished = all(r["status"] in ("ok", "target missed") for r in report["benchmarks"])
+    missed = [x for x in report["rows"] if x["pass"] is False]
+    report["exit_status"] = 0 if finished and not missed else 1
+    (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = render_markdown(report)
+    (RESULTS_DIR / "latest.md").write_text(markdown)
+    print(markdown)
+    return missed
+
+
+def main() -> int:
+    parser, args = parse_args()
+    mode = args.mode or "quick"
     if args.list:
-        for bench in BENCHMARKS:
-            print(f"{bench.name:13} {bench.what}\n{'':13} quick: {' '.join(bench.quick) or '(defaults)'} "
-                  f"(budget {bench.budget_quick_s} s); full: {' '.join(bench.full) or '(defaults)'} "
-                  f"(budget {bench.budget_full_s} s)")
+        list_benchmarks()
         return 0
-    chosen = BENCHMARKS
-    if args.only:
-        names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = sorted(set(names) - {b.name for b in BENCHMARKS})
-        if unknown:
-            parser.error(f"unknown benchmark(s) {', '.join(unknown)}; see --list")
-        chosen = [b for b in BENCHMARKS if b.name in names]
+    chosen = chosen_benchmarks(parser, args.only)
 
     results_dir = RESULTS_DIR / "quick" if mode == "quick" else RESULTS_DIR
     logs_dir = RESULTS_DIR / "logs"
@@ -250,33 +294,13 @@ def main() -> int:
     say(f"{command}: {len(chosen)} benchmark(s), {mode} sizes, {os.cpu_count()} CPUs, "
         f"load average {report['machine']['loadavg_start']}")
     started = time.perf_counter()
-    records, rows = [], []
-    for index, bench in enumerate(chosen, 1):
-        say(f"[{index}/{len(chosen)}] {bench.name} {' '.join(bench.arguments(mode))} "
-            f"(budget {bench.budget(mode)} s, log {logs_dir.relative_to(REPO)}/{bench.name}.log) ...")
-        record = run_one(bench, mode, results_dir, logs_dir)
-        bench_rows = record.pop("rows", [])
-        failed = sum(1 for x in bench_rows if x.get("pass") is False)
-        say(f"    {record['wall_s']:.1f} s, {record['status']}: {len(bench_rows)} rows"
-            + (f", {failed} missed target(s)" if failed else ""))
-        if record["status"] not in ("ok", "target missed"):
-            for line in last_lines(REPO / record["log"]) if record["log"] else []:
-                say(f"    | {line}")
-            bench_rows = [*bench_rows, failure_row(record)]
-        records.append(record)
-        rows += [{"benchmark": bench.name, **{k: x.get(k) for k in HEADER}} for x in bench_rows]
+    records, rows = run_all(chosen, mode, results_dir, logs_dir)
 
     report["total_s"] = round(time.perf_counter() - started, 1)
     report["machine"]["loadavg_end"] = loadavg()
     report["benchmarks"] = records
     report["rows"] = rows
-    finished = all(r["status"] in ("ok", "target missed") for r in records)
-    missed = [x for x in rows if x["pass"] is False]
-    report["exit_status"] = 0 if finished and not missed else 1
-    (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = render_markdown(report)
-    (RESULTS_DIR / "latest.md").write_text(markdown)
-    print(markdown)
+    missed = write_report(report)
     say(f"{report['total_s'] / 60:.1f} min in all; {len(rows)} rows, {len(missed)} failed; "
         f"wrote {(RESULTS_DIR / 'latest.json').relative_to(REPO)} and {(RESULTS_DIR / 'latest.md').relative_to(REPO)}")
     if mode == "quick" and not args.only and report["total_s"] > QUICK_LIMIT_S:

@@ -186,66 +186,83 @@ def child_ours(db_url: str, store_url: str, endpoint: str | None, level, threads
     }
 
 
-def child_explore(db_url: str, spec: dict, scratch: str) -> dict:
-    """One raw pipeline (no Maestro code): time, bytes in and out, this process's RSS."""
+def _explore_gzip(pg_dump: str, env: dict, database: str, out: Path, spec: dict, phases: dict) -> int | None:
+    subprocess.run([pg_dump, "-Fc", f"--compress={spec['level']}", "-f", str(out), "-d", database],
+                   env=env, check=True)
+    return None
+
+
+def _explore_zstd(pg_dump: str, env: dict, database: str, out: Path, spec: dict, phases: dict) -> int:
+    """pg_dump -Z0 piped into Python zstandard (stream_writer or read_to_iter), then fsync."""
     import zstandard
 
+    started = time.perf_counter()
+    cctx = zstandard.ZstdCompressor(level=spec["level"], threads=spec["threads"])
+    proc = subprocess.Popen([pg_dump, "-Fc", "-Z0", "-d", database], env=env, stdout=subprocess.PIPE, bufsize=0)
+    dump_bytes = 0
+    with out.open("wb") as f:
+        if spec["api"] == "stream_writer":
+            with cctx.stream_writer(f, closefd=False, write_size=MiB) as writer:
+                while chunk := proc.stdout.read(MiB):
+                    dump_bytes += len(chunk)
+                    writer.write(chunk)
+        else:
+            class Counting:
+                def read(self, n):
+                    nonlocal dump_bytes
+                    chunk = proc.stdout.read(n)
+                    dump_bytes += len(chunk)
+                    return chunk
+
+            for piece in cctx.read_to_iter(Counting(), read_size=MiB, write_size=MiB):
+                f.write(piece)
+        phases["dump+compress_s"] = time.perf_counter() - started
+        synced = time.perf_counter()
+        f.flush()
+        os.fsync(f.fileno())
+        phases["fsync_s"] = time.perf_counter() - synced
+    if proc.wait() != 0:
+        raise RuntimeError(f"pg_dump exited with {proc.returncode}")
+    return dump_bytes
+
+
+def _explore_dir_tar(pg_dump: str, env: dict, database: str, out: Path, spec: dict, phases: dict) -> int:
+    """pg_dump -Fd -j2 into a folder, then tar | zstd it into one file."""
+    import tarfile
+
+    import zstandard
+
+    started = time.perf_counter()
+    folder = out.parent / "dump.d"
+    subprocess.run([pg_dump, "-Fd", "-j2", "-Z0", "-f", str(folder), "-d", database], env=env, check=True)
+    phases["dump_s"] = time.perf_counter() - started
+    packing = time.perf_counter()
+    dump_bytes = sum(p.stat().st_size for p in folder.iterdir())
+    cctx = zstandard.ZstdCompressor(level=spec["level"], threads=spec["threads"])
+    with out.open("wb") as f:
+        with cctx.stream_writer(f, closefd=False, write_size=MiB) as writer:
+            with tarfile.open(fileobj=writer, mode="w|", bufsize=MiB) as tar:
+                tar.add(folder, arcname="dump.d")
+        f.flush()
+        os.fsync(f.fileno())
+    phases["tar+compress+fsync_s"] = time.perf_counter() - packing
+    shutil.rmtree(folder)
+    return dump_bytes
+
+
+_EXPLORE_KINDS = {"gzip": _explore_gzip, "zstd": _explore_zstd, "dir-tar": _explore_dir_tar}
+
+
+def child_explore(db_url: str, spec: dict, scratch: str) -> dict:
+    """One raw pipeline (no Maestro code): time, bytes in and out, this process's RSS."""
     env, database = pg_environment(db_url)
-    pg_dump = pg_program("pg_dump")
     out = Path(scratch) / "backup.out"
     phases: dict[str, float] = {}
-    dump_bytes = None
+    if spec["kind"] not in _EXPLORE_KINDS:
+        raise ValueError(spec)
     children = ChildrenPeak().__enter__()
     started = time.perf_counter()
-    if spec["kind"] == "gzip":
-        subprocess.run([pg_dump, "-Fc", f"--compress={spec['level']}", "-f", str(out), "-d", database],
-                       env=env, check=True)
-    elif spec["kind"] == "zstd":
-        cctx = zstandard.ZstdCompressor(level=spec["level"], threads=spec["threads"])
-        proc = subprocess.Popen([pg_dump, "-Fc", "-Z0", "-d", database], env=env, stdout=subprocess.PIPE, bufsize=0)
-        dump_bytes = 0
-        with out.open("wb") as f:
-            if spec["api"] == "stream_writer":
-                with cctx.stream_writer(f, closefd=False, write_size=MiB) as writer:
-                    while chunk := proc.stdout.read(MiB):
-                        dump_bytes += len(chunk)
-                        writer.write(chunk)
-            else:
-                class Counting:
-                    def read(self, n):
-                        nonlocal dump_bytes
-                        chunk = proc.stdout.read(n)
-                        dump_bytes += len(chunk)
-                        return chunk
-
-                for piece in cctx.read_to_iter(Counting(), read_size=MiB, write_size=MiB):
-                    f.write(piece)
-            phases["dump+compress_s"] = time.perf_counter() - started
-            synced = time.perf_counter()
-            f.flush()
-            os.fsync(f.fileno())
-            phases["fsync_s"] = time.perf_counter() - synced
-        if proc.wait() != 0:
-            raise RuntimeError(f"pg_dump exited with {proc.returncode}")
-    elif spec["kind"] == "dir-tar":
-        import tarfile
-
-        folder = Path(scratch) / "dump.d"
-        subprocess.run([pg_dump, "-Fd", "-j2", "-Z0", "-f", str(folder), "-d", database], env=env, check=True)
-        phases["dump_s"] = time.perf_counter() - started
-        packing = time.perf_counter()
-        dump_bytes = sum(p.stat().st_size for p in folder.iterdir())
-        cctx = zstandard.ZstdCompressor(level=spec["level"], threads=spec["threads"])
-        with out.open("wb") as f:
-            with cctx.stream_writer(f, closefd=False, write_size=MiB) as writer:
-                with tarfile.open(fileobj=writer, mode="w|", bufsize=MiB) as tar:
-                    tar.add(folder, arcname="dump.d")
-            f.flush()
-            os.fsync(f.fileno())
-        phases["tar+compress+fsync_s"] = time.perf_counter() - packing
-        shutil.rmtree(folder)
-    else:
-        raise ValueError(spec)
+    dump_bytes = _EXPLORE_KINDS[spec["kind"]](pg_program("pg_dump"), env, database, out, spec, phases)
     seconds = time.perf_counter() - started
     children.__exit__()
     size = out.stat().st_size
@@ -311,7 +328,7 @@ def library_available() -> str | None:
     return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["?"])[-1]
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=1024, help="MiB of platform database (default 1024)")
     parser.add_argument("--explore", action="store_true", help="also time raw pg_dump | zstd pipelines and -Fd + tar")
@@ -329,23 +346,62 @@ def main() -> int:
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    checksums = False if args.no_checksums else None
-    if args.child == "ours":
-        print(json.dumps(child_ours(args.db_url, args.store_url, args.endpoint, args.level, args.threads, checksums)))
-        return 0
-    if args.child == "explore":
-        print(json.dumps(child_explore(args.db_url, json.loads(args.spec), args.scratch)))
-        return 0
+    return parser.parse_args()
 
+
+def run_as_child(args: argparse.Namespace) -> None:
+    """`--child`: one measured run in this process, its figures printed as JSON."""
+    if args.child == "ours":
+        checksums = False if args.no_checksums else None
+        print(json.dumps(child_ours(args.db_url, args.store_url, args.endpoint, args.level, args.threads, checksums)))
+    else:
+        print(json.dumps(child_explore(args.db_url, json.loads(args.spec), args.scratch)))
+
+
+def measure_ours(args: argparse.Namespace, db: str, endpoint: str, workdir: Path, say) -> dict[str, dict]:
+    """Our backup into the local store and S3 (and locally without content checksums), best of --repeat."""
+    common = ["--db-url", db, "--endpoint", endpoint]
+    common += ["--level", str(args.level)] if args.level is not None else []
+    common += ["--threads", str(args.threads)] if args.threads is not None else []
+    common += ["--no-checksums"] if args.no_checksums else []
+    ours: dict[str, dict] = {}
+    for where, store_url in (("local", (workdir / "store").as_uri()), ("s3", f"s3://{BUCKET}/backups")):
+        say(f"ours into the {where} store, {args.repeat} time(s) ...")
+        ours[where] = best_of(args.repeat, ["--child", "ours", "--store-url", store_url, *common], "wall_s")
+        shutil.rmtree(workdir / "store", ignore_errors=True)
+    if not args.no_checksums:
+        # What the per-table content checksums cost: the same backup with row counts only.
+        say(f"ours into the local store without content checksums, {args.repeat} time(s) ...")
+        ours["local_counts_only"] = best_of(
+            args.repeat,
+            ["--child", "ours", "--store-url", (workdir / "store").as_uri(), *common, "--no-checksums"],
+            "wall_s",
+        )
+        shutil.rmtree(workdir / "store", ignore_errors=True)
+    return ours
+
+
+def measure_explore(args: argparse.Namespace, db: str, workdir: Path, say) -> list[dict]:
+    """Each raw pipeline of EXPLORE, best of --repeat."""
+    scratch = workdir / "explore"
+    scratch.mkdir()
+    explore = []
+    for name, spec in EXPLORE:
+        say(f"explore: {name} ...")
+        result = best_of(args.repeat, ["--child", "explore", "--db-url", db, "--spec", json.dumps(spec),
+                                       "--scratch", str(scratch)], "seconds")
+        explore.append({"candidate": name, "spec": spec, **result})
+    return explore
+
+
+def measure(args: argparse.Namespace, results: dict, say) -> dict:
+    """Generate (or reuse) the database and time the floor, the original method, ours and the
+    explore candidates; records the database and moto figures in `results`."""
     from benchmarks.platform_data import moto_bucket, prepare_platform_database
 
-    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     workdir = Path(tempfile.mkdtemp(prefix="maestro-bench-backup-"))
     home = args.home or workdir / "home"
     server = None
-    # Other work on the machine skews every figure here: the load averages are recorded.
-    results: dict = {"size_mib": args.size_mb, "loadavg_start": os.getloadavg()}
     try:
         server, db_url, generation = prepare_platform_database(home, args.size_mb, reuse=bool(args.home), say=say)
         results["database"] = {k: generation[k] for k in ("database_mib", "seconds", "steps_s", "rows")}
@@ -354,7 +410,6 @@ def main() -> int:
 
         say("dump floor (pg_dump -Fc -Z0 > /dev/null), twice ...")
         floors = [dump_floor(env, database) for _ in range(2)]
-        floor = min(floors)
         missing = library_available()
 
         with moto_bucket(workdir) as (endpoint, moto_pid):
@@ -362,53 +417,61 @@ def main() -> int:
 
             say("original method (pg_dump -Fc --compress=9 -f FILE, then copy / upload_file) ...")
             original = original_method(env, database, workdir, endpoint)
-
-            ours: dict[str, dict] = {}
             if missing:
                 say(f"ours: skipped, the library does not import yet ({missing})")
-            else:
-                common = ["--db-url", db, "--endpoint", endpoint]
-                common += ["--level", str(args.level)] if args.level is not None else []
-                common += ["--threads", str(args.threads)] if args.threads is not None else []
-                common += ["--no-checksums"] if args.no_checksums else []
-                for where, store_url in (("local", (workdir / "store").as_uri()), ("s3", f"s3://{BUCKET}/backups")):
-                    say(f"ours into the {where} store, {args.repeat} time(s) ...")
-                    ours[where] = best_of(args.repeat, ["--child", "ours", "--store-url", store_url, *common], "wall_s")
-                    shutil.rmtree(workdir / "store", ignore_errors=True)
-                if not args.no_checksums:
-                    # What the per-table content checksums cost: the same backup with row counts only.
-                    say(f"ours into the local store without content checksums, {args.repeat} time(s) ...")
-                    ours["local_counts_only"] = best_of(
-                        args.repeat,
-                        ["--child", "ours", "--store-url", (workdir / "store").as_uri(), *common, "--no-checksums"],
-                        "wall_s",
-                    )
-                    shutil.rmtree(workdir / "store", ignore_errors=True)
+            ours = {} if missing else measure_ours(args, db, endpoint, workdir, say)
 
-        explore = []
-        if args.explore:
-            scratch = workdir / "explore"
-            scratch.mkdir()
-            for name, spec in EXPLORE:
-                say(f"explore: {name} ...")
-                result = best_of(args.repeat, ["--child", "explore", "--db-url", db, "--spec", json.dumps(spec),
-                                               "--scratch", str(scratch)], "seconds")
-                explore.append({"candidate": name, "spec": spec, **result})
+        explore = measure_explore(args, db, workdir, say) if args.explore else []
     finally:
         if server is not None and args.home is None:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    return {"generation": generation, "floors": floors, "floor": min(floors), "missing": missing,
+            "original": original, "ours": ours, "explore": explore}
 
-    # ------------------------------------------------------------ tables
-    dump_bytes = next((e["dump_bytes"] for e in explore if e["dump_bytes"]), None)
-    if ours:
-        dump_bytes = ours["local"]["dump_bytes"]
-    gz9 = original["bytes"]
-    results["floor_s"] = [r(f) for f in floors]
-    results["original"] = {k: r(v) for k, v in original.items()}
-    results["ours"] = ours or None
-    results["ours_missing"] = missing
 
+def ours_rows(ours: dict, original: dict, floor: float) -> tuple[list[dict], list[bool]]:
+    """The checked rows for our backup (and whether each passed), then the reported ones."""
+    local, s3, gz9 = ours["local"], ours["s3"], original["bytes"]
+    checks = [
+        row("backup into the local store (s): ours vs original", r(local["wall_s"]), r(original["local_s"]),
+            r(original["local_s"] / local["wall_s"]), f"original/ours >= {SPEEDUP_TARGET:g}",
+            original["local_s"] / local["wall_s"] >= SPEEDUP_TARGET),
+        row("backup into S3/moto (s): ours vs original", r(s3["wall_s"]), r(original["s3_s"]),
+            r(original["s3_s"] / s3["wall_s"]), f"original/ours >= {SPEEDUP_TARGET:g}",
+            original["s3_s"] / s3["wall_s"] >= SPEEDUP_TARGET),
+        row("ours into the local store vs the dump floor (s)", r(local["wall_s"]), r(floor),
+            r(local["wall_s"] / floor), f"ours/floor <= {FLOOR_TARGET:g}", local["wall_s"] / floor <= FLOOR_TARGET),
+        row("ours into S3/moto vs the dump floor (s)", r(s3["wall_s"]), r(floor), r(s3["wall_s"] / floor),
+            "reported", None),
+        *([row("ours without content checksums (counts only), local store vs the dump floor (s)",
+               r(ours["local_counts_only"]["wall_s"]), r(floor), r(ours["local_counts_only"]["wall_s"] / floor),
+               f"reported (ours/floor <= {FLOOR_TARGET:g}?)", None)] if "local_counts_only" in ours else []),
+        row("backup size (MB): ours vs the gzip-9 file", r(local["compressed_bytes"] / MB, 1), r(gz9 / MB, 1),
+            r(local["compressed_bytes"] / gz9), f"ours/gzip-9 <= {SIZE_TARGET:g}",
+            local["compressed_bytes"] / gz9 <= SIZE_TARGET),
+        row("peak RSS of our process, local store (MB)", r(local["rss_peak_mb"], 1), None, None,
+            f"< {RSS_TARGET_MB} MB", local["rss_peak_mb"] < RSS_TARGET_MB),
+        row("peak RSS of our process, S3 (MB)", r(s3["rss_peak_mb"], 1), None, None,
+            f"< {RSS_TARGET_MB} MB", s3["rss_peak_mb"] < RSS_TARGET_MB),
+    ]
+    reported = [
+        row("  our RSS after imports, before the backup (MB)", r(local["rss_before_mb"], 1), None, None,
+            "reported", None),
+        row("  pg_dump's own peak RSS under ours (MB)", r(local["pg_dump_rss_mb"], 1), None, None, "reported", None),
+        row("  ours, every run: local / S3 (s)", f"{local['runs_s']} / {s3['runs_s']}", None, None,
+            "the fastest counts", None),
+        row("  manifest duration_s, local / S3 (s)", f"{r(local['duration_s'])} / {r(s3['duration_s'])}", None,
+            None, "reported", None),
+        row("  uncompressed dump (MB)", r(local["dump_bytes"] / MB, 1), None, None,
+            f"options {local['options']}", None),
+    ]
+    return checks + reported, [c["pass"] for c in checks if c["pass"] is not None]
+
+
+def result_rows(measured: dict) -> tuple[list[dict], list[bool]]:
+    """Every row of the main table, and the pass/fail of the checked ones."""
+    generation, original, floor = measured["generation"], measured["original"], measured["floor"]
     rows = [
         row(f"generate the {generation['database_mib']} MiB database (s)", None, r(generation["seconds"], 1), None,
             "reported (well under 120 s)", generation["seconds"] < 120),
@@ -418,79 +481,74 @@ def main() -> int:
         row("original: copy the file into the local store (s)", None, r(original["copy_s"]), None, "reported", None),
         row("original: upload_file to S3/moto (s)", None, r(original["upload_s"]), None, "reported", None),
     ]
-    passes = []
-    if ours:
-        local, s3 = ours["local"], ours["s3"]
-        checks = [
-            row("backup into the local store (s): ours vs original", r(local["wall_s"]), r(original["local_s"]),
-                r(original["local_s"] / local["wall_s"]), f"original/ours >= {SPEEDUP_TARGET:g}",
-                original["local_s"] / local["wall_s"] >= SPEEDUP_TARGET),
-            row("backup into S3/moto (s): ours vs original", r(s3["wall_s"]), r(original["s3_s"]),
-                r(original["s3_s"] / s3["wall_s"]), f"original/ours >= {SPEEDUP_TARGET:g}",
-                original["s3_s"] / s3["wall_s"] >= SPEEDUP_TARGET),
-            row("ours into the local store vs the dump floor (s)", r(local["wall_s"]), r(floor),
-                r(local["wall_s"] / floor), f"ours/floor <= {FLOOR_TARGET:g}", local["wall_s"] / floor <= FLOOR_TARGET),
-            row("ours into S3/moto vs the dump floor (s)", r(s3["wall_s"]), r(floor), r(s3["wall_s"] / floor),
-                "reported", None),
-            *([row("ours without content checksums (counts only), local store vs the dump floor (s)",
-                   r(ours["local_counts_only"]["wall_s"]), r(floor), r(ours["local_counts_only"]["wall_s"] / floor),
-                   f"reported (ours/floor <= {FLOOR_TARGET:g}?)", None)] if "local_counts_only" in ours else []),
-            row("backup size (MB): ours vs the gzip-9 file", r(local["compressed_bytes"] / MB, 1), r(gz9 / MB, 1),
-                r(local["compressed_bytes"] / gz9), f"ours/gzip-9 <= {SIZE_TARGET:g}",
-                local["compressed_bytes"] / gz9 <= SIZE_TARGET),
-            row("peak RSS of our process, local store (MB)", r(local["rss_peak_mb"], 1), None, None,
-                f"< {RSS_TARGET_MB} MB", local["rss_peak_mb"] < RSS_TARGET_MB),
-            row("peak RSS of our process, S3 (MB)", r(s3["rss_peak_mb"], 1), None, None,
-                f"< {RSS_TARGET_MB} MB", s3["rss_peak_mb"] < RSS_TARGET_MB),
-        ]
-        rows += checks
-        passes = [c["pass"] for c in checks if c["pass"] is not None]
-        rows += [
-            row("  our RSS after imports, before the backup (MB)", r(local["rss_before_mb"], 1), None, None,
-                "reported", None),
-            row("  pg_dump's own peak RSS under ours (MB)", r(local["pg_dump_rss_mb"], 1), None, None, "reported", None),
-            row("  ours, every run: local / S3 (s)", f"{local['runs_s']} / {s3['runs_s']}", None, None,
-                "the fastest counts", None),
-            row("  manifest duration_s, local / S3 (s)", f"{r(local['duration_s'])} / {r(s3['duration_s'])}", None,
-                None, "reported", None),
-            row("  uncompressed dump (MB)", r(local["dump_bytes"] / MB, 1), None, None,
-                f"options {local['options']}", None),
-        ]
-    else:
-        rows.append(row(f"ours: not measured ({missing})", None, None, None, "all targets", None))
-    results["rows"] = rows
+    if not measured["ours"]:
+        return rows + [row(f"ours: not measured ({measured['missing']})", None, None, None, "all targets", None)], []
+    checked, passes = ours_rows(measured["ours"], original, floor)
+    return rows + checked, passes
 
-    explore_rows = []
-    if explore:
-        explore_rows.append({"candidate": "floor: pg_dump -Fc -Z0 > /dev/null", "s": r(floor), "x_floor": 1.0,
-                             "MB": None, "x_gzip9": None})
-        explore_rows.append({"candidate": "original: pg_dump -Fc --compress=9 -f FILE", "s": r(original["dump_s"]),
-                             "x_floor": r(original["dump_s"] / floor), "MB": r(gz9 / MB, 1), "x_gzip9": 1.0})
-        for e in explore:
-            explore_rows.append({
-                "candidate": e["candidate"], "s": r(e["seconds"]), "x_floor": r(e["seconds"] / floor),
-                "MB": r(e["compressed_bytes"] / MB, 1), "x_gzip9": r(e["compressed_bytes"] / gz9),
-                "dump_to_MB": r(e["dump_bytes"] / e["compressed_bytes"]) if e["dump_bytes"] else None,
-                "runs_s": e["runs_s"], "rss_mb": r(e["rss_mb"], 1), "pg_dump_rss_mb": r(e["pg_dump_rss_mb"], 1), "phases": {k: r(v) for k, v in e["phases"].items()},
-            })
-        results["explore"] = explore_rows
-        results["dump_bytes"] = dump_bytes
 
-    results["loadavg_end"] = os.getloadavg()
-    write_results(args.results, results)
+def explore_rows(explore: list[dict], floor: float, original: dict) -> list[dict]:
+    """The explore table: the floor, the original method, then each candidate against them."""
+    gz9 = original["bytes"]
+    rows = [
+        {"candidate": "floor: pg_dump -Fc -Z0 > /dev/null", "s": r(floor), "x_floor": 1.0, "MB": None, "x_gzip9": None},
+        {"candidate": "original: pg_dump -Fc --compress=9 -f FILE", "s": r(original["dump_s"]),
+         "x_floor": r(original["dump_s"] / floor), "MB": r(gz9 / MB, 1), "x_gzip9": 1.0},
+    ]
+    for e in explore:
+        rows.append({
+            "candidate": e["candidate"], "s": r(e["seconds"]), "x_floor": r(e["seconds"] / floor),
+            "MB": r(e["compressed_bytes"] / MB, 1), "x_gzip9": r(e["compressed_bytes"] / gz9),
+            "dump_to_MB": r(e["dump_bytes"] / e["compressed_bytes"]) if e["dump_bytes"] else None,
+            "runs_s": e["runs_s"], "rss_mb": r(e["rss_mb"], 1), "pg_dump_rss_mb": r(e["pg_dump_rss_mb"], 1), "phases": {k: r(v) for k, v in e["phases"].items()},
+        })
+    return rows
 
+
+def print_report(results: dict, generation: dict, dump_bytes: int | None, rows: list[dict], explore: list[dict]) -> None:
     print(f"platform database: {generation['database_mib']} MiB, generated in {generation['seconds']} s; "
           f"uncompressed dump {r(dump_bytes / MB, 1) if dump_bytes else '?'} MB; floor runs {results['floor_s']} s; "
           f"load average at start {results['loadavg_start'][0]:.2f}, at end {results['loadavg_end'][0]:.2f}\n")
     print_rows(rows)
-    if explore_rows:
+    if explore:
         print()
         print_table(["candidate", "time (s)", "x floor", "size (MB)", "x gzip-9", "dump/size", "python RSS (MB)",
                      "pg_dump RSS (MB)", "phases of the best (s)", "runs (s)"],
                     [[e["candidate"], e["s"], e["x_floor"], e["MB"], e["x_gzip9"], e.get("dump_to_MB"),
                       e.get("rss_mb"), e.get("pg_dump_rss_mb"), ", ".join(f"{k} {v}" for k, v in (e.get("phases") or {}).items()),
                       e.get("runs_s")]
-                     for e in explore_rows])
+                     for e in explore])
+
+
+def main() -> int:
+    args = parse_args()
+    if args.child:
+        run_as_child(args)
+        return 0
+
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    # Other work on the machine skews every figure here: the load averages are recorded.
+    results: dict = {"size_mib": args.size_mb, "loadavg_start": os.getloadavg()}
+    measured = measure(args, results, say)
+    ours, explore, original = measured["ours"], measured["explore"], measured["original"]
+
+    dump_bytes = next((e["dump_bytes"] for e in explore if e["dump_bytes"]), None)
+    if ours:
+        dump_bytes = ours["local"]["dump_bytes"]
+    results["floor_s"] = [r(f) for f in measured["floors"]]
+    results["original"] = {k: r(v) for k, v in original.items()}
+    results["ours"] = ours or None
+    results["ours_missing"] = measured["missing"]
+    rows, passes = result_rows(measured)
+    results["rows"] = rows
+    explored = explore_rows(explore, measured["floor"], original) if explore else []
+    if explored:
+        results["explore"] = explored
+        results["dump_bytes"] = dump_bytes
+
+    results["loadavg_end"] = os.getloadavg()
+    write_results(args.results, results)
+    print_report(results, measured["generation"], dump_bytes, rows, explored)
     if not ours:
         return 2  # the targets were not checked
     return 0 if all(passes) else 1

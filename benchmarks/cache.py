@@ -76,78 +76,103 @@ def start_redis(stack: ExitStack, workdir: Path) -> str | None:
     return f"redis://127.0.0.1:{port}/0"
 
 
-def run(tenant: str, rows: int, results: Path) -> int:
-    import dagster as dg
-
-    from maestro_pipelines.assets.ml import ml_assets
-    from maestro_pipelines.cache import shared_lru
+def prepare_platform(stack: ExitStack, location, workdir: Path, tenant: str, rows: int) -> tuple[str | None, int]:
+    """Redis (when installed) and the platform database, migrated, holding `tenant` padded to
+    `rows` rows, all stopped and removed when `stack` closes: (Redis URL, rows added)."""
     from maestro_pipelines.ml.demo import seed_demo_tenant
-    from maestro_pipelines.platform_db import locate_platform_database
-    from maestro_pipelines.platform_db.connection import dispose_engines, engine_for, ensure_database
+    from maestro_pipelines.platform_db.connection import dispose_engines, engine_for
     from maestro_pipelines.platform_db.migrate import upgrade
     from maestro_pipelines.platform_db.tenants import add_tenant
+
+    stack.callback(shutil.rmtree, workdir, True)
+    stack.callback(location.embedded.stop)
+    stack.callback(dispose_engines)
+    redis_url = start_redis(stack, workdir)
+    upgrade(location)
+    with engine_for(location.platform_url).begin() as conn:
+        seed_demo_tenant(conn, tenant)
+        add_tenant(conn, tenant)
+    return redis_url, pad_rows(location.platform_url, tenant, rows)
+
+
+def bench_resources(location, workdir: Path, redis_url: str | None) -> dict:
+    """The resources of the runs: platform database, MLflow in its own database, the cache."""
+    from maestro_pipelines.platform_db.connection import ensure_database
     from maestro_pipelines.resources import CacheResource, MLflowRegistry, PlatformDatabase
     from maestro_pipelines.resources.sources import PostgresDataSource
-    from maestro_pipelines.settings import Settings
 
-    workdir = Path(tempfile.mkdtemp(prefix="maestro-bench-cache-"))
-    location = locate_platform_database(Settings(home=workdir / "home", database_url=None))
-    with ExitStack() as stack:
-        stack.callback(shutil.rmtree, workdir, True)
-        stack.callback(location.embedded.stop)
-        stack.callback(dispose_engines)
-        redis_url = start_redis(stack, workdir)
-        upgrade(location)
-        with engine_for(location.platform_url).begin() as conn:
-            seed_demo_tenant(conn, tenant)
-            add_tenant(conn, tenant)
-        platform_url = location.platform_url.render_as_string(hide_password=False)
-        added = pad_rows(location.platform_url, tenant, rows)
-        ensure_database(location.admin_url, "bench_mlflow_cache", location.source)
-        mlflow_uri = location.url_for("bench_mlflow_cache").render_as_string(hide_password=False)
-        cache = CacheResource(redis_url=redis_url, namespace="maestro-bench")
-        resources = {
-            "platform_db": PlatformDatabase(database_url=platform_url),
-            "mlflow": MLflowRegistry(tracking_uri=mlflow_uri, artifact_root=(workdir / "artifacts").as_uri()),
-            "source": PostgresDataSource(url=platform_url, table="training_rows"),
-            "cache": cache,
-        }
-        level_one = shared_lru(cache.namespace, cache.lru_max_items, int(cache.lru_max_mb * 1024 * 1024))
-        (workdir / "dagster").mkdir()
-        instance = stack.enter_context(dg.instance_for_test(temp_dir=str(workdir / "dagster")))
-        instance.add_dynamic_partitions("tenants", [tenant])
-        from maestro_pipelines.definitions import defs
+    platform_url = location.platform_url.render_as_string(hide_password=False)
+    ensure_database(location.admin_url, "bench_mlflow_cache", location.source)
+    mlflow_uri = location.url_for("bench_mlflow_cache").render_as_string(hide_password=False)
+    return {
+        "platform_db": PlatformDatabase(database_url=platform_url),
+        "mlflow": MLflowRegistry(tracking_uri=mlflow_uri, artifact_root=(workdir / "artifacts").as_uri()),
+        "source": PostgresDataSource(url=platform_url, table="training_rows"),
+        "cache": CacheResource(redis_url=redis_url, namespace="maestro-bench"),
+    }
 
-        trained = defs.resolve_job_def("train_and_deploy").execute_in_process(
-            partition_key=tenant, instance=instance, resources=resources)
-        assert trained.success
 
-        def score(label: str) -> dict:
-            instance.wipe_assets([dg.AssetKey("batch_predictions")])  # rescore every row
-            with engine_for(location.platform_url).begin() as conn:
-                from sqlalchemy import text
+def train(stack: ExitStack, workdir: Path, tenant: str, resources: dict):
+    """A Dagster instance of its own, with `tenant`'s model trained and deployed in it."""
+    import dagster as dg
 
-                conn.execute(text("TRUNCATE predictions"))
-            started = time.perf_counter()
-            result = dg.materialize(ml_assets, selection=["batch_predictions"], partition_key=tenant,
-                                    instance=instance, resources=resources)
-            seconds = time.perf_counter() - started
-            assert result.success
-            meta = {k: v.value for k, v in result.asset_materializations_for_node("batch_predictions")[0].metadata.items()}
-            return {"run": label, "seconds": seconds, **{k: meta[k] for k in (
-                "rows_scored", "rows_predicted", "rows_from_cache", "model_from", "cache_l1_hit_rate",
-                "cache_l2_hit_rate", "cache_hit_rate", "cache_redis")}}
+    from maestro_pipelines.definitions import defs
 
+    (workdir / "dagster").mkdir()
+    instance = stack.enter_context(dg.instance_for_test(temp_dir=str(workdir / "dagster")))
+    instance.add_dynamic_partitions("tenants", [tenant])
+    trained = defs.resolve_job_def("train_and_deploy").execute_in_process(
+        partition_key=tenant, instance=instance, resources=resources)
+    assert trained.success
+    return instance
+
+
+def score(instance, location, tenant: str, resources: dict, label: str) -> dict:
+    """One timed `batch_predictions` over every row of the tenant, and its cache figures."""
+    import dagster as dg
+    from sqlalchemy import text
+
+    from maestro_pipelines.assets.ml import ml_assets
+    from maestro_pipelines.platform_db.connection import engine_for
+
+    instance.wipe_assets([dg.AssetKey("batch_predictions")])  # rescore every row
+    with engine_for(location.platform_url).begin() as conn:
+        conn.execute(text("TRUNCATE predictions"))
+        # The scoring watermark lives next to the predictions (migration 0004): cleared too.
+        if conn.execute(text("SELECT to_regclass('scoring_watermarks')")).scalar() is not None:
+            conn.execute(text("TRUNCATE scoring_watermarks"))
+    started = time.perf_counter()
+    result = dg.materialize(ml_assets, selection=["batch_predictions"], partition_key=tenant,
+                            instance=instance, resources=resources)
+    seconds = time.perf_counter() - started
+    assert result.success
+    meta = {k: v.value for k, v in result.asset_materializations_for_node("batch_predictions")[0].metadata.items()}
+    return {"run": label, "seconds": seconds, **{k: meta[k] for k in (
+        "rows_scored", "rows_predicted", "rows_from_cache", "model_from", "cache_l1_hit_rate",
+        "cache_l2_hit_rate", "cache_hit_rate", "cache_redis")}}
+
+
+def score_cold_and_warm(instance, location, tenant: str, resources: dict, redis_url: str | None) -> list[dict]:
+    """Cold (both levels empty), warm in the same process (L1), warm as a new process (L2 only)."""
+    from maestro_pipelines.cache import shared_lru
+
+    cache = resources["cache"]
+    level_one = shared_lru(cache.namespace, cache.lru_max_items, int(cache.lru_max_mb * 1024 * 1024))
+    level_one.clear()
+    if redis_url:
+        import redis
+
+        redis.Redis.from_url(redis_url).flushdb()
+    runs = [score(instance, location, tenant, resources, "1 cold (empty cache)"),
+            score(instance, location, tenant, resources, "2 warm, same process (L1)")]
+    if redis_url:
         level_one.clear()
-        if redis_url:
-            import redis
+        runs.append(score(instance, location, tenant, resources, "3 warm, new process (L2: Redis)"))
+    return runs
 
-            redis.Redis.from_url(redis_url).flushdb()
-        runs = [score("1 cold (empty cache)"), score("2 warm, same process (L1)")]
-        if redis_url:
-            level_one.clear()
-            runs.append(score("3 warm, new process (L2: Redis)"))
 
+def report(runs: list[dict], tenant: str, rows: int, added: int, redis_url: str | None, results: Path) -> int:
+    """Each warm run against the cold one: results JSON, then the table printed."""
     cold = runs[0]["seconds"]
     figures = []
     for run_ in runs:
@@ -172,6 +197,20 @@ def run(tenant: str, rows: int, results: Path) -> int:
               f"{f['model_from']} | {f['cache_l1_hit_rate']:.2%} | {f['cache_l2_hit_rate']:.2%} | {f['cache_hit_rate']:.2%} | "
               f"{f['target']} | {verdict} |")
     return 0 if all(f["pass"] is not False for f in figures) else 1
+
+
+def run(tenant: str, rows: int, results: Path) -> int:
+    from maestro_pipelines.platform_db import locate_platform_database
+    from maestro_pipelines.settings import Settings
+
+    workdir = Path(tempfile.mkdtemp(prefix="maestro-bench-cache-"))
+    location = locate_platform_database(Settings(home=workdir / "home", database_url=None))
+    with ExitStack() as stack:
+        redis_url, added = prepare_platform(stack, location, workdir, tenant, rows)
+        resources = bench_resources(location, workdir, redis_url)
+        instance = train(stack, workdir, tenant, resources)
+        runs = score_cold_and_warm(instance, location, tenant, resources, redis_url)
+    return report(runs, tenant, rows, added, redis_url, results)
 
 
 def main() -> int:

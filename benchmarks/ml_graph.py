@@ -117,20 +117,16 @@ def truncate_predictions(platform_url) -> None:
         conn.execute(text("TRUNCATE predictions"))
 
 
-def run(tenants: list[str], predictions: int, rounds: int, results: Path) -> int:
-    import dagster as dg
-
+def prepare_platform(workdir: Path, tenants: list[str]):
+    """The embedded platform database, migrated, with the demo tenants, and one MLflow
+    database per side: (location, {side: tracking URI})."""
     from maestro_pipelines.ml.demo import seed_demo_tenant
-    from maestro_pipelines.ml.registry import ModelRegistry
     from maestro_pipelines.platform_db import locate_platform_database
     from maestro_pipelines.platform_db.connection import engine_for, ensure_database
     from maestro_pipelines.platform_db.migrate import upgrade
     from maestro_pipelines.platform_db.tenants import add_tenant
-    from maestro_pipelines.resources import MLflowRegistry, PlatformDatabase
-    from maestro_pipelines.resources.sources import PostgresDataSource
     from maestro_pipelines.settings import Settings
 
-    workdir = Path(tempfile.mkdtemp(prefix="maestro-bench-ml-"))
     location = locate_platform_database(Settings(home=workdir / "home", database_url=None))
     upgrade(location)
     with engine_for(location.platform_url).begin() as conn:
@@ -141,11 +137,20 @@ def run(tenants: list[str], predictions: int, rounds: int, results: Path) -> int
     for side in ("dagster", "plain"):
         ensure_database(location.admin_url, f"bench_mlflow_{side}", location.source)
         mlflow_uris[side] = location.url_for(f"bench_mlflow_{side}").render_as_string(hide_password=False)
-    platform_url = location.platform_url.render_as_string(hide_password=False)
-    artifacts = (workdir / "artifacts").as_uri()
+    return location, mlflow_uris
+
+
+def race_graph(workdir: Path, location, mlflow_uris: dict, tenants: list[str]) -> list[dict]:
+    """Per tenant: `train_and_deploy` in process vs the plain script, both timed."""
+    import dagster as dg
 
     from maestro_pipelines.definitions import defs
+    from maestro_pipelines.ml.registry import ModelRegistry
+    from maestro_pipelines.resources import MLflowRegistry, PlatformDatabase
+    from maestro_pipelines.resources.sources import PostgresDataSource
 
+    platform_url = location.platform_url.render_as_string(hide_password=False)
+    artifacts = (workdir / "artifacts").as_uri()
     job = defs.resolve_job_def("train_and_deploy")
     resources = {
         "platform_db": PlatformDatabase(database_url=platform_url),
@@ -165,15 +170,29 @@ def run(tenants: list[str], predictions: int, rounds: int, results: Path) -> int
             assert result.success
             baseline = plain_script(tenant, location.platform_url, plain_registry)
             graph_rows.append({"tenant": tenant, "ours": ours, "baseline": baseline})
+    return graph_rows
 
-    truncate_predictions(location.platform_url)
+
+def race_writers(platform_url, predictions: int, rounds: int) -> tuple[list[float], list[float]]:
+    """Our prediction writer vs a raw COPY of the same rows, `rounds` times each."""
+    truncate_predictions(platform_url)
     payload = render_rows(predictions)
     ours_times, raw_times = [], []
     for _ in range(rounds):
-        ours_times.append(write_ours(location.platform_url, predictions))
-        truncate_predictions(location.platform_url)
-        raw_times.append(write_raw(location.platform_url, payload, predictions))
-        truncate_predictions(location.platform_url)
+        ours_times.append(write_ours(platform_url, predictions))
+        truncate_predictions(platform_url)
+        raw_times.append(write_raw(platform_url, payload, predictions))
+        truncate_predictions(platform_url)
+    return ours_times, raw_times
+
+
+def run(tenants: list[str], predictions: int, rounds: int, results: Path) -> int:
+    from maestro_pipelines.platform_db.connection import dispose_engines
+
+    workdir = Path(tempfile.mkdtemp(prefix="maestro-bench-ml-"))
+    location, mlflow_uris = prepare_platform(workdir, tenants)
+    graph_rows = race_graph(workdir, location, mlflow_uris, tenants)
+    ours_times, raw_times = race_writers(location.platform_url, predictions, rounds)
 
     graph_ours = sum(r["ours"] for r in graph_rows)
     graph_base = sum(r["baseline"] for r in graph_rows)
@@ -190,8 +209,6 @@ def run(tenants: list[str], predictions: int, rounds: int, results: Path) -> int
     ]
     write_results(results, {"tenants": tenants, "predictions": predictions, "rounds": rounds, "rows": figures})
     print_rows(figures)
-    from maestro_pipelines.platform_db.connection import dispose_engines
-
     dispose_engines()
     location.embedded.stop()
     return 0 if all(f["pass"] is not False for f in figures) else 1

@@ -275,60 +275,36 @@ def _bind(sql: str, params: dict) -> str:
     return sql
 
 
-def generate_platform_database(url, size_mb: float, seed: int = 20261126, progress=None) -> dict:
-    """Create (if needed), migrate and fill the platform database at `url` with about
-    `size_mb` MiB of data; return what was made (row counts, bytes, seconds per step).
+class _Steps:
+    """Seconds per named step of the generation, each said as it ends."""
 
-    `url`: SQLAlchemy URL (or string) of the database to fill, e.g. the embedded server's
-    `url.set(database="maestro")`. It must be empty: the tables are filled with fixed ids.
-    """
-    import psycopg
-    from sqlalchemy.engine import make_url
+    def __init__(self, say):
+        self.say = say
+        self.started = self.mark = time.perf_counter()
+        self.seconds: dict[str, float] = {}
 
-    from maestro_pipelines.platform_db.location import DatabaseLocation
-    from maestro_pipelines.platform_db.migrate import upgrade
-
-    say = progress or (lambda message: None)
-    url = make_url(url) if isinstance(url, str) else url
-    started = time.perf_counter()
-    steps: dict[str, float] = {}
-
-    def step(name: str, since: float) -> float:
+    def done(self, name: str) -> None:
         now = time.perf_counter()
-        steps[name] = round(now - since, 2)
-        say(f"{name}: {steps[name]} s")
-        return now
+        self.seconds[name] = round(now - self.mark, 2)
+        self.say(f"{name}: {self.seconds[name]} s")
+        self.mark = now
 
-    migration = upgrade(DatabaseLocation(platform_url=url, source="benchmark"))
-    mark = step("migrations", started)
 
-    counts = _counts(size_mb)
-    common = {"mpt": MODELS_PER_TENANT, "models": counts["models"], "k": counts["versions_per_model"],
-              "tenants": counts["tenants"], "experiments": counts["experiments"], "seed": seed,
-              "batch": BATCH_ROWS}
-    dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+def _seed_catalog(conn, months: list[date], common: dict) -> None:
+    """The monthly partitions, then tenants, models, experiments, versions and deployments."""
+    for month in months:
+        conn.execute(_partition_ddl(month))
+    for sql in (TENANTS_SQL, MODELS_SQL, EXPERIMENTS_SQL, VERSIONS_SQL, DEPLOYMENTS_SQL):
+        for statement in _bind(sql, common).split(";\n\n"):
+            conn.execute(statement)
+    for table in ("tenants", "models", "experiments", "model_versions", "deployments"):
+        conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
 
-    def connect():
-        conn = psycopg.connect(dsn, autocommit=True)
-        conn.execute(SESSION)
-        conn.execute(f"SELECT setseed({(seed % 1000) / 1000.0})")
-        return conn
 
-    today = datetime.now(timezone.utc).date()
-    months = [_month_start(today, -back) for back in range(MONTHS - 1, -1, -1)]
-    with connect() as conn:
-        for month in months:
-            conn.execute(_partition_ddl(month))
-        for sql in (TENANTS_SQL, MODELS_SQL, EXPERIMENTS_SQL, VERSIONS_SQL, DEPLOYMENTS_SQL):
-            for statement in _bind(sql, common).split(";\n\n"):
-                conn.execute(statement)
-        for table in ("tenants", "models", "experiments", "model_versions", "deployments"):
-            conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
-    mark = step("tenants, models, experiments, versions, deployments", mark)
-
+def _prediction_jobs(months: list[date], total: int, common: dict) -> list[dict]:
+    """One INSERT job a month, biggest first, plus a few strays before the partitions."""
     # Predictions grow month after month (weights 1..MONTHS); the current month is cut at now.
     weights = list(range(1, MONTHS + 1))
-    total = counts["predictions"]
     strays = max(1, total // 2000)
     jobs, first = [], 0
     for index, month in enumerate(months):
@@ -347,43 +323,86 @@ def generate_platform_database(url, size_mb: float, seed: int = 20261126, progre
                  "lower": old.isoformat(), "upper": (old.replace(day=20)).isoformat()})
     # Biggest first so the two sessions finish together.
     jobs.sort(key=lambda job: -job["rows"])
+    return jobs
+
+
+def _measure_database(conn) -> dict:
+    """What was made: the database's size, each relation's, row counts, the partitions."""
+    database_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+    sizes = conn.execute(
+        "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'm') ORDER BY 2 DESC"
+    ).fetchall()
+    rows = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("tenants", "models", "experiments", "model_versions", "deployments", "predictions")}
+    partitions = [name for name, _ in conn.execute(
+        "SELECT c.relname, 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'predictions'::regclass ORDER BY 1").fetchall()]
+    return {
+        "database_bytes": database_bytes,
+        "database_mib": round(database_bytes / MiB, 1),
+        "rows": rows,
+        "partitions": partitions,
+        "relation_mib": {name: round(size / MiB, 1) for name, size in sizes},
+    }
+
+
+def generate_platform_database(url, size_mb: float, seed: int = 20261126, progress=None) -> dict:
+    """Create (if needed), migrate and fill the platform database at `url` with about
+    `size_mb` MiB of data; return what was made (row counts, bytes, seconds per step).
+
+    `url`: SQLAlchemy URL (or string) of the database to fill, e.g. the embedded server's
+    `url.set(database="maestro")`. It must be empty: the tables are filled with fixed ids.
+    """
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from maestro_pipelines.platform_db.location import DatabaseLocation
+    from maestro_pipelines.platform_db.migrate import upgrade
+
+    url = make_url(url) if isinstance(url, str) else url
+    steps = _Steps(progress or (lambda message: None))
+    migration = upgrade(DatabaseLocation(platform_url=url, source="benchmark"))
+    steps.done("migrations")
+
+    counts = _counts(size_mb)
+    common = {"mpt": MODELS_PER_TENANT, "models": counts["models"], "k": counts["versions_per_model"],
+              "tenants": counts["tenants"], "experiments": counts["experiments"], "seed": seed,
+              "batch": BATCH_ROWS}
+    dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def connect():
+        conn = psycopg.connect(dsn, autocommit=True)
+        conn.execute(SESSION)
+        conn.execute(f"SELECT setseed({(seed % 1000) / 1000.0})")
+        return conn
+
+    today = datetime.now(timezone.utc).date()
+    months = [_month_start(today, -back) for back in range(MONTHS - 1, -1, -1)]
+    with connect() as conn:
+        _seed_catalog(conn, months, common)
+    steps.done("tenants, models, experiments, versions, deployments")
 
     def insert(job):
         with connect() as conn:
             conn.execute(_bind(PREDICTIONS_SQL, job))
 
     with ThreadPoolExecutor(WORKERS) as pool:
-        list(pool.map(insert, jobs))
-    mark = step("predictions", mark)
+        list(pool.map(insert, _prediction_jobs(months, counts["predictions"], common)))
+    steps.done("predictions")
 
     with connect() as conn:
         conn.execute("VACUUM ANALYZE")
-        mark = step("vacuum analyze", mark)
+        steps.done("vacuum analyze")
         conn.execute("REFRESH MATERIALIZED VIEW model_statistics")
         conn.execute("REFRESH MATERIALIZED VIEW tenant_usage_statistics")
-        mark = step("refresh materialized views", mark)
-        database_bytes = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
-        sizes = conn.execute(
-            "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class c "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'm') ORDER BY 2 DESC"
-        ).fetchall()
-        rows = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                for table in ("tenants", "models", "experiments", "model_versions", "deployments", "predictions")}
-        partitions = [name for name, _ in conn.execute(
-            "SELECT c.relname, 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "WHERE i.inhparent = 'predictions'::regclass ORDER BY 1").fetchall()]
-    return {
-        "size_mb_requested": size_mb,
-        "database_bytes": database_bytes,
-        "database_mib": round(database_bytes / MiB, 1),
-        "seconds": round(time.perf_counter() - started, 2),
-        "steps_s": steps,
-        "rows": rows,
-        "partitions": partitions,
-        "relation_mib": {name: round(size / MiB, 1) for name, size in sizes},
-        "migration": migration.after,
-    }
+        steps.done("refresh materialized views")
+        made = _measure_database(conn)
+    seconds = round(time.perf_counter() - steps.started, 2)
+    return {"size_mb_requested": size_mb, "database_bytes": made["database_bytes"],
+            "database_mib": made["database_mib"], "seconds": seconds, "steps_s": steps.seconds, "rows": made["rows"],
+            "partitions": made["partitions"], "relation_mib": made["relation_mib"], "migration": migration.after}
 
 
 def main() -> int:

@@ -94,7 +94,7 @@ def ours_restore(store, destinations, jobs: int) -> dict:
             "rows": sum(d.rows for d in report.databases), "tables": sum(d.tables for d in report.databases)}
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=float, default=1024, help="MiB of platform database (default 1024)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of the floor and of ours; the fastest counts (default 2)")
@@ -102,29 +102,72 @@ def main() -> int:
     parser.add_argument("--home", type=Path,
                         help="MAESTRO_HOME to use and keep; its database is generated once and reused after")
     add_results_option(parser, "restore")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def dump_floor_input(db_url, dump_file: Path) -> dict:
+    """The floor's input: pg_dump -Fc -Z0 -f FILE (not part of any timed figure)."""
+    env, database = pg_environment(db_url.render_as_string(hide_password=False))
+    started = time.perf_counter()
+    subprocess.run([pg_program("pg_dump"), "-Fc", "-Z0", "-f", str(dump_file), "-d", database], env=env, check=True)
+    return {"bytes": dump_file.stat().st_size, "dump_s": r(time.perf_counter() - started)}
+
+
+def back_up_into(stores: dict, destinations, say) -> dict:
+    """Our backup into each store, verified (not timed): what the restores read."""
+    from maestro_pipelines.backup import BackupOptions, create_backup, verify_backup
+
+    backups = {}
+    for where, store in stores.items():
+        say(f"our backup into the {where} store (not timed) ...")
+        started = time.perf_counter()
+        manifest = create_backup(store, destinations, BackupOptions())
+        verified = verify_backup(store, manifest.backup_id)
+        assert verified.ok, verified.problems
+        dump = manifest.databases[0]
+        backups[where] = {"id": manifest.backup_id, "seconds": r(time.perf_counter() - started),
+                          "dump_bytes": dump.dump_bytes, "stored_bytes": dump.compressed_bytes}
+    return backups
+
+
+def race(args: argparse.Namespace, db_url, dump_file: Path, stores: dict, destinations, say) -> tuple[list, list, list]:
+    """The floor and our restores from each store, --repeat times: (floors, ours local, ours S3)."""
+    floors, ours_local, ours_s3 = [], [], []
+    contenders = [
+        ("floor", lambda attempt: floors.append(
+            floor_restore(db_url, dump_file, args.jobs, f"maestro_floor_{attempt}"))),
+        ("ours, local store", lambda attempt: ours_local.append(
+            ours_restore(stores["local"], destinations, args.jobs))),
+        ("ours, S3/moto", lambda attempt: ours_s3.append(ours_restore(stores["s3"], destinations, args.jobs))),
+    ]
+    for attempt in range(args.repeat):
+        # The order rotates from run to run (no one always goes first, right after a
+        # drop), and every run starts from a checkpointed, synced server.
+        for name, run in contenders[attempt % 3:] + contenders[:attempt % 3]:
+            settle(db_url)
+            started = time.perf_counter()
+            run(attempt)
+            say(f"run {attempt + 1}/{args.repeat}, {name}: {time.perf_counter() - started:.1f} s")
+    return floors, ours_local, ours_s3
+
+
+def measure(args: argparse.Namespace, results: dict, say) -> dict:
+    """Generate (or reuse) the database, back it up, race the restores, run a drill."""
     from benchmarks.platform_data import AWS, BUCKET, moto_bucket, prepare_platform_database
-    from maestro_pipelines.backup import BackupOptions, DatabaseTarget, create_backup, run_drill, verify_backup
+    from maestro_pipelines.backup import DatabaseTarget, run_drill
     from maestro_pipelines.storage import open_store
 
-    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     workdir = Path(tempfile.mkdtemp(prefix="maestro-bench-restore-"))
     home = args.home or workdir / "home"
     server = None
-    results: dict = {"size_mib": args.size_mb, "jobs": args.jobs, "repeat": args.repeat,
-                     "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
     try:
         server, db_url, generation = prepare_platform_database(home, args.size_mb, reuse=bool(args.home), say=say)
         results["database"] = {k: generation[k] for k in ("database_mib", "seconds", "rows")}
         destinations = [DatabaseTarget("platform", db_url, "benchmark")]
 
         say("floor's input: pg_dump -Fc -Z0 -f FILE (not timed) ...")
-        env, database = pg_environment(db_url.render_as_string(hide_password=False))
         dump_file = workdir / "platform.dump"
-        started = time.perf_counter()
-        subprocess.run([pg_program("pg_dump"), "-Fc", "-Z0", "-f", str(dump_file), "-d", database], env=env, check=True)
-        results["floor_input"] = {"bytes": dump_file.stat().st_size, "dump_s": r(time.perf_counter() - started)}
+        results["floor_input"] = dump_floor_input(db_url, dump_file)
 
         with moto_bucket(workdir) as (endpoint, moto_pid):
             results["moto_pid"] = moto_pid
@@ -132,60 +175,31 @@ def main() -> int:
                 "local": open_store((workdir / "store").as_uri(), create=True),
                 "s3": open_store(f"s3://{BUCKET}/backups", endpoint_url=endpoint, **AWS),
             }
-            backups = {}
-            for where, store in stores.items():
-                say(f"our backup into the {where} store (not timed) ...")
-                started = time.perf_counter()
-                manifest = create_backup(store, destinations, BackupOptions())
-                verified = verify_backup(store, manifest.backup_id)
-                assert verified.ok, verified.problems
-                dump = manifest.databases[0]
-                backups[where] = {"id": manifest.backup_id, "seconds": r(time.perf_counter() - started),
-                                  "dump_bytes": dump.dump_bytes, "stored_bytes": dump.compressed_bytes}
-            results["backups"] = backups
-
-            floors, ours_local, ours_s3 = [], [], []
-            contenders = [
-                ("floor", lambda attempt: floors.append(
-                    floor_restore(db_url, dump_file, args.jobs, f"maestro_floor_{attempt}"))),
-                ("ours, local store", lambda attempt: ours_local.append(
-                    ours_restore(stores["local"], destinations, args.jobs))),
-                ("ours, S3/moto", lambda attempt: ours_s3.append(ours_restore(stores["s3"], destinations, args.jobs))),
-            ]
-            for attempt in range(args.repeat):
-                # The order rotates from run to run (no one always goes first, right after a
-                # drop), and every run starts from a checkpointed, synced server.
-                for name, run in contenders[attempt % 3:] + contenders[:attempt % 3]:
-                    settle(db_url)
-                    started = time.perf_counter()
-                    run(attempt)
-                    say(f"run {attempt + 1}/{args.repeat}, {name}: {time.perf_counter() - started:.1f} s")
+            results["backups"] = backups = back_up_into(stores, destinations, say)
+            floors, ours_local, ours_s3 = race(args, db_url, dump_file, stores, destinations, say)
 
             settle(db_url)
             say("drill from the local store ...")
             drill = run_drill(stores["local"], destinations, jobs=args.jobs)
-            drill_result = drill.as_dict()
             say(f"  RTO {drill.rto_s:.1f} s")
     finally:
         if server is not None and args.home is None:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    return {"generation": generation, "backups": backups, "floors": floors, "ours_local": ours_local,
+            "ours_s3": ours_s3, "drill": drill}
 
-    floor = min(floors)
-    local = min(ours_local, key=lambda run: run["wall_s"])
-    s3 = min(ours_s3, key=lambda run: run["wall_s"])
-    results["floor_s"] = [r(x) for x in floors]
-    results["ours"] = {"local": {**local, "runs_s": [r(x["wall_s"]) for x in ours_local]},
-                       "s3": {**s3, "runs_s": [r(x["wall_s"]) for x in ours_s3]},
-                       "every_run_steps_s": {"local": [x["steps_s"] for x in ours_local],
-                                             "s3": [x["steps_s"] for x in ours_s3]}}
-    results["drill"] = drill_result
 
-    def overhead(run: dict) -> str:
-        steps = run["steps_s"]
-        return ", ".join(f"{name} {seconds:.2f}" for name, seconds in steps.items())
+def steps_text(run: dict) -> str:
+    return ", ".join(f"{name} {seconds:.2f}" for name, seconds in run["steps_s"].items())
 
-    rows = [
+
+def result_rows(args: argparse.Namespace, measured: dict, results: dict) -> list[dict]:
+    """The table: the floor, ours from each store against it, the drill's RTO, then what is reported."""
+    generation, drill, backups = measured["generation"], measured["drill"], measured["backups"]
+    floor, local, s3 = min(measured["floors"]), results["ours"]["local"], results["ours"]["s3"]
+    drill_result = results["drill"]
+    return [
         row(f"generate the {generation['database_mib']} MiB database (s)", None, r(generation["seconds"], 1), None,
             "reported", None),
         row(f"floor: CREATE DATABASE + pg_restore -j{args.jobs} of a local -Fc -Z0 file (s, best of {args.repeat})",
@@ -198,22 +212,41 @@ def main() -> int:
             drill.rto_s is not None and drill.rto_s < RTO_TARGET_S and drill.ok),
         row("  our pg_restore step alone vs the floor (s)", r(local["steps_s"].get("pg_restore platform")), r(floor),
             r(local["steps_s"].get("pg_restore platform", 0) / floor), "reported", None),
-        row("  ours, every run: local / S3 (s)", f"{results['ours']['local']['runs_s']} / {results['ours']['s3']['runs_s']}",
+        row("  ours, every run: local / S3 (s)", f"{local['runs_s']} / {s3['runs_s']}",
             f"{results['floor_s']}", None, "the fastest counts", None),
-        row("  steps of the best local restore (s)", overhead(local), None, None, "reported", None),
-        row("  steps of the best S3 restore (s)", overhead(s3), None, None, "reported", None),
+        row("  steps of the best local restore (s)", steps_text(local), None, None, "reported", None),
+        row("  steps of the best S3 restore (s)", steps_text(s3), None, None, "reported", None),
         row("  steps of the drill (s)", ", ".join(f"{k} {v:.2f}" for k, v in drill_result["steps"].items()), None, None,
             f"{drill_result['indexes_checked']} indexes amchecked; problems: {drill_result['problems'] or 'none'}", None),
         row("  backup restored: uncompressed dump / stored (MB)",
             f"{r(backups['local']['dump_bytes'] / MB, 1)} / {r(backups['local']['stored_bytes'] / MB, 1)}",
             r(results["floor_input"]["bytes"] / MB, 1), None, "floor's file (MB) as baseline", None),
     ]
+
+
+def main() -> int:
+    args = parse_args()
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    results: dict = {"size_mib": args.size_mb, "jobs": args.jobs, "repeat": args.repeat,
+                     "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
+    measured = measure(args, results, say)
+
+    ours_local, ours_s3 = measured["ours_local"], measured["ours_s3"]
+    local = min(ours_local, key=lambda run: run["wall_s"])
+    s3 = min(ours_s3, key=lambda run: run["wall_s"])
+    results["floor_s"] = [r(x) for x in measured["floors"]]
+    results["ours"] = {"local": {**local, "runs_s": [r(x["wall_s"]) for x in ours_local]},
+                       "s3": {**s3, "runs_s": [r(x["wall_s"]) for x in ours_s3]},
+                       "every_run_steps_s": {"local": [x["steps_s"] for x in ours_local],
+                                             "s3": [x["steps_s"] for x in ours_s3]}}
+    results["drill"] = measured["drill"].as_dict()
+    rows = result_rows(args, measured, results)
     results["rows"] = rows
     results["loadavg_end"] = os.getloadavg()
     write_results(args.results, results)
 
-    print(f"platform database: {generation['database_mib']} MiB ({local['tables']} tables, {local['rows']:,} rows "
-          f"restored and compared); pg_restore -j{args.jobs}; load average at start "
+    print(f"platform database: {measured['generation']['database_mib']} MiB ({local['tables']} tables, "
+          f"{local['rows']:,} rows restored and compared); pg_restore -j{args.jobs}; load average at start "
           f"{results['loadavg_start'][0]:.2f}, at end {results['loadavg_end'][0]:.2f}\n")
     print_rows(rows)
     passes = [x["pass"] for x in rows if x["pass"] is not None]
