@@ -69,9 +69,6 @@ BACKUP_GROUP = "backups"
 BACKUP_ASSET = dg.AssetKey("database_backup")
 VERIFIED_CHECK = "verified"
 """The asset check on database_backup that holds each backup's verification."""
-_ProgressLog = ProgressLog
-"""The progress log's old private name, still imported by jobs/restore.py: use
-`maestro_pipelines.dagster_support.ProgressLog`."""
 
 
 # BACKUP_TIMEZONE (the schedules' clock, the default month of `monthly_archive`) and whether

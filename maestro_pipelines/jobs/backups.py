@@ -28,7 +28,6 @@ from maestro_pipelines.assets.backups import (
 )
 from maestro_pipelines.dagster_support import (
     BACKUP_POOL,
-    DATABASE_LANE,  # noqa: F401  (jobs/restore.py imports it from here)
     KIND_TAG,
     STORE_RETRY,
     backup_step,
