@@ -82,7 +82,7 @@ def floor_restore(db_url, dump_file: Path, jobs: int, name: str) -> float:
 def ours_restore(store, destinations, jobs: int) -> dict:
     """Our scratch restore of the newest backup in `store` (timed), then its databases dropped."""
     from maestro_pipelines.backup import resolve_restore_point, restore_backup
-    from maestro_pipelines.backup.restore import drop_database
+    from maestro_pipelines.platform_db.admin import drop_database
 
     started = time.perf_counter()
     entry = resolve_restore_point(store, "latest")
