@@ -58,16 +58,25 @@ fakestore = fake_store_backend:BACKEND
 '''
 
 
+def install_plugin(folder, module: str, source: str, entry_points: str):
+    """What pip leaves for a package: the module on the path and a dist-info folder."""
+    folder.mkdir(exist_ok=True)
+    (folder / f"{module}.py").write_text(textwrap.dedent(source))
+    dist_info = folder / f"{module}-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text(entry_points)
+    return folder
+
+
+def on_pythonpath(folder) -> str:
+    return os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+
+
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory):
     """A folder on PYTHONPATH holding the plugin module and its dist-info (what pip installs)."""
-    folder = tmp_path_factory.mktemp("plugin")
-    (folder / "fake_store_backend.py").write_text(textwrap.dedent(PLUGIN_MODULE))
-    dist_info = folder / "fake_store_backend-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-store-backend\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text(ENTRY_POINTS)
-    return folder
+    return install_plugin(tmp_path_factory.mktemp("plugin"), "fake_store_backend", PLUGIN_MODULE, ENTRY_POINTS)
 
 
 @pytest.fixture
@@ -86,7 +95,7 @@ def test_a_plugin_store_backend_through_the_cli_and_the_resource(plugin_path, pl
         "MAESTRO_HOME": str(tmp_path / "home"),
         "MAESTRO_STORE_URL": "fakestore://backups",
         "FAKE_STORE_ROOT": str(root),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(plugin_path), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": on_pythonpath(plugin_path),
     }
     run = run_maestro("backup", "run", "--json", env=env)
     assert run.returncode == 0, run.stderr
@@ -117,10 +126,31 @@ def test_a_plugin_store_backend_through_the_cli_and_the_resource(plugin_path, pl
 def test_a_plugin_url_is_checked_by_its_own_rules(plugin_path):
     """The plugin's scheme is listed among the supported ones, and its name rule is its own."""
     env = {"MAESTRO_STORE_URL": "fakestore://Not_Valid", "FAKE_STORE_ROOT": "/nonexistent",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(plugin_path), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": on_pythonpath(plugin_path)}
     bad = run_maestro("backup", "list", env=env)
     assert bad.returncode == 1
     assert "names the folder 'Not_Valid', which is not a valid folder name" in bad.stderr
     assert "Folder names are 3-20 lowercase letters" in bad.stderr
     unknown = run_maestro("backup", "list", env={**env, "MAESTRO_STORE_URL": "ftp://x/y"})
     assert "fakestore://" in unknown.stderr and "s3://" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    "source, says",
+    [
+        ("import no_such_sdk_module\nBACKEND = None\n",
+         "The store backend 'broken' (broken_store_backend:BACKEND) cannot be loaded: ModuleNotFoundError"),
+        ("from maestro_pipelines.storage.backends import Backend\n"
+         "from maestro_pipelines.storage.s3 import BACKEND as S3\n"
+         "BACKEND = Backend(name='other-s3', schemes=('s3',), example='s3://x', open=S3.open, container=S3.container)\n",
+         "Two store backends claim the scheme 's3://': s3 and other-s3"),
+    ],
+    ids=["fails-to-import", "claims-s3"],
+)
+def test_a_bad_plugin_is_one_line_naming_it(tmp_path, source, says):
+    folder = install_plugin(tmp_path / "plugin", "broken_store_backend", source,
+                            "[maestro_pipelines.storage.backends]\nbroken = broken_store_backend:BACKEND\n")
+    listed = run_maestro("backup", "list", env={"MAESTRO_HOME": str(tmp_path / "home"),
+                                                "PYTHONPATH": on_pythonpath(folder)})
+    assert listed.returncode == 1, listed.stderr
+    assert listed.stderr.startswith(f"error: {says}") and listed.stderr.count("\n") == 1, listed.stderr

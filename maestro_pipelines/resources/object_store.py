@@ -116,7 +116,8 @@ def _s3_client_through_dagster_aws(url: str, options: dict[str, Any]) -> dict[st
     try:
         from dagster_aws.s3 import S3Resource
     except ImportError:
-        raise missing_sdk("s3", "dagster-aws", parse_store_url(url, STORE_URL_VARIABLE).url, STORE_URL_VARIABLE) from None
+        shown = parse_store_url(url, STORE_URL_VARIABLE).url
+        raise missing_sdk("s3", shown, STORE_URL_VARIABLE, package="dagster-aws") from None
     client_fields = ("region_name", "endpoint_url", "aws_access_key_id", "aws_secret_access_key",
                      "aws_session_token", "profile_name")
     client = S3Resource(**{name: options.pop(name) for name in client_fields}, max_attempts=0).get_client()

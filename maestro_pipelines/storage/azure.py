@@ -80,7 +80,7 @@ class AzureObjectStore(PrefixedStore):
             import azure.core.exceptions as azure_exceptions
             from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings
         except ImportError:
-            raise missing_sdk("az", "azure-storage-blob", self.url, source) from None
+            raise missing_sdk("az", self.url, source) from None
         self._exc = azure_exceptions
         self._BlobBlock = BlobBlock
         self._content = ContentSettings(content_type=CONTENT_TYPE)
@@ -312,6 +312,7 @@ BACKEND = Backend(
     schemes=("az",),
     example="az://container/prefix",
     open=bucket_opener(AzureObjectStore),
+    sdk="azure-storage-blob",
     extra="azure",
     container=Container(
         "container", re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$"),

@@ -119,6 +119,8 @@ class Backend:
     open: Callable[..., ObjectStore]
     """open(location, source, **options) -> the store. Imports the SDK; raises `missing_sdk`
     when it is not installed. Options are the caller's, then the `environment` defaults."""
+    sdk: str | None = None
+    """The Python package (distribution) its SDK is, as `missing_sdk` names it: 'boto3'."""
     extra: str | None = None
     """The pip extra that installs its SDK: pip install 'maestro-pipelines[EXTRA]'."""
     container: Container | None = None
@@ -148,6 +150,9 @@ _loaded: set[str] = set()
 def register(backend: Backend) -> Backend:
     """Make `backend` answer for its schemes. Registering the same backend again is a no-op;
     a second backend claiming a scheme is refused."""
+    if backend.parse is parse_bucket_url and backend.container is None:
+        raise MaestroError(f"The store backend {backend.name} declares neither a container rule nor a parser",
+                           "Give it container=Container(...) for scheme://bucket/prefix URLs, or parse=...")
     for scheme in backend.schemes:
         existing = _by_scheme.get(scheme)
         if existing is not None and existing is not backend:
@@ -208,9 +213,11 @@ def environment_variables() -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def missing_sdk(scheme: str, package: str, url: str, source: str) -> InvalidStoreURL:
-    """The one-line error for a store whose SDK `package` is not installed: which extra to install."""
+def missing_sdk(scheme: str, url: str, source: str, package: str | None = None) -> InvalidStoreURL:
+    """The one-line error for a store whose SDK (the backend's `sdk`, or `package`) is not
+    installed: which extra to install."""
     backend = backend_for_scheme(scheme)
+    package = package or (backend.sdk if backend is not None else None) or "its SDK"
     extra = backend.extra if backend is not None and backend.extra else None
     return InvalidStoreURL(
         f"{source} ({url}) needs the Python package {package}, which is not installed",

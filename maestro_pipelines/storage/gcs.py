@@ -96,7 +96,7 @@ class GCSObjectStore(PrefixedStore):
             import google.cloud.storage as storage
             import requests
         except ImportError:
-            raise missing_sdk("gs", "google-cloud-storage", self.url, source) from None
+            raise missing_sdk("gs", self.url, source) from None
         self._api = api_exceptions
         self._auth = auth_exceptions
         self._requests = requests
@@ -417,6 +417,7 @@ BACKEND = Backend(
     schemes=("gs",),
     example="gs://bucket/prefix",
     open=bucket_opener(GCSObjectStore),
+    sdk="google-cloud-storage",
     extra="gcs",
     container=Container(
         "bucket", re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$"),

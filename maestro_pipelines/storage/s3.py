@@ -133,7 +133,7 @@ class S3ObjectStore(PrefixedStore):
             import botocore.exceptions as botocore_exceptions
             from boto3.s3.transfer import TransferConfig
         except ImportError:
-            raise missing_sdk("s3", "boto3", self.url, source) from None
+            raise missing_sdk("s3", self.url, source) from None
         self._exc = botocore_exceptions
         self.part_concurrency = part_concurrency
         self.list_page_size = list_page_size
@@ -419,6 +419,7 @@ BACKEND = Backend(
     schemes=("s3",),
     example="s3://bucket/prefix",
     open=bucket_opener(S3ObjectStore),
+    sdk="boto3",
     extra="s3",
     container=Container(
         "bucket", re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"),
