@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL, Connection, Engine
 
 MYSQL_URL_FORM = "mysql://USER:PASSWORD@HOST:3306/DATABASE"
-MYSQL_BACKENDS = ("mysql", "mariadb")
+MYSQL_BACKENDS = ("mysql", "mariadb")  # also its schemes: SQLAlchemy names the backend as the scheme
 
 
 def parse_mysql_url(raw: str, variable: str) -> tuple["URL", dict[str, str]]:
@@ -162,7 +162,7 @@ def mysql_url_settings(raw: str, variable: str) -> dict[str, Any]:
 CONNECTOR = ConnectorDeclaration(
     name="mysql",
     label="MySQL",
-    schemes=("mysql", "mariadb"),
+    schemes=MYSQL_BACKENDS,
     url_form=MYSQL_URL_FORM,
     url_settings=mysql_url_settings,
     open=MySQLReader,
