@@ -75,7 +75,7 @@ class Settings:
     timezone: str = "UTC"
     """`MAESTRO_TIMEZONE`: the time zone of the schedules (nightly backup at 02:00 there)."""
 
-    store_environment: Mapping[str, str] = field(default_factory=read_store_environment, repr=False)
+    store_environment: Mapping[str, str] = field(default_factory=read_store_environment, repr=False, hash=False)
     """What the store backends take from the environment (`read_store_environment`), read when
     the settings are made. Not shown: it may hold a connection string with its key."""
 

@@ -102,6 +102,14 @@ class ObjectStoreResource(dg.ConfigurableResource):
         from maestro_pipelines.storage.urls import backend_for
 
         backend = backend_for(self.url, STORE_URL_VARIABLE)
+        unknown = sorted(set(backend.resource_options) - set(type(self).model_fields))
+        if unknown:
+            from maestro_pipelines.errors import MaestroError
+
+            raise MaestroError(
+                f"The store backend {backend.name} takes ObjectStoreResource fields it does not have: {', '.join(unknown)}",
+                "Add the fields to ObjectStoreResource, or remove them from the backend's resource_options",
+            )
         options = {option: getattr(self, name) for name, option in backend.resource_options.items()}
         build_client = _CLIENTS.get(backend.name)
         return build_client(self.url, options) if build_client else options
