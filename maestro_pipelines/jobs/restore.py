@@ -35,10 +35,9 @@ from typing import Literal, Optional
 import dagster as dg
 from pydantic import Field, field_validator
 
-from maestro_pipelines.assets.backups import BACKUP_POOL, STORE_RETRY, _ProgressLog, backup_step
 from maestro_pipelines.assets.drills import DRILL_KIND, dr_drill, live_destinations, steps_table
+from maestro_pipelines.dagster_support import BACKUP_POOL, KIND_TAG, STORE_RETRY, ProgressLog, backup_step, run_tags
 from maestro_pipelines.errors import MaestroError
-from maestro_pipelines.jobs.backups import DATABASE_LANE, KIND_TAG
 from maestro_pipelines.resources import MLflowRegistry, ObjectStoreResource, PlatformDatabase
 
 RESTORE_KIND = "restore"
@@ -267,7 +266,7 @@ def restore_from_backup(
         confirm=config.confirm or None,
         roles=roles,
         jobs=config.jobs,
-        progress=_ProgressLog(context.log, "download"),
+        progress=ProgressLog(context.log, "download"),
         log=context.log.info,
         phases=PhaseLog(context.log.info, milestones=True),  # each step logged as it ends
     )
@@ -277,7 +276,7 @@ def restore_from_backup(
 
 
 @dg.job(
-    tags={KIND_TAG: RESTORE_KIND, **DATABASE_LANE, "dagster/max_runtime": str(RESTORE_MAX_RUNTIME_S)},
+    tags=run_tags(RESTORE_KIND, RESTORE_MAX_RUNTIME_S, database_lane=True),
     description=(
         "On-call: restore a backup (latest, an id, or the latest before a time) into scratch databases, or with "
         "target: live and confirm: <platform database> in place of the live ones (old ones kept aside)."
@@ -357,7 +356,7 @@ def drop_restore_leftovers(
 
 
 @dg.job(
-    tags={KIND_TAG: RESTORE_KIND, **DATABASE_LANE, "dagster/max_runtime": str(3600)},
+    tags=run_tags(RESTORE_KIND, 3600, database_lane=True),
     description=(
         "List the databases restores left and drop the scratch ones (`<db>_restore_<time>`); the old live "
         "databases (`<db>_pre_restore_<time>`) only with confirm: the platform database's name."
@@ -371,7 +370,7 @@ dr_drill_job = dg.define_asset_job(
     "dr_drill_job",
     selection=dg.AssetSelection.assets(dr_drill),
     description="The DR drill: restore the latest verified backup into scratch databases, verify, time, drop.",
-    tags={KIND_TAG: DRILL_KIND, **DATABASE_LANE, "dagster/max_runtime": str(DRILL_MAX_RUNTIME_S)},
+    tags=run_tags(DRILL_KIND, DRILL_MAX_RUNTIME_S, database_lane=True),
 )
 
 restore_jobs = [restore_database, restore_cleanup_job, dr_drill_job]
