@@ -129,6 +129,7 @@ class Backend:
     """parse(backend, scheme, parts, bad) -> the location, after the checks every URL gets
     (scheme known, no query, no credentials)."""
     url_of: Callable[[StoreLocation], str] = prefixed_url
+    """url_of(location) -> the canonical URL (default scheme://bucket/prefix)."""
     credentials: str = ""
     """Where its credentials come from instead of the URL, for that message: 'AWS_* variables'."""
     environment: Mapping[str, str] = field(default_factory=dict)
