@@ -9,30 +9,14 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from maestro_pipelines.platform_db.training_rows import ensure_training_rows_table
+
 DEMO_TENANTS = {
     # tenant: (display name, scikit-learn loader, description)
     "acme": ("Acme Health", "load_breast_cancer", "binary: malignant vs benign tumours, 30 features"),
     "globex": ("Globex Wines", "load_wine", "3 cultivars of wine, 13 chemical features"),
     "initech": ("Initech Scanning", "load_digits", "handwritten digits 0-9, 64 pixel features"),
 }
-
-TRAINING_ROWS_DDL = """
-CREATE TABLE IF NOT EXISTS training_rows (
-    id          bigserial PRIMARY KEY,
-    tenant      text NOT NULL,
-    entity_key  text NOT NULL,
-    features    jsonb NOT NULL,
-    label       text NOT NULL,
-    updated_at  timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT training_rows_tenant_entity_key UNIQUE (tenant, entity_key)
-);
-CREATE INDEX IF NOT EXISTS training_rows_tenant_updated_idx ON training_rows (tenant, updated_at);
-"""
-
-
-def ensure_training_rows_table(conn: Connection) -> None:
-    conn.execute(text(TRAINING_ROWS_DDL))
-
 
 def demo_rows(tenant: str, now: datetime | None = None):
     """(entity_key, features JSON, label, updated_at) for a demo tenant, deterministic."""

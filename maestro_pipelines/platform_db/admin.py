@@ -17,7 +17,7 @@ import re
 from sqlalchemy.engine import URL
 
 from maestro_pipelines.errors import MaestroError
-from maestro_pipelines.platform_db.connection import dispose_engines, psycopg_connect
+from maestro_pipelines.platform_db.driver import dispose_engines, psycopg_connect
 from maestro_pipelines.platform_db.urls import describe
 
 

@@ -345,11 +345,28 @@ def _locked_tenant(conn: Connection, name: str) -> None:
         raise MaestroError(f"tenant '{name}' does not exist", f"Add it first with `maestro tenants add {name}`")
 
 
+TRAINING_ROWS_DDL = """
+CREATE TABLE IF NOT EXISTS training_rows (
+    id          bigserial PRIMARY KEY,
+    tenant      text NOT NULL,
+    entity_key  text NOT NULL,
+    features    jsonb NOT NULL,
+    label       text NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT training_rows_tenant_entity_key UNIQUE (tenant, entity_key)
+);
+CREATE INDEX IF NOT EXISTS training_rows_tenant_updated_idx ON training_rows (tenant, updated_at);
+"""
+
+
+def ensure_training_rows_table(conn: Connection) -> None:
+    """training_rows, the embedded default data source (tenant loads and the demo tenants)."""
+    conn.execute(text(TRAINING_ROWS_DDL))
+
+
 def _ensure_table(conn: Connection) -> None:
     """The first load creates training_rows; two first loads at once take turns (concurrent
     CREATE TABLE IF NOT EXISTS can fail on PostgreSQL's catalog)."""
-    from maestro_pipelines.ml.demo import ensure_training_rows_table
-
     if conn.execute(text("SELECT to_regclass('training_rows') IS NULL")).scalar_one():
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('maestro:training_rows'))"))
         ensure_training_rows_table(conn)
