@@ -17,10 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from maestro_pipelines.automation_cli import automation_app
-from maestro_pipelines.objectives import DAILY_BACKUPS_KEPT, MONTHLY_ARCHIVES_KEPT, RPO_TARGET_HOURS
+from maestro_pipelines.objectives import DAILY_BACKUPS_KEPT, DEFAULT_GATES, DEFAULT_REGRESSION_TOLERANCE, MONTHLY_ARCHIVES_KEPT, RPO_TARGET_HOURS
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.formatting import counted, human_bytes, human_duration
-from maestro_pipelines.ml.gates import DEFAULT_GATES, DEFAULT_REGRESSION_TOLERANCE
 from maestro_pipelines.settings import load_settings
 
 app = typer.Typer(

@@ -1,8 +1,9 @@
-"""Backup policies, one home each, for everything that applies or judges them: the RPO
-target (the RPO sensor, the drill's default target, `maestro backup info`) and the retention
-counts (`maestro backup retention`, the retention job and its schedule, the library's
-`RetentionPolicy`). Dagster-free and import-light, so the CLI, the library and the
-definitions read the same numbers."""
+"""Policies, one home each, for everything that applies or judges them: the RPO target (the
+RPO sensor, the drill's default target, `maestro backup info`), the retention counts
+(`maestro backup retention`, the retention job and its schedule, the library's
+`RetentionPolicy`) and the quality gates' defaults (tenants, `maestro tenants add`, judged by
+`ml/gates.py`). Dagster-free, importing nothing of the package, so every layer (the CLI, the
+libraries, the definitions) reads the same numbers."""
 
 from __future__ import annotations
 
@@ -22,3 +23,8 @@ DAILY_BACKUPS_KEPT = 7
 """Retention: days (with at least one backup) whose latest backup is kept."""
 MONTHLY_ARCHIVES_KEPT = 12
 """Retention: monthly archives kept (the latest months): a restore point a month for a year."""
+
+DEFAULT_GATES = {"accuracy": 0.70, "f1": 0.65, "roc_auc": 0.70}
+"""The metric floors of a tenant that sets none (`maestro tenants add --min-accuracy ...`)."""
+DEFAULT_REGRESSION_TOLERANCE = 0.02
+"""How far a new model's metric may fall below the production model's (`--regression-tolerance`)."""

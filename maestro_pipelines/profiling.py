@@ -132,18 +132,18 @@ def profile_metadata(result: ProfileResult) -> dict:
     """The result as materialization metadata."""
     import dagster as dg
 
-    table = dg.MetadataValue.table(
-        records=[
-            dg.TableRecord({"function": row.function, "calls": row.calls,
-                            "cumulative_s": round(row.cumulative_seconds, 4), "own_s": round(row.own_seconds, 4)})
-            for row in result.top_functions
+    from maestro_pipelines.dagster_support import Column, metadata_table
+
+    table = metadata_table(
+        ({"function": row.function, "calls": row.calls,
+          "cumulative_s": round(row.cumulative_seconds, 4), "own_s": round(row.own_seconds, 4)}
+         for row in result.top_functions),
+        [
+            Column("function", "string", "file:line(function)"),
+            Column("calls", "int"),
+            Column("cumulative_s", "float", "seconds in the function and what it called"),
+            Column("own_s", "float", "seconds in the function itself"),
         ],
-        schema=dg.TableSchema(columns=[
-            dg.TableColumn("function", "string", description="file:line(function)"),
-            dg.TableColumn("calls", "int"),
-            dg.TableColumn("cumulative_s", "float", description="seconds in the function and what it called"),
-            dg.TableColumn("own_s", "float", description="seconds in the function itself"),
-        ]),
     )
     metadata = {
         "profile_top_functions": table,

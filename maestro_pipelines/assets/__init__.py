@@ -4,6 +4,15 @@
 to batch predictions. `backups`: the nightly database backup and the monthly archive. `drills`: the weekly DR drill
 with its RTO/RPO checks. `upkeep`: statistics views, prediction partitions, slow queries and
 the platform summary.
+
+Adding an asset: write it in the module of its part of the graph (or a new module here) as a
+thin wrapper over a library function (the one the CLI calls, imported inside the body so
+loading the definitions stays cheap); take its pool, retry policy, tags, progress log and
+metadata tables from `maestro_pipelines.dagster_support`, its policies from `objectives.py`
+or the library; decorate the body with `fail_fast_on_user_errors` (`backup_step` for the
+backup store); add it to the module's list (`ml_assets`, `backup_assets`, ...) or, for a new
+module, to `all_assets` below, which `definitions.py` registers. Then regenerate
+tests/snapshots/definitions.json (MAESTRO_UPDATE_SNAPSHOTS=1, tests/test_definitions.py).
 """
 
 from maestro_pipelines.assets.backups import backup_assets

@@ -51,6 +51,7 @@ from pydantic import Field
 
 from maestro_pipelines.dagster_support import (
     BACKUP_POOL,
+    KIND_TAG,
     STORE_RETRY,
     Column,
     MiB,
@@ -345,38 +346,38 @@ def _reverify(context, object_store) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(asset_key=BACKUP_ASSET, check_name=VERIFIED_CHECK, **verified_check_result(report))
 
 
+BACKUP_SPEC = dg.AssetSpec(
+    BACKUP_ASSET,
+    group_name=BACKUP_GROUP,
+    kinds={"postgres"},
+    tags={KIND_TAG: "backup"},
+    skippable=True,  # "Execute check" alone re-verifies without a new backup
+    description=(
+        "Backup of every stateful PostgreSQL database (platform, MLflow, Dagster's own when on "
+        "PostgreSQL): pg_dump in one consistent snapshot, streamed through zstd into the object store "
+        "(MAESTRO_STORE_URL), then verified (the check `verified`). Each materialization is one backup: "
+        "Materialize takes one now; the nightly schedule takes one at 02:00 (MAESTRO_TIMEZONE)."
+    ),
+)
+VERIFIED_SPEC = dg.AssetCheckSpec(
+    VERIFIED_CHECK,
+    asset=BACKUP_ASSET,
+    blocking=True,
+    description=(
+        "Every object re-read against the manifest (sizes, sha256) and every dump read by pg_restore "
+        "--list. Executed alone, re-verifies the backup of the latest materialization."
+    ),
+)
+
+
 @dg.multi_asset(
     name="database_backup",
-    specs=[
-        dg.AssetSpec(
-            BACKUP_ASSET,
-            group_name=BACKUP_GROUP,
-            kinds={"postgres"},
-            tags={"maestro/kind": "backup"},
-            skippable=True,  # "Execute check" alone re-verifies without a new backup
-            description=(
-                "Backup of every stateful PostgreSQL database (platform, MLflow, Dagster's own when on "
-                "PostgreSQL): pg_dump in one consistent snapshot, streamed through zstd into the object store "
-                "(MAESTRO_STORE_URL), then verified (the check `verified`). Each materialization is one backup: "
-                "Materialize takes one now; the nightly schedule takes one at 02:00 (MAESTRO_TIMEZONE)."
-            ),
-        )
-    ],
-    check_specs=[
-        dg.AssetCheckSpec(
-            VERIFIED_CHECK,
-            asset=BACKUP_ASSET,
-            blocking=True,
-            description=(
-                "Every object re-read against the manifest (sizes, sha256) and every dump read by pg_restore "
-                "--list. Executed alone, re-verifies the backup of the latest materialization."
-            ),
-        )
-    ],
+    specs=[BACKUP_SPEC],
+    check_specs=[VERIFIED_SPEC],
     can_subset=True,
     pool=BACKUP_POOL,
     retry_policy=STORE_RETRY,
-    op_tags={"maestro/kind": "backup"},
+    op_tags={KIND_TAG: "backup"},
 )
 @backup_step
 def database_backup(
@@ -425,8 +426,8 @@ class MonthlyArchiveConfig(dg.Config):
     retry_policy=STORE_RETRY,
     # No dependency on database_backup: an archive copies a verified backup from the store,
     # whoever took it (`maestro backup run` too), so "upstream never materialized" would be wrong.
-    tags={"maestro/kind": "archive"},
-    op_tags={"maestro/kind": "archive"},
+    tags={KIND_TAG: "archive"},
+    op_tags={KIND_TAG: "archive"},
     description=(
         "A month's restore point kept for a year: a server-side copy of the latest verified backup taken "
         "before the end of the month into monthly/YYYY-MM/ (idempotent). One materialization per archived "

@@ -33,7 +33,7 @@ import dagster as dg
 from pydantic import Field
 
 from maestro_pipelines.assets.backups import BACKUP_GROUP
-from maestro_pipelines.dagster_support import BACKUP_POOL, Column, ProgressLog, markdown_list, metadata_table
+from maestro_pipelines.dagster_support import BACKUP_POOL, KIND_TAG, Column, ProgressLog, markdown_list, metadata_table
 from maestro_pipelines.environment import run_settings
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.formatting import human_duration
@@ -315,8 +315,8 @@ def _alert_text(context, report, failures: list[str]) -> str:
     # `maestro backup run` ones too, so a deployment whose backups come from the CLI would get
     # Dagster's "upstream database_backup has not been materialized, this may fail" on every click.
     kinds={"postgres"},
-    tags={"maestro/kind": DRILL_KIND},
-    op_tags={"maestro/kind": DRILL_KIND},
+    tags={KIND_TAG: DRILL_KIND},
+    op_tags={KIND_TAG: DRILL_KIND},
     description=(
         "Weekly disaster-recovery drill: restore the latest verified backup into scratch databases, verify "
         "counts, checksums, btree indexes (amcheck), migrations and MLflow's production aliases, measure "

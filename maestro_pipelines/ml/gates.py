@@ -4,9 +4,9 @@ Two gates, each a blocking check of the `model_evaluation` asset and a key of th
 `model_versions.gate_results` the platform database records:
 
 - `metric_floors`: every metric reaches the tenant's floor (`tenants.settings.gates`, else
-  `DEFAULT_GATES`);
+  `objectives.DEFAULT_GATES`);
 - `no_regression_vs_production`: no metric falls below the production model's by more than
-  the tenant's tolerance (`DEFAULT_REGRESSION_TOLERANCE` unless set).
+  the tenant's tolerance (`objectives.DEFAULT_REGRESSION_TOLERANCE` unless set).
 
 A NaN metric fails both (it is no evidence the model is good). Pure and Dagster-free: the
 asset hands in the metrics and the production model's, and publishes the verdict.
@@ -19,11 +19,6 @@ from typing import Optional
 
 METRIC_FLOORS_CHECK = "metric_floors"
 NO_REGRESSION_CHECK = "no_regression_vs_production"
-
-DEFAULT_GATES = {"accuracy": 0.70, "f1": 0.65, "roc_auc": 0.70}
-"""The metric floors of a tenant that sets none (`maestro tenants add --min-accuracy ...`)."""
-DEFAULT_REGRESSION_TOLERANCE = 0.02
-"""How far a metric may fall below the production model's (`--regression-tolerance`)."""
 
 NAN = float("nan")
 

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from maestro_pipelines.errors import MaestroError
-from maestro_pipelines.ml.gates import DEFAULT_GATES, DEFAULT_REGRESSION_TOLERANCE
+from maestro_pipelines.objectives import DEFAULT_GATES, DEFAULT_REGRESSION_TOLERANCE
 
 # The same rule as the tenants_name_format CHECK constraint: tenant names become Dagster
 # partition keys, MLflow model names (maestro-<tenant>) and object key prefixes.
