@@ -379,20 +379,9 @@ def tenants_load(
 
     --json keys: tenant, file, file_format, rows, inserted, updated, unchanged, deleted,
     features, key_column, tenant_rows, seconds, trainable."""
-    from maestro_pipelines.platform_db.tenants import validate_tenant_name
-    from maestro_pipelines.platform_db.training_rows import file_format, file_layout, load_training_rows, open_rows
+    from maestro_pipelines.platform_db.training_rows import file_format, load_training_rows
 
-    validate_tenant_name(name)  # the name and the file are checked before the database is opened
-    table = open_rows(file)
-    try:
-        file_layout(table.columns, file.name, key)
-    finally:
-        table.close()
-    if load_settings().source_url is not None:
-        raise MaestroError(
-            "MAESTRO_SOURCE_URL is set: training reads tenants' rows from your database, not from the platform "
-            "database this command loads", "Load the rows into the table MAESTRO_SOURCE_URL names (docs/architecture.md, "
-            "\"Data sources\", gives its columns), or unset MAESTRO_SOURCE_URL")
+    _check_load_request(name, file, key)
     from maestro_pipelines.platform_db.tenants import tenant_models
     from maestro_pipelines.platform_db.training_rows import why_untrainable
 
@@ -408,6 +397,24 @@ def tenants_load(
         out.print_json(json.dumps({**result.as_dict(), "trainable": untrainable is None}))
         return
     _print_load(result, file, replace, _after_load(result, untrainable, models))
+
+
+def _check_load_request(name: str, file: Path, key: str | None) -> None:
+    """The tenant's name, the file's layout and the settings, checked before any database is opened."""
+    from maestro_pipelines.platform_db.tenants import validate_tenant_name
+    from maestro_pipelines.platform_db.training_rows import file_layout, open_rows
+
+    validate_tenant_name(name)
+    table = open_rows(file)
+    try:
+        file_layout(table.columns, file.name, key)
+    finally:
+        table.close()
+    if load_settings().source_url is not None:
+        raise MaestroError(
+            "MAESTRO_SOURCE_URL is set: training reads tenants' rows from your database, not from the platform "
+            "database this command loads", "Load the rows into the table MAESTRO_SOURCE_URL names (docs/architecture.md, "
+            "\"Data sources\", gives its columns), or unset MAESTRO_SOURCE_URL")
 
 
 def _print_load(result, file: Path, replace: bool, next_step: str) -> None:
@@ -665,9 +672,10 @@ def backup_info_command(
     from maestro_pipelines.backup.info import backup_info, store_unreadable
 
     stopped = False
-    url = "the store MAESTRO_STORE_URL names" if os.environ.get("MAESTRO_STORE_URL") else "the default store in MAESTRO_HOME"
+    url = "the configured store"
     try:
         settings = load_settings()
+        url = "the store MAESTRO_STORE_URL names" if settings.store_url else "the default store in MAESTRO_HOME"
         stopped = settings.uses_embedded_database
         store = _store()
         url = store.url

@@ -133,6 +133,21 @@ def run_demo(tenant_names: list[str], out: Console, err: Console) -> list[Tenant
         upkeep = _execute_quietly(defs.resolve_job_def("platform_upkeep"), instance)
         progress.advance(task)
 
+    out.print(_results_table(outcomes))
+    for o in outcomes:
+        if not o.success:
+            out.print(f"{o.tenant}: run failed at {o.error or 'a step (see the Dagster UI)'}", highlight=False, soft_wrap=True)
+    out.print(f"Open the Dagster UI (http://127.0.0.1:3000) to see the graph, partitions, checks and pictures:\n"
+              f"  DAGSTER_HOME={home} {dagster_command()} dev", highlight=False, soft_wrap=True)
+    if not upkeep.success:
+        out.print("platform_upkeep failed (see the Dagster UI)", highlight=False)
+    if not all(o.success for o in outcomes):
+        raise MaestroError("the demo did not finish for every tenant", "Open the Dagster UI (command above) for each failed run's logs")
+    return outcomes
+
+
+def _results_table(outcomes: list[TenantOutcome]) -> Table:
+    """One row per tenant: the version it deployed, its test metrics, its gates, its predictions."""
     table = Table(title="maestro demo", title_justify="left")
     for column in ("tenant", "version", "accuracy", "f1", "roc auc", "gates", "predictions"):
         table.add_column(column, justify="left" if column in ("tenant", "gates") else "right")
@@ -144,17 +159,7 @@ def run_demo(tenant_names: list[str], out: Console, err: Console) -> list[Tenant
         gates = "" if not o.gates else ("pass" if not failed_gates else "FAIL " + ", ".join(failed_gates))
         table.add_row(o.tenant, str(o.version or "-"), metric("accuracy"), metric("f1"), metric("roc_auc"), gates,
                       "-" if o.predictions is None else f"{o.predictions:,}")
-    out.print(table)
-    for o in outcomes:
-        if not o.success:
-            out.print(f"{o.tenant}: run failed at {o.error or 'a step (see the Dagster UI)'}", highlight=False, soft_wrap=True)
-    out.print(f"Open the Dagster UI (http://127.0.0.1:3000) to see the graph, partitions, checks and pictures:\n"
-              f"  DAGSTER_HOME={home} {dagster_command()} dev", highlight=False, soft_wrap=True)
-    if not upkeep.success:
-        out.print("platform_upkeep failed (see the Dagster UI)", highlight=False)
-    if not all(o.success for o in outcomes):
-        raise MaestroError("the demo did not finish for every tenant", "Open the Dagster UI (command above) for each failed run's logs")
-    return outcomes
+    return table
 
 
 def _execute_quietly(job, instance, **kwargs):
