@@ -391,7 +391,7 @@ def batch_predictions(context: dg.AssetExecutionContext, deployment, source: Dat
     live_version = live.version if live else None
     started = time.perf_counter()
     with platform_db.get_connection() as conn:
-        previous = _scored_through(context, conn, tenant.id, live_version)
+        previous = _scored_through(conn, tenant.id, live_version)
         active = ml_records.active_deployment(conn, ml_records.ensure_model(conn, tenant))
         model_version_id = active.model_version_id if active else deployment.model_version_id
         deployment_id = active.id if active else deployment.deployment_id
@@ -461,37 +461,16 @@ def _cache_metadata(cache: CacheResource, cached, counters) -> dict[str, Any]:
     }
 
 
-def _scored_through(context: dg.AssetExecutionContext, conn, tenant_id: int, live_version: Optional[int]):
+def _scored_through(conn, tenant_id: int, live_version: Optional[int]):
     """Where this scoring starts: after the rows the same model version scored last (the
     platform database's `scoring_watermarks`, next to the predictions); None scores every row
-    (the first scoring, a new version)."""
+    (the first scoring, a new version, or predictions from before migration 0004: scoring them
+    all once again adds duplicates of old predictions, where guessing from Dagster's event log
+    could skip rows after a restore of the platform database alone)."""
     from maestro_pipelines.platform_db import ml_records
 
     watermark = ml_records.scoring_watermark(conn, tenant_id)
-    if watermark is not None:
-        return watermark.since_for(live_version)
-    if ml_records.has_predictions(conn, tenant_id):
-        # Scored before migration 0004 moved the watermark into the platform database: it is
-        # still in the last materialization's metadata. Read once; the next one is recorded here.
-        return _event_log_watermark(context, live_version)
-    return None
-
-
-def _event_log_watermark(context: dg.AssetExecutionContext, live_version: Optional[int]):
-    """The watermark a materialization before migration 0004 left in its metadata."""
-    from datetime import datetime
-
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[context.partition_key]), limit=1
-    ).records
-    if not records:
-        return None
-    metadata = records[0].asset_materialization.metadata if records[0].asset_materialization else {}
-    version = metadata.get("model_version")
-    through = metadata.get("scored_through")
-    if version is None or live_version is None or version.value != live_version or not through or not through.value:
-        return None
-    return datetime.fromisoformat(through.value)
+    return watermark.since_for(live_version) if watermark is not None else None
 
 
 ml_assets = [training_data, features, trained_model, model_evaluation, registered_model, deployment, batch_predictions]

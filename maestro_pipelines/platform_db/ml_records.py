@@ -245,10 +245,3 @@ def record_scoring_watermark(conn: Connection, tenant_id: int, model_version: in
         ),
         {"t": tenant_id, "v": model_version, "through": scored_through},
     )
-
-
-def has_predictions(conn: Connection, tenant_id: int) -> bool:
-    """Whether any prediction of the tenant is recorded (index predictions_tenant_created_idx)."""
-    return bool(conn.execute(
-        text("SELECT EXISTS (SELECT 1 FROM predictions WHERE tenant_id = :t)"), {"t": tenant_id}
-    ).scalar())
