@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from maestro_pipelines.automation_cli import automation_app
@@ -342,7 +343,7 @@ def _tenant_row_counts(conn, names: list[str]) -> dict[str, int]:
         for name in names:
             counts[name] = source.tenant_fingerprint(name).row_count
     except MaestroError as exc:
-        err.print(f"[yellow]warning:[/yellow] rows not counted: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/yellow] rows not counted: {escape(str(exc))}", highlight=False, soft_wrap=True)
     return counts
 
 
@@ -692,7 +693,6 @@ def backup_info_command(
 def _print_info(info) -> None:
     from maestro_pipelines.formatting import human_duration
 
-    from rich.markup import escape
 
     def line(key: str, value: str) -> None:
         _print_keyed(key, value)
@@ -942,13 +942,13 @@ def restore(
     check_restore_request(target, roles, jobs)  # before the store or a server is touched
     moment = parse_before(before, "--before")
     store = _store()
-    entry = resolve_restore_point(store, backup, before=moment, log=lambda message: err.print(message, highlight=False, soft_wrap=True))
+    entry = resolve_restore_point(store, backup, before=moment, log=lambda message: err.print(message, markup=False, highlight=False, soft_wrap=True))
     destinations, _notes = _destinations()
     # restore_backup says "restoring ... into ..." itself, once its refusals are behind it.
     with _progress("download", keep=False) as progress:
         report = restore_backup(
             store, entry, destinations, target=target, confirm=confirm, roles=roles, jobs=jobs, progress=progress,
-            log=lambda message: err.print(message, highlight=False, soft_wrap=True), phases=progress.phase,
+            log=lambda message: err.print(message, markup=False, highlight=False, soft_wrap=True), phases=progress.phase,
         )
     _print_restore_report(report, as_json)
 
@@ -1062,7 +1062,7 @@ def _recover(undo: bool, confirm: str | None) -> None:
 
     destinations, _notes = _destinations()
     recover = undo_swap if undo else finish_swap
-    done = recover(_store(), destinations, confirm, log=lambda message: err.print(message, highlight=False))
+    done = recover(_store(), destinations, confirm, log=lambda message: err.print(message, markup=False, highlight=False))
     for line in done.lines():
         out.print(line, highlight=False, soft_wrap=True)
     _print_cleanup_hint([t.database for t in destinations if t.role == "platform"])
@@ -1128,7 +1128,7 @@ def drill(
     with _progress("download", keep=False) as progress:
         report = run_drill(
             _store(), destinations, rto_target, rpo_target, jobs=jobs,
-            progress=progress, log=lambda message: err.print(message, highlight=False, soft_wrap=True), backup=backup,
+            progress=progress, log=lambda message: err.print(message, markup=False, highlight=False, soft_wrap=True), backup=backup,
             source="cli", phases=progress.phase,
         )
     if as_json:
@@ -1198,7 +1198,6 @@ def _drill_table(records, store_url: str) -> Table:
     """Five columns that fit 80: the time to the minute, the whole backup id (never cut: it is
     copied into `maestro restore --backup`), durations as people say them, and the result
     with where it ran, the only column that wraps. Targets and seconds are in --json."""
-    from rich.markup import escape
 
     table = Table(title=f"{counted(len(records), 'drill', 'drills')} in {store_url}", title_justify="left")
     for column in ("started (UTC)", "backup", "RTO", "RPO", "result"):
@@ -1276,6 +1275,17 @@ def _command():
     return command
 
 
+def _usage_hint(exc) -> str:
+    """`maestro restore latest` reads as "restore the latest backup": the word is a backup, not
+    a subcommand, and the command that does it is named."""
+    import re
+
+    unknown = re.match(r"No such command '(?P<word>[^']*)'", exc.format_message())
+    if unknown is None or exc.ctx is None or not any("--backup" in p.opts for p in exc.ctx.command.params):
+        return ""
+    return f" (to restore backup {unknown['word']}: {exc.ctx.command_path} --backup {unknown['word']})"
+
+
 def main() -> None:
     import signal
 
@@ -1293,7 +1303,8 @@ def main() -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `maestro backup` alone: its help was the answer
             sys.exit(2)
         command = exc.ctx.command_path if exc.ctx is not None else "maestro"
-        err.print(f"error: {exc.format_message().rstrip('.')}. See `{command} --help`", highlight=False, soft_wrap=True)
+        err.print(f"error: {exc.format_message().rstrip('.')}{_usage_hint(exc)}. See `{command} --help`",
+                  markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Abort:
         err.print("interrupted", highlight=False)
@@ -1302,7 +1313,8 @@ def main() -> None:
         err.print("terminated (SIGTERM)", highlight=False)
         sys.exit(128 + signal.SIGTERM)
     except MaestroError as exc:
-        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        # Library messages are plain text: "pip install 'maestro-pipelines[s3]'" is not markup.
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted", highlight=False)
@@ -1316,6 +1328,7 @@ def main() -> None:
         err.print(
             f"error: unexpected {type(exc).__name__}: {first_line} "
             "(run again with MAESTRO_DEBUG=1 for the traceback, and please report it)",
+            markup=False,
             highlight=False,
             soft_wrap=True,
         )

@@ -67,6 +67,8 @@ REFUSED_UP_FRONT = {
     "tolerance-negative": (["tenants", "add", "acme", "--regression-tolerance", "-0.1"],
                            ["regression tolerance -0.1", "--regression-tolerance"]),
     "tenant-name-long": (["tenants", "add", LONG_NAME], ["not a valid tenant name", "10,000 characters", "1 to 63"]),
+    # Brackets are text, not Rich markup: "pip install 'maestro-pipelines[s3]'" lost its [s3].
+    "tenant-name-brackets": (["tenants", "add", "acme[red]"], ["'acme[red]' is not a valid tenant name"]),
     "archive-far-future": (["backup", "archive", "--month", "9999-12"], ["9999-12 has not begun", "--month"]),
     "archive-not-a-month": (["backup", "archive", "--month", "2026-13"], ["'2026-13' is not a month", "YYYY-MM"]),
     "level-too-high": (["backup", "run", "--level", "99"], ["compression level 99", "-7 to 22"]),
@@ -106,6 +108,10 @@ USAGE_ERRORS = {
     "unknown-option": (["db", "status", "--verbose"], ["No such option: --verbose", "maestro db status --help"]),
     "missing-argument": (["tenants", "add"], ["Missing argument 'NAME'", "maestro tenants add --help"]),
     "unknown-command": (["backup", "frobnicate"], ["No such command 'frobnicate'", "maestro backup --help"]),
+    # `maestro restore latest`: the backup goes after --backup, and the error says so.
+    "restore-backup-as-word": (["restore", "latest"], ["No such command 'latest'", "maestro restore --backup latest"]),
+    # Brackets in what the user typed are text, not Rich markup that swallows them.
+    "brackets-kept": (["db", "status", "--x[red]"], ["No such option: --x[red]", "maestro db status --help"]),
 }
 
 
