@@ -154,3 +154,24 @@ def test_a_bad_plugin_is_one_line_naming_it(tmp_path, source, says):
                                                 "PYTHONPATH": on_pythonpath(folder)})
     assert listed.returncode == 1, listed.stderr
     assert listed.stderr.startswith(f"error: {says}") and listed.stderr.count("\n") == 1, listed.stderr
+
+
+def test_a_plugin_store_without_an_mlflow_location_refuses_training_in_one_line(plugin_path, monkeypatch):
+    """MLflow has no artifact repository for a scheme it does not know: a backend that declares
+    no `artifact_uri` is refused where MLflow's artifact root is decided, in one line naming the
+    store and what to do, instead of every training failing inside MLflow ("Could not find a
+    registered artifact repository", retried as if transient: seen by a new user)."""
+    from maestro_pipelines.errors import MaestroError
+    from maestro_pipelines.resources.mlflow import artifact_root_for
+    from maestro_pipelines.settings import Settings
+
+    monkeypatch.syspath_prepend(str(plugin_path))
+    settings = Settings(home=plugin_path / "home", database_url=None, store_url="fakestore://backups")
+    with pytest.raises(MaestroError) as refused:
+        artifact_root_for(settings)
+    message = str(refused.value)
+    assert "the fakestore store (MAESTRO_STORE_URL) has no MLflow artifact location" in message, message
+    assert "artifact_uri" in message and "artifact_root" in message and "\n" not in message
+    # The built-in backends keep theirs: the store's mlflow-artifacts folder.
+    local = Settings(home=plugin_path / "home", database_url=None, store_url=None)
+    assert artifact_root_for(local) == f"{(plugin_path / 'home' / 'store').resolve().as_uri()}/mlflow-artifacts"

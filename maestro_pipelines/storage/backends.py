@@ -137,8 +137,11 @@ class Backend:
     resource_options: Mapping[str, str] = field(default_factory=dict)
     """ObjectStoreResource field -> the open option it feeds. A credential field whose option
     has an `environment` variable is passed to the resource as dg.EnvVar of that variable."""
-    artifact_uri: Callable[[StoreLocation, Mapping[str, str]], str] = mlflow_artifacts_beside
-    """artifact_uri(location, environment) -> MLflow's artifact root for a store there."""
+    artifact_uri: Callable[[StoreLocation, Mapping[str, str]], str] | None = None
+    """artifact_uri(location, environment) -> MLflow's artifact root for a store there (models,
+    pictures). None: MLflow has no artifact repository for this scheme, and training refuses
+    with one line instead of failing in MLflow; `mlflow_artifacts_beside` for a URL MLflow reads
+    as it is (file://, s3://, gs://)."""
 
 
 _backends: list[Backend] = []

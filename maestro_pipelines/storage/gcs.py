@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from maestro_pipelines.storage.backends import Backend, Container, bucket_opener, missing_sdk
+from maestro_pipelines.storage.backends import Backend, Container, bucket_opener, missing_sdk, mlflow_artifacts_beside
 from maestro_pipelines.storage.base import (
     CHUNK_SIZE,
     DEFAULT_SOURCE,
@@ -419,6 +419,7 @@ BACKEND = Backend(
     open=bucket_opener(GCSObjectStore),
     sdk="google-cloud-storage",
     extra="gcs",
+    artifact_uri=mlflow_artifacts_beside,
     container=Container(
         "bucket", re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$"),
         "Bucket names are 3-63 lowercase letters, digits and '-' (and '.', '_')",

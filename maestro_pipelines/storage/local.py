@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import SplitResult, unquote
 
-from maestro_pipelines.storage.backends import Backend, BadURL, StoreLocation
+from maestro_pipelines.storage.backends import Backend, BadURL, StoreLocation, mlflow_artifacts_beside
 from maestro_pipelines.storage.base import (
     CHUNK_SIZE,
     DEFAULT_SOURCE,
@@ -526,4 +526,5 @@ BACKEND = Backend(
     open=_open,
     parse=_parse_file_url,
     url_of=lambda location: Path(location.bucket).as_uri(),
+    artifact_uri=mlflow_artifacts_beside,
 )

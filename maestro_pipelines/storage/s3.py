@@ -34,7 +34,7 @@ from email.utils import parsedate_to_datetime
 import re
 from typing import Any
 
-from maestro_pipelines.storage.backends import Backend, Container, bucket_opener, missing_sdk
+from maestro_pipelines.storage.backends import Backend, Container, bucket_opener, missing_sdk, mlflow_artifacts_beside
 from maestro_pipelines.storage.base import (
     DEFAULT_SOURCE,
     MiB,
@@ -421,6 +421,7 @@ BACKEND = Backend(
     open=bucket_opener(S3ObjectStore),
     sdk="boto3",
     extra="s3",
+    artifact_uri=mlflow_artifacts_beside,
     container=Container(
         "bucket", re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"),
         "Bucket names are 3-63 lowercase letters, digits and '-' (and '.')",

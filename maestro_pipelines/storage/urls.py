@@ -27,6 +27,7 @@ from maestro_pipelines.storage.backends import (
     registered_backends,
 )
 from maestro_pipelines.storage.base import DEFAULT_SOURCE, InvalidStoreURL, ObjectStore
+from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.storage.local import WINDOWS_PATH
 
 STORE_URL_VARIABLE = "MAESTRO_STORE_URL"
@@ -126,4 +127,11 @@ def open_configured_store(
 def artifact_uri_for(store_url: str, environment: Mapping[str, str], source: str = STORE_URL_VARIABLE) -> str:
     """MLflow's artifact root for the store at `store_url`: its backend's `artifact_uri`."""
     location = parse_store_url(store_url, source)
+    if location.backend.artifact_uri is None:
+        raise MaestroError(
+            f"the {location.backend.name} store ({source}) has no MLflow artifact location: MLflow cannot "
+            "write models into it",
+            "Give its backend an artifact_uri (docs/architecture.md, \"How to add ...\"), or set the "
+            "MLflow resource's artifact_root to a file://, s3:// or gs:// URI",
+        )
     return location.backend.artifact_uri(location, environment)
