@@ -406,16 +406,16 @@ def _check_load_request(name: str, file: Path, key: str | None) -> None:
     from maestro_pipelines.platform_db.training_rows import file_layout, open_rows
 
     validate_tenant_name(name)
+    if load_settings().source_url is not None:  # before the file: its columns would not matter
+        raise MaestroError(
+            "MAESTRO_SOURCE_URL is set: training reads tenants' rows from your database, not from the platform "
+            "database this command loads", "Load the rows into the table MAESTRO_SOURCE_URL names (docs/architecture.md, "
+            "\"The data source's table\", gives its columns), or unset MAESTRO_SOURCE_URL")
     table = open_rows(file)
     try:
         file_layout(table.columns, file.name, key)
     finally:
         table.close()
-    if load_settings().source_url is not None:
-        raise MaestroError(
-            "MAESTRO_SOURCE_URL is set: training reads tenants' rows from your database, not from the platform "
-            "database this command loads", "Load the rows into the table MAESTRO_SOURCE_URL names (docs/architecture.md, "
-            "\"Data sources\", gives its columns), or unset MAESTRO_SOURCE_URL")
 
 
 def _print_load(result, file: Path, replace: bool, next_step: str) -> None:
@@ -671,12 +671,13 @@ def backup_info_command(
     started_at, snapshot_at, age_s, databases, dump_bytes, stored_bytes, duration_s, verified,
     verified_at, bad, problem. Times are ISO 8601 UTC, *_s seconds, *_bytes bytes."""
     from maestro_pipelines.backup.info import backup_info, store_unreadable
+    from maestro_pipelines.storage.urls import printable_store_url
 
     stopped = False
     url = "the configured store"
     try:
         settings = load_settings()
-        url = "the store MAESTRO_STORE_URL names" if settings.store_url else "the default store in MAESTRO_HOME"
+        url = printable_store_url(settings.store_url) if settings.store_url else "the default store in MAESTRO_HOME"
         stopped = settings.uses_embedded_database
         store = _store()
         url = store.url

@@ -103,6 +103,10 @@ def test_an_unreadable_store_is_an_error_not_a_crash(tmp_path):
     assert "MAESTRO_STORE_URL" in lines[1]
     assert report["status"] == "error" and report["readable"] is False
     assert report["reasons"][0]["message"].startswith("store unreadable:")
+    # Which store: the URL as configured (credentials hidden), not a placeholder.
+    lines, report = info({"MAESTRO_STORE_URL": "s3://key:secret@Bad_Bucket/x"}, 2)
+    assert report["store"] == "s3://…@Bad_Bucket/x", report["store"]
+    assert "secret" not in "\n".join(lines)
 
 
 def test_info_through_a_backup_an_unverified_one_and_a_damaged_one(env, store):

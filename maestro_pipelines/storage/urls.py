@@ -40,7 +40,7 @@ def _forms() -> str:
     return ", ".join(backend.example for backend in registered_backends())
 
 
-def _redact(raw: str) -> str:
+def printable_store_url(raw: str) -> str:
     """The URL as it may appear in a message: user:password@ removed, query dropped."""
     return re.sub(r"//[^/@]*@", "//…@", raw.split("?", 1)[0])
 
@@ -54,7 +54,7 @@ def parse_store_url(raw: str, source: str = DEFAULT_SOURCE) -> StoreLocation:
     if not isinstance(raw, str) or not raw.strip():
         raise InvalidStoreURL(f"{source} is empty", f"Set it to a store URL: {_forms()}")
     text = raw.strip()
-    shown = _redact(text)
+    shown = printable_store_url(text)
 
     def bad(problem: str, hint: str | None = None) -> InvalidStoreURL:
         return InvalidStoreURL(f"{source} ({shown}) {problem}", hint or f"Write it as one of {_forms()}")
