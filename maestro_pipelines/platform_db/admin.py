@@ -97,7 +97,9 @@ def create_database(url: URL, name: str, source: str) -> None:
     with _connect(url, source) as conn:
         try:
             conn.execute(f"CREATE DATABASE {quote_ident(name)}")
-        except psycopg.errors.DuplicateDatabase as exc:
+        except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation) as exc:
+            # Two processes creating it at the same moment: the loser gets "already exists", or
+            # when both passed the catalog check, the unique index of pg_database's names.
             raise DatabaseExists(f"Database '{name}' already exists at {describe(url)}", detail=first_line(exc)) from None
         except psycopg.errors.InsufficientPrivilege as exc:
             raise NotPermitted(f"Cannot create database '{name}' at {describe(url)}: {first_line(exc)}",
