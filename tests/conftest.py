@@ -29,22 +29,21 @@ from maestro_pipelines.platform_db.urls import parse_postgres_url
 from tests.services import free_port, wait_for_port
 
 
-def pytest_xdist_node_collection_finished(node, ids) -> None:
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
     """Tests marked `xdist_group` share one module fixture (a `dagster dev`, a connector's
-    server) and must run in one worker: `scripts/test` runs `--dist loadgroup`, and a worker
-    reports a grouped test's id as `<id>@<group>`. With pytest 9.2 and pytest-xdist 3.8 the
+    server) and must run in one worker: `scripts/test` runs `--dist loadgroup`, whose workers
+    give a grouped test the id `<id>@<group>`. With pytest 9.2 and pytest-xdist 3.8 the
     grouping silently stops (pytest-dev/pytest-xdist#1386: xdist edits the node id, which
     pytest 9.2 no longer reads), one module's tests go to both workers, each starts its own
-    fixture, and a test that needs the one before it fails half the time. This suite always has
-    grouped tests (tests/test_ui_browser.py, tests/sources/), so no id with a group means the
-    grouping is broken: stop with one line instead of failing at random."""
-    if node.config.getoption("dist", default="no") != "loadgroup" or any("@" in nodeid for nodeid in ids):
-        return
-    pytest.exit(
-        "pytest-xdist --dist loadgroup grouped no test: this pytest and pytest-xdist do not work together "
-        "(pytest-dev/pytest-xdist#1386); install the versions the dev extra of pyproject.toml allows",
-        returncode=4,
-    )
+    fixture, and a test that needs the one before it fails half the time. Then each grouped
+    test fails at once with this one line, before its fixtures start, instead of at random."""
+    if item.config.getoption("loadgroup", default=False) and item.get_closest_marker("xdist_group") \
+            and "@" not in item.nodeid:
+        pytest.fail(
+            "pytest-xdist did not keep this xdist_group test with its group: this pytest and pytest-xdist "
+            "do not work together (pytest-dev/pytest-xdist#1386); install the versions the dev extra of "
+            "pyproject.toml allows", pytrace=False)
 
 
 PG15_URL_VARIABLE = "MAESTRO_TEST_PG15_URL"
