@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.ml.gates import METRIC_FLOORS_CHECK, NO_REGRESSION_CHECK
 from maestro_pipelines.settings import Settings, load_settings
 
 
@@ -77,6 +79,9 @@ def prepare_tenants(settings: Settings, tenant_names: list[str], err: Console) -
         conn.commit()
 
 
+_EXCEPTION_CLASS = re.compile(r"^[A-Za-z_][\w.]*(Error|Failure|Exception): ")
+QUALITY_GATES = (METRIC_FLOORS_CHECK, NO_REGRESSION_CHECK)
+
 def outcome_of(tenant: str, result) -> TenantOutcome:
     outcome = TenantOutcome(tenant, result.success)
     for materialization in result.asset_materializations_for_node("model_evaluation"):
@@ -86,10 +91,15 @@ def outcome_of(tenant: str, result) -> TenantOutcome:
     for materialization in result.asset_materializations_for_node("batch_predictions"):
         outcome.predictions = int(materialization.metadata["rows_scored"].value)
     for evaluation in result.get_asset_check_evaluations():
-        outcome.gates[evaluation.check_name] = evaluation.passed
+        # The quality gates only: a run that failed before them shows none, not the data
+        # checks' "pass" (a failed training was shown as "gates pass").
+        if evaluation.check_name in QUALITY_GATES:
+            outcome.gates[evaluation.check_name] = evaluation.passed
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data:
-            outcome.error = f"{event.step_key}: {event.step_failure_data.error.message.strip().splitlines()[0]}"
+            first_line = event.step_failure_data.error.message.strip().splitlines()[0]
+            # "dagster._core.definitions.events.Failure: <our one line>": the line is the news.
+            outcome.error = f"{event.step_key}: {_EXCEPTION_CLASS.sub('', first_line)}"
             break
     return outcome
 

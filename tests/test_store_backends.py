@@ -175,3 +175,20 @@ def test_a_plugin_store_without_an_mlflow_location_refuses_training_in_one_line(
     # The built-in backends keep theirs: the store's mlflow-artifacts folder.
     local = Settings(home=plugin_path / "home", database_url=None, store_url=None)
     assert artifact_root_for(local) == f"{(plugin_path / 'home' / 'store').resolve().as_uri()}/mlflow-artifacts"
+
+
+def test_a_demo_on_a_store_mlflow_cannot_write_says_why_and_claims_no_gate(plugin_path, tmp_path):
+    """`maestro demo` with such a store: the training fails at once (no retries of a
+    configuration error), the summary names the store and what to do, and the tenant's row
+    shows no gate result (a failed training was shown as "gates pass": the data checks')."""
+    env = {"MAESTRO_HOME": str(tmp_path / "home"), "MAESTRO_STORE_URL": "fakestore://demo",
+           "FAKE_STORE_ROOT": str(tmp_path / "root"), "PYTHONPATH": on_pythonpath(plugin_path)}
+    result = run_maestro("demo", "--tenants", "acme", env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "acme: run failed at trained_model: the fakestore store (MAESTRO_STORE_URL) has no MLflow artifact " \
+           "location" in result.stdout, result.stdout
+    assert "max_retries" not in result.stdout
+    [row] = [line for line in result.stdout.splitlines() if line.startswith("│ acme")]
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    assert cells[1] == "-" and cells[5] == "", cells  # no version deployed, no gate judged
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the demo did not finish for every tenant")
