@@ -870,17 +870,16 @@ def backup_retention(
 
 @backup_app.command("archive")
 def backup_archive(
-    month: str = typer.Option(None, metavar="MONTH", help="Month to archive, YYYY-MM (default: the previous month)."),
+    month: str = typer.Option(None, metavar="MONTH", help="Month to archive, YYYY-MM (default: the previous month in MAESTRO_TIMEZONE)."),
 ) -> None:
     """Copy (server-side) the latest verified backup of MONTH to the monthly/ prefix."""
-    from datetime import timedelta
-
     from maestro_pipelines.backup import archive_month
     from maestro_pipelines.backup.archive import check_archive_month
+    from maestro_pipelines.clock import checked_timezone, previous_month
     from maestro_pipelines.backup.manifest import utcnow
 
-    if month is None:
-        month = (utcnow().replace(day=1) - timedelta(days=1)).strftime("%Y-%m")
+    if month is None:  # the previous month on the schedules' clock, as the asset's default
+        month = previous_month(utcnow(), checked_timezone(load_settings().timezone))
     check_archive_month(month)  # before the store is opened
     entry, copied = archive_month(_store(), month)
     state = "archived" if copied else "already archived"

@@ -129,18 +129,9 @@ def run_settings(platform_db: PlatformDatabase, mlflow: MLflowRegistry) -> Setti
 
 def schedule_timezone(settings: Settings) -> str:
     """MAESTRO_TIMEZONE, checked: the schedules' clock and the default month of `monthly_archive`."""
-    import zoneinfo
+    from maestro_pipelines.clock import checked_timezone
 
-    from maestro_pipelines.errors import MaestroError
-
-    try:
-        zoneinfo.ZoneInfo(settings.timezone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise MaestroError(
-            f"MAESTRO_TIMEZONE '{settings.timezone}' is not a time zone",
-            "Use an IANA name such as Europe/Berlin, or unset it for UTC",
-        ) from None
-    return settings.timezone
+    return checked_timezone(settings.timezone)
 
 
 def automation_on_by_default(settings: Settings) -> bool:

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
@@ -306,3 +307,17 @@ def test_the_jobs_refuse_what_the_cli_refuses():
                                  (DrillConfig, "rpo_target_hours", MAX_RPO_HOURS + 1)):
         with pytest.raises(pydantic.ValidationError, match=field):
             config(**{field: limit})
+
+
+def test_backup_archive_takes_its_default_month_on_the_schedules_clock(nowhere):
+    """`maestro backup archive` without --month archives the previous month in MAESTRO_TIMEZONE,
+    as the monthly_archive asset and its schedule do (it took UTC's): a time zone that is not
+    one is refused in one line before the store is opened, and --month needs no time zone."""
+    result = run_maestro("backup", "archive", env={**nowhere, "MAESTRO_TIMEZONE": "Mars/Olympus"})
+    assert_one_error_line(result, "MAESTRO_TIMEZONE 'Mars/Olympus' is not a time zone", "IANA name")
+    assert result.stdout.strip() == ""
+    from maestro_pipelines.clock import previous_month
+
+    tokyo_new_year = datetime(2026, 12, 31, 16, 30, tzinfo=timezone.utc)  # 01:30 on 1 January in Tokyo
+    assert previous_month(tokyo_new_year, "Asia/Tokyo") == "2026-12"
+    assert previous_month(tokyo_new_year, "UTC") == "2026-11"

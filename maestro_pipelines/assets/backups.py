@@ -42,8 +42,7 @@ The pool `maestro_backup`
 """
 
 import time
-import zoneinfo
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Optional
 
 import dagster as dg
@@ -75,21 +74,8 @@ VERIFIED_CHECK = "verified"
 # BACKUP_TIMEZONE (the schedules' clock, the default month of `monthly_archive`) and whether
 # automation starts running are deployment decisions: maestro_pipelines.environment takes them.
 
-def local_day(moment: datetime, tz: str) -> str:
-    """The calendar day (YYYY-MM-DD) of `moment` in time zone `tz` (naive moments are UTC)."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(zoneinfo.ZoneInfo(tz)).date().isoformat()
-
-
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def previous_month(moment: datetime, tz: str) -> str:
-    """The month (YYYY-MM) before the one `moment` falls in, in time zone `tz`."""
-    first = date.fromisoformat(local_day(moment, tz)).replace(day=1)
-    return (first - timedelta(days=1)).strftime("%Y-%m")
 
 
 def _pool_check(context) -> None:
@@ -439,6 +425,7 @@ def monthly_archive(
     context: dg.AssetExecutionContext, config: MonthlyArchiveConfig, store: ObjectStoreResource
 ) -> dg.MaterializeResult:
     from maestro_pipelines.backup import archive_month
+    from maestro_pipelines.clock import previous_month
 
     month = config.month or previous_month(_utcnow(), BACKUP_TIMEZONE)
     object_store = store.get_store()

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from maestro_pipelines.assets.backups import local_day, previous_month
+from maestro_pipelines.clock import local_day, previous_month
 from maestro_pipelines.environment import AUTOMATION_ON_BY_DEFAULT, BACKUP_TIMEZONE
 from maestro_pipelines.automation import STOPPED_ON_EMBEDDED_HINT
 from maestro_pipelines.jobs.backups import backup_retention, monthly_archive_job, nightly_backup

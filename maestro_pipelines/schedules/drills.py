@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from maestro_pipelines.assets.backups import local_day
+from maestro_pipelines.clock import local_day
 from maestro_pipelines.environment import BACKUP_TIMEZONE
 from maestro_pipelines.jobs.restore import dr_drill_job
 from maestro_pipelines.automation import STOPPED_ON_EMBEDDED_HINT

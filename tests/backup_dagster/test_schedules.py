@@ -13,7 +13,7 @@ import sys
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
-from maestro_pipelines.assets.backups import local_day, previous_month
+from maestro_pipelines.clock import local_day, previous_month
 from maestro_pipelines.automation import (
     AUTOMATION_ON_COMMAND,
     STOPPED_ON_EMBEDDED_SCHEDULES,
