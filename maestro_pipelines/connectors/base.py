@@ -69,6 +69,15 @@ class DataFingerprint:
     row_count: int
     newest: datetime | None
 
+    @property
+    def tag(self) -> str:
+        """The fingerprint as text, "<count>@<newest ISO timestamp>": what a training records
+        as the rows it was requested for (a run tag) and read (training_data's data version)."""
+        return f"{self.row_count}@{self.newest.isoformat() if self.newest else '-'}"
+
+
+NO_ROWS = DataFingerprint(0, None)
+
 
 # ---- validation -------------------------------------------------------------------------------
 
@@ -333,6 +342,7 @@ class SQLDialect:
     quote_part: Any  # (str) -> str, for one validated identifier part
     placeholder: Any  # (name) -> str: ":name", "%(name)s", "@name"
     tenant_predicate: str = "{column} = {value}"
+    group_key: str = "{column}"  # what GROUP BY groups tenants by: MySQL compares bytes, as its predicate does
 
     def quote(self, name: str) -> str:
         return ".".join(self.quote_part(part) for part in name.split("."))
@@ -367,6 +377,27 @@ def fingerprint_sql(dialect: SQLDialect, table_sql: str, tenant_column: str, tim
     q, p = dialect.quote, dialect.placeholder
     predicate = dialect.tenant_predicate.format(column=q(tenant_column), value=p("tenant"))
     return f"SELECT COUNT(*) AS row_count, MAX({q(timestamp_column)}) AS newest FROM {table_sql} WHERE {predicate}"
+
+
+def grouped_fingerprint_sql(dialect: SQLDialect, table_sql: str, tenant_column: str, timestamp_column: str) -> str:
+    """Every tenant's count and newest timestamp in one query (the sensors' tick)."""
+    q = dialect.quote
+    key = dialect.group_key.format(column=q(tenant_column))
+    return (f"SELECT {key} AS tenant_key, COUNT(*) AS row_count, MAX({q(timestamp_column)}) AS newest "
+            f"FROM {table_sql} GROUP BY {key}")
+
+
+def fingerprints_from_groups(groups: Iterable[Sequence[Any]], tenants: Sequence[str]) -> dict[str, DataFingerprint]:
+    """{tenant: fingerprint} for `tenants` from (tenant, count, newest) groups: a tenant
+    without a group has no rows; groups of tenants not asked about (or not text) are ignored."""
+    wanted = set(tenants)
+    found: dict[str, DataFingerprint] = {}
+    for name, count, newest in groups:
+        if isinstance(name, (bytes, bytearray)):  # MySQL's CAST(... AS BINARY)
+            name = bytes(name).decode("utf-8", "replace")
+        if isinstance(name, str) and name in wanted and count:
+            found[name] = DataFingerprint(int(count), to_utc(newest))
+    return {tenant: found.get(tenant, NO_ROWS) for tenant in tenants}
 
 
 # ---- the interface ------------------------------------------------------------------------------
@@ -423,6 +454,20 @@ class SourceReader(ABC):
     @abstractmethod
     def tenant_fingerprint(self, tenant: str) -> DataFingerprint:
         """Row count and newest timestamp of the tenant's rows (one aggregate query)."""
+
+    def tenant_fingerprints(self, tenants: Iterable[str], *, deadline: float | None = None) -> dict[str, DataFingerprint]:
+        """{tenant: fingerprint} for many tenants. The built-in connectors answer with one
+        grouped query (GROUP BY, or a MongoDB $group). This default, for a connector that
+        cannot, asks tenant by tenant and stops once `time.monotonic()` passes `deadline`:
+        the tenants it did not reach are absent from the answer (ask them next time)."""
+        import time
+
+        answer: dict[str, DataFingerprint] = {}
+        for tenant in [check_tenant(t) for t in tenants]:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            answer[tenant] = self.tenant_fingerprint(tenant)
+        return answer
 
     @abstractmethod
     def describe(self) -> str:

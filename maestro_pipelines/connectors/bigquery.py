@@ -28,9 +28,12 @@ from maestro_pipelines.connectors.base import (
     SourceReader,
     check_identifier,
     check_query,
+    check_tenant,
     fingerprint_sql,
+    fingerprints_from_groups,
     finish_frame,
     first_line,
+    grouped_fingerprint_sql,
     import_driver,
     malformed,
     read_request,
@@ -305,6 +308,15 @@ class BigQueryReader(SourceReader):
         with self._errors():
             (row,) = list(self._result(self._query(sql, {"tenant": request.tenant})))
         return DataFingerprint(row_count=int(row["row_count"] or 0), newest=to_utc(row["newest"]) if row["row_count"] else None)
+
+    def tenant_fingerprints(self, tenants, *, deadline: float | None = None) -> dict[str, DataFingerprint]:
+        """Every tenant's fingerprint from one GROUP BY query job."""
+        tenants = [check_tenant(t) for t in tenants]
+        _, tenant_column, timestamp_column, _ = self._checked_names()
+        sql = grouped_fingerprint_sql(BIGQUERY_DIALECT, self._table_sql(), tenant_column, timestamp_column)
+        with self._errors():
+            groups = [(row[0], row[1], row[2]) for row in self._result(self._query(sql, {}))]
+        return fingerprints_from_groups(groups, tenants)
 
     def read_query(self, sql: str, params: Mapping[str, Any] | None = None) -> "pd.DataFrame":
         """Run your own SELECT with `@name` placeholders; every value in `params` is bound

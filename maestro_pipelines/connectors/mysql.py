@@ -74,6 +74,7 @@ MYSQL_DIALECT = SQLDialect(
     quote_part=_mysql_quote,
     placeholder=lambda name: f":{name}",
     tenant_predicate="{column} = {value} AND CAST({column} AS BINARY) = CAST({value} AS BINARY)",
+    group_key="CAST({column} AS BINARY)",
 )
 
 

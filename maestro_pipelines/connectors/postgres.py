@@ -15,8 +15,10 @@ from maestro_pipelines.connectors.base import (
     SOURCE_URL_VARIABLE,
     URL_FIELDS,
     ConnectorDeclaration,
+    NO_ROWS,
     DataFingerprint,
     SQLDialect,
+    check_tenant,
     first_line,
     malformed,
     redact,
@@ -126,6 +128,11 @@ class PostgresReader(SQLAlchemyReader):
             # tenants load`, `maestro demo`): before that, every tenant has no rows yet.
             return DataFingerprint(row_count=0, newest=None)
         return super().tenant_fingerprint(tenant)
+
+    def tenant_fingerprints(self, tenants, *, deadline: float | None = None) -> dict[str, DataFingerprint]:
+        if self._variable != SOURCE_URL_VARIABLE and not self._table_exists():
+            return {check_tenant(t): NO_ROWS for t in tenants}  # no load yet: no rows (as above)
+        return super().tenant_fingerprints(tenants, deadline=deadline)
 
     def _table_exists(self) -> bool:
         from sqlalchemy import text

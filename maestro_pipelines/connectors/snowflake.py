@@ -30,9 +30,12 @@ from maestro_pipelines.connectors.base import (
     SQLDialect,
     SourceReader,
     check_query,
+    check_tenant,
     fingerprint_sql,
+    fingerprints_from_groups,
     finish_frame,
     first_line,
+    grouped_fingerprint_sql,
     import_driver,
     malformed,
     read_request,
@@ -258,6 +261,15 @@ class SnowflakeReader(SourceReader):
             cursor.execute(sql, {"tenant": request.tenant})
             count, newest = cursor.fetchone()
         return DataFingerprint(row_count=int(count or 0), newest=to_utc(newest) if count else None)
+
+    def tenant_fingerprints(self, tenants, *, deadline: float | None = None) -> dict[str, DataFingerprint]:
+        """Every tenant's fingerprint from one GROUP BY query."""
+        tenants = [check_tenant(t) for t in tenants]
+        _, tenant_column, timestamp_column, _ = self._checked_names()
+        sql = grouped_fingerprint_sql(SNOWFLAKE_DIALECT, self._table_sql(), tenant_column, timestamp_column)
+        with self._cursor() as cursor:
+            cursor.execute(sql)
+            return fingerprints_from_groups(cursor.fetchall(), tenants)
 
     def read_query(self, sql: str, params: Mapping[str, Any] | None = None) -> "pd.DataFrame":
         """Run your own SELECT with `%(name)s` placeholders (write a literal % as %%); every

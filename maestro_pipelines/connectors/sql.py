@@ -21,8 +21,11 @@ from maestro_pipelines.connectors.base import (
     check_identifier,
     check_query,
     empty_frame,
+    check_tenant,
     fingerprint_sql,
+    fingerprints_from_groups,
     finish_frame,
+    grouped_fingerprint_sql,
     read_request,
     select_sql,
     to_utc,
@@ -152,6 +155,16 @@ class SQLAlchemyReader(SourceReader):
         with self._connection() as conn:
             count, newest = conn.execute(text(sql), {"tenant": request.tenant}).one()
         return DataFingerprint(row_count=int(count), newest=to_utc(newest) if count else None)
+
+    def tenant_fingerprints(self, tenants, *, deadline: float | None = None) -> dict[str, DataFingerprint]:
+        """Every tenant's fingerprint from one GROUP BY query (`deadline` is not needed)."""
+        from sqlalchemy import text
+
+        tenants = [check_tenant(t) for t in tenants]
+        _, tenant_column, timestamp_column, _ = self._checked_names()
+        sql = grouped_fingerprint_sql(self._dialect(), self._table_sql(), tenant_column, timestamp_column)
+        with self._connection() as conn:
+            return fingerprints_from_groups(conn.execute(text(sql)).all(), tenants)
 
     def read_query(self, sql: str, params: Mapping[str, Any] | None = None) -> "pd.DataFrame":
         """Run your own SELECT with `:name` placeholders; every value in `params` is bound.

@@ -147,6 +147,20 @@ def test_fingerprint_counts_dates_the_newest_and_notices_a_new_row(seeded):
     assert source.tenant_fingerprint("globex") == globex
 
 
+def test_one_grouped_query_gives_every_tenants_fingerprint(seeded):
+    """What the sensors ask once per tick: every tenant's fingerprint from one grouped query,
+    the same as asking tenant by tenant (names differing by case or spaces are other tenants)."""
+    source = seeded.source
+    names = ["acme", "globex", "initech", *HOSTILE_TENANTS]
+    grouped = source.tenant_fingerprints(names)
+    assert grouped == {name: source.tenant_fingerprint(name) for name in names}
+    assert grouped["acme"].row_count == 180 and grouped["ACME"] == DataFingerprint(0, None)
+    seeded.insert(extra_row("acme"))
+    changed = source.tenant_fingerprints(["acme", "globex"])
+    assert changed["acme"] == source.tenant_fingerprint("acme") != grouped["acme"]
+    assert changed["globex"] == grouped["globex"]
+
+
 def test_unknown_tenant_gives_an_empty_frame_with_the_columns(seeded):
     frame = seeded.source.read_tenant_rows("initech", columns=["id", "f1", "updated_at"])
     assert frame.empty and list(frame.columns) == ["id", "f1", "updated_at"]

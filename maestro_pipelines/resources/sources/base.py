@@ -129,6 +129,11 @@ class DataSource(dg.ConfigurableResource):
         """Row count and newest timestamp (`SourceReader.tenant_fingerprint`)."""
         return self._connected().tenant_fingerprint(tenant)
 
+    def tenant_fingerprints(self, tenants: list[str], *, deadline: float | None = None) -> dict[str, DataFingerprint]:
+        """Many tenants' fingerprints, one grouped query where the backend allows
+        (`SourceReader.tenant_fingerprints`; tenants not reached by `deadline` are absent)."""
+        return self._connected().tenant_fingerprints(tenants, deadline=deadline)
+
     def describe(self) -> str:
         """Where the rows come from, never a password (`SourceReader.describe`)."""
         return self._connected().describe()
