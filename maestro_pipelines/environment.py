@@ -17,6 +17,7 @@ import dagster as dg
 
 from maestro_pipelines.resources import AlertResource, CacheResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
 from maestro_pipelines.resources.object_store import STORE_URL_VARIABLE
+from maestro_pipelines.resources.values_io import StoredValuesIOManager
 from maestro_pipelines.resources.secret_fields import check_secrets_by_name, secret_field_names
 from maestro_pipelines.settings import Settings, load_settings
 
@@ -98,11 +99,14 @@ def data_source(settings: Settings):
 
 def resources_for_environment(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
     settings = settings or load_settings()
+    store = object_store(settings)
     resources = {
         "platform_db": platform_database(settings),
         "mlflow": mlflow_registry(settings),
         "source": data_source(settings),
-        "store": object_store(settings),
+        "store": store,
+        # Asset values in the same store (values/), not on the disk of whichever machine ran the step.
+        "io_manager": StoredValuesIOManager(store=store),
         "alerts": alerts(settings),
         "cache": cache(settings),
     }

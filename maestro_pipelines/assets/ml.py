@@ -4,6 +4,13 @@
 Each asset is a thin Dagster wrapper: the work is in `maestro_pipelines.ml` (features,
 training, evaluation, MLflow) and `maestro_pipelines.platform_db` (the records), imported
 inside the functions so loading the definitions stays cheap.
+
+Values between the assets go through the `io_manager` (`StoredValuesIOManager`: the object
+store's `values/`, so any machine's step reads them): training rows and features as Parquet,
+the trained model and its evaluation as JSON records (the model itself is MLflow's, loaded by
+its URI). `registered_model`, `deployment` and `batch_predictions` store no value: their
+consumers read the registered version and the active deployment from the platform database
+(their home), so a restore of the databases and the stored values never disagree.
 """
 
 import math
@@ -16,6 +23,7 @@ import dagster as dg
 from pydantic import Field
 
 from maestro_pipelines.dagster_support import NETWORK_RETRY, PLATFORM_DATABASE_POOL, frame_table
+from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.failures import fail_fast_on_user_errors
 from maestro_pipelines.ml.gates import METRIC_FLOORS_CHECK, NO_REGRESSION_CHECK
 from maestro_pipelines.partitions import tenant_partitions
@@ -62,8 +70,9 @@ class DeploymentConfig(dg.Config):
 
 @dataclass
 class TrainedModel:
+    """What `trained_model` stores (JSON): the model itself is in MLflow, at `model_uri`."""
+
     tenant: str
-    model: Any
     mlflow_run_id: str
     model_uri: str
     params: dict
@@ -73,29 +82,12 @@ class TrainedModel:
 
 @dataclass
 class ModelEvaluation:
+    """What `model_evaluation` stores (JSON; a metric that is not a number is stored as null)."""
+
     tenant: str
     mlflow_run_id: str
-    metrics: dict[str, float]
+    metrics: dict[str, Optional[float]]
     gates: dict[str, dict] = field(default_factory=dict)
-
-
-@dataclass
-class RegisteredModel:
-    tenant: str
-    name: str
-    version: int
-    mlflow_run_id: str
-    model_version_id: int
-
-
-@dataclass
-class Deployment:
-    tenant: str
-    version: int
-    deployment_id: int
-    model_version_id: int
-    environment: str
-    previous_version: Optional[int]
 
 
 def _tenant(context, platform_db: PlatformDatabase):
@@ -197,7 +189,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainingConfig, fea
     with platform_db.get_connection() as conn:
         ml_records.finish_experiment(conn, experiment_id, "succeeded", run_id, {"train_accuracy": train_accuracy})
     return dg.Output(
-        TrainedModel(tenant.name, model, run_id, model_uri, params.as_params(), features.data_hash, features.feature_names),
+        TrainedModel(tenant.name, run_id, model_uri, params.as_params(), features.data_hash, features.feature_names),
         metadata={
             "mlflow_run_id": run_id,
             "mlflow_run_name": run_name,
@@ -230,7 +222,7 @@ def tenant_check_spec(name: str, asset: str, **kwargs) -> dg.AssetCheckSpec:
                           description="No metric falls below the production model's by more than the tenant's tolerance."),
     ],
 )
-def model_evaluation(context: dg.AssetExecutionContext, trained_model, features,
+def model_evaluation(context: dg.AssetExecutionContext, trained_model: TrainedModel, features,
                      platform_db: PlatformDatabase, mlflow: MLflowRegistry):
     from maestro_pipelines.ml.evaluation import evaluate, markdown_image
     from maestro_pipelines.ml.gates import judge_gates
@@ -238,7 +230,9 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model, features,
 
     tenant = _tenant(context, platform_db)
     registry = mlflow.registry()
-    evaluation = evaluate(trained_model.model, features.X_test, features.y_test, features.classes)
+    # From MLflow's artifacts (the object store), where trained_model logged it: not pickled beside it.
+    model = registry.load_model(trained_model.model_uri, f"trained_model for {tenant.name}")
+    evaluation = evaluate(model, features.X_test, features.y_test, features.classes)
     registry.log_evaluation(trained_model.mlflow_run_id, evaluation.metrics, evaluation.pictures)
     with platform_db.get_connection() as conn:
         ml_records.add_experiment_metrics(conn, trained_model.mlflow_run_id, {f"test_{k}": v for k, v in evaluation.metrics.items() if not math.isnan(v)})
@@ -281,9 +275,10 @@ def model_evaluation(context: dg.AssetExecutionContext, trained_model, features,
 
 @ml_asset(kinds={"mlflow"}, retry_policy=NETWORK_RETRY,
           description="A new version of the tenant's model in the MLflow registry (`maestro-` and the tenant's name), "
-                      "tagged with tenant, data hash and Dagster run id.")
-def registered_model(context: dg.AssetExecutionContext, trained_model, model_evaluation,
-                     platform_db: PlatformDatabase, mlflow: MLflowRegistry):
+                      "tagged with tenant, data hash and Dagster run id, and its `model_versions` row. Stores no "
+                      "value: the registry and the platform database are its home.")
+def registered_model(context: dg.AssetExecutionContext, trained_model: TrainedModel, model_evaluation: ModelEvaluation,
+                     platform_db: PlatformDatabase, mlflow: MLflowRegistry) -> dg.MaterializeResult:
     from maestro_pipelines.platform_db import ml_records
 
     tenant = _tenant(context, platform_db)
@@ -294,23 +289,30 @@ def registered_model(context: dg.AssetExecutionContext, trained_model, model_eva
         model_id = ml_records.ensure_model(conn, tenant)
         model_version_id = ml_records.record_model_version(
             conn, tenant, model_id, version.version, trained_model.mlflow_run_id, trained_model.data_hash,
-            {k: v for k, v in model_evaluation.metrics.items() if not math.isnan(v)}, model_evaluation.gates,
+            _numbers(model_evaluation.metrics), model_evaluation.gates,
         )
     metadata: dict[str, Any] = {
         "registered_model": version.name, "version": version.version, "mlflow_run_id": trained_model.mlflow_run_id,
         **_mlflow_run_link(registry, trained_model.mlflow_run_id, tenant.name, version.version),
         "tags": dg.MetadataValue.json(tags),
     }
-    return dg.Output(RegisteredModel(tenant.name, version.name, version.version, trained_model.mlflow_run_id, model_version_id), metadata=metadata)
+    return dg.MaterializeResult(metadata={**metadata, "model_version_id": model_version_id})
+
+
+def _numbers(metrics: dict[str, Optional[float]]) -> dict[str, float]:
+    """The metrics that are numbers (a stored evaluation keeps NaN as null)."""
+    return {k: v for k, v in metrics.items() if v is not None and not math.isnan(v)}
 
 
 @ml_asset(kinds={"mlflow", "postgres"},
           retry_policy=NETWORK_RETRY, pool=PLATFORM_DATABASE_POOL,
           description="The tenant's live model: alias `production` moved to the new version and a `deployments` row "
                       "written (the previous one retired). Each partition's page tells which version is live and "
-                      "where it came from: MLflow run, training Dagster run, data hash, metrics, gates, what it replaced.")
-def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, registered_model,
-               platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource):
+                      "where it came from: MLflow run, training Dagster run, data hash, metrics, gates, what it replaced. "
+                      "Deploys the version registered_model recorded last (platform database); stores no value.",
+          deps=[registered_model])
+def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig,
+               platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource) -> dg.MaterializeResult:
     from maestro_pipelines.ml.deployment import deploy
     from maestro_pipelines.platform_db import ml_records
 
@@ -318,16 +320,19 @@ def deployment(context: dg.AssetExecutionContext, config: DeploymentConfig, regi
     registry = mlflow.registry()
     # One transaction: if moving the alias fails, the deployment rows roll back with it.
     with platform_db.get_connection() as conn:
+        model_id = ml_records.ensure_model(conn, tenant)
+        version = ml_records.newest_registered_version(conn, model_id)
+        if version is None:
+            raise MaestroError(f"tenant '{tenant.name}' has no registered model version in the platform database",
+                               f"Materialize registered_model for {tenant.name} first")
         record, lineage = deploy(
-            conn, registry, tenant, ml_records.ensure_model(conn, tenant), registered_model.version,
-            config.environment, config.replicas, context.run.run_id,
+            conn, registry, tenant, model_id, version, config.environment, config.replicas, context.run.run_id,
         )
-    context.log.info(f"{registered_model.name}: production {record.previous_version} -> {record.version}")
+    context.log.info(f"{tenant.registry_name}: production {record.previous_version} -> {record.version}")
     invalidated = 0
     if config.environment == "production":  # the alias moved
         invalidated = cache.invalidate_tenant(tenant.name, context.log)
-    return dg.Output(
-        Deployment(tenant.name, record.version, record.id, record.model_version_id, config.environment, record.previous_version),
+    return dg.MaterializeResult(
         metadata={**deployment_metadata(registry, tenant.name, record, lineage), "cache_invalidated": invalidated},
     )
 
@@ -379,8 +384,9 @@ def _mlflow_run_link(registry, run_id: str, tenant: Optional[str] = None, versio
 @ml_asset(kinds={"postgres"},
           retry_policy=NETWORK_RETRY, pool=PLATFORM_DATABASE_POOL,
           description="The tenant's new rows scored with its production model (`models:/maestro-TENANT@production`), "
-                      "written to `predictions` with COPY.")
-def batch_predictions(context: dg.AssetExecutionContext, deployment, source: DataSource,
+                      "written to `predictions` with COPY, under its active deployment (platform database).",
+          deps=[deployment])
+def batch_predictions(context: dg.AssetExecutionContext, source: DataSource,
                       platform_db: PlatformDatabase, mlflow: MLflowRegistry, cache: CacheResource) -> dg.MaterializeResult:
     from maestro_pipelines.ml.scoring import prediction_cache_prefix, score_and_copy
     from maestro_pipelines.platform_db import ml_records
@@ -393,11 +399,12 @@ def batch_predictions(context: dg.AssetExecutionContext, deployment, source: Dat
     with platform_db.get_connection() as conn:
         previous = _scored_through(conn, tenant.id, live_version)
         active = ml_records.active_deployment(conn, ml_records.ensure_model(conn, tenant))
-        model_version_id = active.model_version_id if active else deployment.model_version_id
-        deployment_id = active.id if active else deployment.deployment_id
+        if active is None:
+            raise MaestroError(f"tenant '{tenant.name}' has no active production deployment in the platform database",
+                               f"Materialize deployment for {tenant.name} first")
         batches = source.iter_tenant_batches(tenant.name, since=previous)
         scored = score_and_copy(
-            conn, model, batches, tenant.id, model_version_id, deployment_id, cache=cached,
+            conn, model, batches, tenant.id, active.model_version_id, active.id, cache=cached,
             cache_prefix=prediction_cache_prefix(tenant.name, live.version, live.run_id) if live else None,
         )
         # In the predictions' transaction: a restore of the platform database brings both back together.

@@ -174,6 +174,25 @@ class ModelRegistry:
         self._mlflow.set_registry_uri(self.tracking_uri)
         return mlflow.sklearn.load_model(f"models:/{registry_name(tenant)}@{PRODUCTION_ALIAS}")
 
+    def load_model(self, model_uri: str, what: str):
+        """The model logged at `model_uri` (a trained model's record names it), read from
+        MLflow's artifacts (the object store): the models are never pickled with the values.
+        One line naming `what` and its URI when MLflow no longer has it (a restore of MLflow
+        from before the training, say)."""
+        import mlflow.sklearn
+        from mlflow.exceptions import MlflowException
+
+        self._mlflow.set_tracking_uri(self.tracking_uri)
+        self._mlflow.set_registry_uri(self.tracking_uri)
+        try:
+            return mlflow.sklearn.load_model(model_uri)
+        except (MlflowException, OSError) as exc:
+            cause = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise MaestroError(
+                f"MLflow has no model {model_uri} for {what} ({cause})",
+                f"Materialize {what} again to train and log a new model",
+            ) from None
+
     def model_version(self, tenant: str, version: int) -> RegisteredVersion:
         found = self.client.get_model_version(registry_name(tenant), str(version))
         return RegisteredVersion(found.name, int(found.version), found.run_id, dict(found.tags), found.source)

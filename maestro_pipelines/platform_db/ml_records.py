@@ -75,6 +75,15 @@ def record_model_version(
     ).scalar_one()
 
 
+def newest_registered_version(conn: Connection, model_id: int) -> int | None:
+    """The registry version `registered_model` recorded last for the model (what `deployment`
+    deploys), or None when nothing is registered."""
+    return conn.execute(
+        text("SELECT version FROM model_versions WHERE model_id = :m ORDER BY created_at DESC, id DESC LIMIT 1"),
+        {"m": model_id},
+    ).scalar()
+
+
 @dataclass
 class DeploymentRecord:
     id: int

@@ -54,7 +54,8 @@ class MLEnvironment:
 def ml_env(pg18, tmp_path: Path) -> Iterator[MLEnvironment]:
     from maestro_pipelines.ml.demo import seed_demo_tenant
     from maestro_pipelines.partitions import tenant_partitions
-    from maestro_pipelines.resources import CacheResource, MLflowRegistry, PlatformDatabase
+    from maestro_pipelines.resources import CacheResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
+    from maestro_pipelines.resources.values_io import StoredValuesIOManager
     from maestro_pipelines.resources.sources import PostgresDataSource
 
     platform = create_database(pg18, "ml")
@@ -73,6 +74,8 @@ def ml_env(pg18, tmp_path: Path) -> Iterator[MLEnvironment]:
         "mlflow": MLflowRegistry(tracking_uri=mlflow_uri, artifact_root=artifact_root),
         "source": PostgresDataSource(url=platform_url, table="training_rows"),
         "cache": CacheResource(),  # the in-process LRU alone (tests/ml/test_cache_in_graph.py adds Redis)
+        # Values between the assets in a local store of the test's own (MAESTRO_HOME/store's layout).
+        "io_manager": StoredValuesIOManager(store=ObjectStoreResource(home=str(tmp_path))),
     }
     (tmp_path / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
