@@ -482,14 +482,15 @@ ROWS_THAT_USUALLY_SPLIT = 10
 # sha256("tenant:entity_key"), big-endian, modulo 10,000, against test_fraction * 10,000.
 _BUCKET = " + ".join(f"get_byte(h.digest, {i})::numeric * {256 ** (7 - i)}" for i in range(8))
 SPLIT_SQL = f"""
-SELECT count(*) AS total_rows, count(*) FILTER (WHERE held_out) AS test_rows,
+SELECT split.tenant, count(*) AS total_rows, count(*) FILTER (WHERE held_out) AS test_rows,
        count(DISTINCT label) AS labels, count(DISTINCT label) FILTER (WHERE NOT held_out) AS training_labels,
        min(label) AS some_label
 FROM (
-    SELECT r.label, (({_BUCKET}) % 10000) < :threshold AS held_out
-    FROM training_rows r, LATERAL (SELECT sha256(convert_to(:t || ':' || r.entity_key, 'UTF8')) AS digest) h
-    WHERE r.tenant = :t
+    SELECT r.tenant, r.label, (({_BUCKET}) % 10000) < :threshold AS held_out
+    FROM training_rows r, LATERAL (SELECT sha256(convert_to(r.tenant || ':' || r.entity_key, 'UTF8')) AS digest) h
+    WHERE r.tenant = ANY(:tenants)
 ) split
+GROUP BY split.tenant
 """
 
 
@@ -497,11 +498,20 @@ def why_untrainable(conn: Connection, tenant: str, test_fraction: float = TEST_F
     """Why the tenant's rows in training_rows cannot train a model yet (the split of ml/features.py
     leaves a side empty, or one label class where a classifier needs two), or None when they can
     (gates may still refuse the model). No rows, or no table yet: None (that is another wait)."""
-    if conn.execute(text("SELECT to_regclass('training_rows') IS NULL")).scalar_one():
-        return None
-    split = conn.execute(text(SPLIT_SQL), {"t": tenant, "threshold": int(test_fraction * 10_000)}).one()
-    if not split.total_rows:
-        return None
+    return untrainable_tenants(conn, [tenant], test_fraction).get(tenant)
+
+
+def untrainable_tenants(conn: Connection, tenants: list[str], test_fraction: float = TEST_FRACTION) -> dict[str, str]:
+    """{tenant: why its rows cannot train a model yet} for those of `tenants` whose rows cannot
+    (see why_untrainable), from one query however many tenants are asked about."""
+    if not tenants or conn.execute(text("SELECT to_regclass('training_rows') IS NULL")).scalar_one():
+        return {}
+    splits = conn.execute(text(SPLIT_SQL), {"tenants": list(tenants), "threshold": int(test_fraction * 10_000)})
+    reasons = {split.tenant: _split_problem(split, test_fraction) for split in splits}
+    return {tenant: reason for tenant, reason in reasons.items() if reason is not None}
+
+
+def _split_problem(split, test_fraction: float) -> str | None:
     rows = "1 row" if split.total_rows == 1 else f"{split.total_rows:,} rows"
     reasons = []
     if split.labels < 2:
@@ -512,4 +522,4 @@ def why_untrainable(conn: Connection, tenant: str, test_fraction: float = TEST_F
                        f"keeps {side}: load more rows ({ROWS_THAT_USUALLY_SPLIT} or more usually do)")
     elif split.labels >= 2 and split.training_labels < 2:
         reasons.append("the rows kept for training all have the same label: load more rows of each class")
-    return f"tenant {tenant}'s {rows} cannot train a model yet: {'; '.join(reasons)}" if reasons else None
+    return f"tenant {split.tenant}'s {rows} cannot train a model yet: {'; '.join(reasons)}" if reasons else None
