@@ -78,6 +78,8 @@ BENCHMARKS = [
               ["--size-mb", "512", "--repeat", "2"], ["--size-mb", "1024", "--repeat", "2"], 480, 1800, SERVERS),
     Benchmark("restore", "our restore vs pg_restore -j2 of a local dump; the drill's RTO",
               ["--size-mb", "512", "--repeat", "2"], ["--size-mb", "1024", "--repeat", "3"], 480, 1800, SERVERS),
+    Benchmark("io_values", "a 1M-row training_data through the IO manager vs plain Parquet, local and S3",
+              ["--rows", "200000"], ["--rows", "1000000"], 300, 900, SERVERS),
 ]
 
 
