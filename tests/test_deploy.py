@@ -101,17 +101,6 @@ def test_the_helm_values_say_what_dagster_yaml_says(instance_yaml, helm_values):
     assert helm_values["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
 
 
-def test_the_code_location_and_launcher(helm_values):
-    import importlib
-
-    [deployment] = helm_values["dagster-user-deployments"]["deployments"]
-    module = deployment["dagsterApiGrpcArgs"][deployment["dagsterApiGrpcArgs"].index("--module-name") + 1]
-    assert hasattr(importlib.import_module(module), "defs")
-    assert helm_values["runLauncher"]["type"] == "K8sRunLauncher"
-    secrets = {s["name"] for s in deployment["envSecrets"]}
-    assert secrets == {s["name"] for s in helm_values["runLauncher"]["config"]["k8sRunLauncher"]["envSecrets"]}
-
-
 def test_every_run_limit_names_a_tag_our_jobs_carry(instance_yaml):
     """A renamed tag would silently lift a limit: each limited tag is on at least one job, and
     every job that dumps, restores or alters databases is in the database lane."""
