@@ -26,7 +26,8 @@ STORE_URL_VARIABLE = "MAESTRO_STORE_URL"
 
 
 class ObjectStoreResource(dg.ConfigurableResource):
-    """Where Maestro keeps backups, artifacts and exports: a local folder, S3, GCS or Azure.
+    """Where Maestro keeps backups, MLflow artifacts, asset values (`values/`, through the
+    `io_manager`) and exports: a local folder, S3, GCS or Azure.
 
     Every object written records its sha256, computed while streaming, and reads verify it.
     With no `url` it is the folder `store` under `home` (created on first write).

@@ -25,7 +25,7 @@ class StoredValuesIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         from maestro_pipelines.ml.values import write_value
 
-        if obj is None:  # an op's "done" (no value to pass on): nothing to store
+        if obj is None and not context.has_asset_key:  # an op's "done": no value to pass on
             return
         address = _output_address(context)
         info = write_value(self.store.get_store(), address, obj)

@@ -75,7 +75,7 @@ def ml_env(pg18, tmp_path: Path) -> Iterator[MLEnvironment]:
         "source": PostgresDataSource(url=platform_url, table="training_rows"),
         "cache": CacheResource(),  # the in-process LRU alone (tests/ml/test_cache_in_graph.py adds Redis)
         # Values between the assets in a local store of the test's own (MAESTRO_HOME/store's layout).
-        "io_manager": StoredValuesIOManager(store=ObjectStoreResource(home=str(tmp_path))),
+        "io_manager": StoredValuesIOManager(store=ObjectStoreResource(home=str(tmp_path / "values_home"))),
     }
     (tmp_path / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
