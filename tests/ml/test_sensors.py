@@ -141,6 +141,22 @@ def test_retraining_is_requested_when_a_tenants_data_change(ml_env):
     assert not settled.run_requests
 
 
+def test_retraining_compares_the_rows_with_those_the_last_training_read(ml_env):
+    """training_data records the fingerprint of the rows it read (its data version): a deleted
+    row (the newest timestamp unchanged) is a change, found even on a lost cursor, because the
+    baseline is the training's and not the cursor's."""
+    source, platform_db = ml_env.resources["source"], ml_env.resources["platform_db"]
+    trained = ml_env.run("acme")
+    assert trained.success, [e.message for e in trained.all_events if e.is_failure]
+    tick = lambda cursor: evaluate(retraining_sensor, ml_env, cursor=cursor, source=source,  # noqa: E731
+                                   platform_db=platform_db)[0]
+    assert not tick(None).run_requests, "the rows acme's training read"
+    ml_env.sql("DELETE FROM training_rows WHERE id = (SELECT id FROM training_rows WHERE tenant = 'acme' "
+               "ORDER BY updated_at LIMIT 1)")
+    (run,) = tick(None).run_requests
+    assert run.partition_key == "acme" and run.tags["maestro/rows"] == source.tenant_fingerprint("acme").tag
+
+
 def test_a_waiting_tenant_is_told_where_its_rows_go_and_is_not_trained_twice(ml_env, tmp_path):
     """With MAESTRO_SOURCE_URL the skip reason names the table to fill; a tenant trained by
     hand while it waited (an experiments row) gets no second first training."""
