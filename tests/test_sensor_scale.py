@@ -220,3 +220,68 @@ def test_retraining_follows_the_recorded_fingerprints_of_10000_tenants(scale_env
     assert sorted(changed.requested) == recorded + unrecorded
     assert all(r.tags["maestro/trigger"] == "data-change" for r in changed.result.run_requests)
     assert not tick(retraining_sensor, env, changed.result.cursor).result.run_requests, "asked once per change"
+
+
+# ---- the UI ------------------------------------------------------------------------------------
+
+UI_STEP_TIMEOUT_MS = 90_000  # one page under load (2 busy cores)
+FOUND = 4_242  # the one tenant whose training_data was materialized
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_asset_page_of_a_tenant_asset_lists_10000_partitions(tmp_path):
+    """A `dagster-webserver` on an instance with 10,000 tenant partitions: training_data's
+    Partitions tab shows them all with their states, and a tenant is found by name among them."""
+    from .test_ui_browser import CHROMIUM, _stop, _sync_playwright, _wait_for_location
+
+    sync_playwright = _sync_playwright()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAESTRO_", "MLFLOW_", "DAGSTER_"))}
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env.update(DAGSTER_HOME=str(home), MAESTRO_HOME=str(tmp_path / "maestro"))
+    instance = dg.DagsterInstance.from_config(str(home))
+    instance.add_dynamic_partitions(tenant_partitions.name, [name(i) for i in range(1, TENANTS + 1)])
+    instance.report_runless_asset_event(dg.AssetMaterialization("training_data", partition=name(FOUND)))
+    instance.dispose()
+    base, log, shots = f"http://127.0.0.1:{free_port()}", tmp_path / "webserver.log", tmp_path / "shots"
+    shots.mkdir()
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-webserver"), "-h", "127.0.0.1", "-p", base.rsplit(":", 1)[1],
+             "-w", "workspace.yaml"], cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_location(base, process, log)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+            try:
+                look_at_the_partitions(browser.new_page(viewport={"width": 1400, "height": 900}), base, shots)
+            finally:
+                browser.close()
+    finally:
+        _stop(process)
+        if os.environ.get("MAESTRO_TEST_UI_SHOTS"):
+            copy_to = Path(os.environ["MAESTRO_TEST_UI_SHOTS"])
+            copy_to.mkdir(parents=True, exist_ok=True)
+            for shot in shots.glob("*.png"):
+                shutil.copy(shot, copy_to / shot.name)
+
+
+def look_at_the_partitions(page, base: str, shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    page.set_default_timeout(UI_STEP_TIMEOUT_MS)
+    # Dagit's first visit shows a "Join the Dagster community" modal, whenever it likes.
+    page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda skip: skip.click())
+    page.goto(f"{base}/assets/training_data?view=partitions")
+    expect(page.get_by_text(f"{TENANTS:,} Partitions Selected")).to_be_visible()
+    expect(page.get_by_text(f"Missing ({TENANTS - 1})")).to_be_visible()
+    expect(page.get_by_text("Materialized (1)")).to_be_visible()
+    expect(page.get_by_text(name(1), exact=True).first).to_be_visible()
+    page.screenshot(path=str(shots / "scale-01-training-data-10000-partitions.png"))
+    page.get_by_placeholder("Filter by name").fill(name(FOUND))
+    page.get_by_text(name(FOUND), exact=True).first.click()
+    expect(page.get_by_text(re.compile(r"View all historical events \(1\)"))).to_be_visible()
+    expect(page.get_by_text("Join the Dagster community")).to_be_hidden()  # the modal, skipped, fades out
+    page.screenshot(path=str(shots / "scale-02-one-tenant-found.png"))
