@@ -28,7 +28,7 @@ RUN apt-get update \
 COPY . /src
 # The same virtualenv path in both stages: its scripts' #! lines name it.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    /src/scripts/install-code-location install /opt/maestro/venv \
+    bash /src/scripts/install-code-location install /opt/maestro/venv \
  && /opt/maestro/venv/bin/python -m compileall -q -j 0 /opt/maestro/venv/lib
 # compileall: once here, because the runtime user cannot write site-packages and every pod
 # would otherwise compile the modules it imports again, in memory, at each start.
@@ -56,7 +56,7 @@ ENV PATH=/opt/maestro/venv/bin:$PATH \
 # Numeric, so Kubernetes' runAsNonRoot can tell it is not root.
 USER 10001:10001
 WORKDIR /home/maestro
-RUN /opt/maestro/scripts/install-code-location check /opt/maestro/venv
+RUN bash /opt/maestro/scripts/install-code-location check /opt/maestro/venv
 
 # The Dagster gRPC code server. No ENTRYPOINT: the Helm chart and the K8sRunLauncher pass
 # whole commands as the container's args (`dagster code-server start ...`,

@@ -11,6 +11,7 @@ validates the instance config the chart renders."""
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import re
 import shlex
@@ -35,10 +36,11 @@ SLIM_BASE_LIBRARIES = {
 }
 
 
-def dockerfile_stages() -> list[list[tuple[str, str]]]:
-    """The Dockerfile's instructions, (INSTRUCTION, arguments) with continuations joined, one
-    list per stage (FROM starts one)."""
+def dockerfile() -> tuple[list[tuple[str, str]], list[list[tuple[str, str]]]]:
+    """The Dockerfile's instructions, (INSTRUCTION, arguments) with continuations joined: those
+    before the first FROM (the ARGs every FROM may use), then one list per stage."""
     text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    preamble: list[tuple[str, str]] = []
     stages: list[list[tuple[str, str]]] = []
     for line in text.splitlines():
         line = line.strip()
@@ -47,9 +49,8 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
         instruction, _, arguments = line.partition(" ")
         if instruction.upper() == "FROM":
             stages.append([])
-        if stages:
-            stages[-1].append((instruction.upper(), arguments.strip()))
-    return stages
+        (stages[-1] if stages else preamble).append((instruction.upper(), arguments.strip()))
+    return preamble, stages
 
 
 def script_calls(commands: str, action: str) -> list[str]:
@@ -69,7 +70,7 @@ def code_server(helm_values) -> dict:
 
 
 def test_the_image_installs_and_checks_with_the_script_ci_runs():
-    builder, runtime = dockerfile_stages()
+    preamble, (builder, runtime) = dockerfile()
     builder_runs = " ; ".join(args for op, args in builder if op == "RUN")
     runtime_runs = " ; ".join(args for op, args in runtime if op == "RUN")
     [venv] = script_calls(builder_runs, "install")
@@ -78,8 +79,8 @@ def test_the_image_installs_and_checks_with_the_script_ci_runs():
     assert ("COPY", f"--from=builder {venv} {venv}") in runtime, "the virtualenv must keep its path (#! lines)"
     # No build tools in the image: only the builder installs packages.
     assert "build-essential" in builder_runs and "apt-get" not in runtime_runs
-    assert runtime[0] == ("FROM", "${PYTHON_IMAGE}") and ("ARG", "PYTHON_IMAGE=python:3.11-slim-bookworm") in [
-        (op, args) for op, args in dockerfile_stages_preamble()]
+    assert runtime[0] == ("FROM", "${PYTHON_IMAGE}")
+    assert ("ARG", "PYTHON_IMAGE=python:3.11-slim-bookworm") in preamble
     [user] = [args for op, args in runtime if op == "USER"]
     assert user.split(":")[0].isdigit() and user.split(":")[0] != "0", "the image must run as a numeric non-root user"
     assert [op for op, _ in runtime].index("USER") < [op for op, _ in runtime].index("CMD")
@@ -89,14 +90,6 @@ def test_the_image_installs_and_checks_with_the_script_ci_runs():
     ci_steps = ci[ci.index("install-code-location"):ci.index("# ---- servers")]
     assert script_calls(ci_steps, "install") and script_calls(ci_steps, "check")
     assert ci.index("install-code-location") < ci.index("-m pytest"), "the recipe runs before pytest"
-
-
-def dockerfile_stages_preamble() -> list[tuple[str, str]]:
-    """Instructions before the first FROM (the ARGs every FROM may use)."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    head = text[:re.search(r"^FROM ", text, re.M).start()]
-    return [(line.split(" ", 1)[0].upper(), line.split(" ", 1)[1].strip())
-            for line in head.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def test_the_build_context_is_what_the_wheel_is_built_from():
@@ -116,7 +109,7 @@ def test_the_build_context_is_what_the_wheel_is_built_from():
 
 
 def test_the_image_serves_the_code_location_helm_names(code_server):
-    _, runtime = dockerfile_stages()
+    _, (_, runtime) = dockerfile()
     [cmd] = [json.loads(args) for op, args in runtime if op == "CMD"]
     [exposed] = [args for op, args in runtime if op == "EXPOSE"]
     port = str(code_server["port"])
@@ -127,8 +120,6 @@ def test_the_image_serves_the_code_location_helm_names(code_server):
     args = code_server["codeServerArgs"]
     module = args[args.index("-m") + 1]
     location = args[args.index("--location-name") + 1]
-    import importlib
-
     assert hasattr(importlib.import_module(module), "defs")
     # The location name schedules' and sensors' state belongs to (workspace.yaml, pyproject).
     workspace = yaml.safe_load((ROOT / "workspace.yaml").read_text())
