@@ -11,6 +11,7 @@ partitions on a `dagster-webserver` serving 10,000 partitions.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -193,14 +194,19 @@ def test_new_tenants_queue_their_first_trainings_a_hundred_a_tick(scale_env, mon
     assert not any(name(i) in rest.requested for i in UNTRAINABLE)
 
 
+def ensure_partitions(env: ScaleEnvironment) -> None:
+    """The partitions the tenant sensor's first tick adds (when this test runs alone)."""
+    if len(env.instance.get_dynamic_partitions(tenant_partitions.name)) < TENANTS:
+        env.instance.add_dynamic_partitions(tenant_partitions.name, [name(i) for i in range(1, TENANTS + 1)])
+
+
 def test_retraining_follows_the_recorded_fingerprints_of_10000_tenants(scale_env):
     """Tenants with a model whose rows change are asked for again, and only those: three whose
     training_data recorded the fingerprint of its rows (a row deleted: same newest, one fewer),
     three trained before trainings recorded one (a newer row); a tenant without a model
     is not the retraining sensor's."""
     env = scale_env
-    if len(env.instance.get_dynamic_partitions(tenant_partitions.name)) < TENANTS:
-        env.instance.add_dynamic_partitions(tenant_partitions.name, [name(i) for i in range(1, TENANTS + 1)])
+    ensure_partitions(env)
     fingerprints = env.sql(f"SELECT tenant, count(*), max(updated_at) FROM training_rows WHERE tenant <= '{name(RECORDED)}' "
                            "GROUP BY tenant")
     for tenant, count, newest in fingerprints:  # what training_data records as its data version
@@ -220,6 +226,32 @@ def test_retraining_follows_the_recorded_fingerprints_of_10000_tenants(scale_env
     assert sorted(changed.requested) == recorded + unrecorded
     assert all(r.tags["maestro/trigger"] == "data-change" for r in changed.result.run_requests)
     assert not tick(retraining_sensor, env, changed.result.cursor).result.run_requests, "asked once per change"
+
+
+def current_tag(env: ScaleEnvironment, tenant: str) -> str:
+    ((count, newest),) = env.sql("SELECT count(*), max(updated_at) FROM training_rows WHERE tenant = :t", t=tenant)
+    return DataFingerprint(count, newest).tag
+
+
+def test_cursors_written_before_are_read_and_become_small(scale_env):
+    """The tenant sensor's cursor of the last release listed every watched tenant (and the rows
+    asked for), the retraining sensor's every tenant's fingerprint: both are read, what they
+    said holds, and the cursors written next are small."""
+    env = scale_env
+    asked, watched = name(1_900), name(1_901)  # trainable rows, no model, no run
+    old = json.dumps({"handled_up_to": TENANTS, "watching": {asked: current_tag(env, asked), watched: None}})
+    tenants = tick(tenant_partitions_sensor, env, old)
+    assert_within_budget(tenants)
+    assert tenants.requested == [watched], "the tenant it asked for already, and those it did not watch, wait"
+
+    ensure_partitions(env)
+    same, fewer = name(100), name(101)  # with a model, no recorded fingerprint
+    count, newest = current_tag(env, fewer).split("@")
+    seen = {same: [int(current_tag(env, same).split("@")[0]), current_tag(env, same).split("@")[1]],
+            fewer: [int(count) - 1, newest]}
+    retrained = tick(retraining_sensor, env, json.dumps({"seen": seen, "next": 0}))
+    assert_within_budget(retrained)
+    assert set(retrained.requested) - {name(i) for i in (1, 2, 3)} == {fewer}  # (1-3: changed by the test above)
 
 
 # ---- the UI ------------------------------------------------------------------------------------

@@ -95,6 +95,11 @@ def test_a_registered_connector_is_found_by_its_scheme_and_read_through_the_reso
     assert frame["id"].tolist() == [r["id"] for r in acme]
     assert str(frame["updated_at"].dtype) == "datetime64[ns, UTC]"
     assert source.tenant_fingerprint("acme") == DataFingerprint(len(acme), acme[-1]["updated_at"])
+    # A connector without a grouped query still answers the sensors' many-tenant question, one by one,
+    # until the deadline (time.monotonic()): the tenants not reached are absent, to ask next tick.
+    assert source.tenant_fingerprints(["acme", "initech"]) == {"acme": source.tenant_fingerprint("acme"),
+                                                               "initech": DataFingerprint(0, None)}
+    assert source.tenant_fingerprints(["acme", "globex"], deadline=0.0) == {}
     assert [len(b) for b in source.iter_tenant_batches("acme", batch_size=8)] == [8, 8, 4]
     with source.get_connection() as reader:
         assert isinstance(reader, MemoryReader) and reader.store == "demo"
