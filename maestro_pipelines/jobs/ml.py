@@ -9,11 +9,18 @@ from maestro_pipelines.failures import fail_fast_on_user_errors
 from maestro_pipelines.resources import MLflowRegistry, PlatformDatabase
 from maestro_pipelines.resources.cache import CacheResource
 
+# One tenant's graph is a chain of small steps: they run one after another in the run's own
+# process (the run worker), which has imported the code location, MLflow and scikit-learn
+# once. The multiprocess executor started a process per step (14 for one tenant, each
+# importing all that again): 65 s instead of about 10 s through the daemon. Tenants train in
+# parallel as concurrent runs (the queued run coordinator's `maestro/kind: training` limit),
+# each in a run worker process or a Kubernetes pod. See benchmarks/daemon_path.py.
 train_and_deploy_job = dg.define_asset_job(
     "train_and_deploy",
     selection=dg.AssetSelection.assets(*ml_assets),
     description="The whole ML graph for one tenant: data to batch predictions, gated by the quality checks.",
     tags=run_tags("training"),
+    executor_def=dg.in_process_executor,
 )
 
 
