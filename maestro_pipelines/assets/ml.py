@@ -396,16 +396,15 @@ def batch_predictions(context: dg.AssetExecutionContext, source: DataSource,
     from maestro_pipelines.platform_db import ml_records
 
     tenant = _tenant(context, platform_db)
+    with platform_db.get_connection() as conn:
+        _active_deployment(conn, tenant)  # before loading a model: none deployed is one line, not MLflow's error
     cached = cache.cache(context.log)
     model, model_source, live = _production_model(mlflow.registry(), cached, tenant.name)
     live_version = live.version if live else None
     started = time.perf_counter()
     with platform_db.get_connection() as conn:
         previous = _scored_through(conn, tenant.id, live_version)
-        active = ml_records.active_deployment(conn, ml_records.ensure_model(conn, tenant))
-        if active is None:
-            raise MaestroError(f"tenant '{tenant.name}' has no active production deployment in the platform database",
-                               f"Materialize deployment for {tenant.name} first")
+        active = _active_deployment(conn, tenant)
         batches = source.iter_tenant_batches(tenant.name, since=previous)
         scored = score_and_copy(
             conn, model, batches, tenant.id, active.model_version_id, active.id, cache=cached,
@@ -436,6 +435,17 @@ def batch_predictions(context: dg.AssetExecutionContext, source: DataSource,
             **_cache_metadata(cache, cached, counters),
         }
     )
+
+
+def _active_deployment(conn, tenant):
+    """The tenant's active production deployment (platform database: its home, not a stored value)."""
+    from maestro_pipelines.platform_db import ml_records
+
+    active = ml_records.active_deployment(conn, ml_records.ensure_model(conn, tenant))
+    if active is None:
+        raise MaestroError(f"tenant '{tenant.name}' has no active production deployment in the platform database",
+                           f"Materialize deployment for {tenant.name} first")
+    return active
 
 
 def _production_model(registry, cached, tenant: str):

@@ -242,3 +242,18 @@ def test_check_evaluations_are_recorded_under_the_tenants_partition(ml_env):
         storage = ml_env.instance.event_log_storage
         [info] = storage.get_asset_check_partition_info([key], partition_keys=["acme"])
         assert info.partition_key == "acme" and info.latest_execution_status.value == "SUCCEEDED", check
+
+
+def test_deploying_or_scoring_a_tenant_with_nothing_before_says_what_to_materialize_first(ml_env):
+    """deployment and batch_predictions read their inputs from the platform database (no stored
+    value): for a tenant never trained, each fails at once with one line, without retries."""
+    from maestro_pipelines.assets.ml import ml_assets
+
+    for asset, first in (("batch_predictions", "deployment"), ("deployment", "registered_model")):
+        result = dg.materialize(ml_assets, selection=[asset], partition_key="globex", instance=ml_env.instance,
+                                resources=ml_env.resources, raise_on_error=False)
+        events = [e.event_type for e in result.all_events]
+        assert dg.DagsterEventType.STEP_UP_FOR_RETRY not in events
+        (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+        message = failure.step_failure_data.user_failure_data.description
+        assert message.startswith("tenant 'globex' has no ") and message.endswith(f"Materialize {first} for globex first")
