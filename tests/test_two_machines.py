@@ -104,7 +104,7 @@ def test_a_second_machine_scores_and_redeploys_from_what_the_first_stored(shared
             "WHERE t.name = :t"), {"t": TENANT}).one()
     assert scored[0] > 0 and scored[1] == scored[2] == 1
 
-    materialize(b, ["registered_model", "deployment"])  # from A's trained_model and model_evaluation
+    materialize(b, ["registered_model", "deployment"], "--config-json", IN_PROCESS)  # from A's stored values
     with engine_for(platform_url).connect() as conn:
         deployed = conn.execute(text(
             "SELECT v.version, d.status FROM deployments d JOIN model_versions v ON v.id = d.model_version_id "
