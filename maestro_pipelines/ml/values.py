@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -40,7 +39,7 @@ UNPARTITIONED = "_unpartitioned"
 """The last key segment of an asset without partitions (a tenant name starts with a letter)."""
 FOOTER_KEY = b"maestro.value"
 SPILL_BYTES = 64 * 1024 * 1024
-"""Values up to this size are encoded and read in memory; larger ones spill to a temporary file."""
+"""Values up to this size are encoded in memory; larger ones spill to a temporary file."""
 _LABEL, _SPLIT = "__maestro_label", "__maestro_split"
 
 
@@ -205,21 +204,18 @@ def _write_parquet(table, footer: dict, out: BinaryIO) -> None:
 def read_value(store: ObjectStore, address: ValueAddress, record_type: type | None = None) -> Any:
     """The stored value, verified before it is decoded. A record comes back as `record_type`
     (a dataclass) when given, else as a dict of its fields."""
-    with tempfile.SpooledTemporaryFile(max_size=SPILL_BYTES) as spool:
-        _fetch(store, address, spool)
-        spool.seek(0)
-        head = spool.read(4)
-        spool.seek(0)
-        if head == b"PAR1":
-            return _decode_parquet(spool)
-        return _decode_json(json.loads(spool.read()), address, record_type)
+    data = _fetch(store, address)
+    if data[:4] == b"PAR1":
+        import pyarrow as pa
+
+        return _decode_parquet(pa.BufferReader(data))  # no copy: a value's Parquet is smaller than its frame
+    return _decode_json(json.loads(data), address, record_type)
 
 
-def _fetch(store: ObjectStore, address: ValueAddress, out: BinaryIO) -> None:
-    """Copy the object into `out`: its last byte checks the sha256 the write recorded."""
+def _fetch(store: ObjectStore, address: ValueAddress) -> bytes:
+    """The object's bytes, read to the end: the last byte checks the sha256 the write recorded."""
     try:
-        with store.open_read(address.key) as reader:
-            shutil.copyfileobj(reader, out, 1024 * 1024)
+        return store.get_bytes(address.key)
     except ObjectNotFound:
         raise MaestroError(
             f"no stored value of {address.described} in the store at {store.url} ({address.key})",
@@ -233,7 +229,7 @@ def _fetch(store: ObjectStore, address: ValueAddress, out: BinaryIO) -> None:
         ) from None
 
 
-def _decode_parquet(source: BinaryIO):
+def _decode_parquet(source):
     import pyarrow.parquet as pq
 
     table = pq.read_table(source)
