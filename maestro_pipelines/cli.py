@@ -328,7 +328,7 @@ def _tenant_listing(tenant, models, rows: int | None, cannot_train: str | None =
 
 def _tenant_row_counts(conn, names: list[str]) -> dict[str, int]:
     """Training rows per tenant: counted in the platform database's training_rows on the
-    embedded default, else asked of MAESTRO_SOURCE_URL (one aggregate per tenant)."""
+    embedded default, else asked of MAESTRO_SOURCE_URL (one grouped query where the source allows)."""
     from maestro_pipelines.platform_db.training_rows import row_counts
 
     settings = load_settings()
@@ -339,9 +339,8 @@ def _tenant_row_counts(conn, names: list[str]) -> dict[str, int]:
 
     counts: dict[str, int] = {}
     try:
-        source = data_source(settings)
-        for name in names:
-            counts[name] = source.tenant_fingerprint(name).row_count
+        fingerprints = data_source(settings).tenant_fingerprints(names)
+        counts = {name: fingerprints[name].row_count for name in names if name in fingerprints}
     except MaestroError as exc:
         err.print(f"[yellow]warning:[/yellow] rows not counted: {escape(str(exc))}", highlight=False, soft_wrap=True)
     return counts
