@@ -79,7 +79,7 @@ BENCHMARKS = [
     Benchmark("restore", "our restore vs pg_restore -j2 of a local dump; the drill's RTO",
               ["--size-mb", "512", "--repeat", "2"], ["--size-mb", "1024", "--repeat", "3"], 480, 1800, SERVERS),
     Benchmark("daemon_path", "one tenant through the daemon vs in process; tenants 4 at a time vs a plain script",
-              ["--tenants", "8", "--rounds", "2"], ["--tenants", "100", "--rounds", "3"], 420, 1800),
+              ["--tenants", "8", "--rounds", "2"], ["--tenants", "100", "--rounds", "3"], 420, 1800, ["pytest"]),
     Benchmark("io_values", "a 1M-row training_data through the IO manager vs plain Parquet, local and S3",
               ["--rows", "200000"], ["--rows", "1000000"], 300, 900, SERVERS),
     Benchmark("sensors", "tenant and retraining sensor ticks at 1,000 and 10,000 tenants (< 10 s)", [], [], 300, 600),

@@ -256,18 +256,11 @@ def plain_script_pool(env: dict[str, str], tenants: list[str], concurrency: int,
     return time.perf_counter() - started
 
 
-def most_at_once(intervals: list[tuple[float, float]]) -> int:
-    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
-    open_now = most = 0
-    for _, change in edges:
-        open_now += change
-        most = max(most, open_now)
-    return most
-
-
 def daemon_throughput(env, instance, daemon: Daemon, tenants: list[str]) -> dict:
     """All tenants queued by one `dagster job backfill` with the daemon stopped, then the daemon
     started: from the first run it launches to the last run's end."""
+    from tests.services import most_at_once
+
     daemon.stop()
     since = time.time()
     dagster_cli(env, "job", "backfill", "-w", str(REPO / "workspace.yaml"), "-j", "train_and_deploy",

@@ -83,3 +83,14 @@ def server_process(
                 os.killpg(process.pid, 9)
                 process.wait()
         log.close()
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The most (start, end) intervals open at one moment (one ending as another starts: not
+    both): how many runs ran at once, from their start and end times."""
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    open_now = most = 0
+    for _, change in edges:
+        open_now += change
+        most = max(most, open_now)
+    return most
