@@ -14,6 +14,24 @@
 # say. The image's own proof is the `check` step of the last stage: the build fails if the
 # code location does not import or pg_dump 18 does not run, as the non-root user, on the
 # slim base.
+#
+# Databases that demand SSL (`sslmode=require` or `verify-*`, as RDS, Cloud SQL and Azure
+# want): the wheel's pg_dump and pg_restore are built without SSL, so backups and restores
+# refuse such a URL before they start until MAESTRO_PG_BIN names client programs with SSL.
+# The last stage here installs no apt packages (tests/test_deploy_files.py holds it to that),
+# so build a derived image with PGDG's postgresql-client-18 (not built on our machines either):
+#
+#   FROM registry.example.com/maestro-pipelines:0.1.0
+#   USER 0
+#   RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
+#    && install -d /usr/share/postgresql-common/pgdg \
+#    && curl -fsSo /usr/share/postgresql-common/pgdg/apt.postgresql.org.asc https://www.postgresql.org/media/keys/ACCC4CF8.asc \
+#    && echo "deb [signed-by=/usr/share/postgresql-common/pgdg/apt.postgresql.org.asc] https://apt.postgresql.org/pub/repos/apt bookworm-pgdg main" > /etc/apt/sources.list.d/pgdg.list \
+#    && apt-get update && apt-get install -y --no-install-recommends postgresql-client-18 \
+#    && apt-get purge -y curl && rm -rf /var/lib/apt/lists/*
+#   ENV MAESTRO_PG_BIN=/usr/lib/postgresql/18/bin
+#   USER 10001:10001
+#   RUN /usr/lib/postgresql/18/bin/pg_dump --version
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

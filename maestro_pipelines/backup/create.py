@@ -47,6 +47,8 @@ from maestro_pipelines.backup.manifest import (
 from maestro_pipelines.backup.phases import Phase, PhaseProgress
 from maestro_pipelines.backup.pgtools import (
     CHECKSUM_SESSION_OPTIONS,
+    check_client,
+    check_dumps_server,
     libpq_environment,
     program,
     program_version,
@@ -346,6 +348,14 @@ def _artifact_manifest(store: ObjectStore, options: BackupOptions, root: str, ba
     )
 
 
+def _pg_dump_for(target: DatabaseTarget) -> str:
+    """`target`'s pg_dump (MAESTRO_PG_BIN's, else the wheel's), refused before anything is
+    opened when it cannot do the SSL the URL asks for."""
+    pg_dump = program("pg_dump", target.client_programs)
+    check_client(pg_dump, target.url, libpq_environment(target.url), target.source)
+    return pg_dump
+
+
 def create_backup(
     store: ObjectStore,
     targets: list[DatabaseTarget],
@@ -362,8 +372,8 @@ def create_backup(
     roles = [t.role for t in targets]
     if len(set(roles)) != len(roles):
         raise BackupError(f"Two databases have the same role in one backup: {roles}", "Give each a distinct role")
-    pg_dump = program("pg_dump")
-    pg_dump_version = program_version("pg_dump")
+    pg_dump_version = program_version("pg_dump", targets[0].client_programs)
+    pg_dumps = {target.role: _pg_dump_for(target) for target in targets}
     started_at = utcnow()
     backup_id = new_backup_id(started_at)
     root = backup_root(backup_id)
@@ -373,11 +383,14 @@ def create_backup(
         try:
             for target in targets:
                 snapshots.append(_Snapshot(target))
+            for snap in snapshots:  # each server's version is known now; nothing is written yet
+                check_dumps_server(pg_dumps[snap.target.role], str(snap.server_version), int(snap.server_version_num),
+                                   snap.target.url, snap.target.source)
             artifacts = _artifact_manifest(store, options, root, backup_id, phases)
             dumps = []
             for snap in snapshots:
                 key = f"{root}/{snap.target.role}{DUMP_SUFFIX}"
-                dumps.append(_dump(store, key, snap, options, backup_id, pg_dump, progress, phases))
+                dumps.append(_dump(store, key, snap, options, backup_id, pg_dumps[snap.target.role], progress, phases))
                 snap.close()
             manifest = BackupManifest(
                 backup_id=backup_id,

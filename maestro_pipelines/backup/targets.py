@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sqlalchemy import text
 
 from maestro_pipelines.backup.types import DatabaseTarget
@@ -42,6 +44,8 @@ def database_targets(settings: Settings, location: DatabaseLocation | None = Non
         )
     else:
         notes.append("Dagster's storage is not on PostgreSQL (MAESTRO_DAGSTER_DATABASE_URL unset): not backed up")
+    if settings.pg_bin is not None:  # every database is dumped and restored with MAESTRO_PG_BIN's programs
+        targets = [replace(target, client_programs=settings.pg_bin) for target in targets]
     return targets, notes
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.engine import URL
 
@@ -17,11 +18,14 @@ Progress = Callable[[str, int, "int | None"], None]
 @dataclass(frozen=True)
 class DatabaseTarget:
     """One database to back up or restore into. `role` names it in the backup (platform,
-    mlflow, dagster); `source` names the setting its URL came from, for error messages."""
+    mlflow, dagster); `source` names the setting its URL came from, for error messages;
+    `client_programs` the folder of the pg_dump and pg_restore to use (MAESTRO_PG_BIN; None:
+    the wheel's, else PATH's)."""
 
     role: str
     url: URL
     source: str = "MAESTRO_DATABASE_URL"
+    client_programs: Path | None = None
 
     @property
     def database(self) -> str:

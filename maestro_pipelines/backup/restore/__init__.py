@@ -4,6 +4,7 @@ restore command. `restore_backup` (run.py) runs them in order:
     plan      plan.py     restore point, request checks (target, confirmation, rights to rename,
                           no half-done restore in the way), stamp and scratch names; reads only
               check_versions: each destination server the dump's major version or newer
+              load.check_client_programs: pg_restore (MAESTRO_PG_BIN's) reads the dumps, has the SSL asked
     fetch     fetch.py    every dump downloaded into a work folder, sha256 + zstd + sizes checked,
                           before any database is touched
     restore   load.py     CREATE DATABASE <live>_restore_<stamp>; pg_restore -j N --no-owner

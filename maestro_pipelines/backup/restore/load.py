@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from maestro_pipelines.backup.phases import Phase
-from maestro_pipelines.backup.pgtools import libpq_environment, program, where
+from maestro_pipelines.backup.pgtools import check_client, check_reads_dump, libpq_environment, program, where
 from maestro_pipelines.backup.restore.state import DatabasePlan, RestoreError, RestoreState
 from maestro_pipelines.backup.tethered import run_tethered
 from maestro_pipelines.platform_db.admin import (
@@ -64,10 +64,10 @@ def create_scratch_database(state: RestoreState, plan: DatabasePlan) -> None:
     state.created.append((dest.url, plan.scratch, dest.source))
 
 
-def _restore_list(path: Path, env: dict[str, str]) -> tuple[Path | None, list[str], int]:
+def _restore_list(path: Path, env: dict[str, str], pg_restore: str) -> tuple[Path | None, list[str], int]:
     """A `pg_restore --use-list` file without OPTIONAL_EXTENSIONS, the extensions left out
     and the number of entries to restore; (None, [], entries) when the dump holds none of them."""
-    listed = run_tethered([program("pg_restore"), "--list", str(path)], env)
+    listed = run_tethered([pg_restore, "--list", str(path)], env)
     if listed.returncode != 0:
         raise RestoreError(
             f"pg_restore cannot read the dump {path.name}: {(listed.stderr.strip().splitlines() or [f'exit {listed.returncode}'])[0]}",
@@ -156,14 +156,17 @@ def _pg_restore_errors(stderr: str, returncode: int, server_version_num: int) ->
 
 
 def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int,
-                   on_count: Callable[[int, int, str], None] | None = None) -> list[str]:
+                   on_count: Callable[[int, int, str], None] | None = None,
+                   client_programs: Path | None = None) -> list[str]:
     """pg_restore -j into `url`'s (empty) database; any error but the known harmless one fails.
     `on_count(done, total, current)` follows its table of contents entries as they are restored.
+    `client_programs`: the folder of the pg_restore to use (MAESTRO_PG_BIN; None: the wheel's).
     Returns notes (optional extensions that could not be recreated)."""
     env = libpq_environment(url, "maestro-restore")
-    list_path, optional, entries = _restore_list(path, env)
+    pg_restore = program("pg_restore", client_programs)
+    list_path, optional, entries = _restore_list(path, env, pg_restore)
     command = [
-        program("pg_restore"), "--no-owner", "--no-privileges", f"--jobs={max(1, jobs)}",
+        pg_restore, "--no-owner", "--no-privileges", f"--jobs={max(1, jobs)}",
         f"--dbname={url.database}", "--no-password", str(path),
     ]
     if list_path is not None:
@@ -184,6 +187,15 @@ def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int,
     return _create_optional_extensions(url, optional)
 
 
+def check_client_programs(state: RestoreState) -> None:
+    """Before anything is fetched: each destination's pg_restore (MAESTRO_PG_BIN's, else the
+    wheel's) exists, reads this backup's dumps, and can do the SSL its URL asks for."""
+    for plan in state.databases:
+        pg_restore = program("pg_restore", plan.dest.client_programs)
+        check_reads_dump(pg_restore, state.manifest.pg_dump_version, state.entry.backup_id)
+        check_client(pg_restore, plan.dest.url, libpq_environment(plan.dest.url), plan.dest.source)
+
+
 def restore_database(state: RestoreState, plan: DatabasePlan) -> None:
     """The step `pg_restore <role>`: the fetched dump into a new scratch database."""
     if plan.file is None:
@@ -200,7 +212,8 @@ def restore_database(state: RestoreState, plan: DatabasePlan) -> None:
             entries[:] = [total]
             phases(Phase(name, done, total, "entries", current))
 
-        notes = run_pg_restore(plan.scratch_url, plan.file, state.jobs, version, on_count if phases is not None else None)
+        notes = run_pg_restore(plan.scratch_url, plan.file, state.jobs, version, on_count if phases is not None else None,
+                               plan.dest.client_programs)
         state.report.notes.extend(f"{plan.role}: {note}" for note in notes)
         counted = f"{entries[0]:,} entries into " if entries else ""
         return f"{counted}{where(plan.scratch_url)}"

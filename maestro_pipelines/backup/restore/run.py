@@ -12,7 +12,7 @@ from maestro_pipelines.backup.phases import PhaseProgress
 from maestro_pipelines.backup.restore.check import verify_artifacts, verify_database
 from maestro_pipelines.backup.restore.cleanup import clean_up
 from maestro_pipelines.backup.restore.fetch import fetch, open_workdir
-from maestro_pipelines.backup.restore.load import migrate_database, restore_database
+from maestro_pipelines.backup.restore.load import check_client_programs, migrate_database, restore_database
 from maestro_pipelines.backup.restore.plan import announce, check_versions, plan_restore
 from maestro_pipelines.backup.restore.state import LIVE, SCRATCH, RestoreReport
 from maestro_pipelines.backup.restore.swap import swap
@@ -44,6 +44,7 @@ def restore_backup(
     state = plan_restore(store, entry, destinations, target, confirm, roles, jobs, workdir=workdir,
                          upgrade_platform=upgrade_platform, progress=progress, log=log, phases=phases)
     check_versions(state)
+    check_client_programs(state)
     announce(state)
     open_workdir(state)
     failed = True
