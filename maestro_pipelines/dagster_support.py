@@ -50,7 +50,8 @@ BACKUP_POOL = "maestro_backup"
 verification, restore, drill): two of them never run at once once the instance has a limit
 (`dagster instance concurrency set maestro_backup 1`)."""
 PLATFORM_DATABASE_POOL = "platform_database"
-"""Steps that write the platform database's records (training, deployment, predictions)."""
+"""Steps that write many platform-database rows or hold a transaction over another service's
+call (deployment, predictions); a training's two short writes are not in it."""
 DDL_POOL = "platform_database_ddl"
 """Steps that take DDL's strong locks (migrations, partition upkeep): never two at once."""
 
