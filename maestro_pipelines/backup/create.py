@@ -53,6 +53,7 @@ from maestro_pipelines.backup.pgtools import (
     program,
     program_version,
     psycopg_connect,
+    ssl_only_hint,
     where,
 )
 from maestro_pipelines.backup.types import DatabaseTarget, MiB, Progress
@@ -235,10 +236,11 @@ def _compressed_chunks(process: subprocess.Popen, stderr, reader: _CountingReade
     yield from compressor.read_to_iter(reader, read_size=options.read_size, write_size=options.read_size)
     returncode = process.wait()
     if returncode != 0:
+        said = _stderr_tail(stderr, target.url, returncode)
         raise BackupError(
-            f"pg_dump of {target.role} database '{target.database}' at {where(target.url)} failed: "
-            f"{_stderr_tail(stderr, target.url, returncode)}",
-            f"Fix what pg_dump says (permissions on {target.source}'s user, server reachable), then run the backup again",
+            f"pg_dump of {target.role} database '{target.database}' at {where(target.url)} failed: {said}",
+            ssl_only_hint(process.args[0], said)
+            or f"Fix what pg_dump says (permissions on {target.source}'s user, server reachable), then run the backup again",
         )
     if reader.count == 0:
         raise BackupError(f"pg_dump of '{target.database}' produced no output", "Run the backup again")

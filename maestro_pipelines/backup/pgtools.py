@@ -177,6 +177,18 @@ def check_client(path: str, url: URL, env: dict[str, str], source: str) -> None:
     )
 
 
+def ssl_only_hint(path: str, stderr: str) -> str | None:
+    """The fix when a server turned `path` away for connecting without SSL (pg_hba.conf's
+    `no encryption`: a URL without sslmode to a server that forces SSL, as RDS does by
+    default) because its libpq has none; None otherwise."""
+    if "no encryption" not in stderr:
+        return None
+    probed = _ssl_probe_program(path)
+    if probed is None or has_ssl(probed):
+        return None
+    return f"The server takes SSL connections only, which {path} cannot make (built without SSL). {INSTALL_SSL_CLIENT}"
+
+
 def check_dumps_server(pg_dump: str, server_version: str, server_version_num: int, url: URL, source: str) -> None:
     """pg_dump refuses a server of a newer major version than its own: said before the dump
     starts, with the fix."""

@@ -117,6 +117,17 @@ def test_the_wheels_programs_refuse_sslmode_require_before_the_backup_starts(pla
     assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []  # nothing written, not even a marker
 
 
+def test_pgsslmode_or_a_server_forcing_ssl_gets_the_same_fix(platform):
+    """sslmode from PGSSLMODE instead of the URL; or none at all, with a server that takes SSL
+    connections only (RDS's rds.force_ssl): Maestro's own connections use SSL, pg_dump cannot."""
+    plain = {**platform, "MAESTRO_DATABASE_URL": platform["MAESTRO_DATABASE_URL"].split("?")[0]}
+    refused = _one_line_error(run_maestro("backup", "run", env={**plain, "PGSSLMODE": "require"}))
+    assert "PGSSLMODE asks for sslmode=require" in refused and NO_SSL_FIX in refused
+    turned_away = _one_line_error(run_maestro("backup", "run", env=plain))
+    assert "no encryption" in turned_away and "takes SSL connections only" in turned_away and NO_SSL_FIX in turned_away
+    assert _listed(platform) == []
+
+
 def test_ssl_client_programs_back_up_and_restore_a_server_that_demands_ssl(platform, ssl_server):
     env = {**platform, "MAESTRO_PG_BIN": str(PG15_BIN)}
     backup = run_maestro("backup", "run", "--json", env=env)

@@ -17,7 +17,14 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from maestro_pipelines.backup.phases import Phase
-from maestro_pipelines.backup.pgtools import check_client, check_reads_dump, libpq_environment, program, where
+from maestro_pipelines.backup.pgtools import (
+    check_client,
+    check_reads_dump,
+    libpq_environment,
+    program,
+    ssl_only_hint,
+    where,
+)
 from maestro_pipelines.backup.restore.state import DatabasePlan, RestoreError, RestoreState
 from maestro_pipelines.backup.tethered import run_tethered
 from maestro_pipelines.platform_db.admin import (
@@ -182,7 +189,8 @@ def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int,
     if shown is not None:
         raise RestoreError(
             f"pg_restore into '{url.database}' at {where(url)} failed: {hide_secret(shown, url.password)}",
-            "The live database was not touched; fix the cause (disk space, permissions, extensions) and restore again",
+            ssl_only_hint(pg_restore, shown)
+            or "The live database was not touched; fix the cause (disk space, permissions, extensions) and restore again",
         )
     return _create_optional_extensions(url, optional)
 
