@@ -155,8 +155,8 @@ def _stop(process: subprocess.Popen) -> None:
     """dagster dev and its children (webserver, daemon, code server, runs): its process group."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
+        try:  # dagster dev's graceful stop took 30 s and more under load; nothing needs it after the module
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
     try:

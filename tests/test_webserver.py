@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def webserver(tmp_path_factory):
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("dagster-webserver")), "-w", "workspace.yaml",
          "-h", "127.0.0.1", "-p", str(port)],
-        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.monotonic() + STARTUP_DEADLINE_SECONDS
     try:
@@ -104,11 +105,19 @@ def webserver(tmp_path_factory):
                 time.sleep(0.25)
         yield port
     finally:
-        process.terminate()
+        # The webserver and the code server it started: its process group. An idle webserver
+        # stops at once on SIGTERM; one still answering took over 30 s (seen under load), and
+        # nothing after the module reads its instance.
+        os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            process.kill()
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # a code server that outlived the webserver
+        except ProcessLookupError:
+            pass
+        process.wait()
         log.close()
 
 
