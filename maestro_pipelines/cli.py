@@ -1243,8 +1243,22 @@ def wal_push(
     """
     from maestro_pipelines.backup.pitr.wal import push_wal
 
+    _refuse_a_store_in_the_data_directory()
     outcome = push_wal(_store(), path, system_id)
     out.print(f"{outcome} {path.name}", highlight=False)
+
+
+def _refuse_a_store_in_the_data_directory() -> None:
+    """archive_command and restore_command run in the data directory: with neither MAESTRO_STORE_URL nor
+    MAESTRO_HOME in the server's environment the default store would be .maestro/store in
+    there, deleted with the server it should outlive."""
+    settings = load_settings()
+    if settings.store_url is None and (Path.cwd() / "PG_VERSION").exists() and settings.home.is_relative_to(Path.cwd().resolve()):
+        raise MaestroError(
+            "MAESTRO_STORE_URL is not set where archive_command (or restore_command) runs, so the WAL store would be "
+            "inside the server's own data directory",
+            "Set MAESTRO_STORE_URL (and the store's credentials) in the PostgreSQL server's environment (docs/configuration.md)",
+        )
 
 
 @wal_app.command("fetch")
@@ -1263,6 +1277,7 @@ def wal_fetch(
     from maestro_pipelines.backup.pitr.wal import fetch_wal
 
     layout.check_wal_name(name)
+    _refuse_a_store_in_the_data_directory()
     system_id = system_id or layout.control_system_id(Path.cwd())
     if not fetch_wal(_store(), system_id, name, dest):
         err.print(f"{name}: not archived", highlight=False)

@@ -65,6 +65,10 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+# `activity` is also a submodule's name: once anything imports that submodule, the package's
+# attribute is the module and __getattr__ is never asked, so the function is bound now (light).
+from maestro_pipelines.backup.activity import Activity, activity, running_activities  # noqa: E402
+
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
