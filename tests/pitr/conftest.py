@@ -87,6 +87,13 @@ def wait_for(what: str, condition, deadline_s: float = DEADLINE_S, poll_s: float
     return value
 
 
+def archiver_knows(conninfo: str, segment: str) -> bool:
+    """pg_stat_archiver counts `segment` archived (once archive_command has returned)."""
+    with psycopg.connect(conninfo) as conn:
+        last = conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0]
+    return last is not None and last >= segment
+
+
 def archived_names(store, sysid: str) -> set[str]:
     from maestro_pipelines.backup.pitr.wal import list_wal
 
@@ -112,5 +119,5 @@ def synthetic_segment(folder: Path, name: str = "000000010000000000000001", size
     return path
 
 
-__all__ = ["MAESTRO", "ArchivingHome", "archived_names", "maestro", "switch_wal", "synthetic_segment", "system_id",
+__all__ = ["MAESTRO", "ArchivingHome", "archived_names", "archiver_knows", "maestro", "switch_wal", "synthetic_segment", "system_id",
            "wait_for"]

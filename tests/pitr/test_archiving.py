@@ -14,7 +14,7 @@ import pytest
 
 from maestro_pipelines.backup.pitr import layout
 from maestro_pipelines.storage.local import LocalObjectStore
-from tests.pitr.conftest import archived_names, maestro, switch_wal, system_id, wait_for
+from tests.pitr.conftest import archived_names, archiver_knows, maestro, switch_wal, system_id, wait_for
 from tests.test_cli import run_maestro
 
 
@@ -24,6 +24,7 @@ def test_a_switched_segment_reaches_the_store_and_wal_status_shows_it(archiving_
     segment = switch_wal(conninfo)
     store = archiving_home.store
     wait_for(f"{segment} in the store", lambda: segment in archived_names(store, sysid))
+    wait_for(f"pg_stat_archiver counting {segment}", lambda: archiver_knows(conninfo, segment))
 
     status = json.loads(maestro("wal", "status", "--json", env=archiving_home.env))
     assert status["archiving"] is True and status["problem"] is None, status
