@@ -1221,8 +1221,7 @@ def _drill_targets(records) -> str:
 # ---- wal: continuous WAL archiving (backup/pitr/wal.py) --------------------------------------
 
 wal_app = typer.Typer(
-    help="WAL archiving into the store, for point-in-time recovery: the server's archive_command and "
-    "restore_command, and whether archiving works.\n\n"
+    help="Continuous WAL archiving into the store (point-in-time recovery), and whether it works.\n\n"
     "archive_command = 'maestro wal push %p', restore_command = 'maestro wal fetch %f %p' "
     "(docs/configuration.md). The embedded server archives by itself.",
     no_args_is_help=True,
