@@ -581,6 +581,7 @@ def extract_base(store: ObjectStore, chain: list[BaseBackupRecord], dest: Path, 
         raise BackupError(f"{dest} is not empty", "Extract a base backup into a new folder")
     if len(chain) == 1:
         return unpack_base(store, chain[0], dest, month, progress)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     parts = Path(tempfile.mkdtemp(prefix=f".{dest.name}-parts-", dir=dest.parent))
     try:
         folders = [unpack_base(store, record, parts / record.base_id, month, progress) for record in chain]
