@@ -170,3 +170,51 @@ def logical_dump(cluster: Cluster, database: str) -> str:
 def remove_cluster(cluster: Cluster) -> None:
     cluster.stop()
     shutil.rmtree(cluster.home, ignore_errors=True)
+
+
+# ---- synthetic histories: records and WAL objects without a server -------------------------
+
+SYSTEM_ID = "7300000000000000001"
+
+
+def fake_record(base_id: str, start_wal: str, stop_wal: str, finished_at, kind: str = "full",
+                parent: str | None = None, system_id: str = SYSTEM_ID):
+    from maestro_pipelines.backup.pitr.layout import BaseBackupRecord
+
+    return BaseBackupRecord(
+        base_id=base_id, system_id=system_id, kind=kind, parent=parent, where="db:5432", server_version="18.6",
+        server_version_num=180006, timeline=1, start_lsn=layout.format_lsn(layout.segment_start(start_wal) + 40),
+        stop_lsn=layout.format_lsn(layout.segment_start(stop_wal) + 288), start_wal=start_wal, stop_wal=stop_wal,
+        started_at=finished_at, finished_at=finished_at, wal_segment_size=layout.DEFAULT_SEGMENT_SIZE,
+        tar_bytes=10, compressed_bytes=0, sha256="", manifest_sha256="", databases=["app"])
+
+
+def put_fake_base(store: ObjectStore, record, verified: bool = True):
+    """A base backup's objects as take_base_backup writes them (contents that are no real tar:
+    for the catalog, which heads them), base.json last, and a passed verification."""
+    import json
+    from dataclasses import replace
+
+    from maestro_pipelines.backup.manifest import _iso
+    from maestro_pipelines.backup.pitr.base import BASE_VERIFIED
+
+    root = layout.base_root(record.system_id, record.base_id)
+    tar = store.put_bytes(f"{root}/{layout.BASE_TAR}", f"tar of {record.base_id}".encode())
+    manifest = store.put_bytes(f"{root}/{layout.PG_MANIFEST}", f"manifest of {record.base_id}".encode())
+    record = replace(record, compressed_bytes=tar.size, sha256=tar.sha256, manifest_sha256=manifest.sha256)
+    body = record.to_json()
+    store.put_bytes(f"{root}/{layout.BASE_RECORD}", body)
+    if verified:
+        store.put_bytes(f"{root}/{BASE_VERIFIED}", json.dumps(
+            {"base_id": record.base_id, "record_sha256": hashlib.sha256(body).hexdigest(),
+             "verified_at": _iso(record.finished_at), "ok": True, "problems": []}).encode())
+    return record
+
+
+def segments(first: int, last: int, timeline: int = 1) -> list[str]:
+    return [layout.segment_name(timeline, n * layout.DEFAULT_SEGMENT_SIZE) for n in range(first, last + 1)]
+
+
+def put_fake_wal(store: ObjectStore, names: list[str], system_id: str = SYSTEM_ID) -> None:
+    for name in names:
+        store.put_bytes(layout.wal_key(system_id, name), b"zstd of " + name.encode())

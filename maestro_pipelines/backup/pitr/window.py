@@ -208,11 +208,12 @@ def recovery_window(store: ObjectStore, system_id: str, month: str | None = None
 
 
 def _ends(window: RecoveryWindow, by_id: dict[str, BaseEntry], present: dict[int, WalSegment], seg_size: int) -> None:
-    """Earliest: the oldest usable base backup's stop; latest: the end of the run after the newest."""
+    """Latest: the end of the WAL run after the newest usable base backup's stop; earliest: the
+    stop of the oldest usable one whose WAL reaches that run without a gap (older ones can
+    only recover to points before a gap: usable, outside the window)."""
     if not window.usable:
         return
-    oldest, newest = by_id[window.usable[0]].record, by_id[window.usable[-1]].record
-    window.earliest_time, window.earliest_lsn = oldest.finished_at, oldest.stop_lsn
+    newest = by_id[window.usable[-1]].record
     number = layout.segment_number(newest.stop_wal, seg_size)
     while number + 1 in present:
         number += 1
@@ -220,6 +221,14 @@ def _ends(window: RecoveryWindow, by_id: dict[str, BaseEntry], present: dict[int
     window.latest_wal = last.name
     window.latest_lsn = layout.format_lsn((number + 1) * seg_size)
     window.latest_time = max(filter(None, [last.last_modified, newest.finished_at]))
+    earliest = newest
+    for base_id in reversed(window.usable[:-1]):
+        record = by_id[base_id].record
+        first = layout.segment_number(record.start_wal, seg_size)
+        if any(n not in present for n in range(first, layout.segment_number(newest.stop_wal, seg_size) + 1)):
+            break
+        earliest = record
+    window.earliest_time, window.earliest_lsn = earliest.finished_at, earliest.stop_lsn
 
 
 def servers_in_store(store: ObjectStore) -> list[str]:
