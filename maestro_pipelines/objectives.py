@@ -30,6 +30,14 @@ DAILY_BACKUPS_KEPT = 7
 """Retention: days (with at least one backup) whose latest backup is kept."""
 MONTHLY_ARCHIVES_KEPT = 12
 """Retention: monthly archives kept (the latest months): a restore point a month for a year."""
+BASE_BACKUPS_KEPT = 7
+"""Retention of the physical tier: the latest base backups kept (an incremental's parents with it)."""
+BASE_BACKUP_MAX_AGE = timedelta(days=14)
+"""Retention of the physical tier: base backups younger than this are kept whatever their count, so
+the recovery window reaches back this far (WAL from the oldest kept one's start on is kept)."""
+INCREMENTAL_CHAIN_MAX = 7
+"""Base backups in one chain (a full one and its incrementals) before `auto` takes a full one again:
+a nightly base backup makes it a weekly full, and a recovery combines at most this many."""
 
 DEFAULT_GATES = {"accuracy": 0.70, "f1": 0.65, "roc_auc": 0.70}
 """The metric floors of a tenant that sets none (`maestro tenants add --min-accuracy ...`)."""
