@@ -163,3 +163,27 @@ def test_a_damaged_segment_is_named_and_nothing_is_restored(history, damage, tmp
     assert segment in error and "Nothing was restored" in error, done.stderr
     assert "Traceback" not in done.stderr and "unexpected" not in done.stderr
     assert markers(server, DATABASE) == ["t1", "t2", "t3", "t4"] and restores(server) == []
+
+
+def test_the_restore_job_restores_to_a_time(history, tmp_path):
+    """The Launchpad's restore_database with `to_time`: the same restore, the point in its metadata."""
+    import dagster as dg
+
+    from maestro_pipelines.definitions import defs
+    from maestro_pipelines.resources import MLflowRegistry, ObjectStoreResource, PlatformDatabase
+
+    url = history["env"]["MAESTRO_DATABASE_URL"]
+    resources = {"platform_db": PlatformDatabase(database_url=url, home=str(tmp_path / "home")),
+                 "mlflow": MLflowRegistry(database_url=url), "store": ObjectStoreResource(url=history["env"]["MAESTRO_STORE_URL"])}
+    config = {"to_time": history["between"].isoformat(), "databases": ["platform"]}
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("restore_database").execute_in_process(
+            instance=instance, resources=resources, raise_on_error=False,
+            run_config={"ops": {"restore_from_backup": {"config": config}}})
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    [materialization] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    metadata = materialization.event_specific_data.metadata
+    assert metadata["reached_lsn"].value and metadata["base_backup"].value == history["base"].base_id
+    [scratch] = restores(history["server"])
+    assert markers(history["server"], scratch) == ["t1", "t2"]
+    history["server"].execute("postgres", f'DROP DATABASE "{scratch}" WITH (FORCE)')
