@@ -919,7 +919,7 @@ def restore(
     to_time: str = typer.Option(None, "--to-time", metavar="TIME|latest",
                                 help="Instead of a backup: the databases as they were at this time (ISO 8601; no zone: "
                                      "MAESTRO_TIMEZONE, else UTC), or `latest`: the newest recoverable point (base backup + WAL)."),
-    to_lsn: str = typer.Option(None, "--to-lsn", metavar="LSN", help="Instead of a backup: as they were at this WAL position (e.g. 0/3000060)."),
+    to_lsn: str = typer.Option(None, "--to-lsn", metavar="LSN", help="Instead of a backup: as they were at this WAL position: everything written before it (e.g. 0/3000060, a point reached)."),
     system_id: str = typer.Option(None, "--system-id", metavar="ID", help="With --to-time/--to-lsn: the server to recover, when the store holds several."),
 ) -> None:
     """Restore a backup into scratch databases (default), or in place of the live ones.

@@ -100,7 +100,9 @@ class RecoveryTarget:
         if self.kind == TIME:
             return {"recovery_target_time": self.time.isoformat(sep=" "), "recovery_target_inclusive": "on"}
         if self.kind == LSN:
-            return {"recovery_target_lsn": self.lsn, "recovery_target_inclusive": "on"}
+            # Everything before the position: a point reached (pg_last_wal_replay_lsn(), the end
+            # of the last record replayed) given back as a target recovers the same transactions.
+            return {"recovery_target_lsn": self.lsn, "recovery_target_inclusive": "off"}
         return {}
 
 
