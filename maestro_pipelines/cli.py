@@ -1070,6 +1070,11 @@ def restore(
     databases: str = typer.Option(None, metavar="ROLES", help="Comma-separated roles to restore (platform,mlflow,dagster); default all."),
     jobs: int = typer.Option(2, metavar="N", help="pg_restore parallel jobs."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
+    to_time: str = typer.Option(None, "--to-time", metavar="TIME|latest",
+                                help="Instead of a backup: the databases as they were at this time (ISO 8601; no zone: "
+                                     "MAESTRO_TIMEZONE, else UTC), or `latest`: the newest recoverable point (base backup + WAL)."),
+    to_lsn: str = typer.Option(None, "--to-lsn", metavar="LSN", help="Instead of a backup: as they were at this WAL position: everything written before it (e.g. 0/3000060, a point reached)."),
+    system_id: str = typer.Option(None, "--system-id", metavar="ID", help="With --to-time/--to-lsn: the server to recover, when the store holds several."),
 ) -> None:
     """Restore a backup into scratch databases (default), or in place of the live ones.
 
@@ -1085,9 +1090,17 @@ def restore(
         maestro restore --before 2026-11-26T14:00:00Z
         maestro restore --backup 20261126T020000Z-3f2a1b --databases platform
         maestro restore --target live --confirm maestro
-        maestro restore cleanup --dry-run"""
+        maestro restore --to-time 2026-11-26T14:04:00Z
+        maestro restore --to-time latest --target live --confirm maestro
+        maestro restore cleanup --dry-run
+
+    With --to-time or --to-lsn: a temporary server is recovered from the newest base backup
+    before that point plus the archived WAL (`maestro backup info` shows the recovery window),
+    and the databases are delivered from it the same way."""
     if ctx.invoked_subcommand is not None:
         return
+    if to_time is not None or to_lsn is not None:
+        return _restore_to_point(to_time, to_lsn, backup, before, target, confirm, databases, jobs, as_json, system_id)
     from maestro_pipelines.backup import resolve_restore_point, restore_backup
     from maestro_pipelines.backup.restore import check_restore_request, parse_before
 
@@ -1130,6 +1143,63 @@ def _print_restore_report(report, as_json: bool) -> None:
     if report.missing_artifacts:
         err.print(f"[yellow]warning:[/yellow] {len(report.missing_artifacts)} model artifacts listed in the backup are "
                   f"missing from the store: {', '.join(report.missing_artifacts[:10])}", highlight=False)
+    for note in report.notes:
+        err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    _print_cleanup_hint([d.live for d in report.databases if d.role == "platform"])
+
+
+# ---- maestro restore --to-time / --to-lsn (point-in-time recovery) --------------------------
+
+
+def _restore_to_point(to_time, to_lsn, backup, before, target, confirm, databases, jobs, as_json, system_id) -> None:
+    from maestro_pipelines.backup.catalog import is_latest
+    from maestro_pipelines.backup.pitr.recover import RecoveryTarget
+    from maestro_pipelines.backup.pitr.restore import restore_to_point
+    from maestro_pipelines.backup.restore import check_restore_request
+
+    if before is not None or not is_latest(backup):
+        given = "--before" if before is not None else f"--backup {backup}"
+        raise MaestroError(f"{given} and --to-time/--to-lsn name two restore points",
+                           "Give one: a backup (--backup, --before) or a point in time (--to-time, --to-lsn)")
+    roles = [r.strip() for r in databases.split(",")] if databases is not None else None
+    check_restore_request(target, roles, jobs)
+    point = RecoveryTarget.parse(to_time, to_lsn, checked_timezone_setting())
+    store = _store()
+    destinations, _notes = _destinations()
+    say = lambda message: err.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    with _progress("download", keep=False) as progress:
+        report = restore_to_point(store, point, destinations, roles=roles, target_mode=target, confirm=confirm,
+                                  jobs=jobs, system_id=system_id, progress=progress, log=say, phases=progress.phase)
+    _print_point_report(report, point, as_json)
+
+
+def checked_timezone_setting() -> str:
+    from maestro_pipelines.clock import checked_timezone
+
+    return checked_timezone(load_settings().timezone)
+
+
+def _print_point_report(report, point, as_json: bool) -> None:
+    reached = {"time": report.reached_time.isoformat() if report.reached_time else None, "lsn": report.reached_lsn,
+               "base_backup": report.base_id, "target": point.describe()}
+    if as_json:
+        out.print_json(json.dumps({
+            "point": reached, "restore_point": report.backup_id, "target": report.target, "ok": report.ok,
+            "duration_s": round(report.duration_s, 3), "steps": report.step_seconds(),
+            "databases": [{"role": d.role, "live": d.live, "restored_as": d.restored_as, "kept_as": d.kept_as,
+                           "tables": d.tables, "rows": d.rows} for d in report.databases],
+            "notes": report.notes,
+        }))
+        return
+    _print_titled(_steps_table(f"restore to {point.describe()}: {human_duration(report.duration_s)}", report.steps))
+    when = f"{report.reached_time:%Y-%m-%d %H:%M:%S.%f}"[:-3] + " UTC" if report.reached_time else "none replayed"
+    out.print(f"point reached: LSN {report.reached_lsn}, last transaction {when} (base backup {report.base_id})",
+              highlight=False, soft_wrap=True)
+    for d in report.databases:
+        where_now = f"swapped into place as {d.live}" if report.target == "live" else f"in {d.restored_as}"
+        kept = f"; the old one is kept as {d.kept_as}" if d.kept_as else ""
+        out.print(f"{d.role}: {counted(d.tables, 'table')}, {counted(d.rows, 'row')} as at that point, {where_now}{kept}",
+                  highlight=False, soft_wrap=True)
     for note in report.notes:
         err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     _print_cleanup_hint([d.live for d in report.databases if d.role == "platform"])

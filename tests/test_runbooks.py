@@ -433,19 +433,32 @@ def test_bad_tenant_runbook_copies_every_tenant_table(site):
         assert f"r_{table} FROM '{table}.copy'" in code and f"TO '{table}.copy'" in code, table
 
 
-def test_point_in_time_restore(site):
+def test_point_in_time_restore(site, tmp_path):
+    """On a server that archives its WAL into the store (as the embedded default does), with a
+    base backup: back to a time between two transactions, the damage after it undone."""
+    from maestro_pipelines.backup.pitr.base import take_base_backup
+    from maestro_pipelines.storage import open_store
+    from tests.pitr.recovery_fixtures import ArchivingServer
+
+    store = open_store(site.env["MAESTRO_STORE_URL"])
+    (tmp_path / "pitr").mkdir(mode=0o755)
+    archiving = ArchivingServer(tmp_path / "pitr" / "server", store)
+    site.cleanups.append(archiving.stop)
+    site.point_at(Server(archiving.url.query["host"]))
     build(site)
-    time.sleep(1.1)
-    before = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    time.sleep(1.1)
+    take_base_backup(store, archiving.target(site.name), kind="full")
+    site.server.psql(site.name, "UPDATE tenants SET updated_at = now()")   # written after the base backup: kept
+    [(before,)] = archiving.execute("postgres", "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+                                                "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
     # The disaster: a bad deploy suspends every tenant and retires every deployment; a tenant
     # and a Dagster run are added; then the nightly backup runs and captures all of it.
     site.server.psql(site.name, "UPDATE tenants SET status = 'suspended'; DELETE FROM deployments")
     site.add_tenants("initech")
     site.side_databases(runs=[RUN_AFTER])
     site.backup()
+    archiving.archive_now()  # the archiver's next minute: the WAL of all of it is in the store
 
-    run_runbook(site, "point-in-time-restore.md", BEFORE=before)
+    transcript = run_runbook(site, "point-in-time-restore.md", BEFORE=before)
 
     assert site.tenants() == {"acme": "active", "globex": "active"}
     assert site.server.psql(site.name, "SELECT count(*) FROM deployments") == "4"
@@ -454,6 +467,7 @@ def test_point_in_time_restore(site):
     kept = [d for d in leftovers if d.startswith(f"{site.name}_pre_restore_")]
     assert len(kept) == 1 and len(leftovers) == 2                          # platform and MLflow kept aside, no scratch
     assert "initech" in site.server.psql(kept[0], "SELECT string_agg(name, ',') FROM tenants")
+    assert "recovered to LSN" in transcript.output("export POINT_LSN")
     backups = site.backups()
     assert len(backups) == 3 and backups[-1]["verified"]
 

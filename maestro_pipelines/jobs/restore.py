@@ -6,6 +6,9 @@
   any database is touched, each database restored beside the live one and verified against
   the manifest, then swapped into place in one step with the old database kept aside
   (`<db>_pre_restore_<time>`). The metadata says where everything is now.
+  With `to_time` (or `to_lsn`) it restores the databases as they were at that point instead
+  (point-in-time recovery: a temporary server from the newest base backup before it plus
+  the archived WAL, `backup/pitr/restore.py`), delivered the same way.
 - `restore_cleanup_job`: list what restores left, with size and age, and drop the scratch
   restores (`<db>_restore_<time>`); the old live databases (`<db>_pre_restore_<time>`, the
   only way back from a wrong restore) only with `confirm: <platform database>`. The same
@@ -81,6 +84,20 @@ class RestoreConfig(dg.Config):
             "Instead of `backup`: the latest verified backup taken before this time, ISO 8601, e.g. "
             "2026-11-26T14:00:00Z (a time without a zone is taken as UTC). Empty: use `backup`."
         ),
+    )
+    # Point in time (base backup + WAL), "" so the Launchpad pre-fills them too: empty means
+    # a dump restore as above.
+    to_time: Optional[str] = Field(
+        default="",
+        description=(
+            "Instead of a backup: the databases as they were at this time (point-in-time recovery from a base "
+            "backup and the archived WAL), ISO 8601, e.g. 2026-11-26T14:04:00Z (no zone: MAESTRO_TIMEZONE, else "
+            "UTC), or `latest` for the newest recoverable point. Empty: use `backup`."
+        ),
+    )
+    to_lsn: Optional[str] = Field(
+        default="",
+        description="Instead of a backup: the databases as they were at this WAL position (LSN), e.g. 0/3000060. Empty: use `backup`.",
     )
     target: Literal["scratch", "live"] = Field(
         default="scratch",
@@ -248,6 +265,8 @@ def restore_from_backup(
     from maestro_pipelines.backup import resolve_restore_point, restore_backup
     from maestro_pipelines.backup.phases import PhaseLog
 
+    if (config.to_time or "").strip() or (config.to_lsn or "").strip():
+        return _restore_to_point(context, config, platform_db, mlflow, store)
     before = _restore_before(config)
     object_store = store.get_store()
     destinations, notes = live_destinations(platform_db, mlflow)
@@ -275,11 +294,66 @@ def restore_from_backup(
     return dg.Output(None, metadata=_restore_metadata(report))
 
 
+def _point_roles(config: RestoreConfig, destinations, log) -> Optional[list[str]]:
+    """restore_roles for a point in time: live leaves Dagster's own database out."""
+    from maestro_pipelines.backup import LIVE, RestoreRefused
+
+    requested = list(dict.fromkeys(r.strip() for r in config.databases if r.strip()))
+    if config.target != LIVE:
+        return requested or None
+    if DAGSTER_ROLE in requested:
+        raise RestoreRefused(
+            "Dagster's own database cannot be restored live from a Dagster run (the run writes its events there)",
+            "Stop the Dagster daemon and webserver and run `maestro restore --to-time ... --target live "
+            "--databases dagster --confirm <platform database>` from a shell",
+        )
+    roles = requested or [d.role for d in destinations if d.role != DAGSTER_ROLE]
+    if not requested and any(d.role == DAGSTER_ROLE for d in destinations):
+        log.warning("Dagster's own database is left out of this live restore (this run writes its events there)")
+    return roles
+
+
+def _restore_to_point(context, config: RestoreConfig, platform_db, mlflow, store):
+    """`to_time` / `to_lsn`: restore_to_point, the same report and metadata plus the point reached."""
+    from maestro_pipelines.backup import RestoreRefused
+    from maestro_pipelines.backup.catalog import is_latest
+    from maestro_pipelines.backup.phases import PhaseLog
+    from maestro_pipelines.backup.pitr.recover import RecoveryTarget
+    from maestro_pipelines.backup.pitr.restore import restore_to_point
+    from maestro_pipelines.clock import checked_timezone
+    from maestro_pipelines.settings import load_settings
+
+    if (config.before or "").strip() or not is_latest(config.backup):
+        raise RestoreRefused("backup/before and to_time/to_lsn are both set",
+                             "Set one: a backup (backup, before) or a point in time (to_time, to_lsn)")
+    point = RecoveryTarget.parse(config.to_time, config.to_lsn, checked_timezone(load_settings().timezone),
+                                 options=("to_time", "to_lsn"))
+    destinations, notes = live_destinations(platform_db, mlflow)
+    for note in notes:
+        context.log.info(note)
+    report = restore_to_point(
+        store.get_store(), point, destinations, roles=_point_roles(config, destinations, context.log),
+        target_mode=config.target, confirm=config.confirm or None, jobs=config.jobs,
+        progress=ProgressLog(context.log, "download"), log=context.log.info,
+        phases=PhaseLog(context.log.info, milestones=True),
+    )
+    _log_restore_done(context.log, report)
+    metadata = _restore_metadata(report)
+    metadata.update({
+        "point_target": dg.MetadataValue.text(point.describe()),
+        "reached_lsn": dg.MetadataValue.text(report.reached_lsn or ""),
+        "reached_time": dg.MetadataValue.text(report.reached_time.isoformat() if report.reached_time else ""),
+        "base_backup": dg.MetadataValue.text(report.base_id or ""),
+    })
+    return dg.Output(None, metadata=metadata)
+
+
 @dg.job(
     tags=run_tags(RESTORE_KIND, RESTORE_MAX_RUNTIME_S, database_lane=True),
     description=(
-        "On-call: restore a backup (latest, an id, or the latest before a time) into scratch databases, or with "
-        "target: live and confirm: <platform database> in place of the live ones (old ones kept aside)."
+        "On-call: restore a backup (latest, an id, or the latest before a time), or the databases as they were at "
+        "a time or LSN (to_time, to_lsn: base backup + WAL), into scratch databases, or with target: live and "
+        "confirm: <platform database> in place of the live ones (old ones kept aside)."
     ),
 )
 def restore_database():

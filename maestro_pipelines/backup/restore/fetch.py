@@ -122,3 +122,11 @@ def fetch(state: RestoreState) -> None:
 
     state.log(f"downloading backup {state.entry.backup_id} (every object checked before any database is touched)")
     state.timed("download and check", download)
+
+
+def use_fetched(state: RestoreState, files: dict[str, Path]) -> None:
+    """Instead of the download: dumps the caller already has on local disk (role -> file)."""
+    for plan in state.databases:
+        if plan.role not in files or not Path(files[plan.role]).is_file():
+            raise RestoreError(f"The {plan.role} dump was not made", "Run the restore again")
+        plan.file = Path(files[plan.role])

@@ -11,7 +11,7 @@ from maestro_pipelines.backup.manifest import utcnow
 from maestro_pipelines.backup.phases import PhaseProgress
 from maestro_pipelines.backup.restore.check import verify_artifacts, verify_database
 from maestro_pipelines.backup.restore.cleanup import clean_up
-from maestro_pipelines.backup.restore.fetch import fetch, open_workdir
+from maestro_pipelines.backup.restore.fetch import fetch, open_workdir, use_fetched
 from maestro_pipelines.backup.restore.load import check_client_programs, migrate_database, restore_database
 from maestro_pipelines.backup.restore.plan import announce, check_versions, plan_restore
 from maestro_pipelines.backup.restore.state import LIVE, SCRATCH, RestoreReport
@@ -33,6 +33,7 @@ def restore_backup(
     upgrade_platform: bool = True,
     log: Callable[[str], None] | None = None,
     phases: PhaseProgress | None = None,
+    fetched: dict[str, Path] | None = None,
 ) -> RestoreReport:
     """Restore `entry` into the servers of `destinations` (role -> the live database's URL).
     `progress` follows the download's bytes, `phases` every step from the download on.
@@ -40,7 +41,10 @@ def restore_backup(
     target `scratch` (default): restored databases stay next to the live ones as
     `<live>_restore_<stamp>` (report.databases[i].restored_as). target `live`: swapped into
     place; needs `confirm` equal to the platform database's name (or, without a platform
-    database among the roles, the first one's)."""
+    database among the roles, the first one's).
+
+    `fetched` (role -> a dump file on local disk): dumps the caller already made and checked
+    (a restore to a point dumps its temporary server), used instead of the download."""
     state = plan_restore(store, entry, destinations, target, confirm, roles, jobs, workdir=workdir,
                          upgrade_platform=upgrade_platform, progress=progress, log=log, phases=phases)
     check_versions(state)
@@ -50,7 +54,10 @@ def restore_backup(
     failed = True
     try:
         with activity(store, "restore", state.stamp):
-            fetch(state)
+            if fetched is None:
+                fetch(state)
+            else:
+                use_fetched(state, fetched)
             for database in state.databases:
                 restore_database(state, database)
                 verify_database(state, database)

@@ -71,6 +71,12 @@ class RestoreReport:
     finished_at: datetime | None = None
     notes: list[str] = field(default_factory=list)
     """Worth knowing, not failures (an optional extension the user could not recreate)."""
+    reached_time: datetime | None = None
+    """A restore to a point (pitr/restore.py): the last replayed transaction's commit time."""
+    reached_lsn: str | None = None
+    """A restore to a point: the WAL position replay reached (pg_last_wal_replay_lsn())."""
+    base_id: str | None = None
+    """A restore to a point: the base backup it recovered from."""
 
     @property
     def duration_s(self) -> float:

@@ -1,0 +1,238 @@
+"""Serving WAL from the store to a temporary server's restore_command.
+
+The server runs restore_command as its own OS user (`embedded_postgres` when Maestro runs as
+root), which cannot run Maestro from a virtualenv in root's home. So restore_command is a
+tiny shell script that asks this process for a file through a folder the server user owns:
+
+    restore_command = 'sh <feed>/restore.sh %f %p'
+    restore.sh: touch <feed>/<f>.want; wait until <feed>/<f> (mv to %p, exit 0) or
+                <feed>/<f>.none (exit 1) appears
+
+and the `WalFeeder` thread here answers each request with `wal.fetch_wal` (the store's
+sha256, zstd's checksum, the segment's own header checked against its name and server),
+prefetching a few segments ahead so replay rarely waits for the store. A segment that is
+damaged, or missing while later ones are in the store (a gap), is no end of the archive:
+the feeder records it as `problem`, answers `none`, and the recovery is abandoned with that
+line (PostgreSQL would otherwise take the hole for the end of the archive and promote there).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from maestro_pipelines.backup.pitr import layout
+from maestro_pipelines.backup.pitr.layout import WalError
+from maestro_pipelines.storage import ObjectStore
+
+PREFETCH = 4
+"""Segments fetched ahead of the one replay asked for (4 x 16 MiB of local disk at most)."""
+POLL_S = 0.02
+SCRIPT_WAIT_S = 600
+"""restore.sh gives up after this long without an answer (this process died)."""
+
+RESTORE_SCRIPT = """#!/bin/sh
+# restore_command of a temporary recovery server: asks the Maestro process for WAL file $1.
+feed="$(dirname "$0")"
+: > "$feed/$1.want" || exit 1
+waited=0
+while [ "$waited" -lt {limit} ]; do
+  if [ -f "$feed/$1" ]; then mv -f "$feed/$1" "$2" && exit 0; exit 1; fi
+  if [ -f "$feed/$1.none" ]; then rm -f "$feed/$1.none"; exit 1; fi
+  [ -d "$feed" ] || exit 1
+  sleep 0.05
+  waited=$((waited + 1))
+done
+exit 1
+"""
+
+
+def write_restore_script(feed: Path) -> Path:
+    script = feed / "restore.sh"
+    script.write_text(RESTORE_SCRIPT.replace("{limit}", str(int(SCRIPT_WAIT_S / 0.05))))
+    script.chmod(0o755)
+    return script
+
+
+def check_segment(data_head: bytes, name: str, system_id: str) -> None:
+    """A segment's first page names the server and the position its file name says: a
+    segment of another server or another place (an object replaced in the store) is refused."""
+    sysid, timeline, seg_size = layout.segment_header(data_head)
+    if str(sysid) != str(system_id):
+        raise WalError(f"WAL segment {name} in the store belongs to server {sysid}, not {system_id} (replaced)",
+                       "Nothing was restored; recover to a point before it, or put the right segment back")
+    page_address = struct.unpack_from("<Q", data_head, 8)[0]
+    if timeline != layout.segment_timeline(name) or page_address != layout.segment_start(name, seg_size):
+        raise WalError(f"WAL segment {name} in the store holds another position's WAL "
+                       f"({layout.format_lsn(page_address)} on timeline {timeline}: replaced)",
+                       "Nothing was restored; recover to a point before it, or put the right segment back")
+
+
+def _fetch_own(store: ObjectStore, system_id: str, name: str, dest: Path) -> bool:
+    """wal.fetch_wal's work where it is not available: the object, zstd, its recorded sha256."""
+    import hashlib
+
+    import zstandard
+
+    from maestro_pipelines.storage import ChecksumMismatch, ObjectNotFound
+
+    key = layout.wal_key(system_id, name)
+    try:
+        info = store.head(key)
+    except ObjectNotFound:
+        return False
+    digest = hashlib.sha256()
+    try:
+        with store.open_read(key) as raw, open(dest, "wb") as out:
+            reader = zstandard.ZstdDecompressor().stream_reader(raw)
+            while block := reader.read(1 << 20):
+                digest.update(block)
+                out.write(block)
+    except (ChecksumMismatch, zstandard.ZstdError) as exc:
+        raise WalError(f"WAL file {name} in the store at {store.url} is damaged: {getattr(exc, 'problem', exc)}",
+                       "Nothing was restored; recover to a point before it") from None
+    wanted = info.metadata.get(layout.WAL_SHA256_KEY) or info.metadata.get("wal_sha256")
+    if wanted and wanted != digest.hexdigest():
+        raise WalError(f"WAL file {name} in the store at {store.url} does not match the sha256 recorded when it "
+                       "was archived (replaced)", "Nothing was restored; recover to a point before it")
+    return True
+
+
+def fetch_segment(store: ObjectStore, system_id: str, name: str, dest: Path) -> bool:
+    """One WAL file from the store into `dest`, checked; False when the store has none."""
+    try:
+        from maestro_pipelines.backup.pitr.wal import fetch_wal
+    except ImportError:  # helper module not there yet: the same checks, done here
+        fetch_wal = _fetch_own
+    found = fetch_wal(store, system_id, name, dest)
+    if found and layout.SEGMENT.match(name):
+        with open(dest, "rb") as segment:
+            check_segment(segment.read(64), name, system_id)
+    return bool(found)
+
+
+def stored_segments(store: ObjectStore, system_id: str) -> list[str]:
+    """Segment names (no history or partial files) in the store for this server, sorted."""
+    names = (layout.wal_name_of_key(info.key) for info in store.list(layout.wal_prefix(system_id), with_metadata=False))
+    return sorted(name for name in names if name and layout.SEGMENT.match(name))
+
+
+class WalFeeder:
+    """Answers restore.sh's requests in `feed` from the store (a thread of this process)."""
+
+    def __init__(self, store: ObjectStore, system_id: str, feed: Path, owner: tuple[int, int] | None,
+                 log: Callable[[str], None] | None = None):
+        self.store, self.system_id, self.feed, self.owner = store, system_id, feed, owner
+        self.log = log or (lambda message: None)
+        self.problem: WalError | None = None
+        self.last_served: str | None = None
+        self.requests = 0
+        self.served_bytes = 0
+        self._stored = stored_segments(store, system_id)
+        self._ready: set[str] = set()
+        self._absent: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wal-feeder", daemon=True)
+        (feed / "tmp").mkdir(exist_ok=True)
+
+    @property
+    def archive_end(self) -> str | None:
+        """The newest segment in the store (when the recovery started)."""
+        return self._stored[-1] if self._stored else None
+
+    def start(self) -> "WalFeeder":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            wanted = sorted(p.name[: -len(".want")] for p in self.feed.glob("*.want"))
+            for name in wanted:
+                (self.feed / f"{name}.want").unlink(missing_ok=True)
+                self.requests += 1
+                self._answer(name)
+            if not wanted:
+                time.sleep(POLL_S)
+
+    def _answer(self, name: str) -> None:
+        if self.problem is not None:
+            return self._none(name)
+        try:
+            found = name in self._ready or self._place(name)
+            if not found and layout.SEGMENT.match(name):
+                self._check_gap(name)
+        except WalError as exc:
+            self.problem = exc
+            found = False
+        except Exception as exc:  # a store outage: the recovery cannot go on, and says why
+            self.problem = WalError(f"WAL file {name} could not be read from the store at {self.store.url}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                                    "Nothing was restored; run the restore again when the store answers")
+            found = False
+        if not found:
+            return self._none(name)
+        self._ready.discard(name)
+        self.last_served = name if layout.SEGMENT.match(name) else self.last_served
+        os.replace(self.feed / "tmp" / name, self.feed / name)
+        if layout.SEGMENT.match(name):
+            self._prefetch(name)
+
+    def _none(self, name: str) -> None:
+        (self.feed / f"{name}.none").touch()
+        self._chown(self.feed / f"{name}.none")
+
+    def _place(self, name: str) -> bool:
+        """Fetch `name` into feed/tmp (not yet visible to the script)."""
+        if name in self._absent:
+            return False
+        dest = self.feed / "tmp" / name
+        if not fetch_segment(self.store, self.system_id, name, dest):
+            self._absent.add(name)
+            dest.unlink(missing_ok=True)
+            return False
+        self.served_bytes += dest.stat().st_size
+        self._chown(dest)
+        return True
+
+    def _prefetch(self, name: str) -> None:
+        """The next segments, while replay works on this one (stops at the archive's end)."""
+        upcoming = name
+        for _ in range(PREFETCH):
+            upcoming = layout.next_segment(upcoming)
+            if upcoming in self._ready or (self.feed / upcoming).exists():
+                continue
+            if upcoming not in self._stored or self._stop.is_set():
+                return
+            try:
+                if self._place(upcoming):
+                    self._ready.add(upcoming)
+            except WalError:
+                return  # said when replay asks for it
+
+    def _check_gap(self, name: str) -> None:
+        """A segment missing while later ones of its timeline are stored is a hole, not the end."""
+        self._stored = stored_segments(self.store, self.system_id)
+        later = [s for s in self._stored if s[:8] == name[:8] and s > name]
+        if later:
+            raise WalError(
+                f"WAL segment {name} is missing from the store at {self.store.url}, and later ones are there "
+                f"(from {later[0]}): recovery cannot get past {layout.format_lsn(layout.segment_start(name))}",
+                "Nothing was restored; recover to a point before it, or take a new base backup after the gap "
+                "(maestro backup run --kind base)",
+            )
+
+    def _chown(self, path: Path) -> None:
+        if self.owner is not None:
+            os.chown(path, *self.owner)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.feed / "tmp", ignore_errors=True)
