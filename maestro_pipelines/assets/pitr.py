@@ -52,18 +52,6 @@ wal_archive = dg.AssetSpec(
 )
 
 
-def servers_of(targets) -> list:
-    """One DatabaseTarget per server among `targets` (base backups and WAL are per server, not
-    per database): the first database named on each host:port or socket."""
-    seen, servers = set(), []
-    for target in targets:
-        key = (target.url.host, target.url.port, target.url.query.get("host"))
-        if key not in seen:
-            seen.add(key)
-            servers.append(target)
-    return servers
-
-
 BASE_COLUMNS = [
     Column("server", "string"),
     Column("base_id", "string"),
@@ -75,42 +63,26 @@ BASE_COLUMNS = [
 ]
 
 
-def _base_row(target, record) -> dict:
+def _base_row(record) -> dict:
     return {"server": record.where, "base_id": record.base_id,
             "kind": record.kind + (f" on {record.parent}" if record.parent else ""), "stop_lsn": record.stop_lsn,
             "tar_mib": mib(record.tar_bytes, 2), "stored_mib": mib(record.compressed_bytes, 2),
             "seconds": round(record.duration_s, 2)}
 
 
-def take_base_backups(context, targets, object_store) -> tuple[list, list[str]]:
-    """A base backup of each server whose WAL is archived; notes for those skipped."""
-    from maestro_pipelines.backup.pitr.base import take_base_backup
-    from maestro_pipelines.backup.pitr.wal import archiver_status
-
-    taken, notes = [], []
-    for server in servers_of(targets):
-        status = archiver_status(server.url, server.source)
-        if not status.archiving:
-            notes.append(f"{server.source}: no base backup ({status.problem}); the nightly dumps alone give an RPO "
-                         "of up to a day there")
-            continue
-        context.log.info(f"Base backup of the server of {server.role} ({server.database}) into {object_store.url}")
-        record = take_base_backup(object_store, server, kind="auto", progress=ProgressLog(context.log, "base backup"),
-                                  log=context.log.info)
-        context.log.info(f"Base backup {record.base_id} ({record.kind}) committed: {human_bytes(record.compressed_bytes)} "
-                         f"stored in {record.duration_s:.1f} s, consistent at {record.stop_lsn}")
-        taken.append((server, record))
-    return taken, notes
-
-
-def _window_text(object_store, system_id: str) -> str:
+def window_text(object_store, system_id: str) -> str:
+    """The recovery window of one server in a line: from when to when, and any WAL gap."""
     from maestro_pipelines.backup.pitr.window import recovery_window
 
     try:
         window = recovery_window(object_store, system_id)
     except MaestroError as exc:
         return f"unknown ({exc})"
-    return window.describe() if hasattr(window, "describe") else str(window)
+    if not window.recoverable:
+        return "no recoverable point yet: " + "; ".join(window.unusable.values() or ["no usable base backup"])
+    text = (f"any point from {window.earliest_time:%Y-%m-%d %H:%M:%S} to {window.latest_time:%Y-%m-%d %H:%M:%S} UTC "
+            f"(LSN {window.earliest_lsn} to {window.latest_lsn})")
+    return text + "".join(f"; GAP: {gap.describe()}" for gap in window.gaps)
 
 
 @dg.asset(
@@ -129,21 +101,31 @@ def _window_text(object_store, system_id: str) -> str:
 @backup_step
 def base_backup(context: dg.AssetExecutionContext, platform_db: PlatformDatabase, mlflow: MLflowRegistry,
                 store: ObjectStoreResource) -> dg.MaterializeResult:
+    from maestro_pipelines.backup.pitr.base import take_base_backups
+
     object_store = store.get_store()
     targets, _ = live_destinations(platform_db, mlflow)
-    taken, notes = take_base_backups(context, targets, object_store)
-    for note in notes:
+    run = take_base_backups(object_store, targets, kind="auto", verify=True,
+                            progress=ProgressLog(context.log, "base backup"), log=context.log.info)
+    for note in run.skipped:
         context.log.warning(note)
+    failed = [report for report in run.reports if not report.ok]
+    if failed:
+        raise dg.Failure(description="base backup failed verification: " + "; ".join(
+            f"{report.base_id}: {'; '.join(report.problems)}" for report in failed))
     metadata = {
-        "base_backups": metadata_table((_base_row(t, r) for t, r in taken), BASE_COLUMNS),
-        "notes": markdown_list(notes),
-        "servers_without_archiving": dg.MetadataValue.int(len(notes)),
+        "base_backups": metadata_table((_base_row(record) for record in run.records), BASE_COLUMNS),
+        "notes": markdown_list(run.skipped),
+        "servers_without_archiving": dg.MetadataValue.int(len(run.skipped)),
     }
-    if taken:
-        metadata["stored_mib"] = dg.MetadataValue.float(mib(sum(r.compressed_bytes for _, r in taken)))
-        metadata["duration_s"] = dg.MetadataValue.float(round(sum(r.duration_s for _, r in taken), 2))
+    if run.records:
+        metadata["stored_mib"] = dg.MetadataValue.float(mib(sum(r.compressed_bytes for r in run.records)))
+        metadata["duration_s"] = dg.MetadataValue.float(round(sum(r.duration_s for r in run.records), 2))
         metadata["recovery_window"] = dg.MetadataValue.md(
-            "\n".join(f"- {r.where}: {_window_text(object_store, r.system_id)}" for _, r in taken))
+            "\n".join(f"- {r.where}: {window_text(object_store, r.system_id)}" for r in run.records))
+        for record in run.records:
+            context.log.info(f"Base backup {record.base_id} ({record.kind}) of {record.where}: "
+                             f"{human_bytes(record.compressed_bytes)} stored, consistent at {record.stop_lsn}")
     return dg.MaterializeResult(metadata=metadata)
 
 

@@ -37,6 +37,10 @@ SERVER_SETTINGS = {
     "archive_mode": "on",
     "archive_timeout": "60",
 }
+USER_TUNABLE = frozenset({"archive_timeout"})
+"""Set only while the server still has PostgreSQL's own default (pg_settings.source 'default'):
+a user who chose another archive_timeout (ALTER SYSTEM SET archive_timeout = '10s', for a
+tighter RPO) keeps it; every process attaching would otherwise put 60 back."""
 WAL_ARCHIVING_OFF = {"archive_mode": "off", "archive_command": ""}
 """MAESTRO_WAL_ARCHIVING=off: no archiving, no spool, no pusher (the test suite's shared
 server, which needs no point-in-time recovery)."""
@@ -359,13 +363,15 @@ def _write_missing_settings(socket_dir: str, settings: dict[str, str]) -> dict[s
 
     with psycopg.connect(host=socket_dir, user="postgres", dbname="postgres", autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT lower(name), setting, context FROM pg_settings WHERE lower(name) = ANY(%s)",
+            "SELECT lower(name), setting, context, source FROM pg_settings WHERE lower(name) = ANY(%s)",
             [[name.lower() for name in settings]],
         ).fetchall()
-        current = {name: (setting, context) for name, setting, context in rows}
+        current = {name: (setting, context, source) for name, setting, context, source in rows}
         changed = {}
         for name, value in settings.items():
-            setting, context = current.get(name.lower(), (None, "postmaster"))
+            setting, context, source = current.get(name.lower(), (None, "postmaster", "default"))
+            if name in USER_TUNABLE and source != "default":
+                continue
             if setting != value:
                 quoted = value.replace("'", "''")
                 conn.execute(f"ALTER SYSTEM SET {name} = '{quoted}'")

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
-from maestro_pipelines.assets.pitr import WAL_ARCHIVE, servers_of
+from maestro_pipelines.assets.pitr import WAL_ARCHIVE
 from maestro_pipelines.automation import STOPPED_ON_EMBEDDED_HINT
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.formatting import human_duration
@@ -37,33 +37,48 @@ def _now() -> datetime:
 
 
 def server_wal_state(server, object_store, now: datetime) -> dict:
-    """What the sensor knows of one server: archiving on, newest segment in the store, age of
-    the WAL waiting, and the problem (None when none)."""
-    from maestro_pipelines.backup.pitr.base import server_system_id
-    from maestro_pipelines.backup.pitr.wal import archiver_status, list_wal
+    """What the sensor knows of one server: whether it archives, the newest segment in the
+    store and its age, and `alert` with the `problem` when its WAL is at risk."""
+    from maestro_pipelines.backup.pitr.wal import archiver_status, newest_segment
 
     status = archiver_status(server.url, server.source)
-    state = {"server": server.source, "archiving": status.archiving, "problem": status.problem}
-    if not status.archiving:
-        return state
-    system_id = server_system_id(server.url, server.source)
-    segments = [w for w in list_wal(object_store, system_id) if len(w.name) == 24]
-    newest = max(segments, key=lambda w: w.name, default=None)
-    state.update(system_id=system_id, newest_wal=newest.name if newest else None,
-                 newest_at=newest.last_modified.isoformat() if newest and newest.last_modified else None,
-                 failed_count=status.failed_count, last_failed_wal=status.last_failed_wal)
-    waiting = getattr(status, "unarchived_bytes", None)
-    state["waiting_bytes"] = waiting
-    if newest is None or newest.last_modified is None:
-        state["problem"] = state["problem"] or "no WAL segment in the store yet"
-        return state
-    age = now - newest.last_modified
-    state["age_s"] = round(age.total_seconds(), 1)
-    if (waiting is None or waiting > 0) and age > PITR_RPO_TARGET + ALERT_GRACE:
-        state["problem"] = state["problem"] or (
-            f"WAL written on the server has not reached the store for {human_duration(age.total_seconds())} "
-            f"(newest archived: {newest.name}); target {human_duration(PITR_RPO_TARGET.total_seconds())}")
+    state = {"server": status.where, "archiving": status.archiving or status.failing, "problem": status.problem,
+             "alert": status.failing, "failed_count": status.failed_count, "last_failed_wal": status.last_failed_wal,
+             "last_archived_wal": status.last_archived_wal, "lag_segments": status.lag_segments}
+    if not state["archiving"]:
+        return state  # off, or a managed service's own PITR: said, not alerted every minute
+    newest = newest_segment(object_store, status.system_id)
+    state["newest_wal"] = newest.name if newest else None
+    if newest is not None and newest.last_modified is not None:
+        state["newest_at"] = newest.last_modified.isoformat()
+        state["age_s"] = round((now - newest.last_modified).total_seconds(), 1)
+    problem = _wal_at_risk(status, newest, now)
+    if problem and not state["alert"]:
+        state.update(alert=True, problem=problem)
     return state
+
+
+def _wal_at_risk(status, newest, now: datetime) -> str | None:
+    """Why WAL written on the server may wait longer than the target, or None. Judged by what
+    the server's own archiver reports (pg_stat_archiver) and what the store holds, never by the
+    newest segment's age alone: an idle server switches no segment (PostgreSQL writes nothing
+    that counts), so an old newest segment is no risk by itself."""
+    target = PITR_RPO_TARGET.total_seconds()
+    if not status.archive_timeout_s or status.archive_timeout_s > target:
+        setting = f"{status.archive_timeout_s} s" if status.archive_timeout_s else "0 (off)"
+        return (f"archive_timeout is {setting} on {status.where}: WAL waits until a 16 MB segment fills, longer than "
+                f"the {target:.0f} s target. Set archive_timeout = 60 and reload")
+    waited = (now - status.last_archived_time) if status.last_archived_time else None
+    if waited is None or waited <= PITR_RPO_TARGET + ALERT_GRACE:
+        return None
+    if status.last_archived_wal and (newest is None or newest.name < status.last_archived_wal):
+        return (f"{status.where} archived {status.last_archived_wal} {human_duration(waited.total_seconds())} ago but "
+                f"the store's newest is {newest.name if newest else 'none'}: the pusher is not running or the store "
+                "refuses it (`maestro wal status`)")
+    if status.lag_segments:
+        return (f"{status.lag_segments} complete WAL segments of {status.where} wait to be archived, the last one "
+                f"archived {human_duration(waited.total_seconds())} ago: archive_command is slow or stuck")
+    return None
 
 
 def _observation(states: list[dict]) -> dg.AssetObservation:
@@ -93,15 +108,16 @@ def _observation(states: list[dict]) -> dg.AssetObservation:
 def wal_rpo_sensor(context: dg.SensorEvaluationContext, platform_db: PlatformDatabase, mlflow: MLflowRegistry,
                    store: ObjectStoreResource, alerts: AlertResource):
     from maestro_pipelines.assets.drills import live_destinations
+    from maestro_pipelines.backup.pitr.base import backup_servers
 
     previous, now = load_state(context.cursor), _now()
     try:
         object_store = store.get_store()
         targets, _ = live_destinations(platform_db, mlflow)
-        states = [server_wal_state(server, object_store, now) for server in servers_of(targets)]
+        states = [server_wal_state(server, object_store, now) for server in backup_servers(targets)]
     except MaestroError as exc:
         states = [{"server": "the WAL archive", "archiving": False, "problem": f"cannot be read: {exc}"}]
-    failing = [s for s in states if s["archiving"] and s["problem"]] or [s for s in states if "cannot be read" in (s["problem"] or "")]
+    failing = [s for s in states if s.get("alert") or "cannot be read" in (s["problem"] or "")]
     status = "breach" if failing else "ok"
     events = []
     observed_at = previous.get("observed_at")

@@ -133,15 +133,15 @@ def run_pitr_drill(store: ObjectStore, platform: DatabaseTarget, workdir: Path |
 
 def _recover_and_check(store: ObjectStore, report: PitrDrillReport, markers_in: str, workdir: Path | None,
                        say, phases) -> None:
-    from maestro_pipelines.backup.pitr.recover import RecoveryTarget, recovered_server
+    from maestro_pipelines.backup.pitr.recover import TIME, RecoveryTarget, recovered_server
 
-    target = RecoveryTarget(time=report.target_time)
+    target = RecoveryTarget(TIME, time=report.target_time)
     with _workdir(workdir) as folder, recovered_server(store, report.system_id, target, folder, log=say,
                                                         phases=phases) as server:
         report.reached_time, report.reached_lsn = server.reached_time, server.reached_lsn
-        report.base_id = getattr(server, "base_id", None)
-        timed(report, "check markers", lambda: _check_markers(server.url.set(database=markers_in), report), phases)
-        timed(report, "pg_amcheck", lambda: _amcheck(server.url, report), phases)
+        report.base_id = server.base.base_id
+        timed(report, "check markers", lambda: _check_markers(server.url(markers_in), report), phases)
+        timed(report, "pg_amcheck", lambda: _amcheck(server.url(), report), phases)
 
 
 @contextmanager
