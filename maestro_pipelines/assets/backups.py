@@ -386,6 +386,9 @@ def database_backup(
     entries = list_backups(object_store)  # after verification: this backup's state is known
     metadata = backup_history_metadata(manifest, object_store, entries, _utcnow(), report,
                                        taken_by=f"Dagster run {context.run.run_id}")
+    from maestro_pipelines.assets.pitr import point_in_time_markdown
+
+    metadata["point_in_time"] = dg.MetadataValue.md(point_in_time_markdown(platform_db, mlflow))
     # The backup is recorded either way, with its check: a failed one is in the history as such.
     yield dg.MaterializeResult(
         asset_key=BACKUP_ASSET,

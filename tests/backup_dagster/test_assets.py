@@ -47,6 +47,8 @@ def test_nightly_backup_materializes_a_verified_backup_with_metadata(backup_env)
     assert newest is not None and newest.backup_id == metadata["backup_id"].value
     assert metadata["verified"].value is True and metadata["verification"].value.startswith("ok")
     assert metadata["databases"].value == "platform, mlflow"
+    # The session's server archives no WAL (MAESTRO_WAL_ARCHIVING=off): the RPO there is the dumps'.
+    assert "RPO is this backup's age" in metadata["point_in_time"].value and "archive_mode is off" in metadata["point_in_time"].value
     assert newest.manifest.dump_bytes > 0 and newest.stored_bytes > 0
     assert metadata["stored_mib"].value == pytest.approx(newest.stored_bytes / 2**20, abs=0.001)
     assert metadata["dump_mib"].value == pytest.approx(newest.manifest.dump_bytes / 2**20, abs=0.001)
