@@ -14,6 +14,7 @@ import pytest
 
 from maestro_pipelines.backup.pitr import layout
 from maestro_pipelines.storage.local import LocalObjectStore
+from tests.stores.conftest import LocalCase
 from tests.pitr.conftest import archived_names, archiver_knows, maestro, switch_wal, system_id, wait_for
 from tests.test_cli import run_maestro
 
@@ -115,3 +116,17 @@ def test_wal_push_refuses_a_file_that_is_not_the_segment_its_name_says(segment, 
     refused = one_error_line(run_maestro("wal", "push", str(renamed), env=env))
     assert "starts at WAL position" in refused
     assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []
+
+
+def test_wal_fetch_of_a_segment_damaged_in_the_store_fails_with_one_line_and_writes_nothing(segment, tmp_path):
+    """What recovery's restore_command meets after bit rot in the store: not a segment
+    PostgreSQL would replay, but one line naming the object (exit 1), and no file at %p."""
+    case = LocalCase(tmp_path / "store")
+    env = {"MAESTRO_STORE_URL": case.root.as_uri(), "MAESTRO_HOME": str(tmp_path / "home")}
+    maestro("wal", "push", str(segment), env=env)
+    sysid = str(layout.segment_header(segment.read_bytes()[:64])[0])
+    case.corrupt(layout.wal_key(sysid, segment.name))
+    dest = tmp_path / "restored"
+    damaged = one_error_line(run_maestro("wal", "fetch", segment.name, str(dest), "--system-id", sysid, env=env))
+    assert "is damaged" in damaged and layout.wal_key(sysid, segment.name) in damaged
+    assert list(tmp_path.glob("restored*")) == [] and list(tmp_path.glob(f".{segment.name}.*")) == []
