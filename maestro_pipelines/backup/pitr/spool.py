@@ -27,8 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from maestro_pipelines.backup.pitr import layout
-from maestro_pipelines.backup.pitr.wal import WalConflict, push_wal
+from maestro_pipelines.backup.pitr.layout import WalError
+from maestro_pipelines.backup.pitr.wal import push_wal
 from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.storage import StoreError
 from maestro_pipelines.platform_db.embedded import PUSHER_LOCK, PUSHER_PID, WAL_SPOOL
 
 POLL_S = 1.0
@@ -38,7 +40,15 @@ LINGER_S = 10.0
 """How long the server may be gone before the pusher leaves: a restart (a first start's
 settings, `pg_ctl restart`) takes a few seconds, and the restarted server needs a pusher."""
 REFUSED = "refused"
-"""spool/refused/: files the store refused (another file under the name): kept for the operator."""
+"""spool/refused/: files that cannot be archived (another file under the name in the store, a
+damaged header): kept for the operator, and named by `maestro wal status`."""
+
+
+def refused(spool: Path) -> list[str]:
+    try:
+        return sorted(entry.name for entry in os.scandir(spool / REFUSED))
+    except FileNotFoundError:
+        return []
 
 
 def spooled(spool: Path) -> list[Path]:
@@ -67,13 +77,22 @@ class Pusher:
         moved = 0
         for path in spooled(self.spool):
             try:
-                push_wal(self.store, path, None if layout.SEGMENT.match(path.name) else self._system_id())
-            except WalConflict as exc:
-                self._say(f"refused {path.name}: {exc}")
+                # A segment names its server; a history file does not: pg_control does.
+                system_id = None if layout.SEGMENT.match(path.name) else self._system_id()
+            except WalError as exc:
+                self._say(f"cannot push {path.name} yet: {exc}")
+                return moved
+            try:
+                push_wal(self.store, path, system_id)
+            except (StoreError, OSError) as exc:  # the store (or the disk) may come back: retry
+                self._say(f"cannot push {path.name} yet: {exc}")
+                return moved
+            except WalError as exc:  # the file itself is refused: set aside, the rest goes on
+                self._say(f"refused {path.name}, kept in {self.spool / REFUSED}: {exc}")
                 (self.spool / REFUSED).mkdir(exist_ok=True)
                 os.replace(path, self.spool / REFUSED / path.name)
                 continue
-            except (MaestroError, OSError) as exc:
+            except MaestroError as exc:
                 self._say(f"cannot push {path.name} yet: {exc}")
                 return moved
             path.unlink(missing_ok=True)
