@@ -46,12 +46,22 @@ def test_a_switched_segment_reaches_the_store_and_wal_status_shows_it(archiving_
     assert missing.returncode == 1 and not (tmp_path / "no").exists()
 
 
-def test_db_stop_pushes_what_the_server_archived_last_and_the_pusher_leaves(tmp_path):
-    """The server archives its last segments while it shuts down; once `maestro db stop`
-    returns they are in the store and the spool is empty (nothing waits for a next start)."""
+def ready_count(home: Path) -> int:
+    return (home / "pgdata" / "log").read_text().count("database system is ready to accept connections")
+
+
+def test_a_data_folder_made_without_archiving_archives_after_one_restart_and_db_stop_drains_it(tmp_path):
+    """A data folder made by an older Maestro (here: MAESTRO_WAL_ARCHIVING=off) restarts once
+    at its next start to turn archive_mode on. The server archives its last segments while it
+    shuts down; once `maestro db stop` returns they are in the store and the spool is empty."""
     env = {"MAESTRO_HOME": str(tmp_path / "home")}
-    maestro("db", "start", env=env)
     home = Path(env["MAESTRO_HOME"])
+    maestro("db", "start", env={**env, "MAESTRO_WAL_ARCHIVING": "off"})
+    maestro("db", "stop", env=env)
+    assert not (home / "wal-spool").exists() and not (home / "store").exists()
+    before = ready_count(home)
+    maestro("db", "start", env=env)
+    assert ready_count(home) == before + 2  # its start, and the one restart for archive_mode
     conninfo = (home / "pgdata" / "postmaster.pid").read_text().splitlines()[4]
     conninfo = f"host={conninfo} user=postgres dbname=postgres"
     sysid = system_id(conninfo)
