@@ -18,6 +18,9 @@ from tests.stores.conftest import LocalCase
 from tests.pitr.conftest import archived_names, archiver_knows, maestro, switch_wal, system_id, wait_for
 from tests.test_cli import run_maestro
 
+# One worker for the module: its tests share one server (module fixture), started once.
+pytestmark = pytest.mark.xdist_group("pitr-embedded")
+
 
 def test_a_switched_segment_reaches_the_store_and_wal_status_shows_it(archiving_home, tmp_path):
     conninfo = archiving_home.socket_url
