@@ -119,6 +119,16 @@ class Pusher:
         return process_alive(pid)
 
     def run(self, poll_s: float = POLL_S, linger_s: float = LINGER_S) -> None:
+        while True:
+            self._serve(poll_s, linger_s)
+            self.push_spooled()  # what the server archived last, before it stopped
+            # A Maestro process that started the server again just now saw this pusher alive
+            # and started none: keep serving, unless told to stop.
+            if self.stopping.is_set() or not self.server_alive():
+                return
+
+    def _serve(self, poll_s: float, linger_s: float) -> None:
+        """Push, poll, until told to stop or the server has been gone for `linger_s`."""
         gone_since = None
         while not self.stopping.is_set():
             self.push_spooled()
@@ -127,9 +137,8 @@ class Pusher:
             elif gone_since is None:
                 gone_since = time.monotonic()
             elif time.monotonic() - gone_since > linger_s:
-                break
+                return
             self.stopping.wait(poll_s)
-        self.push_spooled()  # what the server archived last, before it stopped
 
 
 def main(argv: list[str]) -> int:
