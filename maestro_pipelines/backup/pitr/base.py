@@ -459,7 +459,7 @@ def _stream_tar(store: ObjectStore, key: str, command: list[str], target: Databa
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
                                    env=libpq_environment(target.url, "maestro-base-backup"), bufsize=0)
         _widen_pipe(process.stdout)
-        counting = _CountingReader(process.stdout, f"base backup ({where(target.url)})", expected, progress)
+        counting = _CountingReader(process.stdout, server_where(target.url), expected, progress)
         watcher = _TarWatcher()
         try:
             info = store.put_stream(key, _read_ahead(_compressed(process, stderr, _WatchedReader(counting, watcher), target, level,
@@ -590,7 +590,7 @@ def unpack_base(store: ObjectStore, record: BaseBackupRecord, dest: Path, month:
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         with store.open_read(key) as raw:
-            counted = _CountingStream(raw, f"base backup {record.base_id}", record.compressed_bytes, progress)
+            counted = _CountingStream(raw, record.base_id, record.compressed_bytes, progress)
             with zstandard.ZstdDecompressor().stream_reader(counted, read_size=MiB) as tar_stream:
                 with tarfile.open(fileobj=tar_stream, mode="r|", bufsize=MiB) as tar:
                     tar.extractall(dest, filter="tar")
@@ -604,7 +604,7 @@ def unpack_base(store: ObjectStore, record: BaseBackupRecord, dest: Path, month:
         raise BackupError(f"Base backup {record.base_id} is damaged: {key}: {reason}",
                           "Recover from another base backup (`maestro backup info` lists them), or take a new one") from None
     if progress is not None:
-        progress(f"base backup {record.base_id}", record.compressed_bytes, record.compressed_bytes)
+        progress(record.base_id, record.compressed_bytes, record.compressed_bytes)
     _verify_folder(dest, record.base_id)
     return dest
 
