@@ -176,7 +176,7 @@ def db_start() -> None:
     from maestro_pipelines.platform_db.embedded import EmbeddedPostgres
     from maestro_pipelines.platform_db.urls import redact
 
-    url = EmbeddedPostgres(settings.home).start(keep_running=True)
+    url = EmbeddedPostgres(settings.home, wal_archiving=settings.wal_archiving).start(keep_running=True)
     out.print(f"embedded PostgreSQL running, data in {settings.home / 'pgdata'}", highlight=False)
     out.print(f"connect with: {redact(url.set(drivername='postgresql', database='maestro'))}", highlight=False)
 
@@ -1370,6 +1370,125 @@ def _drill_targets(records) -> str:
     if any((r.rto_target_s, r.rpo_target_s) != (latest.rto_target_s, latest.rpo_target_s) for r in records):
         return f"{said} (the latest drill's; others had other targets: --json gives each drill's)"
     return said
+
+
+# ---- wal: continuous WAL archiving (backup/pitr/wal.py) --------------------------------------
+
+wal_app = typer.Typer(
+    help="Continuous WAL archiving into the store (point-in-time recovery), and whether it works.\n\n"
+    "archive_command = 'maestro wal push %p', restore_command = 'maestro wal fetch %f %p' "
+    "(docs/configuration.md). The embedded server archives by itself.",
+    no_args_is_help=True,
+)
+app.add_typer(wal_app, name="wal")
+
+
+@wal_app.command("push")
+def wal_push(
+    path: Path = typer.Argument(..., metavar="PATH", help="The WAL file (%p: relative to the data directory)."),
+    system_id: str = typer.Option(None, "--system-id", metavar="ID",
+                                  help="The server's system identifier, for history files outside the data directory."),
+) -> None:
+    """Archive one WAL file into the store; PostgreSQL's archive_command: 'maestro wal push %p'.
+
+    Pushing the same file again succeeds; other bytes under an archived name are refused
+    (exit 1), recorded in the store, and the stored file is kept.
+    """
+    from maestro_pipelines.backup.pitr.wal import push_wal
+
+    _refuse_a_store_in_the_data_directory()
+    outcome = push_wal(_store(), path, system_id)
+    out.print(f"{outcome} {path.name}", highlight=False)
+
+
+def _refuse_a_store_in_the_data_directory() -> None:
+    """archive_command and restore_command run in the data directory: with neither MAESTRO_STORE_URL nor
+    MAESTRO_HOME in the server's environment the default store would be .maestro/store in
+    there, deleted with the server it should outlive."""
+    settings = load_settings()
+    if settings.store_url is None and (Path.cwd() / "PG_VERSION").exists() and settings.home.is_relative_to(Path.cwd().resolve()):
+        raise MaestroError(
+            "MAESTRO_STORE_URL is not set where archive_command (or restore_command) runs, so the WAL store would be "
+            "inside the server's own data directory",
+            "Set MAESTRO_STORE_URL (and the store's credentials) in the PostgreSQL server's environment (docs/configuration.md)",
+        )
+
+
+@wal_app.command("fetch")
+def wal_fetch(
+    name: str = typer.Argument(..., metavar="NAME", help="The WAL file's name (%f)."),
+    dest: Path = typer.Argument(..., metavar="DEST", help="Where to write it (%p)."),
+    system_id: str = typer.Option(None, "--system-id", metavar="ID",
+                                  help="The server's system identifier (default: pg_control of the data directory here)."),
+) -> None:
+    """Write one archived WAL file to DEST; PostgreSQL's restore_command: 'maestro wal fetch %f %p'.
+
+    Exits 1 when the store has no such file (PostgreSQL asks for files that may not exist,
+    such as the next timeline's history, and then ends recovery).
+    """
+    from maestro_pipelines.backup.pitr import layout
+    from maestro_pipelines.backup.pitr.wal import fetch_wal
+
+    layout.check_wal_name(name)
+    _refuse_a_store_in_the_data_directory()
+    system_id = system_id or layout.control_system_id(Path.cwd())
+    if not fetch_wal(_store(), system_id, name, dest):
+        err.print(f"{name}: not archived", highlight=False)
+        raise typer.Exit(1)
+
+
+@wal_app.command("status")
+def wal_status(as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts).")) -> None:
+    """Whether the platform database's server archives its WAL (pg_stat_archiver), and the newest
+    segment the store holds for it."""
+    from maestro_pipelines.backup.pitr.wal import archiver_status, newest_segment
+
+    location = _location()
+    status = archiver_status(location.admin_url, location.source)
+    store = _store()
+    newest = newest_segment(store, status.system_id) if status.system_id else None
+    spool = _spool_state(location)
+    if as_json:
+        body = {**status.to_json(), "store": store.url,
+                "newest_in_store": newest.name if newest else None,
+                "newest_in_store_at": newest.last_modified.isoformat() if newest and newest.last_modified else None,
+                **spool}
+        print(json.dumps(body, indent=2))
+        return
+    _print_wal_status(status, store, newest, spool)
+
+
+def _spool_state(location) -> dict:
+    """The embedded server's spool: segments waiting for the pusher, and whether it runs."""
+    embedded = location.embedded
+    if embedded is None or not embedded.wal_archiving:
+        return {}
+    from maestro_pipelines.backup.pitr.spool import spooled
+
+    return {"spool_waiting": [path.name for path in spooled(embedded.spool)], "pusher_running": embedded.pusher_alive()}
+
+
+def _print_wal_status(status, store, newest, spool: dict) -> None:
+    def when(moment) -> str:
+        return moment.isoformat(timespec="seconds") if moment else "never"
+
+    _print_keyed("server", f"{status.where} (system identifier {status.system_id})")
+    _print_keyed("settings", f"wal_level={status.wal_level} archive_mode={status.archive_mode} "
+                 f"archive_timeout={status.archive_timeout_s}s summarize_wal={status.summarize_wal or 'n/a'}")
+    _print_keyed("command", status.archive_command or "(empty archive_command)")
+    _print_keyed("archived", f"{status.last_archived_wal or 'none'} at {when(status.last_archived_time)} "
+                 f"({status.archived_count} archived, {status.failed_count} failed)")
+    if status.lag_segments is not None:
+        _print_keyed("lag", f"{status.lag_segments} complete segment(s) not archived yet (writing {status.current_wal})")
+    _print_keyed("store", f"{store.url}: newest segment {newest.name if newest else 'none'}"
+                 f"{' at ' + when(newest.last_modified) if newest else ''}")
+    if spool:
+        _print_keyed("spool", f"{len(spool['spool_waiting'])} file(s) waiting; pusher "
+                     f"{'running' if spool['pusher_running'] else 'not running'}")
+    if status.problem:
+        err.print(f"[yellow]warning:[/yellow] {escape(status.problem)}", highlight=False, soft_wrap=True)
+    else:
+        out.print("archiving: on", highlight=False)
 
 
 mlflow_app = typer.Typer(help="MLflow: its UI on the runs and models Maestro's trainings recorded.", no_args_is_help=True)
