@@ -123,36 +123,40 @@ def server_system_id(url, source: str) -> str:
         return str(connection.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
 
 
+class BaseBackupRefused(BackupError):
+    """The server is not set up for base backups (archiving off, no replication privilege, a
+    managed service, extra tablespaces): `backup run` then takes the dumps alone."""
+
+
 def _archiving_problem(target: DatabaseTarget, facts: ServerFacts) -> str | None:
-    """wal.py's judgement (helper A's archiver_status) when it is there, else ours."""
+    """wal.py's judgement (`archiver_status`: pg_stat_archiver, managed services), else ours."""
     try:
-        from maestro_pipelines.backup.pitr.wal import archiver_status  # type: ignore[attr-defined]
+        from maestro_pipelines.backup.pitr.wal import archiver_status
     except ImportError:
-        return facts.archiving_problem
-    status = archiver_status(target.url, target.source)
-    return None if status.archiving else (status.problem or "WAL archiving is off")
+        return facts.archiving_problem and f"{facts.archiving_problem} on the server at {where(target.url)}"
+    return archiver_status(target.url, target.source).problem
 
 
 def check_can_back_up(target: DatabaseTarget, facts: ServerFacts) -> None:
     """Refuse, in one line, a server a base backup cannot be taken from (before anything starts)."""
     at = where(target.url)
     if facts.version_num < 130000:
-        raise BackupError(f"The server at {at} runs PostgreSQL {facts.version}: base backups need 13 or newer "
-                          "(its backup manifest)", "Keep the logical dumps (`maestro backup run --kind dump`) or upgrade")
+        raise BaseBackupRefused(f"The server at {at} runs PostgreSQL {facts.version}: base backups need 13 or newer "
+                                "(its backup manifest)", "Keep the logical dumps (`maestro backup run --kind dump`) or upgrade")
+    problem = _archiving_problem(target, facts)
+    if problem:
+        raise BaseBackupRefused(f"No base backup: {problem.rstrip('.')}",
+                                "A base backup needs the server's WAL in the store (docs/configuration.md, WAL archiving); "
+                                "`maestro backup run --kind dump` takes the dumps alone (the RPO is then the last dump's age)")
     if not facts.replication:
-        raise BackupError(
+        raise BaseBackupRefused(
             f"The role of {target.source} at {at} has no REPLICATION privilege, which pg_basebackup needs",
             "ALTER ROLE ... REPLICATION (and a `replication` line in pg_hba.conf); on a managed service (RDS, Cloud SQL, "
             "Azure) its own point-in-time recovery applies: keep Maestro's dumps (`maestro backup run --kind dump`)")
     if facts.extra_tablespaces:
-        raise BackupError(f"The server at {at} has tablespaces besides pg_default ({', '.join(facts.extra_tablespaces)}):"
-                          " a base backup to one stream cannot hold them",
-                          "Move their tables to pg_default, or keep the logical dumps (`--kind dump`)")
-    problem = _archiving_problem(target, facts)
-    if problem:
-        raise BackupError(f"{problem} on the server at {at}: a base backup without the archive's WAL cannot be recovered",
-                          "Turn archiving on (docs/configuration.md, point-in-time recovery), or take dumps only "
-                          "(`maestro backup run --kind dump`: the RPO is then the last dump's age)")
+        raise BaseBackupRefused(f"The server at {at} has tablespaces besides pg_default "
+                                f"({', '.join(facts.extra_tablespaces)}): a base backup to one stream cannot hold them",
+                                "Move their tables to pg_default, or keep the logical dumps (`--kind dump`)")
 
 
 # ---- the catalog --------------------------------------------------------------------------
@@ -459,7 +463,7 @@ def _stream_tar(store: ObjectStore, key: str, command: list[str], target: Databa
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
                                    env=libpq_environment(target.url, "maestro-base-backup"), bufsize=0)
         _widen_pipe(process.stdout)
-        counting = _CountingReader(process.stdout, f"base backup ({where(target.url)})", expected, progress)
+        counting = _CountingReader(process.stdout, server_where(target.url), expected, progress)
         watcher = _TarWatcher()
         try:
             info = store.put_stream(key, _read_ahead(_compressed(process, stderr, _WatchedReader(counting, watcher), target, level,
@@ -590,7 +594,7 @@ def unpack_base(store: ObjectStore, record: BaseBackupRecord, dest: Path, month:
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         with store.open_read(key) as raw:
-            counted = _CountingStream(raw, f"base backup {record.base_id}", record.compressed_bytes, progress)
+            counted = _CountingStream(raw, record.base_id, record.compressed_bytes, progress)
             with zstandard.ZstdDecompressor().stream_reader(counted, read_size=MiB) as tar_stream:
                 with tarfile.open(fileobj=tar_stream, mode="r|", bufsize=MiB) as tar:
                     tar.extractall(dest, filter="tar")
@@ -604,7 +608,7 @@ def unpack_base(store: ObjectStore, record: BaseBackupRecord, dest: Path, month:
         raise BackupError(f"Base backup {record.base_id} is damaged: {key}: {reason}",
                           "Recover from another base backup (`maestro backup info` lists them), or take a new one") from None
     if progress is not None:
-        progress(f"base backup {record.base_id}", record.compressed_bytes, record.compressed_bytes)
+        progress(record.base_id, record.compressed_bytes, record.compressed_bytes)
     _verify_folder(dest, record.base_id)
     return dest
 
@@ -735,8 +739,8 @@ def take_base_backups(store: ObjectStore, targets: list[DatabaseTarget], kind: s
     for target in backup_servers(targets):
         try:
             record = take_base_backup(store, target, kind, progress=progress, log=log)
-        except BackupError as exc:
-            if required or not _cannot_base_backup(exc):
+        except BaseBackupRefused as exc:
+            if required:
                 raise
             run.skipped.append(f"no base backup of {server_where(target.url)}: {exc.problem}; its RPO is the latest "
                                "dump's age (the nightly backup: up to a day). " + (exc.hint or ""))
@@ -745,9 +749,3 @@ def take_base_backups(store: ObjectStore, targets: list[DatabaseTarget], kind: s
         if verify:
             run.reports.append(verify_base_backup(store, record.base_id, record.system_id, progress=progress))
     return run
-
-
-def _cannot_base_backup(exc: BackupError) -> bool:
-    """Refusals of `check_can_back_up` (the server is not set up for it), not failures."""
-    return any(words in exc.problem for words in ("archiving", "REPLICATION privilege", "tablespaces",
-                                                   "base backups need 13"))
