@@ -220,3 +220,17 @@ def test_a_killed_restore_leaves_no_server_and_the_next_one_sweeps_its_folder(hi
     assert list(root.glob("maestro-recover-*"))  # left by the killed process...
     _report, found = delivered(history, restore(history, "--to-time", "latest", "--json"))  # ...swept by the next
     assert found == ["t1", "t2", "t3", "t4"] and restores(history["server"]) == []
+
+
+def test_a_time_without_a_zone_is_read_in_maestro_timezone():
+    """Pure parsing (no server): what on-call types is what the recovery aims at, and it says so."""
+    from datetime import datetime, timezone
+
+    from maestro_pipelines.backup.pitr.recover import RecoveryTarget
+
+    berlin = RecoveryTarget.parse("2026-11-26T14:04:00", timezone_name="Europe/Berlin")
+    assert berlin.time == datetime(2026, 11, 26, 13, 4, tzinfo=timezone.utc)
+    assert "14:04:00 in Europe/Berlin" in berlin.describe()
+    assert RecoveryTarget.parse("2026-11-26T14:04:00Z", timezone_name="Europe/Berlin").time.hour == 14
+    assert RecoveryTarget.parse("2026-11-26 14:04", timezone_name="UTC").describe() == "2026-11-26 14:04:00 UTC"
+    assert RecoveryTarget.parse(to_lsn="16/b374d848").lsn == "16/B374D848"

@@ -69,6 +69,8 @@ class RecoveryTarget:
     kind: str
     time: datetime | None = None
     lsn: str | None = None
+    zone: str | None = None
+    """The time zone a time without one was read in (MAESTRO_TIMEZONE), None when it had one."""
 
     @classmethod
     def parse(cls, to_time: str | None = None, to_lsn: str | None = None, timezone_name: str = "UTC",
@@ -88,11 +90,18 @@ class RecoveryTarget:
             raise MaestroError(f"No point to recover to was given", f"Use {options[0]} TIME|latest or {options[1]} LSN")
         if to_time.lower() in ("latest", "newest", "now"):
             return cls(LATEST)
-        return cls(TIME, time=parse_time(to_time, timezone_name, options[0]))
+        naive = datetime_without_zone(to_time)
+        return cls(TIME, time=parse_time(to_time, timezone_name, options[0]), zone=timezone_name if naive else None)
 
     def describe(self) -> str:
         if self.kind == TIME:
-            return f"{self.time:%Y-%m-%d %H:%M:%S} UTC"
+            said = f"{self.time:%Y-%m-%d %H:%M:%S} UTC"
+            if self.zone and self.zone != "UTC":
+                import zoneinfo
+
+                local = self.time.astimezone(zoneinfo.ZoneInfo(self.zone))
+                said += f" ({local:%H:%M:%S} in {self.zone}, MAESTRO_TIMEZONE: the time had no zone)"
+            return said
         return f"LSN {self.lsn}" if self.kind == LSN else "the newest recoverable point"
 
     def settings(self) -> dict[str, str]:
@@ -104,6 +113,13 @@ class RecoveryTarget:
             # of the last record replayed) given back as a target recovers the same transactions.
             return {"recovery_target_lsn": self.lsn, "recovery_target_inclusive": "off"}
         return {}
+
+
+def datetime_without_zone(text: str) -> bool:
+    try:
+        return datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00")).tzinfo is None
+    except ValueError:
+        return False
 
 
 def parse_time(text: str, timezone_name: str = "UTC", option: str = "--to-time") -> datetime:
