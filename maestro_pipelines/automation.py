@@ -21,8 +21,10 @@ STOPPED_ON_EMBEDDED_SCHEDULES = (
     "monthly_archive_schedule",
     "backup_retention_schedule",
     "weekly_drill_schedule",
+    "nightly_base_backup_schedule",
+    "weekly_pitr_drill_schedule",
 )
-STOPPED_ON_EMBEDDED_SENSORS = ("rpo_breach_sensor", "verify_new_backup_sensor")
+STOPPED_ON_EMBEDDED_SENSORS = ("rpo_breach_sensor", "verify_new_backup_sensor", "wal_rpo_sensor")
 
 STOPPED_ON_EMBEDDED_HINT = (
     "Starts stopped on the embedded default (a laptop: nothing backs up, drills or deletes backups "

@@ -176,7 +176,7 @@ def db_start() -> None:
     from maestro_pipelines.platform_db.embedded import EmbeddedPostgres
     from maestro_pipelines.platform_db.urls import redact
 
-    url = EmbeddedPostgres(settings.home).start(keep_running=True)
+    url = EmbeddedPostgres(settings.home, wal_archiving=settings.wal_archiving).start(keep_running=True)
     out.print(f"embedded PostgreSQL running, data in {settings.home / 'pgdata'}", highlight=False)
     out.print(f"connect with: {redact(url.set(drivername='postgresql', database='maestro'))}", highlight=False)
 
@@ -531,19 +531,29 @@ def backup_run(
         True, "--checksums/--no-checksums", help="Per-table content checksums in the dump's snapshot."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON (for scripts)."),
+    kind: str = typer.Option("all", "--kind", metavar="KIND",
+                             help="dump: the logical dumps only; base: a base backup of each server only; "
+                                  "all (default): both, the base backup where WAL archiving is on."),
 ) -> None:
     """Back up every Maestro database (platform, MLflow, Dagster's when on PostgreSQL) into the store.
 
     Each database is dumped from one snapshot, compressed, checksummed and uploaded; the
     manifest, written last, is what makes the backup exist. Then every object is read back
-    (--no-verify skips it; an unverified backup is no restore point).
+    (--no-verify skips it; an unverified backup is no restore point). Where the server
+    archives its WAL, a base backup of the whole server follows (pg_basebackup, incremental
+    on PostgreSQL 17+): with the archived WAL it restores to any point (`maestro restore
+    --to-time`); where archiving is off a note says the RPO is the dumps'.
 
     Examples:
 
         maestro backup run
+        maestro backup run --kind base
         maestro backup run --json
         MAESTRO_STORE_URL=s3://bucket/maestro maestro backup run"""
     from maestro_pipelines.backup import BackupOptions, backup_targets, create_backup, verify_backup
+
+    if kind not in RUN_KINDS:
+        raise MaestroError(f"--kind {kind!r} is not a kind of backup", "Use dump, base or all")
 
     options = BackupOptions(content_checksums=checksums)  # refuses a bad --level before anything is opened
     if level is not None:
@@ -553,14 +563,26 @@ def backup_run(
     targets, notes = backup_targets(settings)
     for note in notes:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if kind == "base":
+        _base_backup_run(store, targets, verify, as_json, required=True)
+        return
     with _progress("dump") as progress:
         manifest = create_backup(store, targets, options, progress=progress, notes=notes, phases=progress.phase)
     report = None
     if verify:
         with _progress("verify") as progress:
             report = verify_backup(store, manifest.backup_id, progress=progress)
+    base_run = _base_backup_run(store, targets, verify, as_json, required=False) if kind == "all" else None
+    _print_backup_run(store, manifest, report, base_run, as_json)
+    if (report is not None and not report.ok) or (base_run is not None and not base_run.ok):
+        raise typer.Exit(1)
+
+
+def _print_backup_run(store, manifest, report, base_run, as_json: bool) -> None:
+    """`backup run`'s output: the dumps (a table, or JSON), their verification, the base backups."""
     if as_json:
         summary = {
+            "base_backups": _base_run_summary(base_run) if base_run else None,
             "id": manifest.backup_id,
             "store": store.url,
             "databases": {d.role: {"database": d.database, "dump_bytes": d.dump_bytes, "stored_bytes": d.compressed_bytes,
@@ -570,19 +592,69 @@ def backup_run(
             "problems": report.problems if report else [],
         }
         out.print_json(json.dumps(summary))
-    else:
-        table = Table(title=f"backup {manifest.backup_id} in {store.url}", title_justify="left")
-        for column, justify in (("database", "left"), ("role", "left"), ("tables", "right"), ("rows", "right"),
-                                ("dump", "right"), ("stored", "right"), ("time", "right")):
-            table.add_column(column, justify=justify)
-        for d in manifest.databases:
-            table.add_row(d.database, d.role, str(len(d.tables)), f"{d.rows:,}", human_bytes(d.dump_bytes),
-                          human_bytes(d.compressed_bytes), f"{d.duration_s:.1f} s")
-        _print_titled(table)
-        if report is not None:
-            _print_report(report)
-    if report is not None and not report.ok:
-        raise typer.Exit(1)
+        return
+    table = Table(title=f"backup {manifest.backup_id} in {store.url}", title_justify="left")
+    for column, justify in (("database", "left"), ("role", "left"), ("tables", "right"), ("rows", "right"),
+                            ("dump", "right"), ("stored", "right"), ("time", "right")):
+        table.add_column(column, justify=justify)
+    for d in manifest.databases:
+        table.add_row(d.database, d.role, str(len(d.tables)), f"{d.rows:,}", human_bytes(d.dump_bytes),
+                      human_bytes(d.compressed_bytes), f"{d.duration_s:.1f} s")
+    _print_titled(table)
+    if report is not None:
+        _print_report(report)
+    if base_run is not None:
+        _print_base_run(base_run)
+
+
+# ---- backup run: base backups (the physical tier, issue 16) ----
+
+RUN_KINDS = ("dump", "base", "all")
+
+
+def _base_backup_run(store, targets, verify: bool, as_json: bool, required: bool):
+    """A base backup of each server (verified); `required` (--kind base): a server that cannot
+    be backed up this way is an error, else a note saying its RPO is the dumps'."""
+    from maestro_pipelines.backup.pitr.base import take_base_backups
+
+    with _progress("base backup") as progress:
+        run = take_base_backups(store, targets, verify=verify, required=required, progress=progress,
+                                log=lambda line: err.print(line, highlight=False, soft_wrap=True))
+    for line in run.skipped:
+        err.print(f"note: {line}", highlight=False, soft_wrap=True)
+    if required:
+        if as_json:
+            out.print_json(json.dumps(_base_run_summary(run)))
+        else:
+            _print_base_run(run)
+        if not run.ok:
+            raise typer.Exit(1)
+    return run
+
+
+def _base_run_summary(run) -> dict:
+    return {
+        "taken": [{"id": r.base_id, "system_id": r.system_id, "kind": r.kind, "parent": r.parent, "where": r.where,
+                   "start_wal": r.start_wal, "stop_wal": r.stop_wal, "tar_bytes": r.tar_bytes,
+                   "stored_bytes": r.compressed_bytes, "duration_s": r.duration_s} for r in run.records],
+        "verified": {rep.base_id: rep.ok for rep in run.reports},
+        "problems": [p for rep in run.reports for p in rep.problems],
+        "skipped": run.skipped,
+    }
+
+
+def _print_base_run(run) -> None:
+    for record in run.records:
+        parent = f" on {record.parent}" if record.parent else ""
+        out.print(f"base backup {record.base_id} of {record.where}: {record.kind}{parent}, "
+                  f"{human_bytes(record.tar_bytes)} ({human_bytes(record.compressed_bytes)} stored) in "
+                  f"{record.duration_s:.1f} s, WAL {record.start_wal} to {record.stop_wal}", highlight=False)
+    for report in run.reports:
+        if report.ok:
+            out.print(f"base backup {report.base_id} verified (pg_verifybackup)", highlight=False)
+        else:
+            err.print(f"base backup {report.base_id} FAILED verification: {'; '.join(report.problems)}",
+                      highlight=False, soft_wrap=True)
 
 
 @backup_app.command("list")
@@ -723,6 +795,7 @@ def _print_info(info) -> None:
     if not info.archives:
         line("monthly", "none yet (`maestro backup archive`)")
     line("drill", _info_drill(info.drill))
+    _print_recovery_windows(info)
     _print_automation(info)
     for activity in info.running:
         line("running", f"{activity.kind} {activity.ident} since {activity.started_at:%Y-%m-%d %H:%M:%S} UTC "
@@ -757,6 +830,25 @@ def _print_keyed(key: str, value: str) -> None:
     grid.add_column(overflow="fold")
     grid.add_row(Text(key), Text(value[indent:]))
     out.print(grid)
+
+
+def _print_recovery_windows(info) -> None:
+    """`backup info`'s lines of the physical tier: the recovery window of each server."""
+    if not info.pitr:
+        _print_keyed("PITR", "no base backup or archived WAL (`maestro backup run --kind base`)")
+    for window in info.pitr:
+        if window.recoverable:
+            age = human_duration((info.checked_at - window.latest_time).total_seconds())
+            shown = (f"{window.earliest_time:%Y-%m-%d %H:%M:%S} to {window.latest_time:%Y-%m-%d %H:%M:%S} UTC "
+                     f"(latest {age} ago, WAL {window.latest_wal})")
+        else:
+            shown = "nothing recoverable"
+        _print_keyed("PITR", f"server {window.system_id}: {shown}")
+        _print_keyed("", f"  {len(window.usable)} of {len(window.bases)} base backups usable, {window.segments} WAL "
+                     f"segments ({human_bytes(window.wal_bytes)}), {len(window.gaps)} gaps")
+        for gap in window.gaps:
+            _print_keyed("", f"  gap: {gap.describe()}" + (" (after the newest verified base backup)"
+                                                           if gap.after_newest_verified else ""))
 
 
 def _info_backup(info, entry) -> str:
@@ -801,8 +893,11 @@ def backup_verify(
                        "verified or not (`newest` is accepted too)."),
     month: str = typer.Option(None, metavar="MONTH", help="Verify the monthly archive of this month (YYYY-MM) instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
+    kind: str = typer.Option("dump", "--kind", metavar="KIND",
+                             help="dump (default): a backup of dumps; base: a base backup (ids in `maestro backup info`)."),
 ) -> None:
-    """Re-read every object of a backup: sizes, sha256, each dump readable by pg_restore --list.
+    """Re-read every object of a backup: sizes, sha256, each dump readable by pg_restore --list
+    (--kind base: a base backup unpacked and checked against its manifest by pg_verifybackup).
 
     Exits non-zero when anything is wrong.
 
@@ -810,11 +905,17 @@ def backup_verify(
 
         maestro backup verify
         maestro backup verify 20261126T020000Z-3f2a1b --json
-        maestro backup verify latest --month 2026-10"""
+        maestro backup verify latest --month 2026-10
+        maestro backup verify latest --kind base"""
     from maestro_pipelines.backup import BackupNotFound, list_backups, verify_backup
     from maestro_pipelines.backup.catalog import is_latest
 
     store = _store()
+    if kind not in ("dump", "base"):
+        raise MaestroError(f"--kind {kind!r} is not a kind of backup to verify", "Use dump or base")
+    if kind == "base":
+        _verify_base(store, backup_id, month, as_json)
+        return
     if is_latest(backup_id):
         entries = list_backups(store, monthly=month is not None)
         entries = [e for e in entries if month is None or e.month == month]
@@ -829,6 +930,34 @@ def backup_verify(
                                    "duration_s": report.duration_s}))
     else:
         _print_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _verify_base(store, base_id: str, month, as_json: bool) -> None:
+    """`maestro backup verify --kind base`: the base backup (or the newest) read and checked."""
+    from maestro_pipelines.backup import BackupNotFound
+    from maestro_pipelines.backup.catalog import is_latest
+    from maestro_pipelines.backup.pitr.base import list_base_backups, verify_base_backup
+
+    if is_latest(base_id):
+        entries = sorted(list_base_backups(store, month=month), key=lambda e: e.base_id)
+        if not entries:
+            raise BackupNotFound(f"There is no base backup in the store at {store.url}",
+                                 "Run `maestro backup run --kind base` first")
+        base_id = entries[-1].base_id
+    with _progress("verify") as progress:
+        report = verify_base_backup(store, base_id, month=month, progress=progress)
+    if as_json:
+        out.print_json(json.dumps({"id": report.base_id, "system_id": report.system_id, "ok": report.ok,
+                                   "problems": report.problems, "bytes_read": report.bytes_read,
+                                   "duration_s": report.duration_s}))
+    elif report.ok:
+        out.print(f"base backup {report.base_id} verified: {human_bytes(report.bytes_read)} read, files match its "
+                  f"backup manifest (pg_verifybackup), in {report.duration_s:.1f} s", highlight=False)
+    else:
+        err.print(f"base backup {report.base_id} FAILED verification: {'; '.join(report.problems)}",
+                  highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
 
@@ -865,6 +994,19 @@ def backup_retention(
     for leftover in plan.discarded:
         out.print(f"removed {leftover}: left by a write that never finished", highlight=False, soft_wrap=True)
     out.print(f"kept {len(plan.keep)}, {verb} {len(plan.delete) + len(plan.delete_incomplete)}", highlight=False)
+    _print_base_retention(plan.pitr, verb)
+
+
+def _print_base_retention(plans, verb: str) -> None:
+    """The physical tier's part of `backup retention`: base backups and WAL of each server."""
+    for plan in plans:
+        for base_id, why in plan.delete:
+            out.print(f"{verb} base backup {base_id} of server {plan.system_id}: {why}", highlight=False)
+        for root in plan.delete_incomplete:
+            out.print(f"{verb} {root}: never finished (no base.json)", highlight=False)
+        cutoff = f" (before {plan.wal_cutoff}, the oldest kept base backup's start)" if plan.wal_cutoff else ""
+        out.print(f"server {plan.system_id}: kept {len(plan.keep)} base backups, {verb} {len(plan.delete)}; "
+                  f"{verb} {len(plan.delete_wal)} WAL files{cutoff}", highlight=False)
 
 
 @backup_app.command("archive")
@@ -880,9 +1022,21 @@ def backup_archive(
     if month is None:  # the previous month on the schedules' clock, as the asset's default
         month = previous_month(utcnow(), checked_timezone(load_settings().timezone))
     check_archive_month(month)  # before the store is opened
-    entry, copied = archive_month(_store(), month)
+    store = _store()
+    _archive_base_backups(store, month)
+    entry, copied = archive_month(store, month)
     state = "archived" if copied else "already archived"
     out.print(f"{state}: backup {entry.backup_id} as {entry.root}", highlight=False)
+
+
+def _archive_base_backups(store, month: str) -> None:
+    """`backup archive`'s physical tier: a base backup (its chain) and the WAL that makes it consistent."""
+    from maestro_pipelines.backup.archive import archive_base_backups
+
+    for system_id, base_id, copied in archive_base_backups(store, month):
+        state = "archived" if copied else "already archived"
+        out.print(f"{state}: base backup {base_id} of server {system_id} with the WAL to make it consistent",
+                  highlight=False)
 
 
 def _destinations():
@@ -1286,6 +1440,125 @@ def _drill_targets(records) -> str:
     if any((r.rto_target_s, r.rpo_target_s) != (latest.rto_target_s, latest.rpo_target_s) for r in records):
         return f"{said} (the latest drill's; others had other targets: --json gives each drill's)"
     return said
+
+
+# ---- wal: continuous WAL archiving (backup/pitr/wal.py) --------------------------------------
+
+wal_app = typer.Typer(
+    help="Continuous WAL archiving into the store (point-in-time recovery), and whether it works.\n\n"
+    "archive_command = 'maestro wal push %p', restore_command = 'maestro wal fetch %f %p' "
+    "(docs/configuration.md). The embedded server archives by itself.",
+    no_args_is_help=True,
+)
+app.add_typer(wal_app, name="wal")
+
+
+@wal_app.command("push")
+def wal_push(
+    path: Path = typer.Argument(..., metavar="PATH", help="The WAL file (%p: relative to the data directory)."),
+    system_id: str = typer.Option(None, "--system-id", metavar="ID",
+                                  help="The server's system identifier, for history files outside the data directory."),
+) -> None:
+    """Archive one WAL file into the store; PostgreSQL's archive_command: 'maestro wal push %p'.
+
+    Pushing the same file again succeeds; other bytes under an archived name are refused
+    (exit 1), recorded in the store, and the stored file is kept.
+    """
+    from maestro_pipelines.backup.pitr.wal import push_wal
+
+    _refuse_a_store_in_the_data_directory()
+    outcome = push_wal(_store(), path, system_id)
+    out.print(f"{outcome} {path.name}", highlight=False)
+
+
+def _refuse_a_store_in_the_data_directory() -> None:
+    """archive_command and restore_command run in the data directory: with neither MAESTRO_STORE_URL nor
+    MAESTRO_HOME in the server's environment the default store would be .maestro/store in
+    there, deleted with the server it should outlive."""
+    settings = load_settings()
+    if settings.store_url is None and (Path.cwd() / "PG_VERSION").exists() and settings.home.is_relative_to(Path.cwd().resolve()):
+        raise MaestroError(
+            "MAESTRO_STORE_URL is not set where archive_command (or restore_command) runs, so the WAL store would be "
+            "inside the server's own data directory",
+            "Set MAESTRO_STORE_URL (and the store's credentials) in the PostgreSQL server's environment (docs/configuration.md)",
+        )
+
+
+@wal_app.command("fetch")
+def wal_fetch(
+    name: str = typer.Argument(..., metavar="NAME", help="The WAL file's name (%f)."),
+    dest: Path = typer.Argument(..., metavar="DEST", help="Where to write it (%p)."),
+    system_id: str = typer.Option(None, "--system-id", metavar="ID",
+                                  help="The server's system identifier (default: pg_control of the data directory here)."),
+) -> None:
+    """Write one archived WAL file to DEST; PostgreSQL's restore_command: 'maestro wal fetch %f %p'.
+
+    Exits 1 when the store has no such file (PostgreSQL asks for files that may not exist,
+    such as the next timeline's history, and then ends recovery).
+    """
+    from maestro_pipelines.backup.pitr import layout
+    from maestro_pipelines.backup.pitr.wal import fetch_wal
+
+    layout.check_wal_name(name)
+    _refuse_a_store_in_the_data_directory()
+    system_id = system_id or layout.control_system_id(Path.cwd())
+    if not fetch_wal(_store(), system_id, name, dest):
+        err.print(f"{name}: not archived", highlight=False)
+        raise typer.Exit(1)
+
+
+@wal_app.command("status")
+def wal_status(as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts).")) -> None:
+    """Whether the platform database's server archives its WAL (pg_stat_archiver), and the newest
+    segment the store holds for it."""
+    from maestro_pipelines.backup.pitr.wal import archiver_status, newest_segment
+
+    location = _location()
+    status = archiver_status(location.admin_url, location.source)
+    store = _store()
+    newest = newest_segment(store, status.system_id) if status.system_id else None
+    spool = _spool_state(location)
+    if as_json:
+        body = {**status.to_json(), "store": store.url,
+                "newest_in_store": newest.name if newest else None,
+                "newest_in_store_at": newest.last_modified.isoformat() if newest and newest.last_modified else None,
+                **spool}
+        print(json.dumps(body, indent=2))
+        return
+    _print_wal_status(status, store, newest, spool)
+
+
+def _spool_state(location) -> dict:
+    """The embedded server's spool: segments waiting for the pusher, and whether it runs."""
+    embedded = location.embedded
+    if embedded is None or not embedded.wal_archiving:
+        return {}
+    from maestro_pipelines.backup.pitr.spool import spooled
+
+    return {"spool_waiting": [path.name for path in spooled(embedded.spool)], "pusher_running": embedded.pusher_alive()}
+
+
+def _print_wal_status(status, store, newest, spool: dict) -> None:
+    def when(moment) -> str:
+        return moment.isoformat(timespec="seconds") if moment else "never"
+
+    _print_keyed("server", f"{status.where} (system identifier {status.system_id})")
+    _print_keyed("settings", f"wal_level={status.wal_level} archive_mode={status.archive_mode} "
+                 f"archive_timeout={status.archive_timeout_s}s summarize_wal={status.summarize_wal or 'n/a'}")
+    _print_keyed("command", status.archive_command or "(empty archive_command)")
+    _print_keyed("archived", f"{status.last_archived_wal or 'none'} at {when(status.last_archived_time)} "
+                 f"({status.archived_count} archived, {status.failed_count} failed)")
+    if status.lag_segments is not None:
+        _print_keyed("lag", f"{status.lag_segments} complete segment(s) not archived yet (writing {status.current_wal})")
+    _print_keyed("store", f"{store.url}: newest segment {newest.name if newest else 'none'}"
+                 f"{' at ' + when(newest.last_modified) if newest else ''}")
+    if spool:
+        _print_keyed("spool", f"{len(spool['spool_waiting'])} file(s) waiting; pusher "
+                     f"{'running' if spool['pusher_running'] else 'not running'}")
+    if status.problem:
+        err.print(f"[yellow]warning:[/yellow] {escape(status.problem)}", highlight=False, soft_wrap=True)
+    else:
+        out.print("archiving: on", highlight=False)
 
 
 mlflow_app = typer.Typer(help="MLflow: its UI on the runs and models Maestro's trainings recorded.", no_args_is_help=True)

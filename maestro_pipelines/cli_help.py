@@ -19,7 +19,7 @@ import inspect
 # The main help's panels, in this order, each with its commands in order.
 LAYOUT: dict[str, tuple[str, ...]] = {
     "Everyday": ("tenants", "demo", "mlflow"),
-    "Backups & recovery": ("backup", "restore", "drill"),
+    "Backups & recovery": ("backup", "restore", "drill", "wal"),
     "Database": ("db",),
 }
 # Subcommands in the order of use; any not named here follow, as registered.
@@ -28,6 +28,7 @@ ORDER: dict[str, tuple[str, ...]] = {
     "backup": ("info", "run", "list", "verify", "archive", "retention", "automation"),
     "restore": ("status", "finish", "undo", "cleanup"),
     "drill": ("list",),
+    "wal": ("status", "push", "fetch"),
     "backup automation": ("status", "on", "off"),
     "db": ("status", "upgrade", "downgrade", "start", "stop"),
 }

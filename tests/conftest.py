@@ -70,7 +70,9 @@ def _major_version(url: URL) -> int:
 
 @pytest.fixture(scope="session")
 def pg18(tmp_path_factory) -> Iterator[ServerUnderTest]:
-    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("maestro_home"))
+    # No WAL archiving (MAESTRO_WAL_ARCHIVING=off): every test's CREATE DATABASE writes half a
+    # WAL segment, which nothing here recovers from; tests/pitr/ starts servers that archive.
+    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("maestro_home"), wal_archiving=False)
     url = embedded.start()
     # A test server needs no protection from an operating-system crash (fsync and full-page
     # writes are about that alone, a killed process loses nothing): each test's CREATE

@@ -80,3 +80,64 @@ def archive_month(store: ObjectStore, month: str) -> tuple[BackupEntry, bool]:
             raise
     archived = [e for e in list_backups(store, monthly=True) if e.root == dest]
     return archived[0], True
+
+
+# ---- the physical tier (issue 16) --------------------------------------------------------
+
+
+def archive_base_backups(store: ObjectStore, month: str) -> list[tuple[str, str, bool]]:
+    """For each server: its newest verified, usable base backup finished before the end of
+    `month`, with its chain and the WAL from its start to its stop (what makes it consistent),
+    copied server-side under `monthly/<month>/pitr/<system_id>/`; base.json of each chain
+    member copied after its objects, the newest's last. Returns (system_id, base_id, copied
+    now) per server archived; idempotent."""
+    from maestro_pipelines.backup.pitr.window import recovery_window, servers_in_store
+
+    check_archive_month(month)
+    archived = []
+    end = month_end(month)
+    with activity(store, "archive", f"{month}-pitr"):
+        for system_id in servers_in_store(store):
+            window = recovery_window(store, system_id)
+            by_id = {b.base_id: b for b in window.bases}
+            candidates = [by_id[b] for b in window.usable if by_id[b].verified and by_id[b].record.finished_at < end]
+            if candidates:
+                archived.append(_archive_base(store, month, candidates[-1]))
+    return archived
+
+
+def _archive_base(store: ObjectStore, month: str, entry) -> tuple[str, str, bool]:
+    from maestro_pipelines.backup.pitr import layout
+    from maestro_pipelines.backup.pitr.base import BASE_VERIFIED, base_chain, remove_base_folder
+
+    record = entry.record
+    dest_root = layout.base_root(record.system_id, record.base_id, month)
+    if store.exists(f"{dest_root}/{layout.BASE_RECORD}"):
+        return record.system_id, record.base_id, False
+    chain = base_chain(store, record)
+    copied: list[str] = []
+    try:
+        name = record.start_wal
+        while True:  # the WAL first: an archive with base.json but without its WAL would be unusable
+            source = layout.wal_key(record.system_id, name)
+            store.copy(source, layout.wal_key(record.system_id, name, month))
+            copied.append(layout.wal_key(record.system_id, name, month))
+            if name == record.stop_wal:
+                break
+            name = layout.next_segment(name, record.wal_segment_size)
+        for member in chain:
+            src, dst = (layout.base_root(member.system_id, member.base_id, m) for m in (None, month))
+            for object_name in (layout.BASE_TAR, layout.PG_MANIFEST, BASE_VERIFIED, layout.BASE_RECORD):
+                if object_name == BASE_VERIFIED and not store.exists(f"{src}/{object_name}"):
+                    continue
+                store.copy(f"{src}/{object_name}", f"{dst}/{object_name}")
+    except BaseException:
+        for member in chain:
+            remove_base_folder(store, layout.base_root(member.system_id, member.base_id, month))
+        for key in copied:
+            try:
+                store.delete(key)
+            except Exception:
+                pass
+        raise
+    return record.system_id, record.base_id, True

@@ -84,6 +84,8 @@ class BackupInfo:
     findings: list[Finding] = field(default_factory=list)
     readable: bool = True
     """False: the store could not be opened or read, nothing above is known."""
+    pitr: list[Any] = field(default_factory=list)
+    """The physical tier: one `pitr.window.RecoveryWindow` per server with base backups or WAL."""
 
     @property
     def status(self) -> str:
@@ -144,6 +146,8 @@ class BackupInfo:
                            "turn_on": AUTOMATION_ON_COMMAND if self.automation_stopped else None,
                            "status": AUTOMATION_STATUS_COMMAND},
             "drill": _drill_dict(self.drill),
+            "pitr": [{**window.as_dict(), "latest_age_s": _seconds(self.checked_at - window.latest_time)
+                      if window.latest_time else None} for window in self.pitr],
         }
 
     def entry_dict(self, entry: BackupEntry | None) -> dict[str, Any] | None:
@@ -196,8 +200,39 @@ def backup_info(store: ObjectStore, now: datetime | None = None, rpo_target: tim
     info.unfinished = _unfinished(store, info.running)
     info.half_done = interrupted_swaps(store)
     info.drill = _latest_drill(store)
-    info.findings = _errors(info) + _warnings(info)
+    info.pitr = _recovery_windows(store)
+    info.findings = _errors(info) + _warnings(info) + _pitr_findings(info.pitr)
     return info
+
+
+def _recovery_windows(store: ObjectStore) -> list:
+    from maestro_pipelines.backup.pitr.window import recovery_window, servers_in_store
+
+    return [recovery_window(store, system_id) for system_id in servers_in_store(store)]
+
+
+def _pitr_findings(windows: list) -> list[Finding]:
+    """The physical tier's: a WAL gap after the newest verified base backup is an error (no
+    recovery past it), one before it a warning; WAL without a usable base backup too."""
+    found = []
+    for window in windows:
+        server = f"server {window.system_id}"
+        for gap in window.gaps:
+            if gap.after_newest_verified:
+                found.append(Finding(ERROR, f"WAL gap: {server} is missing {gap.describe()} after its newest verified "
+                                     "base backup: no point-in-time recovery past the gap",
+                                     "Take a base backup now (`maestro backup run --kind base`) and find why archiving "
+                                     "missed them (the server's pg_stat_archiver and log)"))
+            else:
+                found.append(Finding(WARNING, f"WAL gap: {server} is missing {gap.describe()}: the recovery window "
+                                     "starts after it", "Older base backups cannot be recovered past the gap"))
+        if window.bases and not window.usable:
+            found.append(Finding(ERROR, f"no usable base backup: none of the {len(window.bases)} base backups of "
+                                 f"{server} can start a recovery", "Run `maestro backup run --kind base`"))
+        elif not window.bases and window.segments:
+            found.append(Finding(WARNING, f"WAL without a base backup: {server} archives WAL but has no base backup",
+                                 "Run `maestro backup run --kind base` (the nightly backup takes one)"))
+    return found
 
 
 def _checked(store: ObjectStore, entries: list[BackupEntry]) -> list[BackupEntry]:

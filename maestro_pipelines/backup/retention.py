@@ -22,7 +22,7 @@ from maestro_pipelines.backup.catalog import (
     list_backups,
 )
 from maestro_pipelines.backup.manifest import BACKUPS_PREFIX, MANIFEST_NAME, MONTHLY_PREFIX, VERIFIED_NAME, utcnow
-from maestro_pipelines.objectives import DAILY_BACKUPS_KEPT, MONTHLY_ARCHIVES_KEPT
+from maestro_pipelines.objectives import BASE_BACKUP_MAX_AGE, BASE_BACKUPS_KEPT, DAILY_BACKUPS_KEPT, MONTHLY_ARCHIVES_KEPT
 from maestro_pipelines.storage import ObjectStore
 
 
@@ -34,10 +34,16 @@ class RetentionPolicy:
     """Monthly archives kept."""
     stale_after: timedelta = DEFAULT_STALE_AFTER
     """An unfinished backup folder younger than this may still be in progress: kept."""
+    base_kept: int = BASE_BACKUPS_KEPT
+    """The physical tier: the latest base backups of each server kept (with their parents)."""
+    base_max_age: timedelta | None = BASE_BACKUP_MAX_AGE
+    """...and every base backup younger than this (None: by count only)."""
 
     def __post_init__(self) -> None:
         if self.daily < 1 or self.monthly < 0:
             raise ValueError("retention keeps at least 1 daily backup and 0 or more monthly archives")
+        if self.base_kept < 1:
+            raise ValueError("retention keeps at least 1 base backup per server")
 
 
 @dataclass
@@ -53,6 +59,10 @@ class RetentionPlan:
     """Activity markers left by killed processes (pid gone, or no heartbeat for minutes)."""
     skipped: str | None = None
     """Why nothing was deleted (a backup or restore is running)."""
+    pitr: list["BaseRetentionPlan"] = field(default_factory=list)
+    """The physical tier's, one per server (base backups and WAL)."""
+    delete_pitr_months: list[str] = field(default_factory=list)
+    """Months whose physical-tier archive (`monthly/<month>/pitr/`) is beyond `policy.monthly`."""
 
 
 def _started(entry: BackupEntry) -> datetime:
@@ -125,6 +135,8 @@ def apply_retention(store: ObjectStore, policy: RetentionPolicy | None = None, n
     dead = [_marker_of(key) for key in plan.delete_markers]
     plan.delete_incomplete = _unfinished_roots(store, policy, now, dead)
     if dry_run:
+        plan.pitr = apply_base_retention(store, policy, now, dead, dry_run=True)
+        plan.delete_pitr_months = _expire_pitr_months(store, policy, dry_run=True)
         return plan
     for entry, _why in plan.delete:
         names = [i.key.rsplit("/", 1)[-1] for i in store.list(entry.root + "/", with_metadata=False)]
@@ -142,6 +154,8 @@ def apply_retention(store: ObjectStore, policy: RetentionPolicy | None = None, n
     plan.discarded += store.discard_unfinished("", started_before=now - policy.stale_after)
     for key in plan.delete_markers:
         store.delete(key)
+    plan.pitr = apply_base_retention(store, policy, now, dead)
+    plan.delete_pitr_months = _expire_pitr_months(store, policy)
     return plan
 
 
@@ -174,3 +188,133 @@ def _unfinished_roots(store: ObjectStore, policy: RetentionPolicy, now: datetime
             if root.split("/")[1] in dead_months or (written is not None and now - written >= policy.stale_after):
                 roots.append(root)
     return roots
+
+
+# ---- the physical tier: base backups and WAL (issue 16) ----------------------------------
+
+
+@dataclass
+class BaseRetentionPlan:
+    """One server's: base backups kept and deleted (with why), WAL expired before `wal_cutoff`."""
+
+    system_id: str
+    keep: list[tuple[str, str]] = field(default_factory=list)
+    delete: list[tuple[str, str]] = field(default_factory=list)
+    wal_cutoff: str | None = None
+    """The oldest kept base backup's start_wal: every WAL file before it expires, none from it on."""
+    delete_wal: list[str] = field(default_factory=list)
+    delete_incomplete: list[str] = field(default_factory=list)
+
+
+def _finished(entry) -> datetime:
+    if entry.record is not None:
+        return entry.record.finished_at
+    return datetime.strptime(entry.base_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=utcnow().tzinfo)
+
+
+def plan_base_retention(system_id: str, bases: list, wal_names: list[str], policy: RetentionPolicy,
+                        now: datetime) -> BaseRetentionPlan:
+    """Pure: which base backups (`pitr.base.BaseEntry`, objects already checked) and WAL files
+    of one server go. Kept: the newest verified base backup, the newest `policy.base_kept`,
+    those younger than `policy.base_max_age`, and every parent of a kept incremental. WAL
+    expires before the oldest kept base backup's start_wal; never at or after it (so never
+    between the newest verified base backup and now). Without any kept base backup, no WAL goes."""
+    from maestro_pipelines.backup.pitr import layout
+
+    plan = BaseRetentionPlan(system_id)
+    ordered = sorted(bases, key=lambda e: e.base_id, reverse=True)
+    by_id = {e.base_id: e for e in ordered}
+    newest_verified = next((e for e in ordered if e.verified), None)
+    kept: dict[str, str] = {}
+    for rank, entry in enumerate(ordered):
+        if entry is newest_verified:
+            kept[entry.base_id] = "newest verified base backup"
+        elif entry.record is not None and rank < policy.base_kept:
+            kept[entry.base_id] = f"one of the latest {policy.base_kept}"
+        elif entry.record is not None and policy.base_max_age is not None and now - _finished(entry) < policy.base_max_age:
+            kept[entry.base_id] = "younger than the retention age"
+    for base_id in list(kept):
+        parent = by_id[base_id].record.parent if by_id[base_id].record else None
+        while parent is not None and parent in by_id:
+            kept.setdefault(parent, f"parent of {base_id}")
+            parent = by_id[parent].record.parent if by_id[parent].record else None
+    for entry in ordered:
+        if entry.base_id in kept:
+            plan.keep.append((entry.base_id, kept[entry.base_id]))
+        else:
+            plan.delete.append((entry.base_id, entry.bad or "older than the base backups kept"))
+    starts = [by_id[b].record.start_wal for b in kept if by_id[b].record is not None]
+    if not starts:
+        return plan
+    cutoff = min(starts, key=lambda name: (layout.segment_number(name), name[:8]))
+    plan.wal_cutoff = cutoff
+    for name in wal_names:
+        if _wal_before(name, cutoff):
+            plan.delete_wal.append(name)
+    return plan
+
+
+def _wal_before(name: str, cutoff: str) -> bool:
+    """A segment (or a backup history file, or a partial) wholly before segment `cutoff`;
+    timeline history files stay (tiny, and recovery reads them to follow timelines)."""
+    from maestro_pipelines.backup.pitr import layout
+
+    if layout.HISTORY.match(name):
+        return False
+    return layout.segment_number(name[:24]) < layout.segment_number(cutoff)
+
+
+def apply_base_retention(store: ObjectStore, policy: RetentionPolicy, now: datetime,
+                         dead: list[tuple[str, str]], dry_run: bool = False) -> list[BaseRetentionPlan]:
+    """Plan and apply the physical tier's retention for every server in the store (the caller
+    made sure no backup or restore runs)."""
+    from maestro_pipelines.backup.pitr.base import (ACTIVITY_KIND, check_base_objects, incomplete_base_backups,
+                                                    list_base_backups, remove_base_folder)
+    from maestro_pipelines.backup.pitr.layout import wal_key
+    from maestro_pipelines.backup.pitr.window import list_segments, servers_in_store
+
+    plans = []
+    dead_bases = {ident for kind, ident in dead if kind == ACTIVITY_KIND}
+    unfinished = incomplete_base_backups(store)
+    for system_id in servers_in_store(store):
+        bases = list_base_backups(store, system_id)
+        for entry in bases:
+            check_base_objects(store, entry)  # a damaged one is not verified: the next intact one is protected
+        segments, others = list_segments(store, system_id)
+        plan = plan_base_retention(system_id, bases, [s.name for s in segments] + others, policy, now)
+        for root in unfinished:
+            if root.split("/")[1] == system_id:
+                base_id = root.rsplit("/", 1)[-1]
+                started = datetime.strptime(base_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=now.tzinfo)
+                if base_id in dead_bases or now - started >= policy.stale_after:
+                    plan.delete_incomplete.append(root)
+        plans.append(plan)
+        if dry_run:
+            continue
+        roots = {e.base_id: e.root for e in bases}
+        for base_id, _why in plan.delete:
+            remove_base_folder(store, roots[base_id])  # base.json first: it stops existing in one step
+        for root in plan.delete_incomplete:
+            remove_base_folder(store, root)
+        for name in plan.delete_wal:
+            store.delete(wal_key(system_id, name))
+    return plans
+
+
+def plan_pitr_months(months: list[str], policy: RetentionPolicy) -> list[str]:
+    """Pure: the months whose physical-tier archive goes (all but the newest `policy.monthly`)."""
+    ordered = sorted(set(months), reverse=True)
+    return sorted(ordered[policy.monthly:])
+
+
+def _expire_pitr_months(store: ObjectStore, policy: RetentionPolicy, dry_run: bool = False) -> list[str]:
+    from maestro_pipelines.backup.pitr.layout import BASE_RECORD, PITR_PREFIX
+
+    months = {info.key.split("/")[1] for info in store.list(f"{MONTHLY_PREFIX}/", with_metadata=False)
+              if info.key.split("/")[2:3] == [PITR_PREFIX]}
+    expired = plan_pitr_months(sorted(months), policy)
+    for month in [] if dry_run else expired:
+        keys = [info.key for info in store.list(f"{MONTHLY_PREFIX}/{month}/{PITR_PREFIX}/", with_metadata=False)]
+        for key in sorted(keys, key=lambda k: not k.endswith("/" + BASE_RECORD)):  # base.json first
+            store.delete(key)
+    return expired

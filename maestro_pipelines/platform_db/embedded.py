@@ -29,7 +29,31 @@ SERVER_SETTINGS = {
     "shared_preload_libraries": PRELOAD_LIBRARIES,
     "pg_stat_statements.track": "top",
     "timezone": "UTC",
+    # The physical backup tier (backup/pitr/): WAL is archived continuously (a segment at least
+    # every minute while anything is written: the one-minute RPO), and summarized so that base
+    # backups can be incremental. archive_mode needs a restart, once per data folder.
+    "wal_level": "replica",
+    "summarize_wal": "on",
+    "archive_mode": "on",
+    "archive_timeout": "60",
 }
+USER_TUNABLE = frozenset({"archive_timeout"})
+"""Set only while the server still has PostgreSQL's own default (pg_settings.source 'default'):
+a user who chose another archive_timeout (ALTER SYSTEM SET archive_timeout = '10s', for a
+tighter RPO) keeps it; every process attaching would otherwise put 60 back."""
+WAL_ARCHIVING_OFF = {"archive_mode": "off", "archive_command": ""}
+"""MAESTRO_WAL_ARCHIVING=off: no archiving, no spool, no pusher (the test suite's shared
+server, which needs no point-in-time recovery)."""
+
+WAL_SPOOL = "wal-spool"
+"""In MAESTRO_HOME: the server's archive_command copies each finished WAL file here (it runs as
+the server's OS user, which cannot run this venv's Maestro when that is root's); the pusher
+moves them into the store."""
+PUSHER_MODULE = "maestro_pipelines.backup.pitr.spool"
+"""Started by name: platform_db imports nothing of backup."""
+PUSHER_LOCK = ".wal-pusher.lock"
+PUSHER_PID = "wal-pusher.pid"
+PUSHER_LOG = "wal-pusher.log"
 
 KEEP_RUNNING_MARKER = "keep-running"
 # In MAESTRO_HOME. Two files: closing a lock file releases all of a process's locks on it.
@@ -57,9 +81,17 @@ def bin_dir() -> Path:
 class EmbeddedPostgres:
     """One embedded server whose data lives in `home/pgdata`."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, wal_archiving: bool = True):
         self.home = Path(home).expanduser().resolve()
         self.pgdata = self.home / "pgdata"
+        self.wal_archiving = wal_archiving
+        self.spool = self.home / WAL_SPOOL
+
+    def server_settings(self) -> dict[str, str]:
+        """SERVER_SETTINGS with this home's archive_command (or archiving off)."""
+        if not self.wal_archiving:
+            return {**SERVER_SETTINGS, **WAL_ARCHIVING_OFF}
+        return {**SERVER_SETTINGS, "archive_command": spool_archive_command(self.spool)}
 
     @property
     def keep_running_marker(self) -> Path:
@@ -101,9 +133,51 @@ class EmbeddedPostgres:
                     f"Read {self.pgdata / 'log'} for the server's reason",
                 ) from None
             server._lock = self._wheel_lock  # for its exit handler, whatever home comes next
+            if self.wal_archiving:
+                self._make_spool(server.system_user)
             self._apply_settings(server)
         self._before_the_wheel_exits(wheel, server)
+        if self.wal_archiving:
+            self.ensure_pusher()
         return server
+
+    def _make_spool(self, system_user: str | None) -> None:
+        """The spool folder, writable by the server's OS user alone (and root, the pusher)."""
+        import os
+
+        self.spool.mkdir(mode=0o700, exist_ok=True)
+        if system_user is not None:
+            import pwd
+
+            entry = pwd.getpwnam(system_user)
+            if self.spool.stat().st_uid != entry.pw_uid:
+                os.chown(self.spool, entry.pw_uid, entry.pw_gid)
+
+    def pusher_alive(self) -> bool:
+        """Whether a pusher serves this home (it holds PUSHER_LOCK while it runs)."""
+        import fasteners
+
+        lock = fasteners.InterProcessLock(self.home / PUSHER_LOCK)
+        if not lock.acquire(blocking=False):
+            return True
+        lock.release()
+        return False
+
+    def ensure_pusher(self) -> None:
+        """Start the pusher unless one runs: whichever Maestro process starts the server or
+        attaches and finds none alive. It outlives this process (its own session, no pipes of
+        ours) and leaves once the server is gone and the spool is empty."""
+        import os
+        import sys
+
+        if self.pusher_alive():
+            return
+        with open(self.home / PUSHER_LOG, "ab") as log:
+            subprocess.Popen(
+                [sys.executable, "-m", PUSHER_MODULE, str(self.home)], cwd=self.home,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=True, close_fds=True, env=os.environ.copy(),
+            )
 
     @property
     def _wheel_lock(self):
@@ -159,11 +233,11 @@ class EmbeddedPostgres:
         wheel = _wheel()
         with server._lock:
             socket_dir = str(server.get_postmaster_info().socket_dir)
-            changed = _write_missing_settings(socket_dir)
+            changed = _write_missing_settings(socket_dir, self.server_settings())
             if not changed:
                 return
-            # timezone and pg_stat_statements.track take effect on reload; only
-            # shared_preload_libraries needs the restart.
+            # timezone, pg_stat_statements.track and the archive settings but archive_mode
+            # take effect on reload; shared_preload_libraries and archive_mode need the restart.
             if any(context == "postmaster" for context in changed.values()):
                 # -l: the server keeps logging to the file the wheel started it with (pg_ctl
                 # restart would otherwise send its output to pg_ctl's own, discarded stdout).
@@ -203,6 +277,34 @@ class EmbeddedPostgres:
                 return False
             wheel.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user, timeout=60)
         self._forget_wheel_handle()
+        self.stop_pusher()
+        return True
+
+    def stop_pusher(self, timeout_s: float = 60.0) -> bool:
+        """Ask the pusher to push what the spool holds and leave (SIGTERM); wait for it, so that
+        after `maestro db stop` the store has every segment the server archived. False when it
+        was still pushing at the timeout (it goes on, and leaves when done)."""
+        import os
+        import signal
+        import time
+
+        if not self.pusher_alive():
+            return True
+        try:
+            pid = int((self.home / PUSHER_PID).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return True
+        if not _is_pusher(pid):  # a stale pid file: never signal a stranger
+            return True
+        deadline = time.monotonic() + timeout_s
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            return True
+        while self.pusher_alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)  # polling another process's exit: nothing to wait on
         return True
 
     def _forget_wheel_handle(self) -> None:
@@ -239,22 +341,40 @@ class EmbeddedPostgres:
         return info if info is not None and info.is_running() else None
 
 
-def _write_missing_settings(socket_dir: str) -> dict[str, str]:
-    """ALTER SYSTEM each of SERVER_SETTINGS the server does not have; return {name: context}
+def spool_archive_command(spool: Path) -> str:
+    """archive_command of the embedded server: shell only (no Maestro, no Python: it runs as the
+    server's OS user). Copy to a temporary name, flush it, then rename, so the pusher never sees
+    half a segment; the same name again with the same bytes succeeds (archive_command may run
+    twice for one file after a crash), with other bytes it fails and PostgreSQL retries."""
+    import shlex
+    import sys
+
+    folder = shlex.quote(str(spool)).replace("%", "%%")
+    temp, final = f"{folder}/.%f.tmp", f"{folder}/%f"
+    flush = f" && sync {temp}" if sys.platform.startswith("linux") else ""
+    return (f'test -f {final} && cmp -s %p {final} || '
+            f'{{ test ! -f {final} && cp %p {temp}{flush} && mv {temp} {final}; }}')
+
+
+def _write_missing_settings(socket_dir: str, settings: dict[str, str]) -> dict[str, str]:
+    """ALTER SYSTEM each of `settings` the server does not have; return {name: context}
     of those changed, after a reload when none needs a restart. pg_settings spells some names in mixed case (`TimeZone`): compare lowered."""
     import psycopg
 
     with psycopg.connect(host=socket_dir, user="postgres", dbname="postgres", autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT lower(name), setting, context FROM pg_settings WHERE lower(name) = ANY(%s)",
-            [[name.lower() for name in SERVER_SETTINGS]],
+            "SELECT lower(name), setting, context, source FROM pg_settings WHERE lower(name) = ANY(%s)",
+            [[name.lower() for name in settings]],
         ).fetchall()
-        current = {name: (setting, context) for name, setting, context in rows}
+        current = {name: (setting, context, source) for name, setting, context, source in rows}
         changed = {}
-        for name, value in SERVER_SETTINGS.items():
-            setting, context = current.get(name.lower(), (None, "postmaster"))
+        for name, value in settings.items():
+            setting, context, source = current.get(name.lower(), (None, "postmaster", "default"))
+            if name in USER_TUNABLE and source != "default":
+                continue
             if setting != value:
-                conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+                quoted = value.replace("'", "''")
+                conn.execute(f"ALTER SYSTEM SET {name} = '{quoted}'")
                 changed[name] = context
         if changed and all(context != "postmaster" for context in changed.values()):
             conn.execute("SELECT pg_reload_conf()")
@@ -287,6 +407,15 @@ def short_socket_parent() -> Path:
     if runtime and len(runtime) <= 40:
         return Path(runtime) / "maestro-postgres"
     return Path("/tmp") / f"maestro-postgres-{os.getuid()}"
+
+
+def _is_pusher(pid: int) -> bool:
+    import psutil
+
+    try:
+        return PUSHER_MODULE in psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
 
 
 def _is_root() -> bool:

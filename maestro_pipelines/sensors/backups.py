@@ -35,8 +35,8 @@ from maestro_pipelines.jobs.backups import verify_backup_job
 from maestro_pipelines.objectives import RPO_TARGET, RPO_TARGET_HOURS
 from maestro_pipelines.resources import AlertResource, ObjectStoreResource
 
-ALERTED_KINDS = frozenset({"backup", "archive", "retention", "verify", "restore", "drill", "upkeep"})
-BACKUP_ASSETS = frozenset({"database_backup", "monthly_archive"})
+ALERTED_KINDS = frozenset({"backup", "archive", "retention", "verify", "restore", "drill", "pitr-drill", "upkeep"})
+BACKUP_ASSETS = frozenset({"database_backup", "monthly_archive", "base_backup"})
 MAX_VERIFY_REQUESTS = 20
 """Verification runs one evaluation requests at most; the rest come on the next ones."""
 

@@ -20,7 +20,7 @@ WAL have the same file names, never the same system identifier.
                                                         its chain) plus the WAL to make it consistent
 
 Every object carries the sha256 and size the store records at write time (as the dumps do);
-a WAL object also carries `wal-sha256`, the sha256 of the segment as PostgreSQL wrote it,
+a WAL object also carries `wal_sha256`, the sha256 of the segment as PostgreSQL wrote it,
 which is what `wal push` compares when the same name is pushed twice.
 """
 
@@ -45,8 +45,9 @@ BASE_TAR = "base.tar.zst"
 PG_MANIFEST = "backup_manifest"
 BASE_RECORD = "base.json"
 WAL_SUFFIX = ".zst"
-WAL_SHA256_KEY = "wal-sha256"
-"""Store metadata of a WAL object: sha256 of the uncompressed file."""
+WAL_SHA256_KEY = "wal_sha256"
+"""Store metadata of a WAL object: sha256 of the uncompressed file (metadata names are
+lowercase identifiers in every store: no hyphen)."""
 FORMAT_VERSION = 1
 FULL, INCREMENTAL = "full", "incremental"
 

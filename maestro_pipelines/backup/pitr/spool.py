@@ -1,0 +1,141 @@
+"""The pusher: moves the WAL files the embedded server's archive_command spooled into the
+store, one Maestro process per MAESTRO_HOME.
+
+The server runs archive_command as its own OS user (`embedded_postgres` when Maestro runs as
+root), which cannot run a Maestro installed in root's home folder; so the command is a few
+lines of shell that copy each finished WAL file into `MAESTRO_HOME/wal-spool`
+(`platform_db.embedded.spool_archive_command`), and this process, started by whichever
+Maestro process starts the server or attaches and finds no pusher alive, pushes each file
+with `push_wal` and deletes it only once the store has it.
+
+    python -m maestro_pipelines.backup.pitr.spool MAESTRO_HOME
+
+It holds `MAESTRO_HOME/.wal-pusher.lock` while it runs (a second one leaves at once), writes
+its pid to `wal-pusher.pid`, logs to `wal-pusher.log` (what it could not push, and why), and
+leaves when told (SIGTERM, `maestro db stop`) or when the server has been gone for
+LINGER_S, in both cases after pushing what the spool still holds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from maestro_pipelines.backup.pitr import layout
+from maestro_pipelines.backup.pitr.wal import WalConflict, push_wal
+from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.platform_db.embedded import PUSHER_LOCK, PUSHER_PID, WAL_SPOOL
+
+POLL_S = 1.0
+"""How often the spool is looked at: a segment waits at most this long (the RPO is
+archive_timeout plus this)."""
+LINGER_S = 10.0
+"""How long the server may be gone before the pusher leaves: a restart (a first start's
+settings, `pg_ctl restart`) takes a few seconds, and the restarted server needs a pusher."""
+REFUSED = "refused"
+"""spool/refused/: files the store refused (another file under the name): kept for the operator."""
+
+
+def spooled(spool: Path) -> list[Path]:
+    """The complete WAL files in the spool, oldest position first (temporary copies, named
+    `.<name>.tmp` by archive_command, are not WAL names)."""
+    try:
+        names = [entry.name for entry in os.scandir(spool) if entry.is_file() and layout.is_wal_name(entry.name)]
+    except FileNotFoundError:
+        return []
+    return [spool / name for name in sorted(names)]
+
+
+class Pusher:
+    def __init__(self, home: Path, store, log=None):
+        self.home = Path(home)
+        self.pgdata = self.home / "pgdata"
+        self.spool = self.home / WAL_SPOOL
+        self.store = store
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.stopping = threading.Event()
+        self._last_error: str | None = None
+
+    def push_spooled(self) -> int:
+        """Push every spooled file; return how many left the spool. A failing store stops the
+        pass (the next one retries); a refused file is moved aside, not retried forever."""
+        moved = 0
+        for path in spooled(self.spool):
+            try:
+                push_wal(self.store, path, None if layout.SEGMENT.match(path.name) else self._system_id())
+            except WalConflict as exc:
+                self._say(f"refused {path.name}: {exc}")
+                (self.spool / REFUSED).mkdir(exist_ok=True)
+                os.replace(path, self.spool / REFUSED / path.name)
+                continue
+            except (MaestroError, OSError) as exc:
+                self._say(f"cannot push {path.name} yet: {exc}")
+                return moved
+            path.unlink(missing_ok=True)
+            moved += 1
+        self._last_error = None
+        return moved
+
+    def _system_id(self) -> str:
+        return layout.control_system_id(self.pgdata)
+
+    def _say(self, line: str) -> None:
+        """Log a problem once, not once a second while it lasts."""
+        if line != self._last_error:
+            self._last_error = line
+            self.log(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {line}")
+
+    def server_alive(self) -> bool:
+        from maestro_pipelines.processes import process_alive
+
+        try:
+            pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        return process_alive(pid)
+
+    def run(self, poll_s: float = POLL_S, linger_s: float = LINGER_S) -> None:
+        gone_since = None
+        while not self.stopping.is_set():
+            self.push_spooled()
+            if self.server_alive():
+                gone_since = None
+            elif gone_since is None:
+                gone_since = time.monotonic()
+            elif time.monotonic() - gone_since > linger_s:
+                break
+            self.stopping.wait(poll_s)
+        self.push_spooled()  # what the server archived last, before it stopped
+
+
+def main(argv: list[str]) -> int:
+    import fasteners
+
+    from maestro_pipelines.settings import load_settings
+    from maestro_pipelines.storage import open_configured_store
+
+    home = Path(argv[0]).resolve()
+    lock = fasteners.InterProcessLock(home / PUSHER_LOCK)
+    if not lock.acquire(blocking=False):
+        return 0  # another pusher serves this home
+    try:
+        (home / PUSHER_PID).write_text(f"{os.getpid()}\n")
+        settings = load_settings()
+        store = open_configured_store(settings.store_url, home, settings.store_environment)
+        pusher = Pusher(home, store)
+        signal.signal(signal.SIGTERM, lambda *_: pusher.stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: pusher.stopping.set())
+        pusher.run()
+    finally:
+        (home / PUSHER_PID).unlink(missing_ok=True)
+        lock.release()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

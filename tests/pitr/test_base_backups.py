@@ -1,0 +1,152 @@
+"""Base backups on real servers of the tests' own (archiving into a folder, pushed into the
+store as `wal push` lays it out): a full and two incrementals on PostgreSQL 18 recovered and
+compared with the source the way WAL-G's CI does it (a logical dump of each); PostgreSQL 15
+takes full ones only; what is refused, and a damaged base backup, say so in one line."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from maestro_pipelines.backup.manifest import BackupError
+from maestro_pipelines.backup.pitr import base
+from maestro_pipelines.backup.pitr.layout import BASE_TAR, FULL, INCREMENTAL
+from maestro_pipelines.backup.pitr.window import recovery_window
+from maestro_pipelines.backup.types import DatabaseTarget
+from maestro_pipelines.storage import open_store
+from tests.pitr.base_helpers import (
+    PG15_BIN,
+    archiving_cluster,
+    fetch_all_wal,
+    logical_dump,
+    push_archive,
+    remove_cluster,
+    start_recovered,
+)
+from tests.services import free_port
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pitr-base")
+    for parent in [folder, *folder.parents][:-1]:
+        if parent.stat().st_mode & 0o005 != 0o005 and str(parent).startswith("/tmp"):
+            parent.chmod(parent.stat().st_mode | 0o005)  # the server's OS user walks into it
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pg18_cluster(workdir):
+    cluster = archiving_cluster(workdir / "pg18", free_port())
+    cluster.execute("CREATE DATABASE app")
+    cluster.execute("CREATE TABLE items AS SELECT i AS id, md5(i::text) AS body FROM generate_series(1, 20000) i;"
+                    "ALTER TABLE items ADD PRIMARY KEY (id)", "app")
+    yield cluster
+    remove_cluster(cluster)
+
+
+@pytest.fixture
+def store(tmp_path):
+    (tmp_path / "store").mkdir()
+    return open_store(f"file://{tmp_path / 'store'}")
+
+
+def _target(cluster, user: str = "postgres") -> DatabaseTarget:
+    return DatabaseTarget("platform", cluster.url("app", user))
+
+
+def _backup(store, cluster, kind: str = "auto"):
+    record = base.take_base_backup(store, _target(cluster), kind=kind)
+    assert base.verify_base_backup(store, record.base_id).ok
+    return record
+
+
+def test_incremental_chain_recovers_to_the_source(pg18_cluster, store, workdir):
+    """Full, rows changed, incremental, changed again, incremental: the chain extracted,
+    combined and recovered with the archived WAL equals the source, row for row."""
+    cluster = pg18_cluster
+    full = _backup(store, cluster)
+    cluster.execute("UPDATE items SET body = 'first change' WHERE id % 20 = 0", "app")
+    first = _backup(store, cluster)
+    cluster.execute("DELETE FROM items WHERE id % 7 = 0; CREATE TABLE later (n int); INSERT INTO later VALUES (42)",
+                    "app")
+    second = _backup(store, cluster)
+    assert (full.kind, first.kind, second.kind) == (FULL, INCREMENTAL, INCREMENTAL)
+    assert (first.parent, second.parent) == (full.base_id, first.base_id)
+    assert second.compressed_bytes < full.compressed_bytes / 3
+    cluster.execute("INSERT INTO later VALUES (43)", "app")  # after the last backup: only the WAL has it
+    cluster.switch_and_archive()
+    push_archive(store, full.system_id, cluster.archive)
+    expected = logical_dump(cluster, "app")
+
+    chain = base.base_chain(store, second)
+    assert [r.base_id for r in chain] == [full.base_id, first.base_id, second.base_id]
+    data = base.extract_base(store, chain, workdir / "restored" / "data")
+    fetched = workdir / "restored-wal"
+    assert fetch_all_wal(store, full.system_id, fetched) > 0
+    restored = start_recovered(data, fetched, workdir / "restored", free_port(), cluster)
+    try:
+        assert logical_dump(restored, "app") == expected
+        assert restored.execute("SELECT array_agg(n ORDER BY n) FROM later", "app")[0][0] == [42, 43]
+    finally:
+        remove_cluster(restored)
+        shutil.rmtree(fetched, ignore_errors=True)
+    window = recovery_window(store, full.system_id)
+    assert window.usable == [full.base_id, first.base_id, second.base_id] and not window.gaps
+    assert window.earliest_lsn == full.stop_lsn
+
+
+def test_damaged_or_missing_base_object_is_one_clear_line(pg18_cluster, store, workdir):
+    record = base.take_base_backup(store, _target(pg18_cluster), kind=FULL)
+    tar = Path(store.url.removeprefix("file://")) / base.layout.base_root(record.system_id, record.base_id) / BASE_TAR
+    with open(tar, "r+b") as handle:  # bit rot: same size, other bytes
+        handle.seek(record.compressed_bytes // 2)
+        handle.write(b"\0" * 64)
+    report = base.verify_base_backup(store, record.base_id)
+    assert not report.ok and len(report.problems) == 1 and "\n" not in report.problems[0]
+    assert record.base_id in report.problems[0]
+    entry = base.get_base_backup(store, record.base_id)
+    assert entry.bad and not entry.verified
+    with pytest.raises(BackupError, match=f"{record.base_id} is damaged") as damaged:
+        base.extract_base(store, [record], workdir / "damaged")
+    assert "\n" not in str(damaged.value)
+    tar.unlink()
+    with pytest.raises(BackupError, match=f"{record.base_id}'s {BASE_TAR} is missing") as missing:
+        base.extract_base(store, [record], workdir / "missing")
+    assert "another base backup" in str(missing.value)
+
+
+def test_refused_without_replication_privilege(pg18_cluster, store):
+    pg18_cluster.execute("DO $$BEGIN CREATE ROLE app_owner LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END$$")
+    with pytest.raises(BackupError, match="no REPLICATION privilege") as refused:
+        base.take_base_backup(store, _target(pg18_cluster, "app_owner"))
+    assert "managed service" in str(refused.value)
+    assert not list(store.list("", with_metadata=False)) or not base.list_base_backups(store)
+
+
+@pytest.fixture(scope="module")
+def pg15_cluster(workdir):
+    if not (PG15_BIN / "initdb").exists():
+        pytest.skip("Debian's PostgreSQL 15 is not installed here")
+    cluster = archiving_cluster(workdir / "pg15", free_port(), pg15=True, archive_command="")
+    cluster.execute("CREATE DATABASE app")
+    yield cluster
+    remove_cluster(cluster)
+
+
+def test_pg15_refused_while_archiving_is_off_then_full_only(pg15_cluster, store):
+    with pytest.raises(BackupError, match="archive_command is empty") as refused:
+        base.take_base_backup(store, _target(pg15_cluster))
+    assert "--kind dump" in str(refused.value)
+    pg15_cluster.execute(f"ALTER SYSTEM SET archive_command = 'cp %p {pg15_cluster.archive}/%f'")
+    pg15_cluster.execute("SELECT pg_reload_conf()")
+    first = _backup(store, pg15_cluster)
+    said: list[str] = []
+    second = base.take_base_backup(store, _target(pg15_cluster), log=said.append)
+    assert (first.kind, second.kind, second.parent) == (FULL, FULL, None)
+    assert "no incremental backups" in said[0]
+    assert first.server_version_num // 10000 == 15
+    with pytest.raises(BackupError, match="No incremental base backup possible"):
+        base.take_base_backup(store, _target(pg15_cluster), kind=INCREMENTAL)
