@@ -78,6 +78,7 @@ BENCHMARKS = [
               ["--size-mb", "512", "--repeat", "2"], ["--size-mb", "1024", "--repeat", "2"], 480, 1800, SERVERS),
     Benchmark("restore", "our restore vs pg_restore -j2 of a local dump; the drill's RTO",
               ["--size-mb", "512", "--repeat", "2"], ["--size-mb", "1024", "--repeat", "3"], 480, 1800, SERVERS),
+    Benchmark("pitr_restore", "restore to a point (base backup + WAL) vs today's logical restore", ["--quick"], ["--size-mb", "1024", "--repeat", "2"], 300, 1800, ["pytest"]),
     Benchmark("daemon_path", "one tenant through the daemon vs in process; tenants 4 at a time vs a plain script",
               ["--tenants", "8", "--rounds", "2"], ["--tenants", "100", "--rounds", "3"], 420, 1800, ["pytest"]),
     Benchmark("io_values", "a 1M-row training_data through the IO manager vs plain Parquet, local and S3",

@@ -9,7 +9,6 @@ archived and pushed before the test goes on (`marker`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pwd
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from maestro_pipelines.backup.pitr import layout
+from maestro_pipelines.backup.pitr.wal import push_wal
 from maestro_pipelines.backup.types import DatabaseTarget
 from maestro_pipelines.platform_db.connection import psycopg_connect
 from maestro_pipelines.platform_db.embedded import EmbeddedPostgres, _wheel
@@ -28,15 +28,6 @@ from maestro_pipelines.storage import ObjectStore
 
 
 def _push(store: ObjectStore, path: Path, system_id: str) -> None:
-    try:
-        from maestro_pipelines.backup.pitr.wal import push_wal
-    except ImportError:  # before helper A's module: the same object, written here
-        import zstandard
-
-        data = path.read_bytes()
-        store.put_bytes(layout.wal_key(system_id, path.name), zstandard.ZstdCompressor().compress(data),
-                        {"wal_sha256": hashlib.sha256(data).hexdigest()})
-        return
     push_wal(store, path, system_id)
 
 
@@ -58,7 +49,8 @@ class ArchivingServer:
 
     def __post_init__(self):
         self.spool = self.home / "spool"
-        self.embedded = EmbeddedPostgres(self.home)
+        # Archiving of our own (a spool this test pushes from when it wants), not the pusher.
+        self.embedded = EmbeddedPostgres(self.home, wal_archiving=False)
         self.url = self.embedded.start()
         self.spool.mkdir(mode=0o700, exist_ok=True)
         if os.geteuid() == 0:

@@ -187,3 +187,50 @@ def test_the_restore_job_restores_to_a_time(history, tmp_path):
     [scratch] = restores(history["server"])
     assert markers(history["server"], scratch) == ["t1", "t2"]
     history["server"].execute("postgres", f'DROP DATABASE "{scratch}" WITH (FORCE)')
+
+
+def test_a_killed_restore_leaves_no_server_and_the_next_one_sweeps_its_folder(history):
+    """kill -9 of `maestro restore` while its temporary server recovers: the server dies with it
+    (parent-death signal), and the next restore removes the folder it left."""
+    import signal
+    import subprocess
+    import time
+
+    from maestro_pipelines.processes import process_alive
+    from tests.test_cli import MAESTRO
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MAESTRO_", "MLFLOW_"))}
+    child = subprocess.Popen([MAESTRO, "restore", "--databases", "platform", "--to-time", "latest"],
+                             env={**clean, **history["env"]}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = Path(history["root"])
+    deadline = time.monotonic() + 120
+    while not list(root.glob("maestro-recover-*/pgdata/postmaster.pid")):
+        assert child.poll() is None and time.monotonic() < deadline, "the temporary server never started"
+        time.sleep(0.01)
+    [pidfile] = list(root.glob("maestro-recover-*/pgdata/postmaster.pid"))
+    while not pidfile.read_text().strip():
+        time.sleep(0.01)
+    postmaster = int(pidfile.read_text().splitlines()[0])
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 30
+    while process_alive(postmaster):
+        assert time.monotonic() < deadline, "the temporary server outlived the killed restore"
+        time.sleep(0.05)
+    assert list(root.glob("maestro-recover-*"))  # left by the killed process...
+    _report, found = delivered(history, restore(history, "--to-time", "latest", "--json"))  # ...swept by the next
+    assert found == ["t1", "t2", "t3", "t4"] and restores(history["server"]) == []
+
+
+def test_a_time_without_a_zone_is_read_in_maestro_timezone():
+    """Pure parsing (no server): what on-call types is what the recovery aims at, and it says so."""
+    from datetime import datetime, timezone
+
+    from maestro_pipelines.backup.pitr.recover import RecoveryTarget
+
+    berlin = RecoveryTarget.parse("2026-11-26T14:04:00", timezone_name="Europe/Berlin")
+    assert berlin.time == datetime(2026, 11, 26, 13, 4, tzinfo=timezone.utc)
+    assert "14:04:00 in Europe/Berlin" in berlin.describe()
+    assert RecoveryTarget.parse("2026-11-26T14:04:00Z", timezone_name="Europe/Berlin").time.hour == 14
+    assert RecoveryTarget.parse("2026-11-26 14:04", timezone_name="UTC").describe() == "2026-11-26 14:04:00 UTC"
+    assert RecoveryTarget.parse(to_lsn="16/b374d848").lsn == "16/B374D848"

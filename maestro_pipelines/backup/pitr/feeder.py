@@ -28,6 +28,7 @@ from pathlib import Path
 
 from maestro_pipelines.backup.pitr import layout
 from maestro_pipelines.backup.pitr.layout import WalError
+from maestro_pipelines.backup.pitr.wal import fetch_wal
 from maestro_pipelines.storage import ObjectStore
 
 PREFETCH = 4
@@ -73,42 +74,10 @@ def check_segment(data_head: bytes, name: str, system_id: str) -> None:
                        "Nothing was restored; recover to a point before it, or put the right segment back")
 
 
-def _fetch_own(store: ObjectStore, system_id: str, name: str, dest: Path) -> bool:
-    """wal.fetch_wal's work where it is not available: the object, zstd, its recorded sha256."""
-    import hashlib
-
-    import zstandard
-
-    from maestro_pipelines.storage import ChecksumMismatch, ObjectNotFound
-
-    key = layout.wal_key(system_id, name)
-    try:
-        info = store.head(key)
-    except ObjectNotFound:
-        return False
-    digest = hashlib.sha256()
-    try:
-        with store.open_read(key) as raw, open(dest, "wb") as out:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw)
-            while block := reader.read(1 << 20):
-                digest.update(block)
-                out.write(block)
-    except (ChecksumMismatch, zstandard.ZstdError) as exc:
-        raise WalError(f"WAL file {name} in the store at {store.url} is damaged: {getattr(exc, 'problem', exc)}",
-                       "Nothing was restored; recover to a point before it") from None
-    wanted = info.metadata.get(layout.WAL_SHA256_KEY) or info.metadata.get("wal_sha256")
-    if wanted and wanted != digest.hexdigest():
-        raise WalError(f"WAL file {name} in the store at {store.url} does not match the sha256 recorded when it "
-                       "was archived (replaced)", "Nothing was restored; recover to a point before it")
-    return True
-
-
 def fetch_segment(store: ObjectStore, system_id: str, name: str, dest: Path) -> bool:
-    """One WAL file from the store into `dest`, checked; False when the store has none."""
-    try:
-        from maestro_pipelines.backup.pitr.wal import fetch_wal
-    except ImportError:  # helper module not there yet: the same checks, done here
-        fetch_wal = _fetch_own
+    """One WAL file from the store into `dest` (wal.fetch_wal: the store's sha256, zstd's, the
+    sha256 recorded at push), and a segment's header against its name and server; False when
+    the store has none."""
     found = fetch_wal(store, system_id, name, dest)
     if found and layout.SEGMENT.match(name):
         with open(dest, "rb") as segment:
@@ -170,8 +139,9 @@ class WalFeeder:
             found = name in self._ready or self._place(name)
             if not found and layout.SEGMENT.match(name):
                 self._check_gap(name)
-        except WalError as exc:
-            self.problem = exc
+        except WalError as exc:  # the segment's own line, and what it means for this restore
+            self.problem = WalError(exc.problem, "Nothing was restored; recover to a point before it "
+                                                 "(--to-time, --to-lsn), or put a good copy of it back in the store")
             found = False
         except Exception as exc:  # a store outage: the recovery cannot go on, and says why
             self.problem = WalError(f"WAL file {name} could not be read from the store at {self.store.url}: "

@@ -69,6 +69,8 @@ class RecoveryTarget:
     kind: str
     time: datetime | None = None
     lsn: str | None = None
+    zone: str | None = None
+    """The time zone a time without one was read in (MAESTRO_TIMEZONE), None when it had one."""
 
     @classmethod
     def parse(cls, to_time: str | None = None, to_lsn: str | None = None, timezone_name: str = "UTC",
@@ -85,14 +87,21 @@ class RecoveryTarget:
                 raise MaestroError(f"{options[1]} '{to_lsn[:40]}' is not a WAL position (LSN)",
                                    "An LSN looks like 0/3000060 (two hex numbers), as pg_current_wal_lsn() shows") from None
         if not to_time:
-            raise MaestroError(f"No point to recover to was given", f"Use {options[0]} TIME|latest or {options[1]} LSN")
+            raise MaestroError("No point to recover to was given", f"Use {options[0]} TIME|latest or {options[1]} LSN")
         if to_time.lower() in ("latest", "newest", "now"):
             return cls(LATEST)
-        return cls(TIME, time=parse_time(to_time, timezone_name, options[0]))
+        naive = datetime_without_zone(to_time)
+        return cls(TIME, time=parse_time(to_time, timezone_name, options[0]), zone=timezone_name if naive else None)
 
     def describe(self) -> str:
         if self.kind == TIME:
-            return f"{self.time:%Y-%m-%d %H:%M:%S} UTC"
+            said = f"{self.time:%Y-%m-%d %H:%M:%S} UTC"
+            if self.zone and self.zone != "UTC":
+                import zoneinfo
+
+                local = self.time.astimezone(zoneinfo.ZoneInfo(self.zone))
+                said += f" ({local:%H:%M:%S} in {self.zone}, MAESTRO_TIMEZONE: the time had no zone)"
+            return said
         return f"LSN {self.lsn}" if self.kind == LSN else "the newest recoverable point"
 
     def settings(self) -> dict[str, str]:
@@ -104,6 +113,13 @@ class RecoveryTarget:
             # of the last record replayed) given back as a target recovers the same transactions.
             return {"recovery_target_lsn": self.lsn, "recovery_target_inclusive": "off"}
         return {}
+
+
+def datetime_without_zone(text: str) -> bool:
+    try:
+        return datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00")).tzinfo is None
+    except ValueError:
+        return False
 
 
 def parse_time(text: str, timezone_name: str = "UTC", option: str = "--to-time") -> datetime:
@@ -124,25 +140,10 @@ def parse_time(text: str, timezone_name: str = "UTC", option: str = "--to-time")
 
 
 def base_records(store: ObjectStore, system_id: str) -> list[BaseBackupRecord]:
-    """The server's usable base backups, oldest first (base.list_base_backups, verified)."""
-    try:
-        from maestro_pipelines.backup.pitr.base import list_base_backups
-    except ImportError:
-        return _read_base_records(store, system_id)
-    entries = list_base_backups(store, system_id)
-    return [e.record for e in entries if e.record is not None and e.bad is None]
+    """The server's usable base backups (base.list_base_backups: readable, not known bad), oldest first."""
+    from maestro_pipelines.backup.pitr.base import list_base_backups
 
-
-def _read_base_records(store: ObjectStore, system_id: str) -> list[BaseBackupRecord]:
-    prefix = f"{layout.server_prefix(system_id)}/{layout.BASE_FOLDER}/"
-    records = []
-    for info in store.list(prefix, with_metadata=False):
-        if info.key.endswith("/" + layout.BASE_RECORD):
-            try:
-                records.append(BaseBackupRecord.from_json(store.get_bytes(info.key), f"{store.url}/{info.key}"))
-            except MaestroError:
-                continue
-    return sorted(records, key=lambda r: r.base_id)
+    return [e.record for e in list_base_backups(store, system_id) if e.record is not None and e.bad is None]
 
 
 def choose_base(records: list[BaseBackupRecord], target: RecoveryTarget, system_id: str,
@@ -301,39 +302,10 @@ def _is_our_postmaster(pid: int, pgdata: Path) -> bool:
 def extract_data_directory(store: ObjectStore, record: BaseBackupRecord, dest: Path,
                            progress: Callable[[int, int | None], None] | None = None) -> Path:
     """The base backup's data directory in `dest` (base.extract_base: chain combined, verified)."""
-    try:
-        from maestro_pipelines.backup.pitr.base import base_chain, extract_base
-    except ImportError:
-        return _extract_full(store, record, dest, progress)
+    from maestro_pipelines.backup.pitr.base import base_chain, extract_base
+
     chain = base_chain(store, record)
     return extract_base(store, chain, dest, progress=(lambda *args: progress(*args[-2:])) if progress else None)
-
-
-def _extract_full(store: ObjectStore, record: BaseBackupRecord, dest: Path,
-                  progress: Callable[[int, int | None], None] | None) -> Path:
-    """A full base backup's tar unpacked (the stand-in until base.extract_base exists)."""
-    import tarfile
-
-    import zstandard
-
-    from maestro_pipelines.storage import ChecksumMismatch
-
-    if record.kind != layout.FULL:
-        raise RecoveryError(f"Base backup {record.base_id} is incremental", "This Maestro recovers full ones only")
-    key = f"{layout.base_root(record.system_id, record.base_id)}/{layout.BASE_TAR}"
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        with store.open_read(key) as raw:
-            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20)
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
-                    tar.extract(member, dest, filter="fully_trusted" if hasattr(tarfile, "data_filter") else None)
-                    if progress is not None and member.isfile():
-                        progress(stream.tell(), record.tar_bytes)
-    except (ChecksumMismatch, zstandard.ZstdError, tarfile.TarError) as exc:
-        raise RecoveryError(f"{key} in the store at {store.url} is damaged: {getattr(exc, 'problem', exc)}",
-                            "Nothing was restored; recover from another base backup (an earlier or later point)") from None
-    return dest
 
 
 def _preload_libraries(pgdata: Path, programs: Path) -> str:

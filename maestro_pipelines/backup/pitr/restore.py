@@ -4,7 +4,7 @@ chosen databases delivered through the same phases as a dump's restore.
     refuse early    the request, the live confirmation and the right to rename (as a dump's
                     restore does), before anything is extracted
     recover         recovered_server(...): extract, replay to the point, promote
-    dump            pg_dump -Fc of each chosen database from the temporary server into the
+    dump            pg_dump -Fd -j of each chosen database from the temporary server into the
                     restore's work folder, and its table checks (backup/consistency.py)
                     computed there: an in-memory manifest the verify phase compares with
     deliver         restore_backup(..., fetched=...): plan, pg_restore, verify, migrate,
@@ -83,8 +83,10 @@ def refuse_early(store: ObjectStore, destinations: list[DatabaseTarget], roles: 
     return chosen
 
 
-def dump_database(server: RecoveredServer, dest: DatabaseTarget, folder: Path, phases: PhaseProgress | None) -> DatabaseDump:
-    """pg_dump -Fc of one database of the temporary server, and its table checks there."""
+def dump_database(server: RecoveredServer, dest: DatabaseTarget, folder: Path, phases: PhaseProgress | None,
+                  jobs: int = 2) -> DatabaseDump:
+    """pg_dump of one database of the temporary server (directory format, `jobs` in parallel,
+    uncompressed: it is read once, locally, by pg_restore -j), and its table checks there."""
     url = server.url(dest.database)
     path = folder / f"{dest.role}.dump"
     started = time.monotonic()
@@ -92,7 +94,8 @@ def dump_database(server: RecoveredServer, dest: DatabaseTarget, folder: Path, p
     if phases is not None:
         phases(Phase(name, current=dest.database))
     pg_dump = program("pg_dump", dest.client_programs)
-    done = run_tethered([pg_dump, "--format=custom", "--compress=0", "--no-password", f"--file={path}"],
+    done = run_tethered([pg_dump, "--format=directory", f"--jobs={max(1, jobs)}", "--compress=0", "--no-password",
+                         f"--file={path}"],
                         libpq_environment(url, "maestro-restore"))
     if done.returncode != 0:
         said = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
@@ -101,7 +104,7 @@ def dump_database(server: RecoveredServer, dest: DatabaseTarget, folder: Path, p
     with psycopg_connect(url, options=CHECKSUM_SESSION_OPTIONS, source="the recovered server") as conn:
         checks = table_checks(conn)
     seconds = time.monotonic() - started
-    size = path.stat().st_size
+    size = sum(part.stat().st_size for part in path.iterdir())
     if phases is not None:
         phases(Phase(name, finished=True, seconds=seconds, detail=f"{len(checks)} tables from the recovered server"))
     return DatabaseDump(
@@ -160,7 +163,7 @@ def restore_to_point(store: ObjectStore, target: RecoveryTarget, destinations: l
         with activity(store, "restore", f"pitr-{os.getpid()}-{started_at:%Y%m%dT%H%M%S}"), \
                 recovered_server(store, sid, target, parent, say, recorded, pg_bin) as server:
             held = _missing_databases(server, chosen, explicit=bool(roles))
-            dumps = [dump_database(server, dest, dumps_folder, recorded) for dest in held]
+            dumps = [dump_database(server, dest, dumps_folder, recorded, jobs) for dest in held]
             entry = point_entry(server, dumps, started_at)
         files = {dump.role: dumps_folder / dump.key for dump in dumps}
         report = restore_backup(store, entry, destinations, target_mode, confirm, [d.role for d in held], jobs,

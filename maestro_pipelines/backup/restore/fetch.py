@@ -125,8 +125,9 @@ def fetch(state: RestoreState) -> None:
 
 
 def use_fetched(state: RestoreState, files: dict[str, Path]) -> None:
-    """Instead of the download: dumps the caller already has on local disk (role -> file)."""
+    """Instead of the download: dumps the caller already has on local disk (role -> a file
+    or a pg_dump directory, which pg_restore reads alike)."""
     for plan in state.databases:
-        if plan.role not in files or not Path(files[plan.role]).is_file():
+        if plan.role not in files or not Path(files[plan.role]).exists():
             raise RestoreError(f"The {plan.role} dump was not made", "Run the restore again")
         plan.file = Path(files[plan.role])
