@@ -106,6 +106,9 @@ def test_damaged_or_missing_base_object_is_one_clear_line(pg18_cluster, store, w
     with open(tar, "r+b") as handle:  # bit rot: same size, other bytes
         handle.seek(record.compressed_bytes // 2)
         handle.write(b"\0" * 64)
+    shown = run_maestro("backup", "verify", "latest", "--kind", "base", env={"MAESTRO_STORE_URL": store.url})
+    assert shown.returncode == 1 and f"base backup {record.base_id} FAILED verification" in shown.stderr
+    assert "Traceback" not in shown.stderr
     report = base.verify_base_backup(store, record.base_id)
     assert not report.ok and len(report.problems) == 1 and "\n" not in report.problems[0]
     assert record.base_id in report.problems[0]

@@ -356,6 +356,20 @@ def _chain_length(entries: list[BaseEntry], entry: BaseEntry) -> int:
     return length
 
 
+def _chain_intact(store: ObjectStore, entries: list[BaseEntry], entry: BaseEntry) -> bool:
+    """`entry` and every base backup it builds on are there, readable and intact (one head each)."""
+    by_id, current = {e.base_id: e for e in entries}, entry
+    for _ in range(INCREMENTAL_CHAIN_MAX + 1):
+        if current.record is None or current.bad or check_base_objects(store, current) is not None:
+            return False
+        if current.record.parent is None:
+            return True
+        if current.record.parent not in by_id:
+            return False
+        current = by_id[current.record.parent]
+    return False
+
+
 def choose_kind(store: ObjectStore, facts: ServerFacts, kind: str, client_major: int) -> _Plan:
     """Full or incremental, and on which parent: the newest verified, intact base backup of the
     server on the same timeline (its chain shorter than INCREMENTAL_CHAIN_MAX)."""
@@ -370,7 +384,7 @@ def choose_kind(store: ObjectStore, facts: ServerFacts, kind: str, client_major:
     elif not facts.summarize_wal:
         why_not = "summarize_wal is off on the server"
     entries = list_base_backups(store, facts.system_id)
-    parent = next((e for e in reversed(entries) if e.verified and check_base_objects(store, e) is None), None)
+    parent = next((e for e in reversed(entries) if e.verified and _chain_intact(store, entries, e)), None)
     if why_not is None and parent is None:
         why_not = "no verified base backup of this server to build on"
     elif why_not is None and _chain_length(entries, parent) >= INCREMENTAL_CHAIN_MAX:
