@@ -48,7 +48,7 @@ from maestro_pipelines.storage import ObjectNotFound, ObjectStore, StoreError
 BASE_VERIFIED = "verified.json"
 """Beside base.json once `verify_base_backup` read every byte: valid for the record whose sha256 it names."""
 ACTIVITY_KIND = "base"
-"""The activity marker's kind (`activity/base-<base_id>.json`): retention waits while it runs."""
+"""The activity marker's kind (`activity/base-<system_id>-<base_id>.json`): retention waits while it runs."""
 KINDS = ("auto", FULL, INCREMENTAL)
 COMPRESSION_LEVEL = 1
 COMPRESSION_THREADS = 2
@@ -539,7 +539,9 @@ def take_base_backup(store: ObjectStore, target: DatabaseTarget, kind: str = "au
     base_id = new_backup_id(started_at)
     root = layout.base_root(facts.system_id, base_id)
     log(f"base backup {base_id} of {where(target.url)}: {plan.note}")
-    with activity(store, ACTIVITY_KIND, base_id), tempfile.TemporaryDirectory(prefix="maestro-base-") as scratch:
+    # The marker names the folder (system id and base id): retention sweeps it once the process is gone.
+    with activity(store, ACTIVITY_KIND, f"{facts.system_id}-{base_id}"), \
+            tempfile.TemporaryDirectory(prefix="maestro-base-") as scratch:
         try:
             command = [pg_basebackup, "--format=tar", "--wal-method=none", "--pgdata=-", "--no-password",
                        "--checkpoint=fast", f"--label=maestro {base_id}"]
