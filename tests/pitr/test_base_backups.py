@@ -106,6 +106,9 @@ def test_damaged_or_missing_base_object_is_one_clear_line(pg18_cluster, store, w
     with open(tar, "r+b") as handle:  # bit rot: same size, other bytes
         handle.seek(record.compressed_bytes // 2)
         handle.write(b"\0" * 64)
+    shown = run_maestro("backup", "verify", "latest", "--kind", "base", env={"MAESTRO_STORE_URL": store.url})
+    assert shown.returncode == 1 and f"base backup {record.base_id} FAILED verification" in shown.stderr
+    assert "Traceback" not in shown.stderr
     report = base.verify_base_backup(store, record.base_id)
     assert not report.ok and len(report.problems) == 1 and "\n" not in report.problems[0]
     assert record.base_id in report.problems[0]
@@ -179,3 +182,34 @@ def test_pg15_refused_while_archiving_is_off_then_full_only(pg15_cluster, store,
     assert first.server_version_num // 10000 == 15
     with pytest.raises(BackupError, match="No incremental base backup possible"):
         base.take_base_backup(store, _target(pg15_cluster), kind=INCREMENTAL)
+
+
+def test_killed_mid_base_backup_leaves_none_and_retention_sweeps_it(pg18_cluster, store, tmp_path):
+    """kill -9 of `maestro backup run --kind base` while the tar streams: no base backup exists,
+    `backup info` says one was killed, retention removes what it left, the next one is taken."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.pitr.base_helpers import poll
+    from tests.test_cli import MAESTRO
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MAESTRO_", "MLFLOW_"))},
+           **_cli_env(pg18_cluster, store, tmp_path)}
+    root = Path(store.url.removeprefix("file://"))
+    child = subprocess.Popen([MAESTRO, "backup", "run", "--kind", "base"], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        poll("the base backup's folder in the store", lambda: list(root.glob("pitr/*/base/*")), deadline_s=60)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    assert base.list_base_backups(store) == []
+    info = json.loads(run_maestro("backup", "info", "--json", env=_cli_env(pg18_cluster, store, tmp_path)).stdout)
+    assert any(r["message"].startswith("killed: base ") for r in info["reasons"])
+    swept = run_maestro("backup", "retention", env=_cli_env(pg18_cluster, store, tmp_path))
+    assert swept.returncode == 0, swept.stderr
+    assert not list(root.glob("pitr/*/base/*/*")) and not list(root.glob("activity/*"))
+    again = run_maestro("backup", "run", "--kind", "base", "--json", env=_cli_env(pg18_cluster, store, tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert [b.base_id for b in base.list_base_backups(store)] == [json.loads(again.stdout)["taken"][0]["id"]]

@@ -48,7 +48,7 @@ from maestro_pipelines.storage import ObjectNotFound, ObjectStore, StoreError
 BASE_VERIFIED = "verified.json"
 """Beside base.json once `verify_base_backup` read every byte: valid for the record whose sha256 it names."""
 ACTIVITY_KIND = "base"
-"""The activity marker's kind (`activity/base-<base_id>.json`): retention waits while it runs."""
+"""The activity marker's kind (`activity/base-<system_id>-<base_id>.json`): retention waits while it runs."""
 KINDS = ("auto", FULL, INCREMENTAL)
 COMPRESSION_LEVEL = 1
 COMPRESSION_THREADS = 2
@@ -356,6 +356,20 @@ def _chain_length(entries: list[BaseEntry], entry: BaseEntry) -> int:
     return length
 
 
+def _chain_intact(store: ObjectStore, entries: list[BaseEntry], entry: BaseEntry) -> bool:
+    """`entry` and every base backup it builds on are there, readable and intact (one head each)."""
+    by_id, current = {e.base_id: e for e in entries}, entry
+    for _ in range(INCREMENTAL_CHAIN_MAX + 1):
+        if current.record is None or current.bad or check_base_objects(store, current) is not None:
+            return False
+        if current.record.parent is None:
+            return True
+        if current.record.parent not in by_id:
+            return False
+        current = by_id[current.record.parent]
+    return False
+
+
 def choose_kind(store: ObjectStore, facts: ServerFacts, kind: str, client_major: int) -> _Plan:
     """Full or incremental, and on which parent: the newest verified, intact base backup of the
     server on the same timeline (its chain shorter than INCREMENTAL_CHAIN_MAX)."""
@@ -370,7 +384,7 @@ def choose_kind(store: ObjectStore, facts: ServerFacts, kind: str, client_major:
     elif not facts.summarize_wal:
         why_not = "summarize_wal is off on the server"
     entries = list_base_backups(store, facts.system_id)
-    parent = next((e for e in reversed(entries) if e.verified and check_base_objects(store, e) is None), None)
+    parent = next((e for e in reversed(entries) if e.verified and _chain_intact(store, entries, e)), None)
     if why_not is None and parent is None:
         why_not = "no verified base backup of this server to build on"
     elif why_not is None and _chain_length(entries, parent) >= INCREMENTAL_CHAIN_MAX:
@@ -525,7 +539,9 @@ def take_base_backup(store: ObjectStore, target: DatabaseTarget, kind: str = "au
     base_id = new_backup_id(started_at)
     root = layout.base_root(facts.system_id, base_id)
     log(f"base backup {base_id} of {where(target.url)}: {plan.note}")
-    with activity(store, ACTIVITY_KIND, base_id), tempfile.TemporaryDirectory(prefix="maestro-base-") as scratch:
+    # The marker names the folder (system id and base id): retention sweeps it once the process is gone.
+    with activity(store, ACTIVITY_KIND, f"{facts.system_id}-{base_id}"), \
+            tempfile.TemporaryDirectory(prefix="maestro-base-") as scratch:
         try:
             command = [pg_basebackup, "--format=tar", "--wal-method=none", "--pgdata=-", "--no-password",
                        "--checkpoint=fast", f"--label=maestro {base_id}"]
