@@ -173,6 +173,7 @@ def test_monthly_archive_copies_the_newest_verified_backup_of_the_month(backup_e
     assert metadata["month"].value == f"{year}-{month:02d}"
     assert metadata["backup_id"].value == newest.backup_id != older.backup_id
     assert metadata["copied_now"].value is True and metadata["verified"].value is True
+    assert metadata["base_backups"].value.startswith("no base backup to archive")  # this server archives no WAL
     (archived,) = list_backups(backup_env.store(), monthly=True)
     assert archived.month == f"{year}-{month:02d}" and archived.backup_id == newest.backup_id and archived.verified
     assert (backup_env.store_dir / archived.root / "platform.dump.zst").exists()
