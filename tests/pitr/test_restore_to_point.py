@@ -38,6 +38,9 @@ def history():
         server.execute("postgres", f"CREATE DATABASE {DATABASE}")
         upgrade(DatabaseLocation(platform_url=server.url.set(database=DATABASE), source="test"))
         server.execute(DATABASE, "CREATE TABLE markers (id serial PRIMARY KEY, label text NOT NULL)")
+        older = take_base_backup(store, server.target(DATABASE), kind="full")
+        server.execute(DATABASE, "INSERT INTO markers (label) VALUES ('t0')")  # replayed from the older one
+        server.execute(DATABASE, "DELETE FROM markers")
         base = take_base_backup(store, server.target(DATABASE), kind="full")
         t1, t2 = server.marker(DATABASE, "t1"), server.marker(DATABASE, "t2")
         between = server.execute("postgres", "SELECT clock_timestamp()")[0][0]
@@ -49,7 +52,7 @@ def history():
         env = {"MAESTRO_DATABASE_URL": f"postgresql://postgres@/{DATABASE}?host={socket}",
                "MAESTRO_STORE_URL": (root / "store").as_uri(), "MAESTRO_HOME": str(root / "home"),
                "TMPDIR": str(root)}
-        yield {"server": server, "store": store, "base": base, "t1": t1, "t2": t2, "t3": t3, "between": between,
+        yield {"server": server, "store": store, "base": base, "older": older, "t1": t1, "t2": t2, "t3": t3, "between": between,
                "env": env, "root": root}
     finally:
         server.stop()
@@ -234,3 +237,20 @@ def test_a_time_without_a_zone_is_read_in_maestro_timezone():
     assert RecoveryTarget.parse("2026-11-26T14:04:00Z", timezone_name="Europe/Berlin").time.hour == 14
     assert RecoveryTarget.parse("2026-11-26 14:04", timezone_name="UTC").describe() == "2026-11-26 14:04:00 UTC"
     assert RecoveryTarget.parse(to_lsn="16/b374d848").lsn == "16/B374D848"
+
+
+def test_a_damaged_base_backup_is_skipped_for_the_one_before_it(history):
+    """Bit rot in the newest base backup's tar: the restore says so and recovers from the older
+    one (more WAL to replay), to the same point. Last in this file: it changes a stored object."""
+    store, base = history["store"], history["base"]
+    key = f"{layout.base_root(base.system_id, base.base_id)}/{layout.BASE_TAR}"
+    path = Path(history["root"], "store", *key.split("/"))
+    with open(path, "r+b") as stored:
+        stored.seek(os.path.getsize(path) // 2)
+        byte = stored.read(1)
+        stored.seek(-1, 1)
+        stored.write(bytes([byte[0] ^ 0xFF]))
+    done = restore(history, "--to-time", history["between"].isoformat(), "--json")
+    report, found = delivered(history, done)
+    assert found == ["t1", "t2"] and report["point"]["base_backup"] == history["older"].base_id
+    assert f"skipping base backup {base.base_id}" in done.stderr

@@ -149,6 +149,13 @@ def base_records(store: ObjectStore, system_id: str) -> list[BaseBackupRecord]:
 def choose_base(records: list[BaseBackupRecord], target: RecoveryTarget, system_id: str,
                 store_url: str) -> BaseBackupRecord:
     """The newest base backup whose consistency point is before the target."""
+    return choose_bases(records, target, system_id, store_url)[0]
+
+
+def choose_bases(records: list[BaseBackupRecord], target: RecoveryTarget, system_id: str,
+                 store_url: str) -> list[BaseBackupRecord]:
+    """The base backups consistent before the target, newest first (an older one is the
+    fallback when a newer one turns out damaged: more WAL to replay, the same point)."""
     if target.kind == TIME:
         usable = [r for r in records if r.finished_at < target.time]
     elif target.kind == LSN:
@@ -156,7 +163,7 @@ def choose_base(records: list[BaseBackupRecord], target: RecoveryTarget, system_
     else:
         usable = list(records)
     if usable:
-        return max(usable, key=lambda r: r.stop_position)
+        return sorted(usable, key=lambda r: r.stop_position, reverse=True)
     if not records:
         raise RecoveryError(f"The store at {store_url} has no base backup of server {system_id}",
                             "Take one (maestro backup run --kind base) with WAL archiving on; then recover")
@@ -525,6 +532,24 @@ def _prepare(store: ObjectStore, base: BaseBackupRecord, target: RecoveryTarget,
     return pgdata
 
 
+def _first_good_base(store: ObjectStore, candidates: list[BaseBackupRecord], target: RecoveryTarget, folder: Path,
+                     socket: Path, programs: Path, owner: tuple[int, int] | None, phases: PhaseProgress | None,
+                     say: Callable[[str], None]) -> tuple[Path, BaseBackupRecord]:
+    """The newest candidate that extracts and verifies; a damaged one is skipped with a line."""
+    from maestro_pipelines.backup.manifest import BackupError
+
+    for number, base in enumerate(candidates):
+        try:
+            return _prepare(store, base, target, folder, socket, programs, owner, phases), base
+        except BackupError as exc:
+            if number == len(candidates) - 1:
+                raise
+            say(f"skipping base backup {base.base_id}: {exc.problem}; trying the one before it, "
+                f"{candidates[number + 1].base_id} (more WAL to replay, the same point)")
+            shutil.rmtree(folder / "pgdata", ignore_errors=True)
+    raise RecoveryError("No base backup to recover from", "Take one (maestro backup run --kind base)")
+
+
 def _timed(phases: PhaseProgress | None, name: str, fn: Callable[[], str | None]) -> float:
     started = time.monotonic()
     if phases is not None:
@@ -543,7 +568,8 @@ def recovered_server(store: ObjectStore, system_id: str, target: RecoveryTarget,
     """A temporary server recovered to `target` from the store, promoted, on a private socket;
     stopped and removed when the block ends (however it ends). Phases: extract, recover."""
     say = log or (lambda message: None)
-    base = choose_base(base_records(store, system_id), target, system_id, store.url)
+    candidates = choose_bases(base_records(store, system_id), target, system_id, store.url)
+    base = candidates[0]
     programs = server_programs(base.server_version_num // 10000, pg_bin)
     owner = _server_owner()
     folder, socket = _open_folder(workdir, owner)
@@ -553,7 +579,7 @@ def recovered_server(store: ObjectStore, system_id: str, target: RecoveryTarget,
     try:
         say(f"recovering server {system_id} to {target.describe()} from base backup {base.base_id} "
             f"(consistent at {base.finished_at:%Y-%m-%d %H:%M:%S} UTC) in {folder}")
-        pgdata = _prepare(store, base, target, folder, socket, programs, owner, phases)
+        pgdata, server.base = _first_good_base(store, candidates, target, folder, socket, programs, owner, phases, say)
         feeder = WalFeeder(store, system_id, folder / "feed", owner, say).start()
         process = start_server(programs, pgdata, owner)
         _timed(phases, "recover", lambda: (wait_for_promotion(process, server, feeder, system_id, phases),
