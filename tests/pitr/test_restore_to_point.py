@@ -242,7 +242,7 @@ def test_a_time_without_a_zone_is_read_in_maestro_timezone():
 def test_a_damaged_base_backup_is_skipped_for_the_one_before_it(history):
     """Bit rot in the newest base backup's tar: the restore says so and recovers from the older
     one (more WAL to replay), to the same point. Last in this file: it changes a stored object."""
-    store, base = history["store"], history["base"]
+    base = history["base"]
     key = f"{layout.base_root(base.system_id, base.base_id)}/{layout.BASE_TAR}"
     path = Path(history["root"], "store", *key.split("/"))
     with open(path, "r+b") as stored:
