@@ -38,6 +38,9 @@ def history():
         server.execute("postgres", f"CREATE DATABASE {DATABASE}")
         upgrade(DatabaseLocation(platform_url=server.url.set(database=DATABASE), source="test"))
         server.execute(DATABASE, "CREATE TABLE markers (id serial PRIMARY KEY, label text NOT NULL)")
+        # Left in postgresql.auto.conf by an earlier recovery by hand (a primary ignores it): it
+        # comes with the base backups and must neither apply nor clash with the restore's target.
+        server.execute("postgres", "ALTER SYSTEM SET recovery_target_xid = '999'")
         older = take_base_backup(store, server.target(DATABASE), kind="full")
         server.execute(DATABASE, "INSERT INTO markers (label) VALUES ('t0')")  # replayed from the older one
         server.execute(DATABASE, "DELETE FROM markers")

@@ -368,6 +368,8 @@ def write_recovery_settings(pgdata: Path, target: RecoveryTarget, restore_script
     }
     if not (pgdata / "postgresql.conf").exists():  # Debian keeps it in /etc: not in the backup
         (pgdata / "postgresql.conf").write_text("")
+    for conf in ("postgresql.conf", "postgresql.auto.conf"):
+        _comment_out_recovery_settings(pgdata / conf)
     (pgdata / "pg_ident.conf").write_text("")
     # Only this process and the server user can reach the socket folder (0700).
     (pgdata / "pg_hba.conf").write_text("local all all trust\n")
@@ -378,6 +380,22 @@ def write_recovery_settings(pgdata: Path, target: RecoveryTarget, restore_script
     for stale in ("standby.signal", "postmaster.pid", "postmaster.opts"):
         (pgdata / stale).unlink(missing_ok=True)
     (pgdata / "recovery.signal").write_text("")
+
+
+_RECOVERY_SETTING = re.compile(r"^\s*(recovery_target\w*|restore_command|recovery_end_command|"
+                               r"archive_cleanup_command|primary_conninfo|primary_slot_name)\s*=?", re.IGNORECASE)
+
+
+def _comment_out_recovery_settings(path: Path) -> None:
+    """Recovery settings the source server had (an earlier recovery's target, say) are not
+    this recovery's: PostgreSQL refuses two targets, and an empty one after a set one too."""
+    if not path.exists():
+        return
+    lines = path.read_text(errors="replace").splitlines()
+    kept = [f"# maestro (a temporary recovery server): {line}" if _RECOVERY_SETTING.match(line) else line
+            for line in lines]
+    if kept != lines:
+        path.write_text("\n".join(kept) + "\n")
 
 
 def _chown_tree(root: Path, owner: tuple[int, int] | None) -> None:
