@@ -136,9 +136,11 @@ def test_a_point_outside_the_recovery_window_is_one_line(history, when, said):
 
 def test_bad_input_is_one_line(history):
     for args, said in ((["--to-time", "yesterday"], "is not a time"), (["--to-lsn", "3000060"], "is not a WAL position"),
-                       (["--to-time", "latest", "--backup", "20261126T020000Z-3f2a1b"], "two restore points")):
+                       (["--to-time", "latest", "--backup", "20261126T020000Z-3f2a1b"], "two restore points"),
+                       (["--to-time", "latest", "--target", "live"], "Confirm with --confirm")):
         done = run_maestro("restore", *args, env=history["env"])
         assert done.returncode == 1 and said in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert restores(history["server"]) == [] and not list(Path(history["root"]).glob("maestro-recover-*"))
 
 
 @pytest.mark.parametrize("damage", ["corrupted", "missing", "replaced"])
