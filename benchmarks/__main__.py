@@ -83,6 +83,8 @@ BENCHMARKS = [
               ["--tenants", "8", "--rounds", "2"], ["--tenants", "100", "--rounds", "3"], 420, 1800, ["pytest"]),
     Benchmark("io_values", "a 1M-row training_data through the IO manager vs plain Parquet, local and S3",
               ["--rows", "200000"], ["--rows", "1000000"], 300, 900, SERVERS),
+    Benchmark("pitr_base", "base backup vs pg_basebackup -Ft -X none > /dev/null; an incremental after 5% of rows changed vs a full one",
+              ["--size-mb", "256"], ["--size-mb", "1024"], 300, 900, SERVERS),
     Benchmark("sensors", "tenant and retraining sensor ticks at 1,000 and 10,000 tenants (< 10 s)", [], [], 300, 600),
 ]
 

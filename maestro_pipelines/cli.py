@@ -1511,13 +1511,13 @@ def wal_fetch(
 def wal_status(as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts).")) -> None:
     """Whether the platform database's server archives its WAL (pg_stat_archiver), and the newest
     segment the store holds for it."""
-    from maestro_pipelines.backup.pitr.wal import archiver_status, newest_segment
+    from maestro_pipelines.backup.pitr.wal import archiver_status, list_conflicts, newest_segment
 
     location = _location()
     status = archiver_status(location.admin_url, location.source)
     store = _store()
     newest = newest_segment(store, status.system_id) if status.system_id else None
-    spool = _spool_state(location)
+    spool = {**_spool_state(location), "conflicts": list_conflicts(store, status.system_id) if status.system_id else []}
     if as_json:
         body = {**status.to_json(), "store": store.url,
                 "newest_in_store": newest.name if newest else None,
@@ -1533,9 +1533,10 @@ def _spool_state(location) -> dict:
     embedded = location.embedded
     if embedded is None or not embedded.wal_archiving:
         return {}
-    from maestro_pipelines.backup.pitr.spool import spooled
+    from maestro_pipelines.backup.pitr.spool import refused, spooled
 
-    return {"spool_waiting": [path.name for path in spooled(embedded.spool)], "pusher_running": embedded.pusher_alive()}
+    return {"spool_waiting": [path.name for path in spooled(embedded.spool)], "spool_refused": refused(embedded.spool),
+            "pusher_running": embedded.pusher_alive()}
 
 
 def _print_wal_status(status, store, newest, spool: dict) -> None:
@@ -1552,9 +1553,17 @@ def _print_wal_status(status, store, newest, spool: dict) -> None:
         _print_keyed("lag", f"{status.lag_segments} complete segment(s) not archived yet (writing {status.current_wal})")
     _print_keyed("store", f"{store.url}: newest segment {newest.name if newest else 'none'}"
                  f"{' at ' + when(newest.last_modified) if newest else ''}")
-    if spool:
+    if "spool_waiting" in spool:
         _print_keyed("spool", f"{len(spool['spool_waiting'])} file(s) waiting; pusher "
                      f"{'running' if spool['pusher_running'] else 'not running'}")
+    for name in spool.get("spool_refused", []):
+        err.print(f"[yellow]warning:[/yellow] {escape(name)} could not be archived and is kept in the spool's refused/ "
+                  "folder: the WAL has a gap there (wal-pusher.log in MAESTRO_HOME says why); take a new base backup",
+                  highlight=False, soft_wrap=True)
+    if spool["conflicts"]:
+        err.print(f"[yellow]warning:[/yellow] the store recorded {len(spool['conflicts'])} refused push(es) of other bytes "
+                  f"under an archived name (first: {escape(spool['conflicts'][0])}): two servers may archive as one",
+                  highlight=False, soft_wrap=True)
     if status.problem:
         err.print(f"[yellow]warning:[/yellow] {escape(status.problem)}", highlight=False, soft_wrap=True)
     else:

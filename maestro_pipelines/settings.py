@@ -117,12 +117,12 @@ def load_settings() -> Settings:
         redis_url=_non_empty("MAESTRO_REDIS_URL"),
         timezone=_non_empty("MAESTRO_TIMEZONE") or "UTC",
         pg_bin=Path(pg_bin).expanduser() if (pg_bin := _non_empty("MAESTRO_PG_BIN")) else None,
-        wal_archiving=_switch("MAESTRO_WAL_ARCHIVING", default=True),
+        wal_archiving=_switch("MAESTRO_WAL_ARCHIVING", _non_empty("MAESTRO_WAL_ARCHIVING"), default=True),
     )
 
 
-def _switch(name: str, default: bool) -> bool:
-    value = (_non_empty(name) or "").lower()
+def _switch(name: str, raw: str | None, default: bool) -> bool:
+    value = (raw or "").lower()
     if not value:
         return default
     if value in ("on", "true", "yes", "1"):

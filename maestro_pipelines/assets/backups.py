@@ -386,6 +386,9 @@ def database_backup(
     entries = list_backups(object_store)  # after verification: this backup's state is known
     metadata = backup_history_metadata(manifest, object_store, entries, _utcnow(), report,
                                        taken_by=f"Dagster run {context.run.run_id}")
+    from maestro_pipelines.assets.pitr import point_in_time_markdown
+
+    metadata["point_in_time"] = dg.MetadataValue.md(point_in_time_markdown(platform_db, mlflow))
     # The backup is recorded either way, with its check: a failed one is in the history as such.
     yield dg.MaterializeResult(
         asset_key=BACKUP_ASSET,
@@ -435,7 +438,20 @@ def monthly_archive(
     )
     metadata = archive_metadata(entry, object_store, taken_by=f"Dagster run {context.run.run_id}")
     metadata["copied_now"] = dg.MetadataValue.bool(copied)
+    metadata["base_backups"] = dg.MetadataValue.md(_archive_base_backups(context, object_store, month))
     return dg.MaterializeResult(metadata=metadata)
+
+
+def _archive_base_backups(context, object_store, month: str) -> str:
+    """The physical tier of the month: each server's base backup (its chain) and the WAL that
+    makes it consistent, beside the month's dump backup."""
+    from maestro_pipelines.backup.archive import archive_base_backups
+
+    archived = archive_base_backups(object_store, month)
+    for system_id, base_id, copied in archived:
+        context.log.info(f"{'Archived' if copied else 'Already archived'}: base backup {base_id} of server {system_id}")
+    return "\n".join(f"- server {system_id}: base backup `{base_id}`{' (copied now)' if copied else ''}"
+                     for system_id, base_id, copied in archived) or "no base backup to archive (no WAL archived)"
 
 
 def archive_metadata(entry, object_store, taken_by: str) -> dict:

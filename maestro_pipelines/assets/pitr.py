@@ -52,6 +52,28 @@ wal_archive = dg.AssetSpec(
 )
 
 
+def point_in_time_markdown(platform_db: PlatformDatabase, mlflow: MLflowRegistry) -> str:
+    """Per server, the RPO the user really has beside the dumps: WAL archived (any second) or
+    not (the dumps' age), for database_backup's metadata."""
+    from maestro_pipelines.backup.pitr.base import backup_servers
+    from maestro_pipelines.backup.pitr.wal import archiver_status
+
+    targets, _ = live_destinations(platform_db, mlflow)
+    lines = []
+    for server in backup_servers(targets):
+        try:
+            status = archiver_status(server.url, server.source)
+        except MaestroError as exc:
+            lines.append(f"- {server.source}: archiving status unknown ({exc})")
+            continue
+        if status.archiving:
+            lines.append(f"- {status.where}: WAL archived (last {status.last_archived_wal or 'none yet'}): RPO about "
+                         f"{status.archive_timeout_s} s, restore to any second with `maestro restore --to-time`")
+        else:
+            lines.append(f"- {status.where}: RPO is this backup's age (up to a day): {status.problem}")
+    return "\n".join(lines) or "no server"
+
+
 BASE_COLUMNS = [
     Column("server", "string"),
     Column("base_id", "string"),

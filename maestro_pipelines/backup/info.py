@@ -227,8 +227,11 @@ def _pitr_findings(windows: list) -> list[Finding]:
                 found.append(Finding(WARNING, f"WAL gap: {server} is missing {gap.describe()}: the recovery window "
                                      "starts after it", "Older base backups cannot be recovered past the gap"))
         if window.bases and not window.usable:
+            newest = window.bases[-1].base_id
             found.append(Finding(ERROR, f"no usable base backup: none of the {len(window.bases)} base backups of "
-                                 f"{server} can start a recovery", "Run `maestro backup run --kind base`"))
+                                 f"{server} can start a recovery (the newest, {newest}: {window.unusable.get(newest)})",
+                                 "Check that the server's WAL reaches the store (archive_command), then run "
+                                 "`maestro backup run --kind base`"))
         elif not window.bases and window.segments:
             found.append(Finding(WARNING, f"WAL without a base backup: {server} archives WAL but has no base backup",
                                  "Run `maestro backup run --kind base` (the nightly backup takes one)"))

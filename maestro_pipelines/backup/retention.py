@@ -274,9 +274,11 @@ def apply_base_retention(store: ObjectStore, policy: RetentionPolicy, now: datet
     from maestro_pipelines.backup.pitr.window import list_segments, servers_in_store
 
     plans = []
-    dead_bases = {ident for kind, ident in dead if kind == ACTIVITY_KIND}
+    dead_bases = {ident.split("-", 1)[1] for kind, ident in dead if kind == ACTIVITY_KIND and "-" in ident}
     unfinished = incomplete_base_backups(store)
-    for system_id in servers_in_store(store):
+    # A server whose only object is a killed backup's temporary file lists as nothing: its marker names it.
+    marked = {ident.split("-", 1)[0] for kind, ident in dead if kind == ACTIVITY_KIND and "-" in ident}
+    for system_id in sorted(set(servers_in_store(store)) | {sid for sid in marked if sid.isdigit()}):
         bases = list_base_backups(store, system_id)
         for entry in bases:
             check_base_objects(store, entry)  # a damaged one is not verified: the next intact one is protected
@@ -294,8 +296,8 @@ def apply_base_retention(store: ObjectStore, policy: RetentionPolicy, now: datet
         roots = {e.base_id: e.root for e in bases}
         for base_id, _why in plan.delete:
             remove_base_folder(store, roots[base_id])  # base.json first: it stops existing in one step
-        for root in plan.delete_incomplete:
-            remove_base_folder(store, root)
+        for root in plan.delete_incomplete + _dead_roots(system_id, dead, ACTIVITY_KIND):
+            remove_base_folder(store, root)  # with what its unfinished upload left (a temporary file)
         for name in plan.delete_wal:
             store.delete(wal_key(system_id, name))
     return plans
@@ -318,3 +320,15 @@ def _expire_pitr_months(store: ObjectStore, policy: RetentionPolicy, dry_run: bo
         for key in sorted(keys, key=lambda k: not k.endswith("/" + BASE_RECORD)):  # base.json first
             store.delete(key)
     return expired
+
+
+def _dead_roots(system_id: str, dead: list[tuple[str, str]], kind: str) -> list[str]:
+    """Base folders of this server whose backup's process is known gone (its marker is dead)."""
+    from maestro_pipelines.backup.pitr.layout import BASE_ID, base_root
+
+    roots = []
+    for marker_kind, ident in dead:
+        sid, _, base_id = ident.partition("-")
+        if marker_kind == kind and sid == system_id and BASE_ID.match(base_id):
+            roots.append(base_root(sid, base_id))
+    return roots

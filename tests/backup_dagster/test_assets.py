@@ -47,6 +47,8 @@ def test_nightly_backup_materializes_a_verified_backup_with_metadata(backup_env)
     assert newest is not None and newest.backup_id == metadata["backup_id"].value
     assert metadata["verified"].value is True and metadata["verification"].value.startswith("ok")
     assert metadata["databases"].value == "platform, mlflow"
+    # The session's server archives no WAL (MAESTRO_WAL_ARCHIVING=off): the RPO there is the dumps'.
+    assert "RPO is this backup's age" in metadata["point_in_time"].value and "archive_mode is off" in metadata["point_in_time"].value
     assert newest.manifest.dump_bytes > 0 and newest.stored_bytes > 0
     assert metadata["stored_mib"].value == pytest.approx(newest.stored_bytes / 2**20, abs=0.001)
     assert metadata["dump_mib"].value == pytest.approx(newest.manifest.dump_bytes / 2**20, abs=0.001)
@@ -171,6 +173,7 @@ def test_monthly_archive_copies_the_newest_verified_backup_of_the_month(backup_e
     assert metadata["month"].value == f"{year}-{month:02d}"
     assert metadata["backup_id"].value == newest.backup_id != older.backup_id
     assert metadata["copied_now"].value is True and metadata["verified"].value is True
+    assert metadata["base_backups"].value.startswith("no base backup to archive")  # this server archives no WAL
     (archived,) = list_backups(backup_env.store(), monthly=True)
     assert archived.month == f"{year}-{month:02d}" and archived.backup_id == newest.backup_id and archived.verified
     assert (backup_env.store_dir / archived.root / "platform.dump.zst").exists()

@@ -112,31 +112,27 @@ def archiving_cluster(home: Path, port: int, pg15: bool = False, archive_command
 
 
 def push_archive(store: ObjectStore, system_id: str, archive: Path) -> list[str]:
-    """Every file of the archive folder into the store under layout's names (zstd, wal-sha256),
-    as `maestro wal push` writes them; returns the names pushed."""
-    import zstandard
+    """Every file of the archive folder into the store with `wal push`'s own function."""
+    from maestro_pipelines.backup.pitr.wal import push_wal
 
     names = sorted(p.name for p in archive.iterdir() if layout.is_wal_name(p.name))
     for name in names:
-        data = (archive / name).read_bytes()
-        store.put_bytes(layout.wal_key(system_id, name), zstandard.ZstdCompressor(level=1).compress(data),
-                        {"wal_sha256": hashlib.sha256(data).hexdigest()})  # layout's "wal-sha256" is no valid metadata name
+        push_wal(store, archive / name, system_id)
     return names
 
 
 def fetch_all_wal(store: ObjectStore, system_id: str, dest: Path) -> int:
-    """Every WAL file of the server from the store into `dest` (for restore_command = cp)."""
-    import zstandard
+    """Every WAL file of the server from the store into `dest` with `wal fetch`'s function
+    (for restore_command = cp)."""
+    from maestro_pipelines.backup.pitr.wal import fetch_wal, list_wal
 
     dest.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for info in store.list(layout.wal_prefix(system_id), with_metadata=False):
-        name = layout.wal_name_of_key(info.key)
-        if name:
-            (dest / name).write_bytes(zstandard.ZstdDecompressor().decompressobj().decompress(store.get_bytes(info.key)))
-            count += 1
+    names = [wal.name for wal in list_wal(store, system_id)]
+    for name in names:
+        assert fetch_wal(store, system_id, name, dest / name)
+        (dest / name).chmod(0o644)  # the server's OS user reads them (fetch_wal writes 0600)
     dest.chmod(0o755)
-    return count
+    return len(names)
 
 
 def start_recovered(datadir: Path, wal_folder: Path, home: Path, port: int, like: Cluster) -> Cluster:
@@ -217,4 +213,4 @@ def segments(first: int, last: int, timeline: int = 1) -> list[str]:
 
 def put_fake_wal(store: ObjectStore, names: list[str], system_id: str = SYSTEM_ID) -> None:
     for name in names:
-        store.put_bytes(layout.wal_key(system_id, name), b"zstd of " + name.encode())
+        store.put_bytes(layout.wal_key(system_id, name), b"zstd of " + name.encode(), {layout.WAL_SHA256_KEY: "0" * 64})

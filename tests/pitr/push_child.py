@@ -2,7 +2,8 @@
 
     python -m tests.pitr.push_child CONFIG.json
 
-CONFIG names the store (tests.backup.conftest.store_spec), the WAL file, the marker file and
+CONFIG names the store (tests.backup.conftest.store_spec), the WAL file (or `home`: then the
+pusher's pass over that MAESTRO_HOME's spool runs instead), the marker file and
 `pause_after` (bytes of compressed output handed to the store before the pause). At the pause
 the process writes the marker and blocks on stdin, so the test kills it at a known point
 (the store then holds part of the upload) instead of racing it with a timer.
@@ -31,6 +32,11 @@ def main(config_path: str) -> None:
             yield chunk
 
     wal._compressed = pausing
+    if "home" in config:  # the pusher's pass over the spool of MAESTRO_HOME `home`
+        from maestro_pipelines.backup.pitr.spool import Pusher
+
+        print(Pusher(Path(config["home"]), open_spec_store(config["store"])).push_spooled(), flush=True)
+        return
     print(wal.push_wal(open_spec_store(config["store"]), config["path"]), flush=True)
 
 

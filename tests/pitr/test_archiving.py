@@ -14,8 +14,12 @@ import pytest
 
 from maestro_pipelines.backup.pitr import layout
 from maestro_pipelines.storage.local import LocalObjectStore
+from tests.stores.conftest import LocalCase
 from tests.pitr.conftest import archived_names, archiver_knows, maestro, switch_wal, system_id, wait_for
 from tests.test_cli import run_maestro
+
+# One worker for the module: its tests share one server (module fixture), started once.
+pytestmark = pytest.mark.xdist_group("pitr-embedded")
 
 
 def test_a_switched_segment_reaches_the_store_and_wal_status_shows_it(archiving_home, tmp_path):
@@ -45,12 +49,22 @@ def test_a_switched_segment_reaches_the_store_and_wal_status_shows_it(archiving_
     assert missing.returncode == 1 and not (tmp_path / "no").exists()
 
 
-def test_db_stop_pushes_what_the_server_archived_last_and_the_pusher_leaves(tmp_path):
-    """The server archives its last segments while it shuts down; once `maestro db stop`
-    returns they are in the store and the spool is empty (nothing waits for a next start)."""
+def ready_count(home: Path) -> int:
+    return (home / "pgdata" / "log").read_text().count("database system is ready to accept connections")
+
+
+def test_a_data_folder_made_without_archiving_archives_after_one_restart_and_db_stop_drains_it(tmp_path):
+    """A data folder made by an older Maestro (here: MAESTRO_WAL_ARCHIVING=off) restarts once
+    at its next start to turn archive_mode on. The server archives its last segments while it
+    shuts down; once `maestro db stop` returns they are in the store and the spool is empty."""
     env = {"MAESTRO_HOME": str(tmp_path / "home")}
-    maestro("db", "start", env=env)
     home = Path(env["MAESTRO_HOME"])
+    maestro("db", "start", env={**env, "MAESTRO_WAL_ARCHIVING": "off"})
+    maestro("db", "stop", env=env)
+    assert not (home / "wal-spool").exists() and not (home / "store").exists()
+    before = ready_count(home)
+    maestro("db", "start", env=env)
+    assert ready_count(home) == before + 2  # its start, and the one restart for archive_mode
     conninfo = (home / "pgdata" / "postmaster.pid").read_text().splitlines()[4]
     conninfo = f"host={conninfo} user=postgres dbname=postgres"
     sysid = system_id(conninfo)
@@ -115,3 +129,17 @@ def test_wal_push_refuses_a_file_that_is_not_the_segment_its_name_says(segment, 
     refused = one_error_line(run_maestro("wal", "push", str(renamed), env=env))
     assert "starts at WAL position" in refused
     assert [p for p in (tmp_path / "store").rglob("*") if p.is_file()] == []
+
+
+def test_wal_fetch_of_a_segment_damaged_in_the_store_fails_with_one_line_and_writes_nothing(segment, tmp_path):
+    """What recovery's restore_command meets after bit rot in the store: not a segment
+    PostgreSQL would replay, but one line naming the object (exit 1), and no file at %p."""
+    case = LocalCase(tmp_path / "store")
+    env = {"MAESTRO_STORE_URL": case.root.as_uri(), "MAESTRO_HOME": str(tmp_path / "home")}
+    maestro("wal", "push", str(segment), env=env)
+    sysid = str(layout.segment_header(segment.read_bytes()[:64])[0])
+    case.corrupt(layout.wal_key(sysid, segment.name))
+    dest = tmp_path / "restored"
+    damaged = one_error_line(run_maestro("wal", "fetch", segment.name, str(dest), "--system-id", sysid, env=env))
+    assert "is damaged" in damaged and layout.wal_key(sysid, segment.name) in damaged
+    assert list(tmp_path.glob("restored*")) == [] and list(tmp_path.glob(f".{segment.name}.*")) == []

@@ -5,6 +5,7 @@ takes full ones only; what is refused, and a damaged base backup, say so in one 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tests.pitr.base_helpers import (
     start_recovered,
 )
 from tests.services import free_port
+from tests.test_cli import run_maestro
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,9 @@ def test_damaged_or_missing_base_object_is_one_clear_line(pg18_cluster, store, w
     with open(tar, "r+b") as handle:  # bit rot: same size, other bytes
         handle.seek(record.compressed_bytes // 2)
         handle.write(b"\0" * 64)
+    shown = run_maestro("backup", "verify", "latest", "--kind", "base", env={"MAESTRO_STORE_URL": store.url})
+    assert shown.returncode == 1 and f"base backup {record.base_id} FAILED verification" in shown.stderr
+    assert "Traceback" not in shown.stderr
     report = base.verify_base_backup(store, record.base_id)
     assert not report.ok and len(report.problems) == 1 and "\n" not in report.problems[0]
     assert record.base_id in report.problems[0]
@@ -136,10 +141,37 @@ def pg15_cluster(workdir):
     remove_cluster(cluster)
 
 
-def test_pg15_refused_while_archiving_is_off_then_full_only(pg15_cluster, store):
+def _cli_env(cluster, store, tmp_path) -> dict[str, str]:
+    return {"MAESTRO_DATABASE_URL": f"postgresql://postgres@:{cluster.port}/app?host={cluster.sock}",
+            "MAESTRO_STORE_URL": store.url, "MAESTRO_HOME": str(tmp_path / "home")}
+
+
+def test_backup_run_takes_the_dumps_and_a_base_backup_then_an_incremental(pg18_cluster, store, tmp_path):
+    env = _cli_env(pg18_cluster, store, tmp_path)
+    both = run_maestro("backup", "run", "--json", env=env)
+    assert both.returncode == 0, both.stderr
+    summary = json.loads(both.stdout)
+    assert summary["verified"] and summary["databases"]["platform"]["database"] == "app"
+    [taken] = summary["base_backups"]["taken"]
+    assert taken["kind"] == FULL and summary["base_backups"]["verified"] == {taken["id"]: True}
+    only_base = run_maestro("backup", "run", "--kind", "base", "--json", env=env)
+    assert only_base.returncode == 0, only_base.stderr
+    [incremental] = json.loads(only_base.stdout)["taken"]
+    assert (incremental["kind"], incremental["parent"]) == (INCREMENTAL, taken["id"])
+
+
+def test_pg15_refused_while_archiving_is_off_then_full_only(pg15_cluster, store, tmp_path):
     with pytest.raises(BackupError, match="archive_command is empty") as refused:
         base.take_base_backup(store, _target(pg15_cluster))
     assert "--kind dump" in str(refused.value)
+    env = _cli_env(pg15_cluster, store, tmp_path)
+    dumps_only = run_maestro("backup", "run", "--json", env=env)  # the dumps, and a note on the RPO the user has
+    assert dumps_only.returncode == 0, dumps_only.stderr
+    [skipped] = json.loads(dumps_only.stdout)["base_backups"]["skipped"]
+    assert "archive_command is empty" in skipped and "RPO is the latest dump's age" in skipped
+    base_only = run_maestro("backup", "run", "--kind", "base", env=env)
+    assert base_only.returncode == 1 and "archive_command is empty" in base_only.stderr
+    assert "Traceback" not in base_only.stderr
     pg15_cluster.execute(f"ALTER SYSTEM SET archive_command = 'cp %p {pg15_cluster.archive}/%f'")
     pg15_cluster.execute("SELECT pg_reload_conf()")
     first = _backup(store, pg15_cluster)
@@ -150,3 +182,34 @@ def test_pg15_refused_while_archiving_is_off_then_full_only(pg15_cluster, store)
     assert first.server_version_num // 10000 == 15
     with pytest.raises(BackupError, match="No incremental base backup possible"):
         base.take_base_backup(store, _target(pg15_cluster), kind=INCREMENTAL)
+
+
+def test_killed_mid_base_backup_leaves_none_and_retention_sweeps_it(pg18_cluster, store, tmp_path):
+    """kill -9 of `maestro backup run --kind base` while the tar streams: no base backup exists,
+    `backup info` says one was killed, retention removes what it left, the next one is taken."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.pitr.base_helpers import poll
+    from tests.test_cli import MAESTRO
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MAESTRO_", "MLFLOW_"))},
+           **_cli_env(pg18_cluster, store, tmp_path)}
+    root = Path(store.url.removeprefix("file://"))
+    child = subprocess.Popen([MAESTRO, "backup", "run", "--kind", "base"], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        poll("the base backup's folder in the store", lambda: list(root.glob("pitr/*/base/*")), deadline_s=60)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    assert base.list_base_backups(store) == []
+    info = json.loads(run_maestro("backup", "info", "--json", env=_cli_env(pg18_cluster, store, tmp_path)).stdout)
+    assert any(r["message"].startswith("killed: base ") for r in info["reasons"])
+    swept = run_maestro("backup", "retention", env=_cli_env(pg18_cluster, store, tmp_path))
+    assert swept.returncode == 0, swept.stderr
+    assert not list(root.glob("pitr/*/base/*/*")) and not list(root.glob("activity/*"))
+    again = run_maestro("backup", "run", "--kind", "base", "--json", env=_cli_env(pg18_cluster, store, tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert [b.base_id for b in base.list_base_backups(store)] == [json.loads(again.stdout)["taken"][0]["id"]]

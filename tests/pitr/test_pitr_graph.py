@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 import psycopg
+import pytest
 from dagster._core.instance.ref import InstanceRef
 
 from maestro_pipelines.backup.manifest import utcnow
@@ -25,6 +26,7 @@ from maestro_pipelines.objectives import PITR_RPO_TARGET
 from tests.pitr.conftest import archiver_knows, maestro, switch_wal, wait_for
 
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
+pytestmark = pytest.mark.xdist_group("pitr-graph")  # its tests share one archiving server
 
 
 def _materialize(env: dict, asset: str) -> str:

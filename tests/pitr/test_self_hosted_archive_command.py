@@ -30,6 +30,9 @@ from tests.services import free_port, missing_service
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 LAUNCHER_VARIABLE = "MAESTRO_TEST_WAL_LAUNCHER"
 
+# One worker for the module: its tests share one server (module fixture), started once.
+pytestmark = pytest.mark.xdist_group("pitr-pg15")
+
 
 def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command

@@ -48,7 +48,7 @@ from maestro_pipelines.storage import ObjectNotFound, ObjectStore, StoreError
 BASE_VERIFIED = "verified.json"
 """Beside base.json once `verify_base_backup` read every byte: valid for the record whose sha256 it names."""
 ACTIVITY_KIND = "base"
-"""The activity marker's kind (`activity/base-<base_id>.json`): retention waits while it runs."""
+"""The activity marker's kind (`activity/base-<system_id>-<base_id>.json`): retention waits while it runs."""
 KINDS = ("auto", FULL, INCREMENTAL)
 COMPRESSION_LEVEL = 1
 COMPRESSION_THREADS = 2
@@ -123,36 +123,40 @@ def server_system_id(url, source: str) -> str:
         return str(connection.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0])
 
 
+class BaseBackupRefused(BackupError):
+    """The server is not set up for base backups (archiving off, no replication privilege, a
+    managed service, extra tablespaces): `backup run` then takes the dumps alone."""
+
+
 def _archiving_problem(target: DatabaseTarget, facts: ServerFacts) -> str | None:
-    """wal.py's judgement (helper A's archiver_status) when it is there, else ours."""
+    """wal.py's judgement (`archiver_status`: pg_stat_archiver, managed services), else ours."""
     try:
-        from maestro_pipelines.backup.pitr.wal import archiver_status  # type: ignore[attr-defined]
+        from maestro_pipelines.backup.pitr.wal import archiver_status
     except ImportError:
-        return facts.archiving_problem
-    status = archiver_status(target.url, target.source)
-    return None if status.archiving else (status.problem or "WAL archiving is off")
+        return facts.archiving_problem and f"{facts.archiving_problem} on the server at {where(target.url)}"
+    return archiver_status(target.url, target.source).problem
 
 
 def check_can_back_up(target: DatabaseTarget, facts: ServerFacts) -> None:
     """Refuse, in one line, a server a base backup cannot be taken from (before anything starts)."""
     at = where(target.url)
     if facts.version_num < 130000:
-        raise BackupError(f"The server at {at} runs PostgreSQL {facts.version}: base backups need 13 or newer "
-                          "(its backup manifest)", "Keep the logical dumps (`maestro backup run --kind dump`) or upgrade")
+        raise BaseBackupRefused(f"The server at {at} runs PostgreSQL {facts.version}: base backups need 13 or newer "
+                                "(its backup manifest)", "Keep the logical dumps (`maestro backup run --kind dump`) or upgrade")
+    problem = _archiving_problem(target, facts)
+    if problem:
+        raise BaseBackupRefused(f"No base backup: {problem.rstrip('.')}",
+                                "A base backup needs the server's WAL in the store (docs/configuration.md, WAL archiving); "
+                                "`maestro backup run --kind dump` takes the dumps alone (the RPO is then the last dump's age)")
     if not facts.replication:
-        raise BackupError(
+        raise BaseBackupRefused(
             f"The role of {target.source} at {at} has no REPLICATION privilege, which pg_basebackup needs",
             "ALTER ROLE ... REPLICATION (and a `replication` line in pg_hba.conf); on a managed service (RDS, Cloud SQL, "
             "Azure) its own point-in-time recovery applies: keep Maestro's dumps (`maestro backup run --kind dump`)")
     if facts.extra_tablespaces:
-        raise BackupError(f"The server at {at} has tablespaces besides pg_default ({', '.join(facts.extra_tablespaces)}):"
-                          " a base backup to one stream cannot hold them",
-                          "Move their tables to pg_default, or keep the logical dumps (`--kind dump`)")
-    problem = _archiving_problem(target, facts)
-    if problem:
-        raise BackupError(f"{problem} on the server at {at}: a base backup without the archive's WAL cannot be recovered",
-                          "Turn archiving on (docs/configuration.md, point-in-time recovery), or take dumps only "
-                          "(`maestro backup run --kind dump`: the RPO is then the last dump's age)")
+        raise BaseBackupRefused(f"The server at {at} has tablespaces besides pg_default "
+                                f"({', '.join(facts.extra_tablespaces)}): a base backup to one stream cannot hold them",
+                                "Move their tables to pg_default, or keep the logical dumps (`--kind dump`)")
 
 
 # ---- the catalog --------------------------------------------------------------------------
@@ -352,6 +356,20 @@ def _chain_length(entries: list[BaseEntry], entry: BaseEntry) -> int:
     return length
 
 
+def _chain_intact(store: ObjectStore, entries: list[BaseEntry], entry: BaseEntry) -> bool:
+    """`entry` and every base backup it builds on are there, readable and intact (one head each)."""
+    by_id, current = {e.base_id: e for e in entries}, entry
+    for _ in range(INCREMENTAL_CHAIN_MAX + 1):
+        if current.record is None or current.bad or check_base_objects(store, current) is not None:
+            return False
+        if current.record.parent is None:
+            return True
+        if current.record.parent not in by_id:
+            return False
+        current = by_id[current.record.parent]
+    return False
+
+
 def choose_kind(store: ObjectStore, facts: ServerFacts, kind: str, client_major: int) -> _Plan:
     """Full or incremental, and on which parent: the newest verified, intact base backup of the
     server on the same timeline (its chain shorter than INCREMENTAL_CHAIN_MAX)."""
@@ -366,7 +384,7 @@ def choose_kind(store: ObjectStore, facts: ServerFacts, kind: str, client_major:
     elif not facts.summarize_wal:
         why_not = "summarize_wal is off on the server"
     entries = list_base_backups(store, facts.system_id)
-    parent = next((e for e in reversed(entries) if e.verified and check_base_objects(store, e) is None), None)
+    parent = next((e for e in reversed(entries) if e.verified and _chain_intact(store, entries, e)), None)
     if why_not is None and parent is None:
         why_not = "no verified base backup of this server to build on"
     elif why_not is None and _chain_length(entries, parent) >= INCREMENTAL_CHAIN_MAX:
@@ -459,7 +477,7 @@ def _stream_tar(store: ObjectStore, key: str, command: list[str], target: Databa
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
                                    env=libpq_environment(target.url, "maestro-base-backup"), bufsize=0)
         _widen_pipe(process.stdout)
-        counting = _CountingReader(process.stdout, f"base backup ({where(target.url)})", expected, progress)
+        counting = _CountingReader(process.stdout, server_where(target.url), expected, progress)
         watcher = _TarWatcher()
         try:
             info = store.put_stream(key, _read_ahead(_compressed(process, stderr, _WatchedReader(counting, watcher), target, level,
@@ -521,7 +539,9 @@ def take_base_backup(store: ObjectStore, target: DatabaseTarget, kind: str = "au
     base_id = new_backup_id(started_at)
     root = layout.base_root(facts.system_id, base_id)
     log(f"base backup {base_id} of {where(target.url)}: {plan.note}")
-    with activity(store, ACTIVITY_KIND, base_id), tempfile.TemporaryDirectory(prefix="maestro-base-") as scratch:
+    # The marker names the folder (system id and base id): retention sweeps it once the process is gone.
+    with activity(store, ACTIVITY_KIND, f"{facts.system_id}-{base_id}"), \
+            tempfile.TemporaryDirectory(prefix="maestro-base-") as scratch:
         try:
             command = [pg_basebackup, "--format=tar", "--wal-method=none", "--pgdata=-", "--no-password",
                        "--checkpoint=fast", f"--label=maestro {base_id}"]
@@ -590,7 +610,7 @@ def unpack_base(store: ObjectStore, record: BaseBackupRecord, dest: Path, month:
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         with store.open_read(key) as raw:
-            counted = _CountingStream(raw, f"base backup {record.base_id}", record.compressed_bytes, progress)
+            counted = _CountingStream(raw, record.base_id, record.compressed_bytes, progress)
             with zstandard.ZstdDecompressor().stream_reader(counted, read_size=MiB) as tar_stream:
                 with tarfile.open(fileobj=tar_stream, mode="r|", bufsize=MiB) as tar:
                     tar.extractall(dest, filter="tar")
@@ -604,7 +624,7 @@ def unpack_base(store: ObjectStore, record: BaseBackupRecord, dest: Path, month:
         raise BackupError(f"Base backup {record.base_id} is damaged: {key}: {reason}",
                           "Recover from another base backup (`maestro backup info` lists them), or take a new one") from None
     if progress is not None:
-        progress(f"base backup {record.base_id}", record.compressed_bytes, record.compressed_bytes)
+        progress(record.base_id, record.compressed_bytes, record.compressed_bytes)
     _verify_folder(dest, record.base_id)
     return dest
 
@@ -735,8 +755,8 @@ def take_base_backups(store: ObjectStore, targets: list[DatabaseTarget], kind: s
     for target in backup_servers(targets):
         try:
             record = take_base_backup(store, target, kind, progress=progress, log=log)
-        except BackupError as exc:
-            if required or not _cannot_base_backup(exc):
+        except BaseBackupRefused as exc:
+            if required:
                 raise
             run.skipped.append(f"no base backup of {server_where(target.url)}: {exc.problem}; its RPO is the latest "
                                "dump's age (the nightly backup: up to a day). " + (exc.hint or ""))
@@ -745,9 +765,3 @@ def take_base_backups(store: ObjectStore, targets: list[DatabaseTarget], kind: s
         if verify:
             run.reports.append(verify_base_backup(store, record.base_id, record.system_id, progress=progress))
     return run
-
-
-def _cannot_base_backup(exc: BackupError) -> bool:
-    """Refusals of `check_can_back_up` (the server is not set up for it), not failures."""
-    return any(words in exc.problem for words in ("archiving", "REPLICATION privilege", "tablespaces",
-                                                   "base backups need 13"))

@@ -27,8 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from maestro_pipelines.backup.pitr import layout
-from maestro_pipelines.backup.pitr.wal import WalConflict, push_wal
+from maestro_pipelines.backup.pitr.layout import WalError
+from maestro_pipelines.backup.pitr.wal import push_wal
 from maestro_pipelines.errors import MaestroError
+from maestro_pipelines.storage import StoreError
 from maestro_pipelines.platform_db.embedded import PUSHER_LOCK, PUSHER_PID, WAL_SPOOL
 
 POLL_S = 1.0
@@ -38,7 +40,15 @@ LINGER_S = 10.0
 """How long the server may be gone before the pusher leaves: a restart (a first start's
 settings, `pg_ctl restart`) takes a few seconds, and the restarted server needs a pusher."""
 REFUSED = "refused"
-"""spool/refused/: files the store refused (another file under the name): kept for the operator."""
+"""spool/refused/: files that cannot be archived (another file under the name in the store, a
+damaged header): kept for the operator, and named by `maestro wal status`."""
+
+
+def refused(spool: Path) -> list[str]:
+    try:
+        return sorted(entry.name for entry in os.scandir(spool / REFUSED))
+    except FileNotFoundError:
+        return []
 
 
 def spooled(spool: Path) -> list[Path]:
@@ -67,13 +77,22 @@ class Pusher:
         moved = 0
         for path in spooled(self.spool):
             try:
-                push_wal(self.store, path, None if layout.SEGMENT.match(path.name) else self._system_id())
-            except WalConflict as exc:
-                self._say(f"refused {path.name}: {exc}")
+                # A segment names its server; a history file does not: pg_control does.
+                system_id = None if layout.SEGMENT.match(path.name) else self._system_id()
+            except WalError as exc:
+                self._say(f"cannot push {path.name} yet: {exc}")
+                return moved
+            try:
+                push_wal(self.store, path, system_id)
+            except (StoreError, OSError) as exc:  # the store (or the disk) may come back: retry
+                self._say(f"cannot push {path.name} yet: {exc}")
+                return moved
+            except WalError as exc:  # the file itself is refused: set aside, the rest goes on
+                self._say(f"refused {path.name}, kept in {self.spool / REFUSED}: {exc}")
                 (self.spool / REFUSED).mkdir(exist_ok=True)
                 os.replace(path, self.spool / REFUSED / path.name)
                 continue
-            except (MaestroError, OSError) as exc:
+            except MaestroError as exc:
                 self._say(f"cannot push {path.name} yet: {exc}")
                 return moved
             path.unlink(missing_ok=True)
@@ -100,6 +119,16 @@ class Pusher:
         return process_alive(pid)
 
     def run(self, poll_s: float = POLL_S, linger_s: float = LINGER_S) -> None:
+        while True:
+            self._serve(poll_s, linger_s)
+            self.push_spooled()  # what the server archived last, before it stopped
+            # A Maestro process that started the server again just now saw this pusher alive
+            # and started none: keep serving, unless told to stop.
+            if self.stopping.is_set() or not self.server_alive():
+                return
+
+    def _serve(self, poll_s: float, linger_s: float) -> None:
+        """Push, poll, until told to stop or the server has been gone for `linger_s`."""
         gone_since = None
         while not self.stopping.is_set():
             self.push_spooled()
@@ -108,9 +137,8 @@ class Pusher:
             elif gone_since is None:
                 gone_since = time.monotonic()
             elif time.monotonic() - gone_since > linger_s:
-                break
+                return
             self.stopping.wait(poll_s)
-        self.push_spooled()  # what the server archived last, before it stopped
 
 
 def main(argv: list[str]) -> int:

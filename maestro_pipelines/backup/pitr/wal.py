@@ -110,9 +110,13 @@ def push_wal(store, path: str | os.PathLike, system_id: str | None = None) -> st
     """Archive one WAL file: "archived", or "already archived" when the store has the same
     bytes under that name. Raises WalConflict (after recording it) for other bytes."""
     path = _open_wal(Path(path))
-    system_id = wal_system_id(path, system_id)
+    try:
+        system_id = wal_system_id(path, system_id)
+        raw_sha256, raw_size = _file_sha256(path)
+    except OSError as exc:
+        raise WalError(f"cannot read {path} ({exc.strerror})",
+                       "archive_command runs as the server's OS user: it needs read access to the file") from None
     key = layout.wal_key(system_id, path.name)
-    raw_sha256, raw_size = _file_sha256(path)
     stored = _stored(store, key)
     if stored is not None:
         if stored.metadata.get(layout.WAL_SHA256_KEY) == raw_sha256:
@@ -174,7 +178,11 @@ def fetch_wal(store, system_id: str, name: str, dest: str | os.PathLike) -> bool
         raise WalError(f"{key} in {store.url} has no recorded {layout.WAL_SHA256_KEY}",
                        "It was not written by `maestro wal push`: do not recover from it; take a new base backup")
     dest = Path(dest)
-    fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".fetching", dir=dest.parent)
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".fetching", dir=dest.parent)
+    except OSError as exc:
+        raise WalError(f"cannot write into {dest.parent} ({exc.strerror})",
+                       "restore_command runs as the server's OS user in its data directory: %p is where it may write") from None
     try:
         with os.fdopen(fd, "wb") as out:
             digest = _decompress_into(store, key, out)
@@ -184,6 +192,9 @@ def fetch_wal(store, system_id: str, name: str, dest: str | os.PathLike) -> bool
             raise WalError(f"{key} in {store.url} is damaged: its WAL has sha256 {digest[:12]}, {expected[:12]} was archived",
                            "Do not recover past this segment from this store; look for another copy, or take a new base backup")
         os.replace(temp, dest)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        raise WalError(f"cannot write {dest} ({exc.strerror})", "Free space where the server restores WAL (%p)") from None
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
@@ -213,11 +224,12 @@ def _decompress_into(store, key: str, out) -> str:
 # ---- listing ----------------------------------------------------------------------------
 
 
-def list_wal(store, system_id: str, month: str | None = None) -> list[WalObject]:
+def list_wal(store, system_id: str, month: str | None = None, with_metadata: bool = True) -> list[WalObject]:
     """Every WAL file the store holds for the server, sorted by name (so by position, with a
-    timeline's history before its segments of a later timeline)."""
+    timeline's history before its segments of a later timeline). Without metadata there is
+    no `wal_sha256` (None), and S3 needs no request per object."""
     found = []
-    for info in store.list(layout.wal_prefix(str(system_id), month), with_metadata=True):
+    for info in store.list(layout.wal_prefix(str(system_id), month), with_metadata=with_metadata):
         name = layout.wal_name_of_key(info.key)
         if name is not None:
             found.append(WalObject(name, info.size, info.metadata.get(layout.WAL_SHA256_KEY), info.last_modified, info.key))
@@ -226,7 +238,7 @@ def list_wal(store, system_id: str, month: str | None = None) -> list[WalObject]
 
 def newest_segment(store, system_id: str) -> WalObject | None:
     """The archived segment furthest along (highest timeline, then position)."""
-    segments = [wal for wal in list_wal(store, system_id) if layout.SEGMENT.match(wal.name)]
+    segments = [wal for wal in list_wal(store, system_id, with_metadata=False) if layout.SEGMENT.match(wal.name)]
     return max(segments, key=lambda wal: wal.name) if segments else None
 
 
