@@ -451,15 +451,22 @@ def _replay_status(server: RecoveredServer) -> tuple[bool, str | None, datetime 
 def _log_facts(log_path: Path) -> dict[str, str]:
     """What the server said at the end of redo: where redo ended, the last transaction's time,
     and its FATAL line if it stopped."""
-    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    text = log_path.read_text(errors="replace") if log_path is not None and log_path.exists() else ""
     facts = {}
     for key, pattern in (("redo_done", r"redo done at ([0-9A-F]+/[0-9A-F]+)"),
-                         ("last_time", r"last completed transaction was at log time ([0-9:. +-]+)"),
-                         ("fatal", r"(?:FATAL|PANIC):\s+(.*)")):
+                         ("last_time", r"last completed transaction was at log time ([0-9:. +-]+)")):
         found = re.findall(pattern, text)
         if found:
             facts[key] = found[-1].strip()
+    # The server's own reason, not this process's polls refused while it starts or stops.
+    fatal = [line.strip() for line in re.findall(r"(?:FATAL|PANIC):\s+(.*)", text) if not _POLL_REFUSED.search(line)]
+    if fatal:
+        facts["fatal"] = fatal[0]
     return facts
+
+
+_POLL_REFUSED = re.compile(r"the database system is (starting up|not yet accepting connections|shutting down|"
+                           r"in recovery mode)|consistent recovery state has not been yet reached")
 
 
 def _ended_early(server: RecoveredServer, feeder: WalFeeder, facts: dict[str, str], system_id: str) -> RecoveryError:
@@ -486,7 +493,7 @@ def wait_for_promotion(process: subprocess.Popen, server: RecoveredServer, feede
             raise feeder.problem
         if process.poll() is not None:
             facts = _log_facts(server.log_path)
-            if RECOVERY_ENDED_EARLY in facts.get("fatal", ""):
+            if RECOVERY_ENDED_EARLY in (server.log_path.read_text(errors="replace") if server.log_path else ""):
                 raise _ended_early(server, feeder, facts, system_id)
             raise RecoveryError(f"The temporary recovery server stopped: {facts.get('fatal', f'exit {process.returncode}')}",
                                 "Nothing was restored; its log said why (above)")
