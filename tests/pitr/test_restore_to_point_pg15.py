@@ -1,7 +1,8 @@
 """A restore to a point from Debian's PostgreSQL 15 (full base backups only): the temporary
 server must be PostgreSQL 15's own `postgres` (recovery needs the same major version), the
 delivery pg_dump 18 -> pg_restore into the 15 server. A small cluster of the test's own,
-run as the `postgres` OS user, archiving into a spool the test pushes from (`push_wal`)."""
+run as the `postgres` OS user, its superuser `dba` (initdb -U dba, as some installations
+name it), archiving into a spool the test pushes from (`push_wal`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from tests.test_cli import run_maestro
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 APP = "pitr15"
+SUPERUSER = "dba"
+"""Not `postgres`: the temporary server is then reached as the live URL's user."""
 
 
 def _as_postgres(command: list[str]) -> list[str]:
@@ -44,7 +47,7 @@ def pg15_history():
         owned.mkdir(mode=0o755)
         if os.geteuid() == 0:
             shutil.chown(owned, "postgres")
-    subprocess.run(_as_postgres([str(PG15_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]),
+    subprocess.run(_as_postgres([str(PG15_BIN / "initdb"), "-D", str(data), "-U", SUPERUSER, "--auth=trust"]),
                    check=True, capture_output=True, timeout=120)
     with open(data / "postgresql.conf", "a") as conf:
         conf.write(f"wal_level = replica\narchive_mode = on\nfsync = off\n"
@@ -54,10 +57,10 @@ def pg15_history():
                    check=True, capture_output=True, timeout=90)
     (folder / "store").mkdir()
     store = open_store((folder / "store").as_uri())
-    url = URL.create("postgresql+psycopg", username="postgres", database="postgres", port=port, query={"host": str(sockets)})
+    url = URL.create("postgresql+psycopg", username=SUPERUSER, database="postgres", port=port, query={"host": str(sockets)})
 
     def sql(database: str, statement: str):
-        with psycopg.connect(host=str(sockets), port=port, user="postgres", dbname=database, autocommit=True) as conn:
+        with psycopg.connect(host=str(sockets), port=port, user=SUPERUSER, dbname=database, autocommit=True) as conn:
             cursor = conn.execute(statement)
             return cursor.fetchall() if cursor.description else None
 
@@ -83,7 +86,7 @@ def pg15_history():
         [(between,)] = sql("postgres", "SELECT clock_timestamp()")
         sql(f"{APP}_mlflow", "INSERT INTO markers (label) VALUES ('t2')")
         archive()
-        env = {"MAESTRO_DATABASE_URL": f"postgresql://postgres@:{port}/{APP}?host={sockets}",
+        env = {"MAESTRO_DATABASE_URL": f"postgresql://{SUPERUSER}@:{port}/{APP}?host={sockets}",
                "MAESTRO_STORE_URL": (folder / "store").as_uri(), "MAESTRO_HOME": str(folder / "home"),
                "TMPDIR": str(folder)}
         yield {"sql": sql, "between": between, "env": env}

@@ -201,9 +201,12 @@ class RecoveredServer:
     databases: list[str] = field(default_factory=list)
     log_path: Path | None = None
     """The server's log (inside the temporary folder, removed with it)."""
+    users: list[str] = field(default_factory=lambda: [SUPERUSER])
+    """Roles to connect as, the first that exists in the recovered cluster first (its bootstrap
+    superuser is `postgres` on the embedded and Debian servers; else the live URL's user)."""
 
     def url(self, database: str = "postgres") -> URL:
-        return URL.create("postgresql+psycopg", username=SUPERUSER, database=database,
+        return URL.create("postgresql+psycopg", username=self.users[0], database=database,
                           query={"host": str(self.socket_dir), "port": str(PORT)})
 
     def describe(self) -> str:
@@ -438,13 +441,20 @@ def _replay_status(server: RecoveredServer) -> tuple[bool, str | None, datetime 
     import psycopg
 
     try:
-        with psycopg.connect(host=str(server.socket_dir), port=PORT, user=SUPERUSER, dbname="postgres",
+        with psycopg.connect(host=str(server.socket_dir), port=PORT, user=server.users[0], dbname="postgres",
                              connect_timeout=5, autocommit=True) as conn:
             row = conn.execute("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, "
                                "pg_last_xact_replay_timestamp(), current_setting('server_version_num')::int").fetchone()
             server.server_version_num = row[3]
             return row[0], row[1], row[2]
-    except psycopg.OperationalError:
+    except psycopg.OperationalError as exc:
+        if f'role "{server.users[0]}" does not exist' not in str(exc):
+            return None  # not accepting connections yet
+        if len(server.users) == 1:
+            raise RecoveryError(f"The recovered server has no role {server.users[0]} to connect as",
+                                "Nothing was restored; its bootstrap superuser is another: connect MAESTRO_DATABASE_URL "
+                                "as a role that existed at that point") from None
+        server.users.pop(0)
         return None
 
 
@@ -589,16 +599,18 @@ def _timed(phases: PhaseProgress | None, name: str, fn: Callable[[], str | None]
 @contextmanager
 def recovered_server(store: ObjectStore, system_id: str, target: RecoveryTarget, workdir: Path | None = None,
                      log: Callable[[str], None] | None = None, phases: PhaseProgress | None = None,
-                     pg_bin: Path | str | None = None) -> Iterator[RecoveredServer]:
+                     pg_bin: Path | str | None = None, users: list[str] | None = None) -> Iterator[RecoveredServer]:
     """A temporary server recovered to `target` from the store, promoted, on a private socket;
-    stopped and removed when the block ends (however it ends). Phases: extract, recover."""
+    stopped and removed when the block ends (however it ends). Phases: extract, recover.
+    `users`: roles to connect as when the cluster has no `postgres` (the live URL's user)."""
     say = log or (lambda message: None)
     candidates = choose_bases(base_records(store, system_id), target, system_id, store.url)
     base = candidates[0]
     programs = server_programs(base.server_version_num // 10000, pg_bin)
     owner = _server_owner()
     folder, socket = _open_folder(workdir, owner)
-    server = RecoveredServer(socket, base, target, log_path=folder / "server.log")
+    server = RecoveredServer(socket, base, target, log_path=folder / "server.log",
+                             users=list(dict.fromkeys([SUPERUSER, *(users or [])])))
     process = feeder = None
     started = time.monotonic()
     try:
@@ -626,7 +638,7 @@ def recovered_server(store: ObjectStore, system_id: str, target: RecoveryTarget,
 def _databases(server: RecoveredServer) -> list[str]:
     import psycopg
 
-    with psycopg.connect(host=str(server.socket_dir), port=PORT, user=SUPERUSER, dbname="postgres",
+    with psycopg.connect(host=str(server.socket_dir), port=PORT, user=server.users[0], dbname="postgres",
                          autocommit=True) as conn:
         rows = conn.execute("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")
         return [row[0] for row in rows.fetchall()]
