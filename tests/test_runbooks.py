@@ -444,8 +444,7 @@ def test_point_in_time_restore(site, tmp_path):
     archiving = ArchivingServer(tmp_path / "pitr" / "server", store)
     site.cleanups.append(archiving.stop)
     site.point_at(Server(archiving.url.query["host"]))
-    build(site)
-    site.maestro("backup", "run", "--kind", "base")                      # the nightly base backup
+    build(site)                                # its `maestro backup run` takes a base backup too (archiving is on)
     site.server.psql(site.name, "UPDATE tenants SET updated_at = now()")   # written after the base backup: kept
     [(before,)] = archiving.execute("postgres", "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
                                                 "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
