@@ -436,7 +436,6 @@ def test_bad_tenant_runbook_copies_every_tenant_table(site):
 def test_point_in_time_restore(site, tmp_path):
     """On a server that archives its WAL into the store (as the embedded default does), with a
     base backup: back to a time between two transactions, the damage after it undone."""
-    from maestro_pipelines.backup.pitr.base import take_base_backup
     from maestro_pipelines.storage import open_store
     from tests.pitr.recovery_fixtures import ArchivingServer
 
@@ -445,8 +444,7 @@ def test_point_in_time_restore(site, tmp_path):
     archiving = ArchivingServer(tmp_path / "pitr" / "server", store)
     site.cleanups.append(archiving.stop)
     site.point_at(Server(archiving.url.query["host"]))
-    build(site)
-    take_base_backup(store, archiving.target(site.name), kind="full")
+    build(site)                                # its `maestro backup run` takes a base backup too (archiving is on)
     site.server.psql(site.name, "UPDATE tenants SET updated_at = now()")   # written after the base backup: kept
     [(before,)] = archiving.execute("postgres", "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
                                                 "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
@@ -468,6 +466,8 @@ def test_point_in_time_restore(site, tmp_path):
     assert len(kept) == 1 and len(leftovers) == 2                          # platform and MLflow kept aside, no scratch
     assert "initech" in site.server.psql(kept[0], "SELECT string_agg(name, ',') FROM tenants")
     assert "recovered to LSN" in transcript.output("export POINT_LSN")
+    window = transcript.output("restoring to $BEFORE")
+    assert "PITR" in window and " 0 gaps" in window, window
     backups = site.backups()
     assert len(backups) == 3 and backups[-1]["verified"]
 

@@ -38,6 +38,12 @@ def history():
         server.execute("postgres", f"CREATE DATABASE {DATABASE}")
         upgrade(DatabaseLocation(platform_url=server.url.set(database=DATABASE), source="test"))
         server.execute(DATABASE, "CREATE TABLE markers (id serial PRIMARY KEY, label text NOT NULL)")
+        # Left in postgresql.auto.conf by an earlier recovery by hand (a primary ignores it): it
+        # comes with the base backups and must neither apply nor clash with the restore's target.
+        server.execute("postgres", "ALTER SYSTEM SET recovery_target_xid = '999'")
+        older = take_base_backup(store, server.target(DATABASE), kind="full")
+        server.execute(DATABASE, "INSERT INTO markers (label) VALUES ('t0')")  # replayed from the older one
+        server.execute(DATABASE, "DELETE FROM markers")
         base = take_base_backup(store, server.target(DATABASE), kind="full")
         t1, t2 = server.marker(DATABASE, "t1"), server.marker(DATABASE, "t2")
         between = server.execute("postgres", "SELECT clock_timestamp()")[0][0]
@@ -49,7 +55,7 @@ def history():
         env = {"MAESTRO_DATABASE_URL": f"postgresql://postgres@/{DATABASE}?host={socket}",
                "MAESTRO_STORE_URL": (root / "store").as_uri(), "MAESTRO_HOME": str(root / "home"),
                "TMPDIR": str(root)}
-        yield {"server": server, "store": store, "base": base, "t1": t1, "t2": t2, "t3": t3, "between": between,
+        yield {"server": server, "store": store, "base": base, "older": older, "t1": t1, "t2": t2, "t3": t3, "between": between,
                "env": env, "root": root}
     finally:
         server.stop()
@@ -130,9 +136,11 @@ def test_a_point_outside_the_recovery_window_is_one_line(history, when, said):
 
 def test_bad_input_is_one_line(history):
     for args, said in ((["--to-time", "yesterday"], "is not a time"), (["--to-lsn", "3000060"], "is not a WAL position"),
-                       (["--to-time", "latest", "--backup", "20261126T020000Z-3f2a1b"], "two restore points")):
+                       (["--to-time", "latest", "--backup", "20261126T020000Z-3f2a1b"], "two restore points"),
+                       (["--to-time", "latest", "--target", "live"], "Confirm with --confirm")):
         done = run_maestro("restore", *args, env=history["env"])
         assert done.returncode == 1 and said in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert restores(history["server"]) == [] and not list(Path(history["root"]).glob("maestro-recover-*"))
 
 
 @pytest.mark.parametrize("damage", ["corrupted", "missing", "replaced"])
@@ -234,3 +242,20 @@ def test_a_time_without_a_zone_is_read_in_maestro_timezone():
     assert RecoveryTarget.parse("2026-11-26T14:04:00Z", timezone_name="Europe/Berlin").time.hour == 14
     assert RecoveryTarget.parse("2026-11-26 14:04", timezone_name="UTC").describe() == "2026-11-26 14:04:00 UTC"
     assert RecoveryTarget.parse(to_lsn="16/b374d848").lsn == "16/B374D848"
+
+
+def test_a_damaged_base_backup_is_skipped_for_the_one_before_it(history):
+    """Bit rot in the newest base backup's tar: the restore says so and recovers from the older
+    one (more WAL to replay), to the same point. Last in this file: it changes a stored object."""
+    base = history["base"]
+    key = f"{layout.base_root(base.system_id, base.base_id)}/{layout.BASE_TAR}"
+    path = Path(history["root"], "store", *key.split("/"))
+    with open(path, "r+b") as stored:
+        stored.seek(os.path.getsize(path) // 2)
+        byte = stored.read(1)
+        stored.seek(-1, 1)
+        stored.write(bytes([byte[0] ^ 0xFF]))
+    done = restore(history, "--to-time", history["between"].isoformat(), "--json")
+    report, found = delivered(history, done)
+    assert found == ["t1", "t2"] and report["point"]["base_backup"] == history["older"].base_id
+    assert f"skipping base backup {base.base_id}" in done.stderr

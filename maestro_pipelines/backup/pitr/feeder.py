@@ -9,8 +9,9 @@ tiny shell script that asks this process for a file through a folder the server 
                 <feed>/<f>.none (exit 1) appears
 
 and the `WalFeeder` thread here answers each request with `wal.fetch_wal` (the store's
-sha256, zstd's checksum, the segment's own header checked against its name and server),
-prefetching a few segments ahead so replay rarely waits for the store. A segment that is
+sha256, zstd's checksum, the segment's own header checked against its name and server).
+It also puts the next few segments in the folder ahead of time, which the script takes
+without asking: replay rarely waits for the store or for a round trip. A segment that is
 damaged, or missing while later ones are in the store (a gap), is no end of the archive:
 the feeder records it as `problem`, answers `none`, and the recovery is abandoned with that
 line (PostgreSQL would otherwise take the hole for the end of the archive and promote there).
@@ -40,6 +41,8 @@ SCRIPT_WAIT_S = 600
 RESTORE_SCRIPT = """#!/bin/sh
 # restore_command of a temporary recovery server: asks the Maestro process for WAL file $1.
 feed="$(dirname "$0")"
+# Fetched ahead already: no request, no wait.
+if [ -f "$feed/$1" ]; then mv -f "$feed/$1" "$2" && exit 0; exit 1; fi
 : > "$feed/$1.want" || exit 1
 waited=0
 while [ "$waited" -lt {limit} ]; do
@@ -103,7 +106,8 @@ class WalFeeder:
         self.requests = 0
         self.served_bytes = 0
         self._stored = stored_segments(store, system_id)
-        self._ready: set[str] = set()
+        self._ahead: set[str] = set()
+        """Segments fetched ahead, visible in the folder, not yet taken by the script."""
         self._absent: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wal-feeder", daemon=True)
@@ -129,14 +133,24 @@ class WalFeeder:
                 (self.feed / f"{name}.want").unlink(missing_ok=True)
                 self.requests += 1
                 self._answer(name)
-            if not wanted:
+            taken = sorted(name for name in self._ahead if not (self.feed / name).exists())
+            if taken:  # the script took segments fetched ahead: fetch further ahead
+                self._ahead.difference_update(taken)
+                self.requests += len(taken)
+                self.last_served = taken[-1]
+                if self.problem is None:
+                    self._prefetch(taken[-1])
+            if not wanted and not taken:
                 time.sleep(POLL_S)
 
     def _answer(self, name: str) -> None:
         if self.problem is not None:
             return self._none(name)
+        if name in self._ahead and (self.feed / name).exists():
+            return  # put there ahead after the script looked: it takes it on its next look
+        self._ahead.discard(name)
         try:
-            found = name in self._ready or self._place(name)
+            found = self._place(name)
             if not found and layout.SEGMENT.match(name):
                 self._check_gap(name)
         except WalError as exc:  # the segment's own line, and what it means for this restore
@@ -150,7 +164,6 @@ class WalFeeder:
             found = False
         if not found:
             return self._none(name)
-        self._ready.discard(name)
         self.last_served = name if layout.SEGMENT.match(name) else self.last_served
         os.replace(self.feed / "tmp" / name, self.feed / name)
         if layout.SEGMENT.match(name):
@@ -174,19 +187,21 @@ class WalFeeder:
         return True
 
     def _prefetch(self, name: str) -> None:
-        """The next segments, while replay works on this one (stops at the archive's end)."""
+        """The next segments into the folder, while replay works on this one (to the archive's end)."""
         upcoming = name
         for _ in range(PREFETCH):
             upcoming = layout.next_segment(upcoming)
-            if upcoming in self._ready or (self.feed / upcoming).exists():
+            if upcoming in self._ahead or (self.feed / upcoming).exists():
                 continue
             if upcoming not in self._stored or self._stop.is_set():
                 return
             try:
-                if self._place(upcoming):
-                    self._ready.add(upcoming)
+                if not self._place(upcoming):
+                    return
             except WalError:
                 return  # said when replay asks for it
+            os.replace(self.feed / "tmp" / upcoming, self.feed / upcoming)
+            self._ahead.add(upcoming)
 
     def _check_gap(self, name: str) -> None:
         """A segment missing while later ones of its timeline are stored is a hole, not the end."""

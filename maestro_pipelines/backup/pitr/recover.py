@@ -149,6 +149,13 @@ def base_records(store: ObjectStore, system_id: str) -> list[BaseBackupRecord]:
 def choose_base(records: list[BaseBackupRecord], target: RecoveryTarget, system_id: str,
                 store_url: str) -> BaseBackupRecord:
     """The newest base backup whose consistency point is before the target."""
+    return choose_bases(records, target, system_id, store_url)[0]
+
+
+def choose_bases(records: list[BaseBackupRecord], target: RecoveryTarget, system_id: str,
+                 store_url: str) -> list[BaseBackupRecord]:
+    """The base backups consistent before the target, newest first (an older one is the
+    fallback when a newer one turns out damaged: more WAL to replay, the same point)."""
     if target.kind == TIME:
         usable = [r for r in records if r.finished_at < target.time]
     elif target.kind == LSN:
@@ -156,7 +163,7 @@ def choose_base(records: list[BaseBackupRecord], target: RecoveryTarget, system_
     else:
         usable = list(records)
     if usable:
-        return max(usable, key=lambda r: r.stop_position)
+        return sorted(usable, key=lambda r: r.stop_position, reverse=True)
     if not records:
         raise RecoveryError(f"The store at {store_url} has no base backup of server {system_id}",
                             "Take one (maestro backup run --kind base) with WAL archiving on; then recover")
@@ -194,9 +201,12 @@ class RecoveredServer:
     databases: list[str] = field(default_factory=list)
     log_path: Path | None = None
     """The server's log (inside the temporary folder, removed with it)."""
+    users: list[str] = field(default_factory=lambda: [SUPERUSER])
+    """Roles to connect as, the first that exists in the recovered cluster first (its bootstrap
+    superuser is `postgres` on the embedded and Debian servers; else the live URL's user)."""
 
     def url(self, database: str = "postgres") -> URL:
-        return URL.create("postgresql+psycopg", username=SUPERUSER, database=database,
+        return URL.create("postgresql+psycopg", username=self.users[0], database=database,
                           query={"host": str(self.socket_dir), "port": str(PORT)})
 
     def describe(self) -> str:
@@ -361,6 +371,8 @@ def write_recovery_settings(pgdata: Path, target: RecoveryTarget, restore_script
     }
     if not (pgdata / "postgresql.conf").exists():  # Debian keeps it in /etc: not in the backup
         (pgdata / "postgresql.conf").write_text("")
+    for conf in ("postgresql.conf", "postgresql.auto.conf"):
+        _comment_out_recovery_settings(pgdata / conf)
     (pgdata / "pg_ident.conf").write_text("")
     # Only this process and the server user can reach the socket folder (0700).
     (pgdata / "pg_hba.conf").write_text("local all all trust\n")
@@ -371,6 +383,22 @@ def write_recovery_settings(pgdata: Path, target: RecoveryTarget, restore_script
     for stale in ("standby.signal", "postmaster.pid", "postmaster.opts"):
         (pgdata / stale).unlink(missing_ok=True)
     (pgdata / "recovery.signal").write_text("")
+
+
+_RECOVERY_SETTING = re.compile(r"^\s*(recovery_target\w*|restore_command|recovery_end_command|"
+                               r"archive_cleanup_command|primary_conninfo|primary_slot_name)\s*=?", re.IGNORECASE)
+
+
+def _comment_out_recovery_settings(path: Path) -> None:
+    """Recovery settings the source server had (an earlier recovery's target, say) are not
+    this recovery's: PostgreSQL refuses two targets, and an empty one after a set one too."""
+    if not path.exists():
+        return
+    lines = path.read_text(errors="replace").splitlines()
+    kept = [f"# maestro (a temporary recovery server): {line}" if _RECOVERY_SETTING.match(line) else line
+            for line in lines]
+    if kept != lines:
+        path.write_text("\n".join(kept) + "\n")
 
 
 def _chown_tree(root: Path, owner: tuple[int, int] | None) -> None:
@@ -413,28 +441,42 @@ def _replay_status(server: RecoveredServer) -> tuple[bool, str | None, datetime 
     import psycopg
 
     try:
-        with psycopg.connect(host=str(server.socket_dir), port=PORT, user=SUPERUSER, dbname="postgres",
+        with psycopg.connect(host=str(server.socket_dir), port=PORT, user=server.users[0], dbname="postgres",
                              connect_timeout=5, autocommit=True) as conn:
             row = conn.execute("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, "
                                "pg_last_xact_replay_timestamp(), current_setting('server_version_num')::int").fetchone()
             server.server_version_num = row[3]
             return row[0], row[1], row[2]
-    except psycopg.OperationalError:
+    except psycopg.OperationalError as exc:
+        if f'role "{server.users[0]}" does not exist' not in str(exc):
+            return None  # not accepting connections yet
+        if len(server.users) == 1:
+            raise RecoveryError(f"The recovered server has no role {server.users[0]} to connect as",
+                                "Nothing was restored; its bootstrap superuser is another: connect MAESTRO_DATABASE_URL "
+                                "as a role that existed at that point") from None
+        server.users.pop(0)
         return None
 
 
 def _log_facts(log_path: Path) -> dict[str, str]:
     """What the server said at the end of redo: where redo ended, the last transaction's time,
     and its FATAL line if it stopped."""
-    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    text = log_path.read_text(errors="replace") if log_path is not None and log_path.exists() else ""
     facts = {}
     for key, pattern in (("redo_done", r"redo done at ([0-9A-F]+/[0-9A-F]+)"),
-                         ("last_time", r"last completed transaction was at log time ([0-9:. +-]+)"),
-                         ("fatal", r"(?:FATAL|PANIC):\s+(.*)")):
+                         ("last_time", r"last completed transaction was at log time ([0-9:. +-]+)")):
         found = re.findall(pattern, text)
         if found:
             facts[key] = found[-1].strip()
+    # The server's own reason, not this process's polls refused while it starts or stops.
+    fatal = [line.strip() for line in re.findall(r"(?:FATAL|PANIC):\s+(.*)", text) if not _POLL_REFUSED.search(line)]
+    if fatal:
+        facts["fatal"] = fatal[0]
     return facts
+
+
+_POLL_REFUSED = re.compile(r"the database system is (starting up|not yet accepting connections|shutting down|"
+                           r"in recovery mode)|consistent recovery state has not been yet reached")
 
 
 def _ended_early(server: RecoveredServer, feeder: WalFeeder, facts: dict[str, str], system_id: str) -> RecoveryError:
@@ -461,7 +503,7 @@ def wait_for_promotion(process: subprocess.Popen, server: RecoveredServer, feede
             raise feeder.problem
         if process.poll() is not None:
             facts = _log_facts(server.log_path)
-            if RECOVERY_ENDED_EARLY in facts.get("fatal", ""):
+            if RECOVERY_ENDED_EARLY in (server.log_path.read_text(errors="replace") if server.log_path else ""):
                 raise _ended_early(server, feeder, facts, system_id)
             raise RecoveryError(f"The temporary recovery server stopped: {facts.get('fatal', f'exit {process.returncode}')}",
                                 "Nothing was restored; its log said why (above)")
@@ -525,6 +567,24 @@ def _prepare(store: ObjectStore, base: BaseBackupRecord, target: RecoveryTarget,
     return pgdata
 
 
+def _first_good_base(store: ObjectStore, candidates: list[BaseBackupRecord], target: RecoveryTarget, folder: Path,
+                     socket: Path, programs: Path, owner: tuple[int, int] | None, phases: PhaseProgress | None,
+                     say: Callable[[str], None]) -> tuple[Path, BaseBackupRecord]:
+    """The newest candidate that extracts and verifies; a damaged one is skipped with a line."""
+    from maestro_pipelines.backup.manifest import BackupError
+
+    for number, base in enumerate(candidates):
+        try:
+            return _prepare(store, base, target, folder, socket, programs, owner, phases), base
+        except BackupError as exc:
+            if number == len(candidates) - 1:
+                raise
+            say(f"skipping base backup {base.base_id}: {exc.problem}; trying the one before it, "
+                f"{candidates[number + 1].base_id} (more WAL to replay, the same point)")
+            shutil.rmtree(folder / "pgdata", ignore_errors=True)
+    raise RecoveryError("No base backup to recover from", "Take one (maestro backup run --kind base)")
+
+
 def _timed(phases: PhaseProgress | None, name: str, fn: Callable[[], str | None]) -> float:
     started = time.monotonic()
     if phases is not None:
@@ -539,21 +599,24 @@ def _timed(phases: PhaseProgress | None, name: str, fn: Callable[[], str | None]
 @contextmanager
 def recovered_server(store: ObjectStore, system_id: str, target: RecoveryTarget, workdir: Path | None = None,
                      log: Callable[[str], None] | None = None, phases: PhaseProgress | None = None,
-                     pg_bin: Path | str | None = None) -> Iterator[RecoveredServer]:
+                     pg_bin: Path | str | None = None, users: list[str] | None = None) -> Iterator[RecoveredServer]:
     """A temporary server recovered to `target` from the store, promoted, on a private socket;
-    stopped and removed when the block ends (however it ends). Phases: extract, recover."""
+    stopped and removed when the block ends (however it ends). Phases: extract, recover.
+    `users`: roles to connect as when the cluster has no `postgres` (the live URL's user)."""
     say = log or (lambda message: None)
-    base = choose_base(base_records(store, system_id), target, system_id, store.url)
+    candidates = choose_bases(base_records(store, system_id), target, system_id, store.url)
+    base = candidates[0]
     programs = server_programs(base.server_version_num // 10000, pg_bin)
     owner = _server_owner()
     folder, socket = _open_folder(workdir, owner)
-    server = RecoveredServer(socket, base, target, log_path=folder / "server.log")
+    server = RecoveredServer(socket, base, target, log_path=folder / "server.log",
+                             users=list(dict.fromkeys([SUPERUSER, *(users or [])])))
     process = feeder = None
     started = time.monotonic()
     try:
         say(f"recovering server {system_id} to {target.describe()} from base backup {base.base_id} "
             f"(consistent at {base.finished_at:%Y-%m-%d %H:%M:%S} UTC) in {folder}")
-        pgdata = _prepare(store, base, target, folder, socket, programs, owner, phases)
+        pgdata, server.base = _first_good_base(store, candidates, target, folder, socket, programs, owner, phases, say)
         feeder = WalFeeder(store, system_id, folder / "feed", owner, say).start()
         process = start_server(programs, pgdata, owner)
         _timed(phases, "recover", lambda: (wait_for_promotion(process, server, feeder, system_id, phases),
@@ -575,7 +638,7 @@ def recovered_server(store: ObjectStore, system_id: str, target: RecoveryTarget,
 def _databases(server: RecoveredServer) -> list[str]:
     import psycopg
 
-    with psycopg.connect(host=str(server.socket_dir), port=PORT, user=SUPERUSER, dbname="postgres",
+    with psycopg.connect(host=str(server.socket_dir), port=PORT, user=server.users[0], dbname="postgres",
                          autocommit=True) as conn:
         rows = conn.execute("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")
         return [row[0] for row in rows.fetchall()]

@@ -161,7 +161,8 @@ def restore_to_point(store: ObjectStore, target: RecoveryTarget, destinations: l
 
     try:
         with activity(store, "restore", f"pitr-{os.getpid()}-{started_at:%Y%m%dT%H%M%S}"), \
-                recovered_server(store, sid, target, parent, say, recorded, pg_bin) as server:
+                recovered_server(store, sid, target, parent, say, recorded, pg_bin,
+                                 users=[d.url.username for d in chosen if d.url.username]) as server:
             held = _missing_databases(server, chosen, explicit=bool(roles))
             dumps = [dump_database(server, dest, dumps_folder, recorded, jobs) for dest in held]
             entry = point_entry(server, dumps, started_at)
