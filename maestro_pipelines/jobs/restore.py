@@ -131,6 +131,16 @@ class RestoreConfig(dg.Config):
 def restore_roles(config: RestoreConfig, entry, destinations, log) -> Optional[list[str]]:
     """The roles to restore: None (the library's default: every configured one the backup
     holds) for scratch restores without a list; live restores leave Dagster's own out."""
+    configured = {d.role for d in destinations}
+    return _roles_to_restore(config, [d.role for d in entry.manifest.databases if d.role in configured],
+                             f"Backup {entry.backup_id}", [d.role for d in entry.manifest.databases],
+                             "maestro restore", log)
+
+
+def _roles_to_restore(config: RestoreConfig, held: list[str], what: str, holds: list[str], command: str,
+                      log) -> Optional[list[str]]:
+    """The requested roles (or, live, every one held but Dagster's own, which this run writes
+    its events into); `command` is the shell command that can restore Dagster's own."""
     from maestro_pipelines.backup import LIVE, RestoreRefused
 
     requested = list(dict.fromkeys(r.strip() for r in config.databases if r.strip()))
@@ -139,24 +149,20 @@ def restore_roles(config: RestoreConfig, entry, destinations, log) -> Optional[l
     if DAGSTER_ROLE in requested:
         raise RestoreRefused(
             "Dagster's own database cannot be restored live from a Dagster run (the run writes its events there)",
-            "Stop the Dagster daemon and webserver and run `maestro restore --target live --databases dagster "
+            f"Stop the Dagster daemon and webserver and run `{command} --target live --databases dagster "
             "--confirm <platform database>` from a shell",
         )
     if requested:
         return requested
-    configured = {d.role for d in destinations}
-    held = [d.role for d in entry.manifest.databases if d.role in configured]
     if DAGSTER_ROLE in held:
         log.warning(
             "Dagster's own database is left out of this live restore (this run writes its events there); "
-            "restore it with `maestro restore --target live --databases dagster` with Dagster stopped"
+            f"restore it with `{command} --target live --databases dagster` with Dagster stopped"
         )
     roles = [r for r in held if r != DAGSTER_ROLE]
     if not roles:
-        raise RestoreRefused(
-            f"Backup {entry.backup_id} holds no database a live restore from Dagster can replace",
-            f"It holds: {', '.join(d.role for d in entry.manifest.databases)}",
-        )
+        raise RestoreRefused(f"{what} holds no database a live restore from Dagster can replace",
+                             f"It holds: {', '.join(holds) or 'none'}")
     return roles
 
 
@@ -295,22 +301,9 @@ def restore_from_backup(
 
 
 def _point_roles(config: RestoreConfig, destinations, log) -> Optional[list[str]]:
-    """restore_roles for a point in time: live leaves Dagster's own database out."""
-    from maestro_pipelines.backup import LIVE, RestoreRefused
-
-    requested = list(dict.fromkeys(r.strip() for r in config.databases if r.strip()))
-    if config.target != LIVE:
-        return requested or None
-    if DAGSTER_ROLE in requested:
-        raise RestoreRefused(
-            "Dagster's own database cannot be restored live from a Dagster run (the run writes its events there)",
-            "Stop the Dagster daemon and webserver and run `maestro restore --to-time ... --target live "
-            "--databases dagster --confirm <platform database>` from a shell",
-        )
-    roles = requested or [d.role for d in destinations if d.role != DAGSTER_ROLE]
-    if not requested and any(d.role == DAGSTER_ROLE for d in destinations):
-        log.warning("Dagster's own database is left out of this live restore (this run writes its events there)")
-    return roles
+    """restore_roles for a point in time: every configured database the server holds."""
+    roles = [d.role for d in destinations]
+    return _roles_to_restore(config, roles, "The recovered server", roles, "maestro restore --to-time TIME", log)
 
 
 def _restore_to_point(context, config: RestoreConfig, platform_db, mlflow, store):
