@@ -894,10 +894,12 @@ def backup_verify(
     month: str = typer.Option(None, metavar="MONTH", help="Verify the monthly archive of this month (YYYY-MM) instead."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (for scripts)."),
     kind: str = typer.Option("dump", "--kind", metavar="KIND",
-                             help="dump (default): a backup of dumps; base: a base backup (ids in `maestro backup info`)."),
+                             help="dump (default): a backup of dumps; base: a base backup (ids in `maestro backup info`); "
+                                  "wal: every archived WAL segment a recovery can need."),
 ) -> None:
     """Re-read every object of a backup: sizes, sha256, each dump readable by pg_restore --list
-    (--kind base: a base backup unpacked and checked against its manifest by pg_verifybackup).
+    (--kind base: a base backup unpacked and checked against its manifest by pg_verifybackup;
+    --kind wal: every WAL segment from the oldest usable base backup on, read back and checked).
 
     Exits non-zero when anything is wrong.
 
@@ -906,15 +908,19 @@ def backup_verify(
         maestro backup verify
         maestro backup verify 20261126T020000Z-3f2a1b --json
         maestro backup verify latest --month 2026-10
-        maestro backup verify latest --kind base"""
+        maestro backup verify latest --kind base
+        maestro backup verify --kind wal"""
     from maestro_pipelines.backup import BackupNotFound, list_backups, verify_backup
     from maestro_pipelines.backup.catalog import is_latest
 
     store = _store()
-    if kind not in ("dump", "base"):
-        raise MaestroError(f"--kind {kind!r} is not a kind of backup to verify", "Use dump or base")
+    if kind not in ("dump", "base", "wal"):
+        raise MaestroError(f"--kind {kind!r} is not a kind of backup to verify", "Use dump, base or wal")
     if kind == "base":
         _verify_base(store, backup_id, month, as_json)
+        return
+    if kind == "wal":
+        _verify_wal(store, as_json)
         return
     if is_latest(backup_id):
         entries = list_backups(store, monthly=month is not None)
@@ -959,6 +965,31 @@ def _verify_base(store, base_id: str, month, as_json: bool) -> None:
         err.print(f"base backup {report.base_id} FAILED verification: {'; '.join(report.problems)}",
                   highlight=False, soft_wrap=True)
     if not report.ok:
+        raise typer.Exit(1)
+
+
+def _verify_wal(store, as_json: bool) -> None:
+    """`maestro backup verify --kind wal`: each server's archived WAL read back."""
+    from maestro_pipelines.backup import BackupNotFound
+    from maestro_pipelines.backup.pitr.window import servers_in_store, verify_wal
+
+    servers = servers_in_store(store)
+    if not servers:
+        raise BackupNotFound(f"There is no archived WAL in the store at {store.url}",
+                             "Turn WAL archiving on (docs/configuration.md, WAL archiving)")
+    with _progress("verify") as progress:
+        reports = [verify_wal(store, system_id, progress) for system_id in servers]
+    if as_json:
+        out.print_json(json.dumps([{"system_id": r.system_id, "ok": r.ok, "first": r.first, "last": r.last,
+                                    "segments": r.segments, "bytes_read": r.bytes_read, "problems": r.problems}
+                                   for r in reports]))
+    for report in [] if as_json else reports:
+        if report.ok:
+            out.print(f"WAL of server {report.system_id}: {report.segments} segments ({report.first} to {report.last}), "
+                      f"{human_bytes(report.bytes_read)} read, each the bytes archived", highlight=False)
+        for problem in report.problems:
+            err.print(f"WAL of server {report.system_id} FAILED: {problem}", highlight=False, soft_wrap=True)
+    if not all(report.ok for report in reports):
         raise typer.Exit(1)
 
 

@@ -221,6 +221,24 @@ def _decompress_into(store, key: str, out) -> str:
     return digest.hexdigest()
 
 
+def check_segment_bytes(store, system_id: str, name: str, sink) -> str | None:
+    """One line on what is wrong with stored segment `name` (unreadable, not the bytes archived,
+    another segment's WAL), or None: read whole into `sink` (keeping its first page in
+    `sink.head`), nothing written anywhere."""
+    key = layout.wal_key(str(system_id), name)
+    stored = _stored(store, key)
+    if stored is None:
+        return f"{key} is missing from the store"
+    try:
+        digest = _decompress_into(store, key, sink)
+        if digest != stored.metadata.get(layout.WAL_SHA256_KEY):
+            return f"{key} is damaged: its WAL is not the bytes archived (sha256 {digest[:12]}...)"
+        _check_position(name, sink.head, layout.segment_header(sink.head)[2])
+    except WalError as exc:
+        return exc.problem
+    return None
+
+
 # ---- listing ----------------------------------------------------------------------------
 
 
