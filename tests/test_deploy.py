@@ -111,4 +111,4 @@ def test_every_run_limit_names_a_tag_our_jobs_carry(instance_yaml):
         assert any(tags.get(limit["key"]) == limit["value"] for tags in jobs.values()), limit
     lane = {name for name, tags in jobs.items() if tags.get("maestro/lane") == "database"}
     assert lane == {"nightly_backup", "monthly_archive_job", "restore_database", "restore_cleanup_job",
-                    "dr_drill_job", "platform_upkeep"}
+                    "dr_drill_job", "platform_upkeep", "nightly_base_backup", "pitr_drill_job"}

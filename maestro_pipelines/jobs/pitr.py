@@ -17,7 +17,7 @@ pitr_drill_job = dg.define_asset_job(
     "pitr_drill_job",
     selection=dg.AssetSelection.assets(pitr_drill),
     description="The point-in-time recovery drill: marker, WAL archived, recovery to just after it, pg_amcheck, RTO/RPO.",
-    tags=run_tags(PITR_DRILL_KIND, 2 * 3600),
+    tags=run_tags(PITR_DRILL_KIND, 2 * 3600, database_lane=True),  # it writes marker rows and starts a server
 )
 
 pitr_jobs = [nightly_base_backup, pitr_drill_job]
