@@ -41,8 +41,8 @@ USER_TUNABLE = frozenset({"archive_timeout"})
 """Set only while the server still has PostgreSQL's own default (pg_settings.source 'default'):
 a user who chose another archive_timeout (ALTER SYSTEM SET archive_timeout = '10s', for a
 tighter RPO) keeps it; every process attaching would otherwise put 60 back."""
-WAL_ARCHIVING_OFF = {"archive_mode": "off", "archive_command": ""}
-"""MAESTRO_WAL_ARCHIVING=off: no archiving, no spool, no pusher (the test suite's shared
+WAL_ARCHIVING_OFF = {"archive_mode": "off", "archive_command": "", "summarize_wal": "off"}
+"""MAESTRO_WAL_ARCHIVING=off: no archiving, no WAL summaries, no spool, no pusher (the test suite's shared
 server, which needs no point-in-time recovery)."""
 
 WAL_SPOOL = "wal-spool"
