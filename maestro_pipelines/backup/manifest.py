@@ -205,17 +205,7 @@ class BackupManifest:
                 "Do not restore from this backup: take a new backup or use another restore point",
             )
 
-        try:
-            body = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise invalid("is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise invalid("is not a JSON object")
-        digest = body.pop("digest", None)
-        if digest != _digest(body):
-            raise invalid("does not match its digest (it was edited after the backup)")
-        if body.get("format_version") != FORMAT_VERSION:
-            raise invalid(f"has format version {body.get('format_version')!r}, this Maestro reads {FORMAT_VERSION}")
+        body = signed_body(data, invalid, FORMAT_VERSION)
         try:
             body.pop("duration_s", None)
             databases = [
@@ -240,6 +230,23 @@ class BackupManifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise invalid(f"is missing or has a malformed field ({exc})") from None
+
+
+def signed_body(data: bytes, invalid, format_version: int) -> dict[str, Any]:
+    """The JSON object of a record written with its `digest` (a manifest, a base backup's
+    record), checked: valid JSON, an object, the digest matching, the format this Maestro
+    reads; `invalid(why)` makes the error naming the record."""
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise invalid("is not a JSON object")
+    if body.pop("digest", None) != _digest(body):
+        raise invalid("does not match its digest (it was edited after the backup)")
+    if body.get("format_version") != format_version:
+        raise invalid(f"has format version {body.get('format_version')!r}, this Maestro reads {format_version}")
+    return body
 
 
 def _digest(body: dict[str, Any]) -> str:

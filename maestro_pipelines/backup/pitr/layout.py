@@ -26,16 +26,14 @@ which is what `wal push` compares when the same name is pushed twice.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from maestro_pipelines.backup.manifest import BackupError, ManifestInvalid, _iso, _parse_time
+from maestro_pipelines.backup.manifest import BackupError, ManifestInvalid, _digest, _iso, _parse_time, signed_body
 
 PITR_PREFIX = "pitr"
 WAL_FOLDER = "wal"
@@ -241,25 +239,12 @@ class BaseBackupRecord:
             return ManifestInvalid(f"The base backup record {where} {why}",
                                    "Do not recover from this base backup: take a new one (maestro backup run --kind base)")
 
-        try:
-            body = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise invalid("is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise invalid("is not a JSON object")
-        if body.pop("digest", None) != _digest(body):
-            raise invalid("does not match its digest (it was edited after the backup)")
-        if body.get("format_version") != FORMAT_VERSION:
-            raise invalid(f"has format version {body.get('format_version')!r}, this Maestro reads {FORMAT_VERSION}")
+        body = signed_body(data, invalid, FORMAT_VERSION)
         try:
             return cls(**{**body, "started_at": _parse_time(body["started_at"]),
                           "finished_at": _parse_time(body["finished_at"])})
         except (KeyError, TypeError, ValueError) as exc:
             raise invalid(f"is missing or has a malformed field ({exc})") from None
-
-
-def _digest(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def utc(moment: datetime) -> datetime:
