@@ -480,7 +480,10 @@ def _store():
     from maestro_pipelines.storage import open_configured_store
 
     settings = load_settings()
-    return open_configured_store(settings.store_url, settings.home, settings.store_environment)
+    from maestro_pipelines.crypto import keyring_from_settings
+
+    return open_configured_store(settings.store_url, settings.home, settings.store_environment,
+                                 keyring=keyring_from_settings(settings))
 
 
 def _progress(verb: str, keep: bool = True):

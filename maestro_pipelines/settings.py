@@ -83,6 +83,21 @@ class Settings:
     """`MAESTRO_WAL_ARCHIVING`: `off` stops the embedded server archiving its WAL into the store
     (no point-in-time recovery; the test suite's shared server). Default on."""
 
+    backup_key: str | None = field(default=None, repr=False)
+    """`MAESTRO_BACKUP_KEY`: the key new backups are encrypted under (32 random bytes, base64;
+    `maestro backup keygen`). Unset (and no KMS key): backups are stored unencrypted."""
+
+    backup_old_keys: str | None = field(default=None, repr=False)
+    """`MAESTRO_BACKUP_OLD_KEYS`: keys rotated away (base64 or `aws-kms:<key id>`, separated by
+    spaces or commas), read-only, until `maestro backup rekey` has rewrapped every backup."""
+
+    backup_kms_key_id: str | None = None
+    """`MAESTRO_BACKUP_KMS_KEY_ID`: an AWS KMS key (id, ARN or alias/<name>) instead of
+    MAESTRO_BACKUP_KEY: data keys are wrapped by KMS and the key never leaves it."""
+
+    backup_encryption: str | None = None
+    """`MAESTRO_BACKUP_ENCRYPTION`: `required` refuses to write a backup without a key. Unset: auto."""
+
     store_environment: Mapping[str, str] = field(default_factory=read_store_environment, repr=False, hash=False)
     """What the store backends take from the environment (`read_store_environment`), read when
     the settings are made. Not shown: it may hold a connection string with its key."""
@@ -117,6 +132,10 @@ def load_settings() -> Settings:
         redis_url=_non_empty("MAESTRO_REDIS_URL"),
         timezone=_non_empty("MAESTRO_TIMEZONE") or "UTC",
         pg_bin=Path(pg_bin).expanduser() if (pg_bin := _non_empty("MAESTRO_PG_BIN")) else None,
+        backup_key=_non_empty("MAESTRO_BACKUP_KEY"),
+        backup_old_keys=_non_empty("MAESTRO_BACKUP_OLD_KEYS"),
+        backup_kms_key_id=_non_empty("MAESTRO_BACKUP_KMS_KEY_ID"),
+        backup_encryption=_non_empty("MAESTRO_BACKUP_ENCRYPTION"),
         wal_archiving=_switch("MAESTRO_WAL_ARCHIVING", _non_empty("MAESTRO_WAL_ARCHIVING"), default=True),
     )
 

@@ -23,10 +23,11 @@ DAGSTER_LAYER = ("resources", "assets", "jobs", "sensors", "schedules", "cli", "
 # Each library and the libraries it may import (lower layers); the shared Dagster-free modules
 # (settings, errors, formatting, objectives, ...) are below them all.
 LIBRARIES = {
+    "crypto": set(),
     "storage": set(),
     "platform_db": set(),
     "migrations": {"platform_db"},
-    "backup": {"storage", "platform_db"},
+    "backup": {"storage", "platform_db", "crypto"},
     "ml": {"platform_db", "storage"},
     "connectors": {"platform_db"},
 }

@@ -41,6 +41,8 @@ SECRET_VARIABLES = (
     "AWS_SESSION_TOKEN",
     "AZURE_STORAGE_CONNECTION_STRING",
     "PGPASSWORD",
+    "MAESTRO_BACKUP_KEY",
+    "MAESTRO_BACKUP_OLD_KEYS",
 )
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*:)[^\s@/]+@")
 _KEY_VALUE_SECRET = re.compile(

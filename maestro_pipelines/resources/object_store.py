@@ -91,12 +91,16 @@ class ObjectStoreResource(dg.ConfigurableResource):
         return self._store
 
     def _open(self) -> "ObjectStore":
-        from maestro_pipelines.settings import read_store_environment
+        from maestro_pipelines.crypto import keyring_from_settings
+        from maestro_pipelines.settings import load_settings, read_store_environment
         from maestro_pipelines.storage import RetryPolicy, open_configured_store
 
         retry = RetryPolicy(attempts=self.retry_attempts, backoff_s=self.retry_backoff_s)
         options = self._backend_options() if self.url else {}
-        return open_configured_store(self.url, self.home, read_store_environment(), retry=retry, **options)
+        # The backup keys come from the run's environment (MAESTRO_BACKUP_KEY and the others),
+        # never from the resource's config: a key typed into the Launchpad would be stored in the run.
+        return open_configured_store(self.url, self.home, read_store_environment(), retry=retry,
+                                     keyring=keyring_from_settings(load_settings()), **options)
 
     def _backend_options(self) -> dict[str, Any]:
         """The fields the URL's backend takes (its `resource_options`), as its open options."""

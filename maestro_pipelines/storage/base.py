@@ -318,6 +318,10 @@ class ObjectStore(ABC):
     """How many parts one upload may have (None: no limit), for the part-size schedule."""
     part_concurrency: int = 4
     """Parts uploaded at the same time; memory is about (this + 2) x part size."""
+    keyring: Any = None
+    """The backup keys (`maestro_pipelines.crypto.Keyring`) backups written here are sealed
+    with, as configured (`open_configured_store(keyring=...)`); None: none configured. The
+    store itself never encrypts: the backup library seals what it writes (backup/sealing.py)."""
 
     def __init__(self, url: str, source: str = DEFAULT_SOURCE, retry: RetryPolicy | None = None):
         self.url = url

@@ -114,14 +114,18 @@ def default_store_url(home: str | os.PathLike) -> str:
 
 
 def open_configured_store(
-    store_url: str | None, home: str | os.PathLike, environment: Mapping[str, str], **options
+    store_url: str | None, home: str | os.PathLike, environment: Mapping[str, str], *, keyring=None, **options
 ) -> ObjectStore:
     """The configured store, for the CLI, ObjectStoreResource and whatever else opens "the"
     store: MAESTRO_STORE_URL's, or with none the folder `store` in `home`, created on first
-    write. Values as in Settings (`store_url`, `home`, `store_environment`)."""
+    write. Values as in Settings (`store_url`, `home`, `store_environment`); `keyring`: the
+    backup keys (`crypto.keyring_from_settings`) the backup library seals with."""
     if not store_url:
-        return open_store(default_store_url(home), f"{STORE_URL_VARIABLE} (default)", create=True, **options)
-    return open_store(store_url, STORE_URL_VARIABLE, environment=environment, **options)
+        store = open_store(default_store_url(home), f"{STORE_URL_VARIABLE} (default)", create=True, **options)
+    else:
+        store = open_store(store_url, STORE_URL_VARIABLE, environment=environment, **options)
+    store.keyring = keyring
+    return store
 
 
 def artifact_uri_for(store_url: str, environment: Mapping[str, str], source: str = STORE_URL_VARIABLE) -> str:

@@ -144,6 +144,7 @@ class Pusher:
 def main(argv: list[str]) -> int:
     import fasteners
 
+    from maestro_pipelines.crypto import keyring_from_settings
     from maestro_pipelines.settings import load_settings
     from maestro_pipelines.storage import open_configured_store
 
@@ -154,7 +155,8 @@ def main(argv: list[str]) -> int:
     try:
         (home / PUSHER_PID).write_text(f"{os.getpid()}\n")
         settings = load_settings()
-        store = open_configured_store(settings.store_url, home, settings.store_environment)
+        store = open_configured_store(settings.store_url, home, settings.store_environment,
+                                      keyring=keyring_from_settings(settings))
         pusher = Pusher(home, store)
         signal.signal(signal.SIGTERM, lambda *_: pusher.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: pusher.stopping.set())
