@@ -799,6 +799,7 @@ def _print_info(info) -> None:
         line("monthly", "none yet (`maestro backup archive`)")
     line("drill", _info_drill(info.drill))
     _print_recovery_windows(info)
+    _print_encryption(info.encryption)
     _print_automation(info)
     for activity in info.running:
         line("running", f"{activity.kind} {activity.ident} since {activity.started_at:%Y-%m-%d %H:%M:%S} UTC "
@@ -819,6 +820,118 @@ def _print_automation(info) -> None:
         said = ("the backup schedules and sensors start running (MAESTRO_DATABASE_URL is set) unless "
                 f"stopped in the Dagster UI; see `{AUTOMATION_STATUS_COMMAND}`")
     _print_keyed("automation", said)
+
+
+def _print_encryption(status) -> None:
+    """`backup info`'s lines of the keys: ids only, never a key."""
+    if status.current:
+        required = " (MAESTRO_BACKUP_ENCRYPTION=required)" if status.required else ""
+        _print_keyed("encryption", f"new backups are encrypted under backup key {status.current} ({status.source}){required}")
+        _print_keyed("", f"  {status.current}: {counted(status.records.get(status.current, 0), 'record')}")
+    else:
+        _print_keyed("encryption", "none: new backups are not encrypted (`maestro backup keygen` makes a key for "
+                     "MAESTRO_BACKUP_KEY)")
+    for kek in status.old:
+        needed = status.records.get(kek, 0)
+        _print_keyed("", f"  old key {kek} can be retired: no record needs it" if not needed else
+                     f"  old key {kek} is still needed by {counted(needed, 'record')}: run `maestro backup rekey`")
+    for kek, records in status.unconfigured.items():
+        _print_keyed("", f"  {kek}: {counted(records, 'record')}, NOT CONFIGURED: those backups cannot be read")
+    if status.plain:
+        _print_keyed("", f"  not encrypted: {counted(status.plain, 'record')} (backups taken without a key)")
+
+
+def _rekey_test_pause():
+    """Tests only: MAESTRO_TEST_REKEY_PAUSE=`STAGE:N` makes the rekey say so on stderr and wait
+    for a line on stdin when the Nth record it rewrites reaches STAGE (`prepared`: rewrapped,
+    not put; `writing`: inside the put; `written`: put), so a test can kill it exactly there."""
+    value = os.environ.get("MAESTRO_TEST_REKEY_PAUSE")
+    if not value:
+        return None
+    stage, _, count = value.partition(":")
+
+    def checkpoint(at: str, n: int, key: str) -> None:
+        if at == stage and n == int(count):
+            sys.stderr.write(f"rekey paused {at} {n}: {key}\n")
+            sys.stderr.flush()
+            sys.stdin.readline()
+
+    return checkpoint
+
+
+@backup_app.command("keygen")
+def backup_keygen() -> None:
+    """Print a new backup key (32 random bytes, base64) for MAESTRO_BACKUP_KEY.
+
+    Only the key goes to stdout, so it can go straight into your secret store; keep it there
+    and never in the store it protects (a key beside the backups protects nothing) nor in a
+    repository. Losing it loses every backup encrypted under it:
+    docs/runbooks/lost-or-leaked-backup-key.md.
+
+    Examples:
+        maestro backup keygen
+        maestro backup keygen > new-key.txt  # then into the secret store, and shred the file
+    """
+    from maestro_pipelines.crypto import generate_key
+    from maestro_pipelines.crypto.keys import parse_local_key
+
+    key = generate_key()
+    sys.stdout.write(key + "\n")
+    sys.stdout.flush()
+    err.print(f"a new backup key, id {parse_local_key(key, 'the new key').id} (what `maestro backup info` shows): "
+              "keep it in your secret store as MAESTRO_BACKUP_KEY, never in the backup store or a repository; "
+              "without it its backups cannot be read", highlight=False, soft_wrap=True)
+
+
+@backup_app.command("rekey")
+def backup_rekey(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be rewrapped and what needs a key; write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
+) -> None:
+    """Rewrap every backup's data key under the current backup key, after a key rotation.
+
+    Set the new key (MAESTRO_BACKUP_KEY or MAESTRO_BACKUP_KMS_KEY_ID) and the old ones in
+    MAESTRO_BACKUP_OLD_KEYS, then run this: every record that holds a data key (manifests,
+    verification and base backup records, WAL key records, drill records, monthly archives
+    included) wrapped by another key is rewrapped and rewritten, one record at a time, each in
+    one atomic write. No data is read or rewritten. Killed at any point, every backup is still
+    readable with the old or the new key; run it again to finish. Then `maestro backup info`
+    says which old key can be retired.
+
+    Exit code 1 when a record needs a key that is not configured (named), or was not rewritten
+    (damaged, forged): the others are done.
+
+    Examples:
+        maestro backup rekey --dry-run
+        MAESTRO_BACKUP_OLD_KEYS="$OLD_KEY" MAESTRO_BACKUP_KEY="$NEW_KEY" maestro backup rekey"""
+    from maestro_pipelines.backup.rekey import rekey_store
+
+    store = _store()
+    with _progress("rekey", keep=False) as progress:
+        report = rekey_store(store, dry_run=dry_run, phases=progress.phase, checkpoint=_rekey_test_pause())
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+    else:
+        _print_rekey(report)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _print_rekey(report) -> None:
+    from maestro_pipelines.backup.rekey import needs_key_hint
+
+    verb = "would be rewrapped" if report.dry_run else "rewrapped"
+    out.print(f"rekey of {report.store_url} under backup key {report.kek_id}: {counted(len(report.rewrapped), 'record')} "
+              f"{verb}, {len(report.current)} already under it, {report.plain} not encrypted (skipped)",
+              highlight=False, soft_wrap=True)
+    for kek, records in report.needs_key.items():
+        shown = ", ".join(records[:5]) + (f" and {len(records) - 5} more (--json lists all)" if len(records) > 5 else "")
+        out.print(f"still need backup key {kek}, which is not configured: {counted(len(records), 'record')} ({shown}). "
+                  f"{needs_key_hint(kek)}", highlight=False, soft_wrap=True)
+    for key, problem in report.problems.items():
+        out.print(f"not rewrapped: {key}: {problem}", highlight=False, soft_wrap=True)
+    if report.ok and not report.dry_run:
+        out.print(f"every encrypted record is under {report.kek_id}: `maestro backup info` says which old key can be "
+                  "retired", highlight=False, soft_wrap=True)
 
 
 def _print_keyed(key: str, value: str) -> None:
