@@ -92,7 +92,7 @@ def read_record(store: ObjectStore, key: str) -> Record | None:
     except ObjectNotFound:
         return None
     except ChecksumMismatch as exc:
-        return Record(key, "", problem=str(exc).split(". ")[0])
+        return Record(key, "", problem=exc.problem)  # damaged: whether it has an envelope is unknown
     record = Record(key, hashlib.sha256(data).hexdigest())
     try:
         body = json.loads(data)

@@ -16,7 +16,7 @@ from maestro_pipelines.backup.rekey import record_digest
 from maestro_pipelines.crypto import Keyring, keyring_from_values
 from maestro_pipelines.storage import ObjectStore
 
-DRILL_FIELDS = {"format": 1, "source": "cli", "ok": True, "rto_target_s": 3600.0, "rpo_target_s": 93600.0,
+DRILL_FIELDS = {"format": 1, "drill_id": "20261201T030000000000Z-000001", "source": "cli", "ok": True, "rto_target_s": 3600.0, "rpo_target_s": 93600.0,
                 "started_at": "2026-12-01T03:00:00Z", "problems": [], "steps": {}, "notes": []}
 """What a drill record holds (drill_history.DrillRecord.to_dict), so `list_drills` reads it."""
 

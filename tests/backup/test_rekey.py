@@ -51,6 +51,10 @@ def snapshot(store) -> dict[str, bytes]:
     return {info.key: store.get_bytes(info.key) for info in store.list("")}
 
 
+def snapshot_unverified(store) -> dict[str, bytes]:
+    return {info.key: store.get_bytes(info.key, verify=False) for info in store.list("")}
+
+
 def test_rekey_rewraps_every_old_record_and_touches_nothing_else(store):
     before = snapshot(store)
     store.keyring = keyring(K2, K1)
@@ -90,23 +94,29 @@ def test_records_under_a_key_not_configured_are_named_and_the_rest_done(store):
 
 def test_a_forged_or_edited_record_is_reported_and_not_rewritten(store):
     """Someone with write access but no key edits a manifest (keeping a valid digest) and
-    breaks another's digest: rekey does not bless either by rewriting it."""
-    forged, edited = RECORDS_K1[0], RECORDS_K1[2]
+    breaks another's digest, and a third rots on the disk: rekey blesses none by rewriting it."""
+    forged, edited, rotten = RECORDS_K1[0], RECORDS_K1[2], RECORDS_K1[3]
     body = json.loads(store.get_bytes(forged))
     body["format_version"] = 99
     body.pop("digest")
     body["digest"] = record_digest(body)
     store.put_bytes(forged, json.dumps(body).encode())
     store.put_bytes(edited, store.get_bytes(edited).replace(b'"format_version": 1', b'"format_version": 2'))
-    before = snapshot(store)
+    path = store.root.joinpath(*rotten.split("/"))                              # bit rot: same size, same file
+    data = bytearray(path.read_bytes())
+    data[40] ^= 0x20
+    with open(path, "r+b") as f:
+        f.write(data)
     store.keyring = keyring(K2, K1)
+    before = snapshot_unverified(store)
     report = rekey_store(store)
-    assert set(report.problems) == {forged, edited} and not report.ok
+    assert set(report.problems) == {forged, edited, rotten} and not report.ok
+    assert f"Object {rotten!r}" in report.problems[rotten] and "is corrupt" in report.problems[rotten]
     assert "does not match its signature" in report.problems[forged]
     assert "does not match its digest" in report.problems[edited]
-    after = snapshot(store)
-    assert after[forged] == before[forged] and after[edited] == before[edited]
-    assert len(report.rewrapped) == len(RECORDS_K1) - 2
+    after = snapshot_unverified(store)
+    assert all(after[key] == before[key] for key in (forged, edited, rotten))
+    assert len(report.rewrapped) == len(RECORDS_K1) - 3
 
 
 def test_rekey_needs_the_new_key(store):
