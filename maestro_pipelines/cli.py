@@ -510,11 +510,19 @@ def _entry_row(entry, now) -> dict:
         "verified_at": entry.verification.verified_at.isoformat() if entry.verified else None,
         "bad": entry.bad is not None,
         "problem": entry.bad,
+        "encrypted": entry.encrypted if manifest else None,
+        "unchecked": str(entry.key_error) if entry.unchecked else None,
     }
 
 
 def _print_report(report) -> None:
-    if report.ok:
+    if report.ok and report.storage_only:
+        out.print(
+            f"backup {report.backup_id}: storage checks only: full verification needs the key "
+            f"({report.storage_only}). {report.objects} objects read, sizes and sha256 match the manifest",
+            highlight=False, soft_wrap=True,
+        )
+    elif report.ok:
         out.print(
             f"backup {report.backup_id} verified: {report.objects} objects, "
             f"{human_bytes(report.bytes_read)} read from the store (compressed), in {report.duration_s:.1f} s",
@@ -566,6 +574,10 @@ def backup_run(
     targets, notes = backup_targets(settings)
     for note in notes:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    from maestro_pipelines.backup.sealing import unencrypted_warning
+
+    if (warning := unencrypted_warning(store)) is not None:  # also in the manifest's notes
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
     if kind == "base":
         _base_backup_run(store, targets, verify, as_json, required=True)
         return
@@ -587,6 +599,7 @@ def _print_backup_run(store, manifest, report, base_run, as_json: bool) -> None:
         summary = {
             "base_backups": _base_run_summary(base_run) if base_run else None,
             "id": manifest.backup_id,
+            "encrypted": manifest.encrypted,
             "store": store.url,
             "databases": {d.role: {"database": d.database, "dump_bytes": d.dump_bytes, "stored_bytes": d.compressed_bytes,
                                    "rows": d.rows, "tables": len(d.tables)} for d in manifest.databases},
@@ -671,7 +684,9 @@ def backup_list(
     in the store, compressed (its dumps and its list of model artifacts; --json has dump_bytes,
     the dumps unpacked, what a restore writes out). Verified: yes; no; BAD (its
     verification failed, or an object is missing or changed since, found by one cheap head per
-    object). `maestro backup info` says whether that is enough."""
+    object). Sealed: yes (encrypted, its signature checked with the key); no key (encrypted,
+    and the key it needs is not configured: listed unchecked); no (plaintext). `maestro
+    backup info` says whether that is enough."""
     from maestro_pipelines.backup import check_objects, list_backups
     from maestro_pipelines.backup.manifest import utcnow
     from maestro_pipelines.formatting import human_duration
@@ -692,7 +707,7 @@ def backup_list(
     # of the time again: an 80-column terminal fits five columns (archives show their month
     # instead of databases).
     for column, justify in (("id", "left"), ("month", "left"), ("age", "right"),
-                            ("databases", "left"), ("stored", "right"), ("verified", "left")):
+                            ("databases", "left"), ("stored", "right"), ("verified", "left"), ("sealed", "left")):
         if (column == "month" and not monthly) or (column == "databases" and monthly):
             continue
         # Ids and times are copied into other commands: never wrapped or cut.
@@ -705,13 +720,28 @@ def backup_list(
         ] + ([] if monthly else [",".join(row["databases"])]) + [
             human_bytes(entry.stored_bytes) if entry.manifest else "?",
             verified,
+            _sealed_cell(entry),
         ]
         table.add_row(*cells)
     _print_titled(table)
     for entry in entries:
         if entry.bad:
             err.print(f"{entry.backup_id}: {entry.bad}", highlight=False, soft_wrap=True)
+    unchecked = [e for e in entries if e.unchecked]
+    if unchecked:
+        err.print(f"{counted(len(unchecked), 'backup is', 'backups are')} encrypted with a key not configured here, "
+                  f"listed unchecked (storage checks only): {escape(str(unchecked[-1].key_error))}", highlight=False, soft_wrap=True)
     _print_interrupted_swaps(store)
+
+
+def _sealed_cell(entry) -> str:
+    """`backup list`'s sealed column: encrypted (its MAC checked), encrypted without the key
+    here (unchecked), or plaintext."""
+    if entry.manifest is None:
+        return "?"
+    if not entry.encrypted:
+        return "no"
+    return "no key" if entry.unchecked else "yes"
 
 
 def _print_interrupted_swaps(store) -> None:
@@ -1017,7 +1047,8 @@ def backup_verify(
     (--kind base: a base backup unpacked and checked against its manifest by pg_verifybackup;
     --kind wal: every WAL segment from the oldest usable base backup on, read back and checked).
 
-    Exits non-zero when anything is wrong.
+    An encrypted backup without its key gets storage checks only (sizes and sha256 of the
+    sealed objects): said so, and not recorded as verified. Exits non-zero when anything is wrong.
 
     Examples:
 
@@ -1049,7 +1080,7 @@ def backup_verify(
     if as_json:
         out.print_json(json.dumps({"id": report.backup_id, "ok": report.ok, "problems": report.problems,
                                    "objects": report.objects, "bytes_read": report.bytes_read,
-                                   "duration_s": report.duration_s}))
+                                   "duration_s": report.duration_s, "storage_only": report.storage_only}))
     else:
         _print_report(report)
     if not report.ok:
@@ -1547,6 +1578,9 @@ def drill_list(
     history = list_drills(store, limit=limit)
     for line in history.skipped:  # on stderr: the JSON on stdout stays the list
         err.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
+    if history.locked:
+        err.print(f"{counted(history.locked, 'drill record is', 'drill records are')} encrypted and not shown: "
+                  f"{escape(history.locked_by or '')}", highlight=False, soft_wrap=True)
     if as_json:
         out.print_json(json.dumps([{**r.to_dict(), "key": r.key} for r in history.records]))
         return

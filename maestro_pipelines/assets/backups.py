@@ -154,6 +154,9 @@ def verification_summary(report) -> str:
     done elsewhere (`maestro backup verify`), which keeps no pg_restore --list counts."""
     if not report.ok:
         return "FAILED: " + "; ".join(report.problems)
+    if getattr(report, "storage_only", None):
+        return (f"storage checks only: full verification needs the key ({report.storage_only}); "
+                f"{report.objects} objects re-read ({human_bytes(report.bytes_read)} stored, sha256 and sizes match)")
     toc = getattr(report, "toc_entries", None)
     entries = f" (TABLE DATA entries {', '.join(f'{role}: {count}' for role, count in sorted(toc.items()))})" if toc else ""
     return (
