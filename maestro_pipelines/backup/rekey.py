@@ -32,7 +32,7 @@ from time import monotonic
 from typing import Any
 
 from maestro_pipelines.backup.drill_history import DRILLS_PREFIX
-from maestro_pipelines.backup.manifest import BACKUPS_PREFIX, MONTHLY_PREFIX
+from maestro_pipelines.backup.manifest import BACKUPS_PREFIX, MONTHLY_PREFIX, record_digest
 from maestro_pipelines.backup.phases import Phase, PhaseProgress
 from maestro_pipelines.backup.pitr.layout import PITR_PREFIX
 from maestro_pipelines.backup.sealing import ENCRYPTION_FIELD, RecordForged, check_signature, keyring_of
@@ -42,10 +42,6 @@ from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.storage import ObjectStore
 from maestro_pipelines.storage.base import ChecksumMismatch, ObjectNotFound
 
-try:
-    from maestro_pipelines.backup.manifest import record_digest
-except ImportError:  # until manifest.py names its digest function publicly (issue 17)
-    from maestro_pipelines.backup.manifest import _digest as record_digest
 
 RECORD_PREFIXES = (BACKUPS_PREFIX, MONTHLY_PREFIX, PITR_PREFIX, DRILLS_PREFIX)
 """Where records that hold data keys live (retention never sweeps drills/, so they are kept)."""
