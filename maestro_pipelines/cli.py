@@ -960,7 +960,11 @@ def _verify_base(store, base_id: str, month, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps({"id": report.base_id, "system_id": report.system_id, "ok": report.ok,
                                    "problems": report.problems, "bytes_read": report.bytes_read,
-                                   "duration_s": report.duration_s}))
+                                   "duration_s": report.duration_s, "storage_only": report.storage_only}))
+    elif report.ok and report.storage_only:
+        out.print(f"base backup {report.base_id}: storage-level checks passed ({human_bytes(report.bytes_read)} read, "
+                  "sizes and sha256 of the encrypted objects); no backup key is configured, so its contents were not "
+                  "checked (set MAESTRO_BACKUP_KEY for the full verification)", highlight=False)
     elif report.ok:
         out.print(f"base backup {report.base_id} verified: {human_bytes(report.bytes_read)} read, files match its "
                   f"backup manifest (pg_verifybackup), in {report.duration_s:.1f} s", highlight=False)
@@ -984,10 +988,14 @@ def _verify_wal(store, as_json: bool) -> None:
         reports = [verify_wal(store, system_id, progress) for system_id in servers]
     if as_json:
         out.print_json(json.dumps([{"system_id": r.system_id, "ok": r.ok, "first": r.first, "last": r.last,
-                                    "segments": r.segments, "bytes_read": r.bytes_read, "problems": r.problems}
-                                   for r in reports]))
+                                    "segments": r.segments, "bytes_read": r.bytes_read, "problems": r.problems,
+                                    "storage_only": r.storage_only} for r in reports]))
     for report in [] if as_json else reports:
-        if report.ok:
+        if report.ok and report.storage_only:
+            out.print(f"WAL of server {report.system_id}: {report.segments} segments ({report.first} to {report.last}), "
+                      f"{human_bytes(report.bytes_read)} read; {report.storage_only} encrypted ones checked at the storage "
+                      "level only (no backup key configured: sizes, sha256, key records)", highlight=False)
+        elif report.ok:
             out.print(f"WAL of server {report.system_id}: {report.segments} segments ({report.first} to {report.last}), "
                       f"{human_bytes(report.bytes_read)} read, each the bytes archived", highlight=False)
         for problem in report.problems:
