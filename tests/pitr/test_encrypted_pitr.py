@@ -375,3 +375,90 @@ def test_apply_retention_deletes_old_wal_and_only_the_key_records_no_kept_wal_na
     assert plan.delete_wal == names[:6]
     assert [r.key_id for r in key_records(store, SYSTEM_ID)] == [mid_key.key_id]  # segments 7 and 8 need it
 
+
+
+@contextmanager
+def replaced_by_plaintext(sealed, name: str, tmp_path: Path):
+    """The segment's own WAL as `wal push` without a key stores it (plain zstd, plain sha256):
+    what anyone who can write the bucket can put there, with no key at all."""
+    store, system_id = sealed["store"], sealed["server"].system_id
+    key = layout.wal_key(system_id, name)
+    assert fetch_wal(store, system_id, name, tmp_path / name)
+    store.copy(key, key + ".aside")
+    store.delete(key)
+    push_wal(keyed_store(sealed["root"] / "store", None), tmp_path / name, system_id)
+    try:
+        yield
+    finally:
+        store.copy(key + ".aside", key)
+        store.delete(key + ".aside")
+
+
+def test_plaintext_put_in_place_of_sealed_wal_or_after_a_sealed_base_is_not_used(sealed, tmp_path):
+    from tests.pitr.base_helpers import fake_record, put_fake_base
+
+    store, system_id, name = sealed["store"], sealed["server"].system_id, sealed["incremental"].start_wal
+    assert sealed["full"].wal_sealed and sealed["incremental"].wal_sealed
+    with replaced_by_plaintext(sealed, name, tmp_path):
+        report = verify_wal(store, system_id)
+        assert len(report.problems) == 1 and name in report.problems[0] and "not encrypted" in report.problems[0]
+        feeder_refuses(sealed, name, tmp_path / "feed")
+    # A plaintext base backup newer than the encrypted ones: listed, never recovered from.
+    when = datetime.now(timezone.utc)
+    forged = put_fake_base(store, fake_record(f"{when:%Y%m%dT%H%M%SZ}-ffffff", name, name, when, system_id=system_id))
+    try:
+        [entry] = [e for e in list_base_backups(store) if e.base_id == forged.base_id]
+        assert entry.record is not None and "not encrypted" in entry.bad and not entry.verified
+        assert forged.base_id not in recovery_window(store, system_id).usable
+    finally:
+        from maestro_pipelines.backup.pitr.base import remove_base_folder
+
+        remove_base_folder(store, layout.base_root(system_id, forged.base_id))
+
+
+def test_the_monthly_archive_copies_the_key_records_of_its_wal(sealed):
+    from maestro_pipelines.backup.archive import archive_base_backups
+    from maestro_pipelines.backup.pitr.walkeys import key_records, wal_data_key
+
+    store, system_id, full = sealed["store"], sealed["server"].system_id, sealed["full"]
+    month = f"{datetime.now(timezone.utc):%Y-%m}"
+    [(_sid, base_id, copied)] = archive_base_backups(store, month)
+    assert base_id == full.base_id and copied  # the newest verified one
+    archived = {r.key_id for r in key_records(store, system_id, month)}
+    sealed_with = {info.metadata[layout.WAL_KEY_ID_KEY] for info in store.list(layout.wal_prefix(system_id, month))}
+    assert sealed_with and sealed_with <= archived
+    for key_id in sealed_with:  # opened from the archive's own copy
+        assert wal_data_key(store, system_id, key_id, month).key_id == key_id
+    assert [e.base_id for e in list_base_backups(store, month=month) if e.data_key is not None] == [full.base_id]
+
+
+def test_records_rewrapped_by_a_rekey_stay_valid_under_the_new_key_alone(tmp_path):
+    """What `maestro backup rekey` does to any record with an envelope (rewrap, recompute the
+    digest, one put) keeps base.json's MAC, its verification record and the WAL key records good."""
+    from maestro_pipelines.backup.pitr import base
+    from maestro_pipelines.backup.pitr.walkeys import key_records
+    from maestro_pipelines.crypto import Envelope
+    from tests.pitr.base_helpers import SYSTEM_ID, fake_record, put_fake_base, segments
+    from tests.pitr.conftest import synthetic_segment
+
+    old, new = generate_key(), generate_key()
+    store = keyed_store(tmp_path / "store", old)
+    push_wal(store, synthetic_segment(tmp_path, size=1 << 20))
+    record = put_fake_base(store, fake_record("20261130T010000Z-aaaaaa", segments(1, 1)[0], segments(1, 1)[0], NOW),
+                           verified=False)
+    root = layout.base_root(SYSTEM_ID, record.base_id)
+    data_key = store.keyring.new_data_key()
+    store.put_bytes(f"{root}/{layout.BASE_RECORD}", base._sealed_record(store, record, data_key))
+    [entry] = list_base_backups(store)
+    base._record_verification(store, entry, base.BaseVerifyReport(record.base_id, SYSTEM_ID, True), data_key)
+    rekeyed = keyring_from_values(new, old, None, None)
+    for key in [f"{root}/{layout.BASE_RECORD}"] + [r.key for r in key_records(store, SYSTEM_ID)]:
+        body = json.loads(store.get_bytes(key))
+        body.pop("digest")
+        body["encryption"] = rekeyed.rewrap(Envelope.from_dict(body["encryption"], key), key).to_dict()
+        body["digest"] = layout.record_digest(body)
+        store.put_bytes(key, json.dumps(body).encode())
+    after = keyed_store(tmp_path / "store", new)
+    [entry] = list_base_backups(after)
+    assert entry.problem is None and entry.data_key is not None and entry.verified
+    assert fetch_wal(after, SYSTEM_ID, segments(1, 1)[0], tmp_path / "back")

@@ -58,7 +58,7 @@ from maestro_pipelines.backup.sealing import (
     sign,
 )
 from maestro_pipelines.crypto import DataKey, SealBroken
-from maestro_pipelines.crypto.keys import BackupKeyError, KeyServiceUnavailable
+from maestro_pipelines.crypto.keys import BackupKeyError, BackupKeyWrong
 from maestro_pipelines.backup.types import DatabaseTarget, MiB, Progress
 from maestro_pipelines.objectives import INCREMENTAL_CHAIN_MAX
 from maestro_pipelines.redaction import hide_secret
@@ -261,7 +261,9 @@ def _open_record(store: ObjectStore, entry: BaseEntry, body: dict[str, Any]) -> 
         return
     try:
         entry.data_key = keyring.open(envelope, what)
-    except KeyServiceUnavailable as exc:
+    except BackupKeyWrong:
+        raise  # its KEK is here and does not open it: the envelope was altered, not usable
+    except BackupKeyError as exc:  # the key service down, disabled or refusing: the backup is not at fault
         entry.locked = exc.problem
         return
     check_signature(body, entry.data_key, what)  # RecordForged: edited without the key, not usable

@@ -165,7 +165,8 @@ class WalFeeder:
                                                  "(--to-time, --to-lsn), or put a good copy of it back in the store")
             found = False
         except BackupKeyError as exc:  # its key record's backup key is not configured: said as the key says it
-            self.problem = WalError(exc.problem, f"Nothing was restored; {exc.hint or 'configure the backup key'}")
+            hint = exc.hint or "Configure the backup key"
+            self.problem = WalError(exc.problem, f"Nothing was restored; {hint[:1].lower()}{hint[1:]}")
             found = False
         except Exception as exc:  # a store outage: the recovery cannot go on, and says why
             self.problem = WalError(f"WAL file {name} could not be read from the store at {self.store.url}: "

@@ -44,6 +44,7 @@ from maestro_pipelines.backup.sealing import (
 )
 from maestro_pipelines.crypto import DataKey
 from maestro_pipelines.crypto.keys import BackupKeyError
+from maestro_pipelines.storage import StoreError
 
 FORMAT_VERSION = 1
 DIGEST_PURPOSE = b"wal digest v1"
@@ -78,8 +79,9 @@ def _cache(store) -> dict:
     return store.__dict__.setdefault(_CACHE, {})
 
 
-def _read_record(store, name: KeyRecordName, system_id: str) -> tuple[dict, DataKey]:
-    """The record's body and data key: JSON, digest, server, id and MAC checked. One line each."""
+def _read_record(store, name: KeyRecordName, system_id: str, kek_id: str | None = None) -> tuple[dict, DataKey] | None:
+    """The record's body and data key: JSON, digest, server, id and MAC checked. One line each.
+    None when `kek_id` is given and the record is wrapped by another KEK (not unwrapped)."""
     what = f"the WAL of server {system_id} sealed with data key {name.key_id} (key record {name.key})"
 
     def invalid(why: str) -> ManifestInvalid:
@@ -90,6 +92,8 @@ def _read_record(store, name: KeyRecordName, system_id: str) -> tuple[dict, Data
     envelope = envelope_of(body, what)
     if envelope is None or envelope.key_id != name.key_id or str(body.get("system_id")) != str(system_id):
         raise invalid("is not the record of its name (another key id or server)")
+    if kek_id is not None and envelope.kek_id != kek_id:
+        return None
     data_key = data_key_of(store, body, what)
     check_signature(body, data_key, what)
     return body, data_key
@@ -109,11 +113,11 @@ def push_key(store, system_id: str, now: datetime | None = None) -> DataKey | No
     data_key = None
     for name in key_records(store, system_id, day=day):
         try:
-            body, found = _read_record(store, name, system_id)
-        except (BackupKeyError, ManifestInvalid):
-            continue  # a record this key cannot open, or a forged one: not reused, never deleted here
-        if body["encryption"]["kek_id"] == keyring.current.id:
-            data_key = found
+            found = _read_record(store, name, system_id, keyring.current.id)
+        except (BackupKeyError, ManifestInvalid, StoreError):
+            continue  # a forged record, or one gone since the listing: not reused, never deleted here
+        if found is not None:
+            data_key = found[1]
             break
     if data_key is None:
         data_key = _new_record(store, system_id, day, now)
@@ -147,7 +151,7 @@ def wal_data_key(store, system_id: str, key_id: str, month: str | None = None) -
                        "Without it that WAL cannot be read: restore the record from another copy of the store, "
                        "or recover to a point before that WAL")
     try:
-        _body, data_key = _read_record(store, names[0], system_id)
+        _body, data_key = _read_record(store, names[0], system_id)  # type: ignore[misc]
     except (RecordForged, ManifestInvalid) as exc:
         raise WalError(exc.problem, exc.hint) from None
     _cache(store)[("read", prefix, key_id)] = (keyring, data_key)
