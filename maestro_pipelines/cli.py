@@ -510,11 +510,19 @@ def _entry_row(entry, now) -> dict:
         "verified_at": entry.verification.verified_at.isoformat() if entry.verified else None,
         "bad": entry.bad is not None,
         "problem": entry.bad,
+        "encrypted": entry.encrypted if manifest else None,
+        "unchecked": str(entry.key_error) if entry.unchecked else None,
     }
 
 
 def _print_report(report) -> None:
-    if report.ok:
+    if report.ok and report.storage_only:
+        out.print(
+            f"backup {report.backup_id}: storage checks only: full verification needs the key "
+            f"({report.storage_only}). {report.objects} objects read, sizes and sha256 match the manifest",
+            highlight=False, soft_wrap=True,
+        )
+    elif report.ok:
         out.print(
             f"backup {report.backup_id} verified: {report.objects} objects, "
             f"{human_bytes(report.bytes_read)} read from the store (compressed), in {report.duration_s:.1f} s",
@@ -566,6 +574,10 @@ def backup_run(
     targets, notes = backup_targets(settings)
     for note in notes:
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    from maestro_pipelines.backup.sealing import unencrypted_warning
+
+    if (warning := unencrypted_warning(store)) is not None:  # also in the manifest's notes
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
     if kind == "base":
         _base_backup_run(store, targets, verify, as_json, required=True)
         return
@@ -587,6 +599,7 @@ def _print_backup_run(store, manifest, report, base_run, as_json: bool) -> None:
         summary = {
             "base_backups": _base_run_summary(base_run) if base_run else None,
             "id": manifest.backup_id,
+            "encrypted": manifest.encrypted,
             "store": store.url,
             "databases": {d.role: {"database": d.database, "dump_bytes": d.dump_bytes, "stored_bytes": d.compressed_bytes,
                                    "rows": d.rows, "tables": len(d.tables)} for d in manifest.databases},
@@ -671,7 +684,9 @@ def backup_list(
     in the store, compressed (its dumps and its list of model artifacts; --json has dump_bytes,
     the dumps unpacked, what a restore writes out). Verified: yes; no; BAD (its
     verification failed, or an object is missing or changed since, found by one cheap head per
-    object). `maestro backup info` says whether that is enough."""
+    object). Sealed: yes (encrypted, its signature checked with the key); no key (encrypted,
+    and the key it needs is not configured: listed unchecked); no (plaintext). `maestro
+    backup info` says whether that is enough."""
     from maestro_pipelines.backup import check_objects, list_backups
     from maestro_pipelines.backup.manifest import utcnow
     from maestro_pipelines.formatting import human_duration
@@ -692,7 +707,7 @@ def backup_list(
     # of the time again: an 80-column terminal fits five columns (archives show their month
     # instead of databases).
     for column, justify in (("id", "left"), ("month", "left"), ("age", "right"),
-                            ("databases", "left"), ("stored", "right"), ("verified", "left")):
+                            ("databases", "left"), ("stored", "right"), ("verified", "left"), ("sealed", "left")):
         if (column == "month" and not monthly) or (column == "databases" and monthly):
             continue
         # Ids and times are copied into other commands: never wrapped or cut.
@@ -705,13 +720,28 @@ def backup_list(
         ] + ([] if monthly else [",".join(row["databases"])]) + [
             human_bytes(entry.stored_bytes) if entry.manifest else "?",
             verified,
+            _sealed_cell(entry),
         ]
         table.add_row(*cells)
     _print_titled(table)
     for entry in entries:
         if entry.bad:
             err.print(f"{entry.backup_id}: {entry.bad}", highlight=False, soft_wrap=True)
+    unchecked = [e for e in entries if e.unchecked]
+    if unchecked:
+        err.print(f"{counted(len(unchecked), 'backup is', 'backups are')} encrypted with a key not configured here, "
+                  f"listed unchecked (storage checks only): {escape(str(unchecked[-1].key_error))}", highlight=False, soft_wrap=True)
     _print_interrupted_swaps(store)
+
+
+def _sealed_cell(entry) -> str:
+    """`backup list`'s sealed column: encrypted (its MAC checked), encrypted without the key
+    here (unchecked), or plaintext."""
+    if entry.manifest is None:
+        return "?"
+    if not entry.encrypted:
+        return "no"
+    return "no key" if entry.unchecked else "yes"
 
 
 def _print_interrupted_swaps(store) -> None:
@@ -799,6 +829,7 @@ def _print_info(info) -> None:
         line("monthly", "none yet (`maestro backup archive`)")
     line("drill", _info_drill(info.drill))
     _print_recovery_windows(info)
+    _print_encryption(info.encryption)
     _print_automation(info)
     for activity in info.running:
         line("running", f"{activity.kind} {activity.ident} since {activity.started_at:%Y-%m-%d %H:%M:%S} UTC "
@@ -819,6 +850,118 @@ def _print_automation(info) -> None:
         said = ("the backup schedules and sensors start running (MAESTRO_DATABASE_URL is set) unless "
                 f"stopped in the Dagster UI; see `{AUTOMATION_STATUS_COMMAND}`")
     _print_keyed("automation", said)
+
+
+def _print_encryption(status) -> None:
+    """`backup info`'s lines of the keys: ids only, never a key."""
+    if status.current:
+        required = " (MAESTRO_BACKUP_ENCRYPTION=required)" if status.required else ""
+        _print_keyed("encryption", f"new backups are encrypted under backup key {status.current} ({status.source}){required}")
+        _print_keyed("", f"  {status.current}: {counted(status.records.get(status.current, 0), 'record')}")
+    else:
+        _print_keyed("encryption", "none: new backups are not encrypted (`maestro backup keygen` makes a key for "
+                     "MAESTRO_BACKUP_KEY)")
+    for kek in status.old:
+        needed = status.records.get(kek, 0)
+        _print_keyed("", f"  old key {kek} can be retired: no record needs it" if not needed else
+                     f"  old key {kek} is still needed by {counted(needed, 'record')}: run `maestro backup rekey`")
+    for kek, records in status.unconfigured.items():
+        _print_keyed("", f"  {kek}: {counted(records, 'record')}, NOT CONFIGURED: those backups cannot be read")
+    if status.plain:
+        _print_keyed("", f"  not encrypted: {counted(status.plain, 'record')} (backups taken without a key)")
+
+
+def _rekey_test_pause():
+    """Tests only: MAESTRO_TEST_REKEY_PAUSE=`STAGE:N` makes the rekey say so on stderr and wait
+    for a line on stdin when the Nth record it rewrites reaches STAGE (`prepared`: rewrapped,
+    not put; `writing`: inside the put; `written`: put), so a test can kill it exactly there."""
+    value = os.environ.get("MAESTRO_TEST_REKEY_PAUSE")
+    if not value:
+        return None
+    stage, _, count = value.partition(":")
+
+    def checkpoint(at: str, n: int, key: str) -> None:
+        if at == stage and n == int(count):
+            sys.stderr.write(f"rekey paused {at} {n}: {key}\n")
+            sys.stderr.flush()
+            sys.stdin.readline()
+
+    return checkpoint
+
+
+@backup_app.command("keygen")
+def backup_keygen() -> None:
+    """Print a new backup key (32 random bytes, base64) for MAESTRO_BACKUP_KEY.
+
+    Only the key goes to stdout, so it can go straight into your secret store; keep it there
+    and never in the store it protects (a key beside the backups protects nothing) nor in a
+    repository. Losing it loses every backup encrypted under it:
+    docs/runbooks/lost-or-leaked-backup-key.md.
+
+    Examples:
+        maestro backup keygen
+        maestro backup keygen > new-key.txt  # then into the secret store, and shred the file
+    """
+    from maestro_pipelines.crypto import generate_key
+    from maestro_pipelines.crypto.keys import parse_local_key
+
+    key = generate_key()
+    sys.stdout.write(key + "\n")
+    sys.stdout.flush()
+    err.print(f"a new backup key, id {parse_local_key(key, 'the new key').id} (what `maestro backup info` shows): "
+              "keep it in your secret store as MAESTRO_BACKUP_KEY, never in the backup store or a repository; "
+              "without it its backups cannot be read", highlight=False, soft_wrap=True)
+
+
+@backup_app.command("rekey")
+def backup_rekey(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be rewrapped and what needs a key; write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
+) -> None:
+    """Rewrap every backup's data key under the current backup key, after a key rotation.
+
+    Set the new key (MAESTRO_BACKUP_KEY or MAESTRO_BACKUP_KMS_KEY_ID) and the old ones in
+    MAESTRO_BACKUP_OLD_KEYS, then run this: every record that holds a data key (manifests,
+    verification and base backup records, WAL key records, drill records, monthly archives
+    included) wrapped by another key is rewrapped and rewritten, one record at a time, each in
+    one atomic write. No data is read or rewritten. Killed at any point, every backup is still
+    readable with the old or the new key; run it again to finish. Then `maestro backup info`
+    says which old key can be retired.
+
+    Exit code 1 when a record needs a key that is not configured (named), or was not rewritten
+    (damaged, forged): the others are done.
+
+    Examples:
+        maestro backup rekey --dry-run
+        MAESTRO_BACKUP_OLD_KEYS="$OLD_KEY" MAESTRO_BACKUP_KEY="$NEW_KEY" maestro backup rekey"""
+    from maestro_pipelines.backup.rekey import rekey_store
+
+    store = _store()
+    with _progress("rekey", keep=False) as progress:
+        report = rekey_store(store, dry_run=dry_run, phases=progress.phase, checkpoint=_rekey_test_pause())
+    if as_json:
+        out.print_json(json.dumps(report.as_dict()))
+    else:
+        _print_rekey(report)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _print_rekey(report) -> None:
+    from maestro_pipelines.backup.rekey import needs_key_hint
+
+    verb = "would be rewrapped" if report.dry_run else "rewrapped"
+    out.print(f"rekey of {report.store_url} under backup key {report.kek_id}: {counted(len(report.rewrapped), 'record')} "
+              f"{verb}, {len(report.current)} already under it, {report.plain} not encrypted (skipped)",
+              highlight=False, soft_wrap=True)
+    for kek, records in report.needs_key.items():
+        shown = ", ".join(records[:5]) + (f" and {len(records) - 5} more (--json lists all)" if len(records) > 5 else "")
+        out.print(f"still need backup key {kek}, which is not configured: {counted(len(records), 'record')} ({shown}). "
+                  f"{needs_key_hint(kek)}", highlight=False, soft_wrap=True)
+    for key, problem in report.problems.items():
+        out.print(f"not rewrapped: {key}: {problem}", highlight=False, soft_wrap=True)
+    if report.ok and not report.dry_run:
+        out.print(f"every encrypted record is under {report.kek_id}: `maestro backup info` says which old key can be "
+                  "retired", highlight=False, soft_wrap=True)
 
 
 def _print_keyed(key: str, value: str) -> None:
@@ -904,7 +1047,8 @@ def backup_verify(
     (--kind base: a base backup unpacked and checked against its manifest by pg_verifybackup;
     --kind wal: every WAL segment from the oldest usable base backup on, read back and checked).
 
-    Exits non-zero when anything is wrong.
+    An encrypted backup without its key gets storage checks only (sizes and sha256 of the
+    sealed objects): said so, and not recorded as verified. Exits non-zero when anything is wrong.
 
     Examples:
 
@@ -936,7 +1080,7 @@ def backup_verify(
     if as_json:
         out.print_json(json.dumps({"id": report.backup_id, "ok": report.ok, "problems": report.problems,
                                    "objects": report.objects, "bytes_read": report.bytes_read,
-                                   "duration_s": report.duration_s}))
+                                   "duration_s": report.duration_s, "storage_only": report.storage_only}))
     else:
         _print_report(report)
     if not report.ok:
@@ -1442,6 +1586,9 @@ def drill_list(
     history = list_drills(store, limit=limit)
     for line in history.skipped:  # on stderr: the JSON on stdout stays the list
         err.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
+    if history.locked:
+        err.print(f"{counted(history.locked, 'drill record is', 'drill records are')} encrypted and not shown: "
+                  f"{escape(history.locked_by or '')}", highlight=False, soft_wrap=True)
     if as_json:
         out.print_json(json.dumps([{**r.to_dict(), "key": r.key} for r in history.records]))
         return

@@ -25,7 +25,7 @@ LAYOUT: dict[str, tuple[str, ...]] = {
 # Subcommands in the order of use; any not named here follow, as registered.
 ORDER: dict[str, tuple[str, ...]] = {
     "tenants": ("add", "load", "list"),
-    "backup": ("info", "run", "list", "verify", "archive", "retention", "automation"),
+    "backup": ("info", "run", "list", "verify", "archive", "retention", "keygen", "rekey", "automation"),
     "restore": ("status", "finish", "undo", "cleanup"),
     "drill": ("list",),
     "wal": ("status", "push", "fetch"),

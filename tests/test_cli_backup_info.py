@@ -197,7 +197,7 @@ def test_backup_list_shows_each_backups_age(env):
     table = run_maestro("backup", "list", env=env)
     assert table.returncode == 0, table.stderr
     header = next(line for line in table.stdout.splitlines() if "id" in line and "verified" in line)
-    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["id", "age", "databases", "stored", "verified"]
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["id", "age", "databases", "stored", "verified", "sealed"]
     [row] = [line for line in table.stdout.splitlines() if first["id"] in line]
     age = row.split("│")[2].strip()
     assert age.endswith(" s") or age.endswith(" min"), row

@@ -45,7 +45,7 @@ PSQL = str(bin_dir() / "psql")
 # Every runbook in docs/runbooks that has a test below.
 TESTED = {
     "total-database-loss.md", "bad-tenant-data.md", "point-in-time-restore.md",
-    "lost-dagster-instance.md", "lost-store-credentials.md",
+    "lost-dagster-instance.md", "lost-store-credentials.md", "lost-or-leaked-backup-key.md",
 }
 RUN_BEFORE = "0f1e2d3c-0000-4000-8000-00000000b4f0"   # a Dagster run in the backup
 RUN_AFTER = "0f1e2d3c-0000-4000-8000-0000000a4732"    # one after it (lost when Dagster's database is restored)
@@ -560,6 +560,50 @@ def test_lost_store_credentials(site, tmp_path, moto_with_iam, case):
     site.env.update({"AWS_ACCESS_KEY_ID": new[0], "AWS_SECRET_ACCESS_KEY": secret})
     backups = site.backups()
     assert len(backups) == 2 and all(b["verified"] for b in backups)
+
+
+def test_lost_or_leaked_backup_key(site):
+    """Backups under key K1 (the platform database only, dumps only: no database is touched
+    here). K1 leaks: the runbook rotates to a new key and retires K1. Then that key is lost:
+    the runbook takes a new backup under a third key and names what the lost one wrapped."""
+    from maestro_pipelines.backup.rekey import key_census
+    from maestro_pipelines.crypto import generate_key
+    from maestro_pipelines.storage import open_store
+    from tests.backup.sealed_records import DRILL_FIELDS, check_backup, keyring, write_backup
+
+    k1 = generate_key()
+    site.env.pop("MAESTRO_DAGSTER_DATABASE_URL")
+    site.env["MAESTRO_BACKUP_KEY"] = k1
+    site.maestro("db", "upgrade")
+    site.add_tenants("acme")
+    site.maestro("backup", "run", "--kind", "dump")
+    store = open_store(site.env["MAESTRO_STORE_URL"])
+    store.keyring = keyring(k1)
+    # A record under K1 as a drill writes it, so that the rotation has one whatever else is encrypted.
+    drill = "drills/20261201T030000000000Z-000001.json"
+    write_backup(store, drill, DRILL_FIELDS)
+
+    run_runbook(site, "lost-or-leaked-backup-key.md", "leaked")
+    shell = (site.tmp / "oncall-shell.sh").read_text()
+    k2 = re.search(r'MAESTRO_BACKUP_KEY="([^"]+)"', shell).group(1)
+    assert k2 != k1 and "MAESTRO_BACKUP_OLD_KEYS" not in shell and k1 not in shell
+    k2_id = keyring(k2).current.id
+    assert set(key_census(store).by_kek) == {k2_id}                     # nothing left under the leaked key
+    assert check_backup(store, drill, keyring(k2)) == k2_id             # the new key alone reads it
+    site.env["MAESTRO_BACKUP_KEY"] = k2                                 # the services' new environment
+    backups = site.backups()
+    assert len(backups) == 2 and all(b["verified"] for b in backups)
+
+    del site.env["MAESTRO_BACKUP_KEY"]                                  # then the new key is lost
+    transcript = run_runbook(site, "lost-or-leaked-backup-key.md", "lost")
+    k3 = re.search(r'MAESTRO_BACKUP_KEY="([^"]+)"', (site.tmp / "oncall-shell.sh").read_text()).group(1)
+    gone = " ".join(transcript.output("rekey --dry-run").split())
+    assert f"still need backup key {k2_id}, which is not configured" in gone, gone
+    assert f"{k2_id}: 1 record, NOT CONFIGURED" in gone or re.search(rf"{k2_id}: \d+ records, NOT CONFIGURED", gone)
+    assert f"under backup key {keyring(k3).current.id}" in gone and k2 not in gone and k3 not in gone
+    site.env["MAESTRO_BACKUP_KEY"] = k3
+    backups = site.backups()
+    assert len(backups) == 3 and backups[-1]["verified"]
 
 
 # ---- the runbooks as documents -------------------------------------------------------------

@@ -154,6 +154,9 @@ def verification_summary(report) -> str:
     done elsewhere (`maestro backup verify`), which keeps no pg_restore --list counts."""
     if not report.ok:
         return "FAILED: " + "; ".join(report.problems)
+    if getattr(report, "storage_only", None):
+        return (f"storage checks only: full verification needs the key ({report.storage_only}); "
+                f"{report.objects} objects re-read ({human_bytes(report.bytes_read)} stored, sha256 and sizes match)")
     toc = getattr(report, "toc_entries", None)
     entries = f" (TABLE DATA entries {', '.join(f'{role}: {count}' for role, count in sorted(toc.items()))})" if toc else ""
     return (
@@ -230,6 +233,18 @@ def store_history_md(entries, now: datetime) -> str:
     return "\n".join(lines)
 
 
+def encryption_summary(manifest, object_store) -> str:
+    """How the backup is sealed, by the key id only; a cloud store's plaintext backup says so
+    (the same warning `maestro backup run` prints and the manifest's notes carry)."""
+    from maestro_pipelines.backup.sealing import unencrypted_warning
+
+    if manifest.encryption:
+        return (f"encrypted (AES-256-GCM, its own data key wrapped by backup key {manifest.encryption['kek_id']}); "
+                "manifest signed")
+    warning = unencrypted_warning(object_store)
+    return f"NOT encrypted: {warning}" if warning else "not encrypted (no backup key configured; local store)"
+
+
 def _backup_metadata(manifest, object_store, rpo_s: Optional[float]) -> dict:
     metadata = {
         "backup_id": dg.MetadataValue.text(manifest.backup_id),
@@ -253,6 +268,7 @@ def _backup_metadata(manifest, object_store, rpo_s: Optional[float]) -> dict:
         "per_database": _database_table(manifest),
         "largest_tables": dg.MetadataValue.md(_largest_tables(manifest)),
         "artifacts": dg.MetadataValue.text(f"{manifest.artifacts.count if manifest.artifacts else 0} MLflow artifact files"),
+        "encryption": dg.MetadataValue.text(encryption_summary(manifest, object_store)),
         "notes": markdown_list(manifest.notes),
     }
     if rpo_s is not None:  # the first backup closed no gap: left out rather than plotted as 0
@@ -298,6 +314,11 @@ def _take_backup(context, platform_db: PlatformDatabase, mlflow: MLflowRegistry,
         f"Backup {manifest.backup_id} committed: {human_bytes(manifest.dump_bytes)} dumped, "
         f"{human_bytes(manifest.stored_bytes)} stored in {time.monotonic() - started:.1f} s; verifying"
     )
+    if not manifest.encrypted:
+        from maestro_pipelines.backup.sealing import unencrypted_warning
+
+        if (warning := unencrypted_warning(object_store)) is not None:
+            context.log.warning(warning)
     return manifest
 
 

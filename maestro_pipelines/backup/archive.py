@@ -1,6 +1,11 @@
 """Monthly archives: a server-side copy of the newest verified backup of a month into
 `monthly/<YYYY-MM>/<backup_id>/`, manifest and verification record copied last (the same
-commit rule as a backup: an archive without its manifest does not exist)."""
+commit rule as a backup: an archive without its manifest does not exist).
+
+An encrypted backup's archive is the same bytes: sealed under the same data key, its manifest
+with the same envelope and MAC, its verified.json naming that MAC; the archive's folder has
+the backup's id, which the manifest must carry. So it lists, verifies and restores with the
+key like the original, and a rekey rewraps it like any manifest."""
 
 from __future__ import annotations
 

@@ -1,7 +1,15 @@
-"""Finding backups: only those with a manifest exist; `verified.json` says which were checked."""
+"""Finding backups: only those with a manifest exist; `verified.json` says which were checked.
+
+An encrypted backup's manifest is believed only once its MAC checks under its data key (the
+envelope opened by the store's keyring): a forged one, or one moved from another backup's
+folder, is listed as BAD and never restored. Without the key (none configured, or not the
+one it was wrapped by) it is still listed from its manifest, marked unchecked (`key_error`):
+its storage can be checked, nothing more, and a restore says which key it needs.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -19,6 +27,8 @@ from maestro_pipelines.backup.manifest import (
     backup_root,
     check_backup_id,
 )
+from maestro_pipelines.backup.sealing import RecordForged, check_signature, usable_data_key
+from maestro_pipelines.crypto import BackupKeyError, DataKey
 from maestro_pipelines.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
 
@@ -50,20 +60,34 @@ class BackupEntry:
     damage: str | None = None
     """Set by `check_objects` when an object no longer matches the manifest (missing,
     another size or sha256, altered in place): the backup then no longer counts as verified."""
+    data_key: DataKey | None = None
+    """An encrypted backup's data key, opened (its manifest's MAC checked under it)."""
+    key_error: BackupKeyError | None = None
+    """An encrypted backup whose data key could not be opened (no key configured, another
+    one, the key service down): listed unchecked, verified by storage only, not restorable."""
 
     @property
     def started_at(self) -> datetime | None:
         return self.manifest.started_at if self.manifest else None
 
     @property
+    def encrypted(self) -> bool:
+        return self.manifest is not None and self.manifest.encrypted
+
+    @property
+    def unchecked(self) -> bool:
+        """Encrypted, and the key to check its manifest and verified.json is not at hand."""
+        return self.encrypted and self.key_error is not None
+
+    @property
     def verified(self) -> bool:
-        return (
-            self.manifest is not None
-            and self.verification is not None
-            and self.verification.ok
-            and self.verification.manifest_sha256 == self.manifest_sha256
-            and self.damage is None
-        )
+        """The last verification passed for this very manifest (by its MAC when encrypted:
+        a rekey rewrites the manifest's bytes, not its MAC) and no object changed since."""
+        if self.manifest is None or self.verification is None or not self.verification.ok or self.damage:
+            return False
+        if self.encrypted:
+            return self.manifest.mac is not None and self.verification.manifest_mac == self.manifest.mac
+        return self.verification.manifest_sha256 == self.manifest_sha256
 
     @property
     def verification_failed(self) -> bool:
@@ -95,24 +119,57 @@ def _group(store: ObjectStore, prefix: str) -> dict[str, set[str]]:
     return roots
 
 
+def _open_manifest(store: ObjectStore, entry: BackupEntry, manifest: BackupManifest, data: bytes, where: str) -> None:
+    """The checks a keyless digest cannot make: the manifest is its folder's backup's, and an
+    encrypted one's MAC is right under its data key (set as `entry.data_key`). No usable key:
+    `entry.key_error`, the manifest taken unchecked. Raises ManifestInvalid or RecordForged."""
+    if manifest.backup_id != entry.backup_id:
+        raise ManifestInvalid(
+            f"The backup manifest {where} is backup {manifest.backup_id}'s, not {entry.backup_id}'s "
+            "(moved in from another backup's folder)",
+            "Do not restore from this backup: use another restore point, and find out who can write the store",
+        )
+    body = json.loads(data)
+    entry.data_key, entry.key_error = usable_data_key(store, body, f"backup {entry.backup_id}")
+    if entry.data_key is None:
+        return  # plaintext, or unchecked: its key is not at hand
+    check_signature(body, entry.data_key, f"The backup manifest {where}")
+
+
+def _verification(store: ObjectStore, entry: BackupEntry) -> VerificationRecord | None:
+    """verified.json as written by verify; for an encrypted backup with its key, only if its
+    MAC is right (anyone can write a record that says "ok")."""
+    try:
+        data = store.get_bytes(f"{entry.root}/{VERIFIED_NAME}")
+    except (ObjectNotFound, ChecksumMismatch):
+        return None
+    record = VerificationRecord.from_json(data)
+    if record is not None and entry.data_key is not None:
+        try:
+            check_signature(json.loads(data), entry.data_key, f"verified.json of backup {entry.backup_id}")
+        except RecordForged:
+            return None
+    return record
+
+
 def _load(store: ObjectStore, root: str, names: set[str]) -> BackupEntry:
     backup_id = root.rsplit("/", 1)[-1]
     parts = root.split("/")
     month = parts[1] if parts[0] == MONTHLY_PREFIX else None
     entry = BackupEntry(backup_id, root, month, None, None, None)
+    where = f"{store.url}/{root}/{MANIFEST_NAME}"
     try:
         head = store.head(f"{root}/{MANIFEST_NAME}")
         data = store.get_bytes(f"{root}/{MANIFEST_NAME}")
-        entry.manifest = BackupManifest.from_json(data, f"{store.url}/{root}/{MANIFEST_NAME}")
-        entry.manifest_sha256 = head.sha256
-    except (ManifestInvalid, ChecksumMismatch) as exc:
-        entry.problem = str(exc)
+        manifest = BackupManifest.from_json(data, where)
+        _open_manifest(store, entry, manifest, data, where)
+        entry.manifest, entry.manifest_sha256 = manifest, head.sha256
+    except (ManifestInvalid, ChecksumMismatch, BackupKeyError) as exc:
+        # RecordForged, a malformed envelope or one the configured key refuses: never believed.
+        entry.problem, entry.data_key, entry.key_error = str(exc), None, None
         return entry
     if VERIFIED_NAME in names:
-        try:
-            entry.verification = VerificationRecord.from_json(store.get_bytes(f"{root}/{VERIFIED_NAME}"))
-        except (ObjectNotFound, ChecksumMismatch):
-            entry.verification = None
+        entry.verification = _verification(store, entry)
     return entry
 
 

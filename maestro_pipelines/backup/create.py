@@ -6,6 +6,10 @@ For each database, in one REPEATABLE READ transaction that stays open for the wh
                           ->  row counts and content checksums (same snapshot, another thread)
 
 Nothing is written to local disk; the sha256 of every object is computed while it streams.
+With a backup key configured, each stream is sealed after zstd (backup/sealing.py: AES-256-GCM
+in 1 MiB chunks under the backup's own data key), and so is artifacts.json; the manifest
+carries the data key's envelope and a MAC, and the sha256 the store records is of the sealed
+bytes, so the store can be checked without the key.
 The snapshots of all databases are taken one right after the other before any dump starts,
 so the platform database and MLflow's registry describe the same moment. The manifest is
 written last: a backup killed at any point has no manifest and so does not exist for
@@ -42,6 +46,7 @@ from maestro_pipelines.backup.manifest import (
     DatabaseDump,
     backup_root,
     new_backup_id,
+    record_json,
     utcnow,
 )
 from maestro_pipelines.backup.phases import Phase, PhaseProgress
@@ -56,7 +61,9 @@ from maestro_pipelines.backup.pgtools import (
     ssl_only_hint,
     where,
 )
+from maestro_pipelines.backup.sealing import new_data_key, put_envelope, seal, sign, unencrypted_warning
 from maestro_pipelines.backup.types import DatabaseTarget, MiB, Progress
+from maestro_pipelines.crypto import DataKey
 from maestro_pipelines.redaction import hide_secret
 from maestro_pipelines.storage import ObjectStore
 
@@ -256,9 +263,18 @@ def _wait_for_checks(checker: threading.Thread, target: DatabaseTarget, phases: 
     checker.join()
 
 
+def _counted(chunks, counter: list[int]):
+    """`chunks` as they are, their bytes added up in `counter[0]` (the zstd size before sealing)."""
+    for chunk in chunks:
+        counter[0] += len(chunk)
+        yield chunk
+
+
 def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions, backup_id: str,
-          pg_dump: str, progress: Progress | None, phases: PhaseProgress | None = None) -> DatabaseDump:
-    """pg_dump of one snapshot streamed compressed into `key`, its tables checked beside it."""
+          pg_dump: str, progress: Progress | None, phases: PhaseProgress | None = None,
+          data_key: DataKey | None = None) -> DatabaseDump:
+    """pg_dump of one snapshot streamed compressed (and sealed, with a data key) into `key`,
+    its tables checked beside it."""
     target = snap.target
     started = time.monotonic()
     command = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={snap.snapshot_id}", "--no-password"]
@@ -269,9 +285,10 @@ def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions,
         _widen_pipe(process.stdout)
         checker, checks = _start_checks(snap, options)
         reader = _CountingReader(process.stdout, f"{target.role} ({target.database})", snap.database_bytes, progress)
+        compressed = [0]
         try:
-            info = store.put_stream(key, _compressed_chunks(process, stderr, reader, target, options),
-                                    {"backup_id": backup_id, "role": target.role})
+            chunks = _counted(_compressed_chunks(process, stderr, reader, target, options), compressed)
+            info = store.put_stream(key, seal(data_key, chunks), {"backup_id": backup_id, "role": target.role})
         finally:
             if process.poll() is None:
                 process.kill()
@@ -302,6 +319,7 @@ def _dump(store: ObjectStore, key: str, snap: _Snapshot, options: BackupOptions,
         duration_s=round(time.monotonic() - started, 3),
         database_bytes=int(snap.database_bytes),
         tables=checks["tables"],
+        zstd_bytes=compressed[0] if data_key is not None else None,
     )
 
 
@@ -337,13 +355,14 @@ def artifact_entries(store: ObjectStore, prefix: str, phases: PhaseProgress | No
 
 
 def _artifact_manifest(store: ObjectStore, options: BackupOptions, root: str, backup_id: str,
-                       phases: PhaseProgress | None) -> ArtifactsRecord | None:
-    """The backup's list of model artifacts (key, size, sha256), written beside its dumps."""
+                       phases: PhaseProgress | None, data_key: DataKey | None = None) -> ArtifactsRecord | None:
+    """The backup's list of model artifacts (key, size, sha256), written beside its dumps
+    (sealed with a data key: model names say which tenants there are)."""
     if not options.artifact_prefix:
         return None
     entries = artifact_entries(store, options.artifact_prefix, phases)
     body = json.dumps({"prefix": options.artifact_prefix, "objects": entries}, indent=1).encode()
-    info = store.put_bytes(f"{root}/{ARTIFACTS_NAME}", body, {"backup_id": backup_id})
+    info = store.put_bytes(f"{root}/{ARTIFACTS_NAME}", b"".join(seal(data_key, [body])), {"backup_id": backup_id})
     return ArtifactsRecord(
         key=info.key, sha256=info.sha256 or "", size=info.size, prefix=options.artifact_prefix,
         count=len(entries), total_bytes=sum(e["size"] for e in entries),
@@ -358,6 +377,22 @@ def _pg_dump_for(target: DatabaseTarget) -> str:
     return pg_dump
 
 
+def _check_targets(targets: list[DatabaseTarget]) -> None:
+    if not targets:
+        raise BackupError("Nothing to back up: no database was given", "Check MAESTRO_DATABASE_URL")
+    roles = [t.role for t in targets]
+    if len(set(roles)) != len(roles):
+        raise BackupError(f"Two databases have the same role in one backup: {roles}", "Give each a distinct role")
+
+
+def manifest_json(manifest: BackupManifest, data_key: DataKey | None) -> bytes:
+    """The manifest's stored bytes: with a data key, its envelope and then its MAC (signed
+    last, over every other field); its digest either way. `manifest` gets both fields."""
+    body = sign(put_envelope(manifest.to_dict(), data_key), data_key)
+    manifest.encryption, manifest.mac = body.get("encryption"), body.get("mac")
+    return record_json(body)
+
+
 def create_backup(
     store: ObjectStore,
     targets: list[DatabaseTarget],
@@ -369,16 +404,16 @@ def create_backup(
     """Back up `targets` into `store`; return the committed manifest. `progress` follows the
     bytes dumped; `phases` the hashing of model artifacts and a wait for a dump's checksums."""
     options = options or BackupOptions()
-    if not targets:
-        raise BackupError("Nothing to back up: no database was given", "Check MAESTRO_DATABASE_URL")
-    roles = [t.role for t in targets]
-    if len(set(roles)) != len(roles):
-        raise BackupError(f"Two databases have the same role in one backup: {roles}", "Give each a distinct role")
+    _check_targets(targets)
     pg_dump_version = program_version("pg_dump", targets[0].client_programs)
     pg_dumps = {target.role: _pg_dump_for(target) for target in targets}
     started_at = utcnow()
     backup_id = new_backup_id(started_at)
     root = backup_root(backup_id)
+    # Before anything is written: MAESTRO_BACKUP_ENCRYPTION=required without a key refuses
+    # here, and an unreachable KMS fails the backup before minutes of dumping.
+    data_key = new_data_key(store, f"backup {backup_id}")
+    notes = list(notes or []) + [w for w in [unencrypted_warning(store)] if w]
 
     with activity(store, "backup", backup_id):
         snapshots: list[_Snapshot] = []
@@ -388,11 +423,12 @@ def create_backup(
             for snap in snapshots:  # each server's version is known now; nothing is written yet
                 check_dumps_server(pg_dumps[snap.target.role], str(snap.server_version), int(snap.server_version_num),
                                    snap.target.url, snap.target.source)
-            artifacts = _artifact_manifest(store, options, root, backup_id, phases)
+            artifacts = _artifact_manifest(store, options, root, backup_id, phases, data_key)
             dumps = []
             for snap in snapshots:
                 key = f"{root}/{snap.target.role}{DUMP_SUFFIX}"
-                dumps.append(_dump(store, key, snap, options, backup_id, pg_dumps[snap.target.role], progress, phases))
+                dumps.append(_dump(store, key, snap, options, backup_id, pg_dumps[snap.target.role], progress, phases,
+                                   data_key))
                 snap.close()
             manifest = BackupManifest(
                 backup_id=backup_id,
@@ -402,10 +438,10 @@ def create_backup(
                 compression={"codec": "zstd", "level": options.compression_level, "threads": options.compression_threads},
                 databases=dumps,
                 artifacts=artifacts,
-                notes=list(notes or []),
+                notes=notes,
             )
             # The commit marker: from this write on, the backup exists.
-            store.put_bytes(f"{root}/{MANIFEST_NAME}", manifest.to_json(), {"backup_id": backup_id})
+            store.put_bytes(f"{root}/{MANIFEST_NAME}", manifest_json(manifest, data_key), {"backup_id": backup_id})
         except BaseException:
             # A failed backup removes what it wrote (a killed one leaves it to retention).
             remove_unfinished(store, root)

@@ -8,10 +8,25 @@ complete with its sha256 recorded (as for manifests), so a record is never half-
 `list_drills` skips (and names) a record that does not verify or parse.
 
 Retention sweeps `backups/` and `monthly/` only: drill records are kept.
+
+With a backup key configured, a record is sealed under a data key of its own:
+
+    {"format": 1, "drill_id": ..., "encryption": <envelope>, "sealed": <base64 of the sealed
+     record JSON>, "mac": ...}
+
+Sealed rather than kept in plaintext with a MAC: a drill's problems and notes name hosts,
+databases, tables and row counts that differ, which the store's reader has no business
+reading, and the issue asks for drill records encrypted like every other backup object. The
+envelope is at the top level (and the MAC skips its wrapping) so `maestro backup rekey`
+rewraps it like a manifest's; the sealed body repeats the drill id, checked against the
+record's key, so a body moved into another record is caught. Without the key, `list_drills`
+counts the records it cannot read (`DrillHistory.locked`) and says which key they need.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import secrets
 import socket
@@ -20,6 +35,17 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from maestro_pipelines.backup.manifest import _iso, _parse_time, utcnow
+from maestro_pipelines.backup.sealing import (
+    ENCRYPTION_FIELD,
+    check_signature,
+    new_data_key,
+    open_bytes,
+    put_envelope,
+    seal,
+    sign,
+    usable_data_key,
+)
+from maestro_pipelines.crypto import BackupKeyError, SealBroken
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.storage import ObjectStore
 from maestro_pipelines.storage.base import ChecksumMismatch, ObjectNotFound
@@ -126,9 +152,16 @@ def drill_record(report, source: str, run_id: str | None = None) -> DrillRecord:
 
 
 def record_drill(store: ObjectStore, record: DrillRecord) -> str:
-    """Write the record (one object, visible only once complete); its key."""
+    """Write the record (one object, visible only once complete; sealed under a data key of
+    its own when a backup key is configured); its key."""
     key = f"{DRILLS_PREFIX}/{record.drill_id}.json"
-    store.put_bytes(key, json.dumps(record.to_dict(), indent=2).encode(), {"source": record.source})
+    body = record.to_dict()
+    data_key = new_data_key(store, f"drill record {record.drill_id}")
+    if data_key is not None:
+        sealed = b"".join(seal(data_key, [json.dumps(body).encode()]))
+        outer = {"format": RECORD_FORMAT, "drill_id": record.drill_id, "sealed": base64.b64encode(sealed).decode()}
+        body = sign(put_envelope(outer, data_key), data_key)
+    store.put_bytes(key, json.dumps(body, indent=2).encode(), {"source": record.source})
     record.key = key
     return key
 
@@ -139,14 +172,50 @@ class DrillHistory:
     """Oldest first (newest last)."""
     skipped: list[str]
     """One line per record that could not be read, naming it and why."""
+    locked: int = 0
+    """Records that are encrypted with a key not configured here (not read, not skipped as damaged)."""
+    locked_by: str | None = None
+    """Why the first of them could not be opened: the key it needs (one line)."""
+
+
+class _Locked(Exception):
+    """A sealed record whose data key cannot be opened here (no key, another key, KMS down)."""
+
+    def __init__(self, error: BackupKeyError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _unsealed(store: ObjectStore, data: bytes, key: str) -> bytes:
+    """The record JSON of a drill record object: as stored, or opened from its seal after
+    its MAC checked. _Locked without its key; ValueError when forged or damaged."""
+    body = json.loads(data)
+    if not isinstance(body, dict) or ENCRYPTION_FIELD not in body:
+        return data
+    what = f"drill record {key!r}"
+    try:
+        data_key, locked = usable_data_key(store, body, what)
+    except BackupKeyError as exc:  # malformed, or refused by the configured key: altered
+        raise ValueError(exc.problem) from None
+    if locked is not None:
+        raise _Locked(locked)
+    try:
+        check_signature(body, data_key, what)
+        inner = open_bytes(base64.b64decode(body["sealed"], validate=True), data_key, what)
+    except (BackupKeyError, SealBroken, binascii.Error) as exc:
+        raise ValueError(getattr(exc, "problem", str(exc))) from None
+    drill_id = json.loads(inner).get("drill_id")
+    if body.get("drill_id") != drill_id or not key.endswith(f"/{drill_id}.json"):
+        raise ValueError(f"its sealed body is drill {drill_id}'s, moved in from another record")
+    return inner
 
 
 def _read_record(store: ObjectStore, key: str) -> DrillRecord:
     try:
-        return DrillRecord.from_json(store.get_bytes(key), key)
+        return DrillRecord.from_json(_unsealed(store, store.get_bytes(key), key), key)
     except ChecksumMismatch as exc:
         raise ValueError(str(exc)) from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:200]
         raise ValueError(f"drill record {key!r} in the store at {store.url} is damaged: {detail}") from None
 
@@ -162,6 +231,7 @@ def list_drills(store: ObjectStore, limit: int | None = None, log: Callable[[str
             and (after is None or i.key[len(DRILLS_PREFIX) + 1:-len(".json")] > after)]
     records: list[DrillRecord] = []
     skipped: list[str] = []
+    history = DrillHistory(records, skipped)
     for key in reversed(keys):  # newest first, so a limit reads only what it shows
         if limit is not None and len(records) >= limit:
             break
@@ -169,9 +239,13 @@ def list_drills(store: ObjectStore, limit: int | None = None, log: Callable[[str
             records.append(_read_record(store, key))
         except ObjectNotFound:
             continue  # deleted between the listing and the read
+        except _Locked as exc:
+            history.locked += 1
+            history.locked_by = history.locked_by or exc.error.problem
         except ValueError as exc:
             skipped.append(f"skipped {exc}")
             if log:
                 log(skipped[-1])
     records.sort(key=lambda r: (r.started_at, r.drill_id))
-    return DrillHistory(records, list(reversed(skipped)))
+    skipped.reverse()
+    return history

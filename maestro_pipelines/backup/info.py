@@ -19,6 +19,12 @@ thing that was lost. Its levels:
   target; a backup killed (its marker or unfinished folder left behind); older BAD backups;
   the latest drill failed.
 - ok: none of these (a backup or restore running is said in the status line, not a warning).
+
+Encryption: which key-encryption key new backups use (its id, never the key), how many
+records each KEK wraps (every record under backups/, monthly/, pitr/ and drills/ is read for
+its envelope: `rekey.key_census`), which old key can be retired. Warnings: a cloud store
+without a key (its backups are readable by whoever reads the bucket), and records wrapped by
+a key that is not configured (those backups cannot be read).
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ from maestro_pipelines.backup.catalog import (
 from maestro_pipelines.backup.drill_history import DrillRecord, list_drills
 from maestro_pipelines.backup.journal import SwapJournal, interrupted_swaps
 from maestro_pipelines.backup.manifest import _iso, utcnow
+from maestro_pipelines.backup.rekey import key_census, needs_key_hint
+from maestro_pipelines.backup.sealing import keyring_of, unencrypted_warning
 from maestro_pipelines.objectives import RPO_TARGET, RPO_WARNING_MARGIN
-from maestro_pipelines.formatting import human_duration
+from maestro_pipelines.formatting import counted, human_duration
 from maestro_pipelines.storage import ObjectStore
 
 OK, WARNING, ERROR = "ok", "warning", "error"
@@ -58,6 +66,47 @@ class Finding:
     level: str
     message: str
     hint: str = ""
+
+
+@dataclass
+class EncryptionStatus:
+    """The keys as `backup info` shows them: ids only."""
+
+    current: str | None = None
+    """The KEK new backups are wrapped by; None: new backups are not encrypted."""
+    source: str | None = None
+    """Where it is configured (MAESTRO_BACKUP_KEY, MAESTRO_BACKUP_KMS_KEY_ID)."""
+    required: bool = False
+    old: list[str] = field(default_factory=list)
+    """MAESTRO_BACKUP_OLD_KEYS' ids."""
+    records: dict[str, int] = field(default_factory=dict)
+    """KEK id -> records wrapped by it."""
+    plain: int = 0
+    """Records without an envelope (backups from before a key was configured)."""
+    warning: str | None = None
+    """A cloud store without a key: `sealing.unencrypted_warning`."""
+
+    @property
+    def unconfigured(self) -> dict[str, int]:
+        """KEK id -> records, for KEKs configured neither as current nor as old."""
+        known = set(self.old) | {self.current}
+        return {kek: n for kek, n in self.records.items() if kek not in known}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"current": {"id": self.current, "source": self.source} if self.current else None,
+                "required": self.required, "records": dict(self.records), "plain_records": self.plain,
+                "old_keys": [{"id": kek, "records": self.records.get(kek, 0), "retire": not self.records.get(kek)}
+                             for kek in self.old],
+                "unconfigured": [{"id": kek, "records": n} for kek, n in self.unconfigured.items()],
+                "warning": self.warning}
+
+
+def encryption_status(store: ObjectStore) -> EncryptionStatus:
+    keyring = keyring_of(store)
+    census = key_census(store)
+    current = keyring.current
+    return EncryptionStatus(current.id if current else None, current.source if current else None, keyring.required,
+                            [k.id for k in keyring.old], census.by_kek, census.plain, unencrypted_warning(store))
 
 
 @dataclass
@@ -86,6 +135,7 @@ class BackupInfo:
     """False: the store could not be opened or read, nothing above is known."""
     pitr: list[Any] = field(default_factory=list)
     """The physical tier: one `pitr.window.RecoveryWindow` per server with base backups or WAL."""
+    encryption: EncryptionStatus = field(default_factory=EncryptionStatus)
 
     @property
     def status(self) -> str:
@@ -148,6 +198,7 @@ class BackupInfo:
             "drill": _drill_dict(self.drill),
             "pitr": [{**window.as_dict(), "latest_age_s": _seconds(self.checked_at - window.latest_time)
                       if window.latest_time else None} for window in self.pitr],
+            "encryption": self.encryption.as_dict(),
         }
 
     def entry_dict(self, entry: BackupEntry | None) -> dict[str, Any] | None:
@@ -201,7 +252,8 @@ def backup_info(store: ObjectStore, now: datetime | None = None, rpo_target: tim
     info.half_done = interrupted_swaps(store)
     info.drill = _latest_drill(store)
     info.pitr = _recovery_windows(store)
-    info.findings = _errors(info) + _warnings(info) + _pitr_findings(info.pitr)
+    info.encryption = encryption_status(store)
+    info.findings = _errors(info) + _warnings(info) + _pitr_findings(info.pitr) + _encryption_findings(info.encryption)
     return info
 
 
@@ -316,6 +368,20 @@ def _warnings(info: BackupInfo) -> list[Finding]:
         problem = info.drill.problems[0] if info.drill.problems else "no detail recorded"
         found.append(Finding(WARNING, f"latest drill failed: {info.drill.started_at:%Y-%m-%d %H:%M} UTC: {problem}",
                              "Run `maestro drill` to see it again"))
+    return found
+
+
+def _encryption_findings(status: EncryptionStatus) -> list[Finding]:
+    found = []
+    if status.warning:
+        # "unencrypted" first: the status line shows what comes before the first colon.
+        warning, _, fix = status.warning.partition("; set ")
+        found.append(Finding(WARNING, f"unencrypted: {warning}", f"Set {fix}" if fix else ""))
+    for kek, records in status.unconfigured.items():
+        found.append(Finding(WARNING, f"backups under a key not configured: {counted(records, 'record')} "
+                             f"{'is' if records == 1 else 'are'} encrypted with backup key {kek}, which is not "
+                             "configured, so those backups cannot be read",
+                             needs_key_hint(kek)))
     return found
 
 

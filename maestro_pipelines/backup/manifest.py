@@ -6,11 +6,18 @@ Store layout (keys relative to the store's URL):
     backups/<backup_id>/artifacts.json      the model-artifact manifest (keys, sizes, sha256)
     backups/<backup_id>/manifest.json       written LAST: without it the backup does not exist
     backups/<backup_id>/verified.json       written by verify, names the manifest's sha256
+                                            (encrypted: its MAC, and carries a MAC itself)
     monthly/<YYYY-MM>/<backup_id>/...       monthly archives: server-side copies, same layout
     activity/<kind>-<id>.json               a backup or restore in progress (retention waits)
     swaps/<stamp>.json                      a live restore's swap in progress (journal.py)
 
 Backup ids sort by time (`20261126T020000Z-1a2b3c`), so listing order is age order.
+
+With a backup key configured (backup/sealing.py) the dumps and artifacts.json are sealed under
+the backup's own data key, whose envelope is the manifest's `encryption` field; the manifest
+carries a `mac` keyed from that data key, and verified.json one too. The manifest itself stays
+readable without the key (sizes and sha256 of the stored, sealed bytes): storage-level checks
+and listing need no key.
 """
 
 from __future__ import annotations
@@ -112,10 +119,15 @@ class DatabaseDump:
     wal_lsn: str | None
     dump_bytes: int
     compressed_bytes: int
+    """The object's size in the store: the zstd stream, sealed when the backup is encrypted
+    (`sha256` is of these bytes, so a keyless check of the store compares them)."""
     sha256: str
     duration_s: float
     database_bytes: int
     tables: list[TableCheck] = field(default_factory=list)
+    zstd_bytes: int | None = None
+    """Encrypted backups: the zstd stream's size before sealing (sealing adds a header and
+    16 bytes per chunk). None for a plaintext backup, whose object is the zstd stream."""
 
     @property
     def rows(self) -> int:
@@ -150,6 +162,14 @@ class BackupManifest:
     dump_format: str = "custom"
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
+    encryption: dict[str, str] | None = None
+    """The data key's envelope (sealing.put_envelope); None: a plaintext backup."""
+    mac: str | None = None
+    """The manifest's MAC under that data key (sealing.sign), what verified.json names."""
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption is not None
 
     @property
     def duration_s(self) -> float:
@@ -190,12 +210,16 @@ class BackupManifest:
         body["duration_s"] = round(self.duration_s, 3)
         for db in body["databases"]:
             db["snapshot_at"] = _iso(db["snapshot_at"])
+            if db["zstd_bytes"] is None:
+                del db["zstd_bytes"]
+        # A plaintext manifest is written as before encryption existed (older Maestro reads it).
+        for name in ("encryption", "mac"):
+            if body[name] is None:
+                del body[name]
         return body
 
     def to_json(self) -> bytes:
-        body = self.to_dict()
-        body["digest"] = _digest(body)
-        return json.dumps(body, indent=2, sort_keys=True).encode()
+        return record_json(self.to_dict())
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> "BackupManifest":
@@ -242,23 +266,37 @@ def signed_body(data: bytes, invalid, format_version: int) -> dict[str, Any]:
         raise invalid("is not valid JSON") from None
     if not isinstance(body, dict):
         raise invalid("is not a JSON object")
-    if body.pop("digest", None) != _digest(body):
+    if body.pop("digest", None) != record_digest(body):
         raise invalid("does not match its digest (it was edited after the backup)")
     if body.get("format_version") != format_version:
         raise invalid(f"has format version {body.get('format_version')!r}, this Maestro reads {format_version}")
     return body
 
 
-def _digest(body: dict[str, Any]) -> str:
+def record_digest(body: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of everything but the digest: an edit of the manifest
-    is caught even when the store's recorded sha256 was rewritten with it."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    is caught even when the store's recorded sha256 was rewritten with it (by accident; on
+    purpose only the `mac` of an encrypted manifest catches it: the digest has no key)."""
+    return hashlib.sha256(json.dumps({k: v for k, v in body.items() if k != "digest"}, sort_keys=True,
+                                     separators=(",", ":")).encode()).hexdigest()
+
+
+_digest = record_digest  # the name pitr/layout.py imports
+
+
+def record_json(body: dict[str, Any]) -> bytes:
+    """The stored bytes of a record: `body` (its `mac` already in place) with its digest."""
+    body = {**body, "digest": record_digest(body)}
+    return json.dumps(body, indent=2, sort_keys=True).encode()
 
 
 @dataclass
 class VerificationRecord:
-    """What verify wrote after checking a backup: it is valid only for the manifest bytes
-    whose sha256 it names. `ok` False: the last verification failed (`problems` says why),
+    """What verify wrote after checking a backup: it is valid only for the manifest it names,
+    by the sha256 of its bytes, or for an encrypted backup by the manifest's `mac` (which a
+    rekey keeps, while it rewrites the manifest's bytes), and then only with a `mac` of its
+    own under the backup's data key: whoever can write the store but has no key cannot mark
+    a backup verified. `ok` False: the last verification failed (`problems` says why),
     and the backup is listed as BAD until a verification passes. (Maestro before `ok` was
     recorded cannot read a failed record, and so takes the backup as not verified.)"""
 
@@ -270,11 +308,19 @@ class VerificationRecord:
     duration_s: float
     ok: bool = True
     problems: list[str] = field(default_factory=list)
+    manifest_mac: str | None = None
+    mac: str | None = None
 
-    def to_json(self) -> bytes:
+    def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
         body["verified_at"] = _iso(self.verified_at)
-        return json.dumps(body, indent=2, sort_keys=True).encode()
+        for name in ("manifest_mac", "mac"):
+            if body[name] is None:
+                del body[name]
+        return body
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "VerificationRecord | None":

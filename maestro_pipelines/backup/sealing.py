@@ -6,8 +6,10 @@ One place decides, for every kind of object (dumps, base backups, WAL segments, 
   key configured, the backup is plaintext; MAESTRO_BACKUP_ENCRYPTION=required refuses);
 - `seal(data_key, chunks)`: the chunks as written (sealed when there is a key);
 - `open_object(store, key, key_for, what)`: an object read back, sealed or (older) plain;
+  `open_bytes(data, data_key, what)`: sealed bytes kept inside a record;
 - `put_envelope(body, data_key)` / `data_key_of(store, body, what)`: the data key's envelope
-  in a record (manifest, base.json, key record) and back;
+  in a record (manifest, base.json, key record) and back; `usable_data_key` tells a record
+  whose key is not at hand (unchecked) from one whose envelope the key refuses (bad);
 - `sign(body, data_key)` / `check_signature(store, body, data_key, what)`: the record's MAC.
 
 The store's keyring is `store.keyring` (set by `open_configured_store`); a store opened
@@ -23,12 +25,13 @@ from maestro_pipelines.crypto import (
     DataKey,
     Envelope,
     Keyring,
+    SealBroken,
     open_sealed_or_plain,
     record_mac,
     record_mac_valid,
     seal_chunks,
 )
-from maestro_pipelines.crypto.keys import KEY_VARIABLE, KMS_VARIABLE, BackupKeyError
+from maestro_pipelines.crypto.keys import KEY_VARIABLE, KMS_VARIABLE, BackupKeyError, BackupKeyWrong
 from maestro_pipelines.storage import ObjectStore
 
 ENCRYPTION_FIELD = "encryption"
@@ -55,15 +58,40 @@ def seal(data_key: DataKey | None, chunks: Iterable[bytes]) -> Iterator[bytes]:
 
 
 def open_object(store: ObjectStore, key: str, key_for: DataKey | Callable[[str], DataKey] | None, what: str,
-                verify: bool = True) -> BinaryIO:
+                verify: bool = True, sealed_only: bool = False) -> BinaryIO:
     """The plaintext of `key`: sealed (opened with `key_for`, a DataKey or key_id -> DataKey)
-    or plain (a backup from before encryption). A sealed object and no key: one line."""
+    or plain (a backup from before encryption). A sealed object and no key: one line.
+    `sealed_only`: the object's record is encrypted, so a plain object there was put in its
+    place by someone without the key (SealBroken)."""
 
     def missing(key_id: str) -> DataKey:
         raise BackupKeyError(f"{what} is encrypted but its record names no data key (data key {key_id})",
                              "Do not restore from it: use another restore point")
 
-    return open_sealed_or_plain(store.open_read(key, verify=verify), key_for or missing, what)
+    def plain() -> None:
+        raise SealBroken(f"{what} is not encrypted though its backup is: it was replaced by someone without the key",
+                         "Do not restore from it: use another restore point, and find out who can write the store")
+
+    raw = store.open_read(key, verify=verify)
+    try:
+        return open_sealed_or_plain(raw, key_for or missing, what, on_plain=plain if sealed_only else None)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def open_bytes(data: bytes, data_key: DataKey, what: str) -> bytes:
+    """The plaintext of `data`, bytes sealed by `seal` and kept inside a record (a drill
+    record's body); SealBroken when they do not authenticate under `data_key`."""
+    import io
+
+    with open_sealed_or_plain(io.BytesIO(data), data_key, what, on_plain=lambda: _not_sealed(what)) as reader:
+        return reader.read()
+
+
+def _not_sealed(what: str) -> None:
+    raise SealBroken(f"{what} is not encrypted though its record is: it was replaced by someone without the key",
+                     "Do not trust it, and find out who can write the store")
 
 
 def put_envelope(body: dict[str, Any], data_key: DataKey | None) -> dict[str, Any]:
@@ -83,6 +111,24 @@ def data_key_of(store: ObjectStore, body: dict[str, Any], what: str) -> DataKey 
     plaintext record. The KEK missing or wrong: one line naming the key it needs."""
     envelope = envelope_of(body, what)
     return None if envelope is None else keyring_of(store).open(envelope, what)
+
+
+def usable_data_key(store: ObjectStore, body: dict[str, Any], what: str) -> tuple[DataKey | None, BackupKeyError | None]:
+    """(data key, None) for a record whose envelope opens (None, None: a plaintext record);
+    (None, the error) when the key it needs is not at hand: no key configured, only others,
+    the key service down or refusing Maestro: the record is unchecked, not bad. A malformed
+    envelope, or one the configured key does not open (altered), raises: that record is bad."""
+    envelope = envelope_of(body, what)
+    if envelope is None:
+        return None, None
+    try:
+        return keyring_of(store).open(envelope, what), None
+    except BackupKeyWrong as exc:
+        if keyring_of(store).kek(envelope.kek_id) is not None:
+            raise
+        return None, exc
+    except BackupKeyError as exc:
+        return None, exc
 
 
 def sign(body: dict[str, Any], data_key: DataKey | None) -> dict[str, Any]:

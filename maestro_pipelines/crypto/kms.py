@@ -39,10 +39,23 @@ class AwsKmsKey(KeyEncryptionKey):
             except ImportError:
                 raise BackupKeyError(f"{self.source} names an AWS KMS key and boto3 is not installed",
                                      "pip install 'maestro-pipelines[s3]'") from None
+            from botocore.exceptions import BotoCoreError
+
             # Few, short attempts: an unreachable KMS should be one line in seconds, not minutes.
             config = Config(connect_timeout=5, read_timeout=20, retries={"max_attempts": 3, "mode": "standard"})
-            self._client = boto3.client("kms", config=config)
+            try:
+                self._client = boto3.client("kms", region_name=self._region(), config=config)
+            except BotoCoreError as exc:  # NoRegionError: no AWS_REGION, no profile region
+                raise BackupKeyError(
+                    f"AWS KMS key {self.key_id} ({self.source}) cannot be reached: no AWS region is set ({type(exc).__name__})",
+                    "Set AWS_REGION to the key's region, or give the key's ARN (it names its region)",
+                ) from None
         return self._client
+
+    def _region(self) -> str | None:
+        """The region a key ARN names (arn:aws:kms:REGION:ACCOUNT:key/ID); None: boto3's own."""
+        parts = self.key_id.split(":")
+        return (parts[3] or None) if self.key_id.startswith("arn:") and len(parts) > 4 else None
 
     def _call(self, action: str, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -52,7 +65,7 @@ class AwsKmsKey(KeyEncryptionKey):
             return getattr(client, action)(**kwargs)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
-            if code == "InvalidCiphertextException":
+            if code in ("InvalidCiphertextException", "IncorrectKeyException"):
                 raise BackupKeyWrong(
                     f"AWS KMS key {self.key_id} does not open this data key (the envelope was altered, or "
                     "it was wrapped by another key)",
@@ -62,7 +75,10 @@ class AwsKmsKey(KeyEncryptionKey):
                 raise BackupKeyError(f"AWS KMS key {self.key_id} ({self.source}) is missing or disabled ({code})",
                                      "Enable the key or set the variable to the key backups are wrapped by") from None
             if code in ("AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException"):
-                raise BackupKeyError(f"AWS KMS refused {action} with key {self.key_id} ({code})",
+                # A Decrypt refused: no permission, or (moto, and AWS for another account's key)
+                # a data key wrapped by another key than the one the envelope names.
+                also = " (or the data key was wrapped by another key)" if action == "decrypt" else ""
+                raise BackupKeyError(f"AWS KMS refused {action} with key {self.key_id} ({code}){also}",
                                      "Give Maestro's AWS credentials kms:Encrypt and kms:Decrypt on that key") from None
             raise KeyServiceUnavailable(f"AWS KMS failed {action} with key {self.key_id} ({code or exc})",
                                         "Try again; if it persists, check the KMS service's health") from None

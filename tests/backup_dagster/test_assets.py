@@ -53,6 +53,7 @@ def test_nightly_backup_materializes_a_verified_backup_with_metadata(backup_env)
     assert metadata["stored_mib"].value == pytest.approx(newest.stored_bytes / 2**20, abs=0.001)
     assert metadata["dump_mib"].value == pytest.approx(newest.manifest.dump_bytes / 2**20, abs=0.001)
     assert "rpo_closed_h" not in metadata, "the first backup closed no gap: left out, not plotted as 0"
+    assert metadata["encryption"].value.startswith("not encrypted (no backup key configured")
     # The verification is the asset check `verified`, recorded with the materialization.
     (check,) = checks_of(backup_env.instance)
     assert check.passed and check.asset_check_key == VERIFIED
@@ -70,6 +71,27 @@ def test_nightly_backup_materializes_a_verified_backup_with_metadata(backup_env)
     logs = [e.user_message for e in backup_env.instance.all_logs(result.run_id) if e.user_message]
     assert any(m.startswith("dump platform") and "~100%" in m for m in logs)
     assert not any("has no limit" in m for m in logs), "the instance limits the pool"
+
+
+def test_with_a_backup_key_in_the_run_environment_the_asset_seals_verifies_and_says_so(backup_env, monkeypatch):
+    """The key reaches the run as users give it, an environment variable the store resource reads
+    (never config a Launchpad would store): the backup is sealed, verified with the key, and its
+    metadata names the key by id only."""
+    from maestro_pipelines.crypto import generate_key
+    from maestro_pipelines.crypto.config import keyring_from_values
+
+    key = generate_key()
+    monkeypatch.setenv("MAESTRO_BACKUP_KEY", key)
+    result = backup_env.run("nightly_backup")
+    assert result.success, step_failures(result)
+    (materialization,) = result.asset_materializations_for_node("database_backup")
+    metadata = materialization.metadata
+    key_id = keyring_from_values(key, None, None, None).current.id
+    assert metadata["encryption"].value.startswith(f"encrypted (AES-256-GCM, its own data key wrapped by backup key {key_id})")
+    assert metadata["verified"].value is True
+    assert key not in json.dumps({name: str(value.value) for name, value in metadata.items()})
+    newest = newest_verified(backup_env.store())
+    assert newest.manifest.encrypted and newest.backup_id == metadata["backup_id"].value
 
 
 def test_every_step_that_writes_the_store_shares_one_limited_pool(backup_env):

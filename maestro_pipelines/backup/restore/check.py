@@ -4,16 +4,20 @@ Row counts and content checksums of every table are computed in the scratch data
 the same session settings as at backup time (`CHECKSUM_SESSION_OPTIONS`) and compared with
 the manifest's; any difference fails the restore before a swap. The artifacts the backup
 listed (MLflow's models) must still be in the store: missing ones are reported, not fatal.
+The list itself (artifacts.json, sealed in an encrypted backup) is read and authenticated by
+the fetch, before any database is created.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from maestro_pipelines.backup.catalog import BackupEntry, object_key
 from maestro_pipelines.backup.consistency import compare_checks, table_checks
 from maestro_pipelines.backup.pgtools import CHECKSUM_SESSION_OPTIONS
 from maestro_pipelines.backup.restore.state import DatabasePlan, RestoreError, RestoreState
+from maestro_pipelines.backup.sealing import open_object
 from maestro_pipelines.platform_db.connection import psycopg_connect
 from maestro_pipelines.storage import ObjectStore
 
@@ -46,12 +50,25 @@ def verify_database(state: RestoreState, plan: DatabasePlan) -> None:
     result.url = plan.scratch_url
 
 
-def check_artifacts(store: ObjectStore, entry: BackupEntry) -> tuple[int, list[str]]:
-    """(artifacts listed, keys missing or changed in the store) for the backup's artifact manifest."""
+def read_artifact_list(store: ObjectStore, entry: BackupEntry) -> dict[str, Any] | None:
+    """The backup's artifact list (artifacts.json), read through its seal when the backup is
+    encrypted; None when it has none. SealBroken, ChecksumMismatch, ValueError when damaged."""
     manifest = entry.manifest
     if manifest is None or manifest.artifacts is None:
+        return None
+    key = object_key(entry, manifest.artifacts.key)
+    with open_object(store, key, entry.data_key, f"{key} of backup {entry.backup_id}",
+                     sealed_only=entry.encrypted) as reader:
+        return json.loads(reader.read())
+
+
+def check_artifacts(store: ObjectStore, entry: BackupEntry,
+                    listing: dict[str, Any] | None = None) -> tuple[int, list[str]]:
+    """(artifacts listed, keys missing or changed in the store) for the backup's artifact
+    manifest (`listing`: already read by the fetch)."""
+    body = listing if listing is not None else read_artifact_list(store, entry)
+    if body is None:
         return 0, []
-    body = json.loads(store.get_bytes(object_key(entry, manifest.artifacts.key)))
     present = {info.key: info for info in store.list(body["prefix"], with_metadata=False)}
     missing = []
     for item in body["objects"]:
@@ -68,7 +85,8 @@ def verify_artifacts(state: RestoreState) -> None:
     report = state.report
 
     def artifacts() -> str:
-        report.artifacts_checked, report.missing_artifacts = check_artifacts(state.store, state.entry)
+        report.artifacts_checked, report.missing_artifacts = check_artifacts(state.store, state.entry,
+                                                                             state.artifact_list)
         if report.missing_artifacts:
             return f"{len(report.missing_artifacts)} of {report.artifacts_checked} model artifacts missing"
         return f"all {report.artifacts_checked} model artifacts present"

@@ -1,7 +1,9 @@
 """Phase 2, fetch: every dump downloaded and checked before any database is touched.
 
-The store's reader checks each object's sha256 at its last byte, zstd its frame checksum,
-and the sizes must match the manifest. pg_restore needs a file for `-j` (it seeks), so dumps
+The store's reader checks each object's sha256 at its last byte, the seal of an encrypted
+backup's each 1 MiB chunk before a byte of it is written out (and its order and end), zstd its
+frame checksum, and the sizes must match the manifest; the artifact list is read and checked
+here too, so a damaged or forged object stops the restore before any database is created. pg_restore needs a file for `-j` (it seeks), so dumps
 are decompressed to a local work folder: the one place a restore needs free space (about
 the uncompressed dump size, `dump_bytes`). The folder's name carries the pid, so a later
 restore removes the folders of restores whose process died.
@@ -16,7 +18,10 @@ from pathlib import Path
 
 from maestro_pipelines.backup.catalog import BackupEntry, object_key
 from maestro_pipelines.backup.manifest import DatabaseDump
+from maestro_pipelines.backup.restore.check import read_artifact_list
 from maestro_pipelines.backup.restore.state import RestoreError, RestoreState
+from maestro_pipelines.backup.sealing import open_object
+from maestro_pipelines.crypto import SealBroken
 from maestro_pipelines.backup.types import MiB, Progress
 from maestro_pipelines.formatting import human_bytes
 from maestro_pipelines.processes import process_alive
@@ -74,22 +79,26 @@ def _check_stored_object(store: ObjectStore, entry: BackupEntry, dump: DatabaseD
 
 def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, path: Path,
                   progress: Progress | None = None) -> None:
-    """Stream one dump from the store into `path`, decompressed; the store's reader checks the
-    sha256 at the last byte, zstd its frame checksum; the size must match the manifest."""
+    """Stream one dump from the store into `path`, decrypted (an encrypted backup's, with
+    `entry.data_key`) and decompressed; the store's reader checks the sha256 at the last byte,
+    the seal each chunk, zstd its frame checksum; the size must match the manifest."""
     import zstandard
 
     key = object_key(entry, dump.key)
     _check_stored_object(store, entry, dump, key)
     written = 0
     label = f"{dump.role} ({dump.database})"
+    what = f"{key} of backup {entry.backup_id}"
     try:
-        with store.open_read(key) as raw, open(path, "wb") as out:
+        with open_object(store, key, entry.data_key, what, sealed_only=entry.encrypted) as raw, open(path, "wb") as out:
             reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=MiB)
             while block := reader.read(4 * MiB):
                 out.write(block)
                 written += len(block)
                 if progress is not None and written % (64 * MiB) < 4 * MiB:
                     progress(label, written, dump.dump_bytes)
+    except SealBroken as exc:  # names the object already
+        raise RestoreError(exc.problem, _PICK_ANOTHER) from None
     except (ChecksumMismatch, zstandard.ZstdError) as exc:  # damage; a store outage propagates as itself
         raise RestoreError(f"{key} of backup {entry.backup_id} is damaged: {getattr(exc, 'problem', exc)}",
                            _PICK_ANOTHER) from None
@@ -108,6 +117,13 @@ def fetch(state: RestoreState) -> None:
     folder = open_workdir(state)
 
     def download() -> str:
+        try:
+            state.artifact_list = read_artifact_list(state.store, state.entry)
+        except (SealBroken, ChecksumMismatch, ObjectNotFound) as exc:
+            raise RestoreError(exc.problem, _PICK_ANOTHER) from None
+        except ValueError as exc:
+            raise RestoreError(f"the artifact list of backup {state.entry.backup_id} is not valid JSON ({exc})",
+                               _PICK_ANOTHER) from None
         stored = dumped = 0
         for plan in state.databases:
             path = folder / f"{plan.role}.dump"

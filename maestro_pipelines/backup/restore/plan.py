@@ -30,7 +30,9 @@ from maestro_pipelines.backup.restore.state import (
     restore_database_name,
     stamp_of,
 )
+from maestro_pipelines.backup.sealing import keyring_of
 from maestro_pipelines.backup.types import DatabaseTarget, Progress
+from maestro_pipelines.crypto.keys import ENCRYPTION_VARIABLE
 from maestro_pipelines.errors import MaestroError
 from maestro_pipelines.platform_db.admin import database_names, quote_ident, server_url, server_version
 from maestro_pipelines.platform_db.connection import psycopg_connect
@@ -228,6 +230,7 @@ def plan_restore(store: ObjectStore, entry: BackupEntry, destinations: list[Data
     check_restore_request(target, roles, jobs)
     if entry.manifest is None:
         raise RestoreRefused(f"Backup {entry.backup_id} has no readable manifest", "Pick another restore point")
+    check_keys(entry)
     by_role = {d.role: d for d in destinations}
     chosen = [by_role[role] for role in _wanted_roles(entry, by_role, roles)]
     if target == LIVE:
@@ -248,6 +251,26 @@ def plan_restore(store: ObjectStore, entry: BackupEntry, destinations: list[Data
         report.databases.append(result)
         state.databases.append(DatabasePlan(entry.manifest.database(dest.role), dest, result, scratch))
     return state
+
+
+def check_keys(entry: BackupEntry) -> None:
+    """An encrypted backup is restored only with its data key opened and its manifest's MAC
+    checked: without it, the one line naming the key it needs."""
+    if entry.unchecked:
+        raise entry.key_error
+
+
+def refuse_plaintext_if_required(store: ObjectStore, entry: BackupEntry) -> None:
+    """With MAESTRO_BACKUP_ENCRYPTION=required a plaintext backup in the store is refused too:
+    a plaintext manifest put in place of an encrypted one has no MAC to betray it. (Not for
+    dumps the restore made itself, as a restore to a point does.)"""
+    if not entry.encrypted and keyring_of(store).required:
+        raise RestoreRefused(
+            f"Backup {entry.backup_id} is not encrypted and {ENCRYPTION_VARIABLE}=required: its integrity rests on "
+            "a sha256 anyone who can write the store can recompute",
+            f"Nothing was restored. Restore an encrypted backup, or unset {ENCRYPTION_VARIABLE} for this restore "
+            "if this backup predates the key",
+        )
 
 
 def check_versions(state: RestoreState) -> None:

@@ -13,7 +13,7 @@ from maestro_pipelines.backup.restore.check import verify_artifacts, verify_data
 from maestro_pipelines.backup.restore.cleanup import clean_up
 from maestro_pipelines.backup.restore.fetch import fetch, open_workdir, use_fetched
 from maestro_pipelines.backup.restore.load import check_client_programs, migrate_database, restore_database
-from maestro_pipelines.backup.restore.plan import announce, check_versions, plan_restore
+from maestro_pipelines.backup.restore.plan import announce, check_versions, plan_restore, refuse_plaintext_if_required
 from maestro_pipelines.backup.restore.state import LIVE, SCRATCH, RestoreReport
 from maestro_pipelines.backup.restore.swap import swap
 from maestro_pipelines.backup.types import DatabaseTarget, Progress
@@ -45,6 +45,8 @@ def restore_backup(
 
     `fetched` (role -> a dump file on local disk): dumps the caller already made and checked
     (a restore to a point dumps its temporary server), used instead of the download."""
+    if fetched is None:
+        refuse_plaintext_if_required(store, entry)
     state = plan_restore(store, entry, destinations, target, confirm, roles, jobs, workdir=workdir,
                          upgrade_platform=upgrade_platform, progress=progress, log=log, phases=phases)
     check_versions(state)

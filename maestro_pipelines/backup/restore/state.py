@@ -142,6 +142,8 @@ class RestoreState:
     """(server URL, database, source) of every database this restore created: dropped on failure."""
     swapping: bool = False
     """From the swap on, the verified copies are kept whatever happens (a failed swap names them)."""
+    artifact_list: dict | None = None
+    """The backup's artifacts.json, read and checked by the fetch (None: none, or not fetched)."""
     progress: Progress | None = field(default=None, repr=False)
     phases: PhaseProgress | None = field(default=None, repr=False)
     log: Callable[[str], None] = field(default=_quiet, repr=False)
