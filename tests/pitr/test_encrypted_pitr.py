@@ -156,6 +156,10 @@ def test_without_the_key_one_line_and_nothing_touched(sealed):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "no backup key is configured" in lines[0] and "Traceback" not in done.stderr, done.stderr
     assert sealed["key"] not in done.stderr + done.stdout
+    wrong = run_maestro("restore", "--databases", "platform", "--to-time", sealed["between"].isoformat(),
+                        env={**env, "MAESTRO_BACKUP_KEY": generate_key()})  # a key of another store
+    lines = wrong.stderr.strip().splitlines()
+    assert wrong.returncode == 1 and len(lines) == 1 and "not with the configured" in lines[0], wrong.stderr
     assert not list(sealed["root"].glob("maestro-recover-*"))
     assert sorted((str(p), p.stat().st_mtime_ns) for p in pitr.rglob("*") if p.is_file()) == before
     assert [r[0] for r in server.execute("postgres", "SELECT datname FROM pg_database WHERE datname LIKE 'sealed_app_%'")] == []
@@ -167,9 +171,9 @@ def test_without_the_key_one_line_and_nothing_touched(sealed):
 def test_verify_without_the_key_checks_what_the_store_recorded(sealed):
     store = keyed_store(sealed["root"] / "store", None)
     base = verify_base_backup(store, sealed["incremental"].base_id)
-    assert base.ok and base.storage_only and base.bytes_read > 0, base
+    assert base.ok and "no backup key is configured" in base.storage_only and base.bytes_read > 0, base
     wal = verify_wal(store, sealed["server"].system_id)
-    assert wal.ok and wal.storage_only == wal.segments >= 3, wal
+    assert wal.ok and wal.storage_segments == wal.segments >= 3 and "no backup key is configured" in wal.storage_only, wal
     with damaged(object_path(sealed, start_wal(sealed)), flip):  # bit rot is seen without the key too
         wal = verify_wal(store, sealed["server"].system_id)
     assert len(wal.problems) == 1 and sealed["incremental"].start_wal in wal.problems[0], wal.problems
@@ -211,7 +215,7 @@ def test_a_forged_base_record_is_not_usable(sealed):
         assert full.base_id in refused.value.problem
         # Without the key the digest is all there is: listed, not checkable.
         unkeyed = [e for e in list_base_backups(keyed_store(sealed["root"] / "store", None)) if e.base_id == full.base_id]
-        assert unkeyed[0].record is not None and unkeyed[0].locked
+        assert unkeyed[0].record is not None and unkeyed[0].unchecked
 
 
 @pytest.mark.parametrize("how", ["rotted", "rewritten", "swapped"])
@@ -433,11 +437,10 @@ def test_the_monthly_archive_copies_the_key_records_of_its_wal(sealed):
 
 
 def test_records_rewrapped_by_a_rekey_stay_valid_under_the_new_key_alone(tmp_path):
-    """What `maestro backup rekey` does to any record with an envelope (rewrap, recompute the
-    digest, one put) keeps base.json's MAC, its verification record and the WAL key records good."""
+    """`maestro backup rekey` (rewrap, recompute the digest, one put) keeps base.json's MAC, its
+    verification record and the WAL key records good under the new key alone."""
     from maestro_pipelines.backup.pitr import base
-    from maestro_pipelines.backup.pitr.walkeys import key_records
-    from maestro_pipelines.crypto import Envelope
+    from maestro_pipelines.backup.rekey import rekey_store
     from tests.pitr.base_helpers import SYSTEM_ID, fake_record, put_fake_base, segments
     from tests.pitr.conftest import synthetic_segment
 
@@ -451,13 +454,9 @@ def test_records_rewrapped_by_a_rekey_stay_valid_under_the_new_key_alone(tmp_pat
     store.put_bytes(f"{root}/{layout.BASE_RECORD}", base._sealed_record(store, record, data_key))
     [entry] = list_base_backups(store)
     base._record_verification(store, entry, base.BaseVerifyReport(record.base_id, SYSTEM_ID, True), data_key)
-    rekeyed = keyring_from_values(new, old, None, None)
-    for key in [f"{root}/{layout.BASE_RECORD}"] + [r.key for r in key_records(store, SYSTEM_ID)]:
-        body = json.loads(store.get_bytes(key))
-        body.pop("digest")
-        body["encryption"] = rekeyed.rewrap(Envelope.from_dict(body["encryption"], key), key).to_dict()
-        body["digest"] = layout.record_digest(body)
-        store.put_bytes(key, json.dumps(body).encode())
+    store.keyring = keyring_from_values(new, old, None, None)
+    report = rekey_store(store)
+    assert len(report.rewrapped) == 2 and not report.problems, report  # base.json and the WAL key record
     after = keyed_store(tmp_path / "store", new)
     [entry] = list_base_backups(after)
     assert entry.problem is None and entry.data_key is not None and entry.verified

@@ -56,9 +56,10 @@ from maestro_pipelines.backup.sealing import (
     put_envelope,
     seal,
     sign,
+    usable_data_key,
 )
 from maestro_pipelines.crypto import DataKey, SealBroken
-from maestro_pipelines.crypto.keys import BackupKeyError, BackupKeyWrong
+from maestro_pipelines.crypto.keys import BackupKeyError
 from maestro_pipelines.backup.types import DatabaseTarget, MiB, Progress
 from maestro_pipelines.objectives import INCREMENTAL_CHAIN_MAX
 from maestro_pipelines.redaction import hide_secret
@@ -197,11 +198,16 @@ class BaseEntry:
     """Set by `check_base_objects`: what a head of its objects shows wrong."""
     data_key: DataKey | None = None
     """Encrypted, the key configured: its data key (the record's MAC was checked with it)."""
-    locked: str | None = None
-    """Encrypted, and its backup key is not configured here: the record is read (names, sizes)
-    but its MAC is not checked. Listing, windows and retention work; a recovery refuses."""
+    key_error: BackupKeyError | None = None
+    """Encrypted, and its key not at hand (none configured, only others, the key service down
+    or refusing): the record is read (names, sizes) but its MAC is not checked. Listing,
+    windows and retention work, verify checks storage only; a recovery refuses in one line."""
     refused: str | None = None
     """A plaintext base backup taken after an encrypted one of the server: not used."""
+
+    @property
+    def unchecked(self) -> bool:
+        return self.key_error is not None
 
     @property
     def verified(self) -> bool:
@@ -248,25 +254,14 @@ def _load_entry(store: ObjectStore, system_id: str, base_id: str, names: set[str
 
 
 def _open_record(store: ObjectStore, entry: BaseEntry, body: dict[str, Any]) -> None:
-    """An encrypted record's data key and MAC, when its backup key is configured; else only
-    noted (`locked`): whoever lists without the key still sees names and sizes, and a key that
-    is missing never makes a base backup look bad (retention would delete it)."""
-    what = f"base backup {entry.base_id}'s record ({entry.root}/{BASE_RECORD})"
-    envelope = envelope_of(body, what)
-    if envelope is None:
-        return
-    keyring = keyring_of(store)
-    if keyring.kek(envelope.kek_id) is None:
-        entry.locked = f"base backup {entry.base_id} is encrypted with backup key {envelope.kek_id}, which is not configured"
-        return
-    try:
-        entry.data_key = keyring.open(envelope, what)
-    except BackupKeyWrong:
-        raise  # its KEK is here and does not open it: the envelope was altered, not usable
-    except BackupKeyError as exc:  # the key service down, disabled or refusing: the backup is not at fault
-        entry.locked = exc.problem
-        return
-    check_signature(body, entry.data_key, what)  # RecordForged: edited without the key, not usable
+    """An encrypted record's data key and MAC, when its key is at hand; else only noted
+    (`key_error`): whoever lists without the key still sees names and sizes, and a key that is
+    not at hand never makes a base backup look bad (retention would delete it). An envelope
+    the configured key refuses (altered) or a MAC that does not match: raised, not usable."""
+    what = f"base backup {entry.base_id}"
+    entry.data_key, entry.key_error = usable_data_key(store, body, what)
+    if entry.data_key is not None:
+        check_signature(body, entry.data_key, f"{what}'s record ({entry.root}/{BASE_RECORD})")
 
 
 def _verification(store: ObjectStore, entry: BaseEntry, data: bytes) -> dict[str, Any] | None:
@@ -689,7 +684,7 @@ def _read_stored(store: ObjectStore, key: str, sha256: str, data_key: DataKey | 
         raise BackupError(f"{key} is not the object the base backup wrote (sha256 {str(info.sha256)[:12]}..., "
                           f"its record says {sha256[:12]}...: replaced)",
                           "Recover from another base backup (`maestro backup info` lists them), or take a new one")
-    return open_object(store, key, data_key, what)
+    return open_object(store, key, data_key, what, sealed_only=data_key is not None)
 
 
 def read_manifest(store: ObjectStore, record: BaseBackupRecord, month: str | None = None) -> bytes:
@@ -840,8 +835,8 @@ class BaseVerifyReport:
     problems: list[str] = field(default_factory=list)
     bytes_read: int = 0
     duration_s: float = 0.0
-    storage_only: bool = False
-    """Encrypted, no backup key configured: sizes and the ciphertext's sha256 checked, no more."""
+    storage_only: str | None = None
+    """Encrypted, its key not at hand (why): sizes and the ciphertext's sha256 checked, no more."""
 
 
 def get_base_backup(store: ObjectStore, base_id: str, system_id: str | None = None,
@@ -857,15 +852,15 @@ def verify_base_backup(store: ObjectStore, base_id: str, system_id: str | None =
                        progress: Progress | None = None, workdir: Path | None = None) -> BaseVerifyReport:
     """Read every byte of a base backup (sha256, zstd, tar; sealed: every chunk authenticated),
     check the unpacked files against its backup manifest (pg_verifybackup), and record the
-    outcome beside base.json (signed with its data key when encrypted). Encrypted and no
-    backup key configured: the storage-level checks only (`_verify_stored`), nothing recorded."""
+    outcome beside base.json (signed with its data key when encrypted). Encrypted and its key
+    not at hand: the storage checks only (`_verify_stored`), nothing recorded."""
     started = time.monotonic()
     entry = get_base_backup(store, base_id, system_id, month)
     report = BaseVerifyReport(base_id, entry.system_id, False)
     if entry.record is None:
         report.problems.append(entry.problem or "its record cannot be read")
         return report
-    if entry.record.encrypted and not keyring_of(store).ids:
+    if entry.record.encrypted and entry.key_error is not None:
         return _verify_stored(store, entry, report, started)
     data_key = None
     try:
@@ -901,7 +896,7 @@ def _verify_stored(store: ObjectStore, entry: BaseEntry, report: BaseVerifyRepor
     """What can be checked without the key: each object is the one the record names (size,
     recorded sha256 of the ciphertext) and every byte read matches that sha256. Bytes changed
     with the sha256 rewritten to match, or a forged record, need the key to be seen."""
-    report.storage_only = True
+    report.storage_only = entry.key_error.problem
     record = entry.record
     for name, size, sha256 in ((BASE_TAR, record.compressed_bytes, record.sha256),
                                (PG_MANIFEST, None, record.manifest_sha256)):

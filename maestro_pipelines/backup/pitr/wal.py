@@ -32,7 +32,14 @@ from typing import Any
 
 from maestro_pipelines.backup.pitr import layout
 from maestro_pipelines.backup.pitr.layout import WalError
-from maestro_pipelines.backup.pitr.walkeys import key_finder, push_key, same_digest, wal_data_key, wal_digest
+from maestro_pipelines.backup.pitr.walkeys import (
+    WalKeyUnavailable,
+    key_finder,
+    push_key,
+    same_digest,
+    wal_data_key,
+    wal_digest,
+)
 from maestro_pipelines.backup.sealing import keyring_of, open_object, seal, sign
 from maestro_pipelines.crypto import DataKey, SealBroken
 from maestro_pipelines.crypto.keys import BackupKeyError
@@ -209,7 +216,8 @@ def fetch_wal(store, system_id: str, name: str, dest: str | os.PathLike, plain_o
     """Write WAL file `name` of server `system_id` to `dest` (atomically: a temporary name in
     dest's folder, then a rename, once every byte checked: the store's sha256, each sealed
     chunk's authentication, zstd's checksum, `wal_sha256`). False when the store has no such
-    file. `plain_ok` False: a plaintext object is refused (see BaseBackupRecord.wal_sealed)."""
+    file. `plain_ok` False: a plaintext object is refused (see BaseBackupRecord.wal_sealed);
+    its key not at hand: one line (WalKeyUnavailable), nothing written."""
     key = layout.wal_key(str(system_id), name)
     stored = _stored(store, key)
     if stored is None:
@@ -257,9 +265,11 @@ def _decompress_into(store, key: str, out, system_id: str, name: str, plain_ok: 
     opened: dict = {}
     digest = None
     try:
-        with open_object(store, key, key_finder(store, system_id, month, opened), f"{key} in {store.url}") as reader:
+        with open_object(store, key, key_finder(store, system_id, month, opened), f"{key} in {store.url}",
+                         sealed_only=not plain_ok) as reader:
             for chunk in zstandard.ZstdDecompressor().read_to_iter(reader, read_size=READ_SIZE, write_size=READ_SIZE):
-                digest = digest or _digest_for(opened, name, plain_ok, key, store)
+                # Made at the first plaintext: a sealed reader has named its data key by then.
+                digest = digest or wal_digest(opened.get("key"), name)
                 digest.update(chunk)
                 out.write(chunk)
     except zstandard.ZstdError as exc:
@@ -269,47 +279,33 @@ def _decompress_into(store, key: str, out, system_id: str, name: str, plain_ok: 
                        "Do not recover past this segment from this store; look for another copy") from None
     except SealBroken as exc:
         raise WalError(exc.problem, _DAMAGED_HINT) from None
-    return (digest or _digest_for(opened, name, plain_ok, key, store)).hexdigest()
+    return (digest or wal_digest(opened.get("key"), name)).hexdigest()
 
 
-def _digest_for(opened: dict, name: str, plain_ok: bool, key: str, store):
-    """The hasher once the reader has started (a sealed one has then named its data key)."""
-    if "key" not in opened and not plain_ok:
-        raise WalError(f"{key} in {store.url} is not encrypted, though this server's WAL was when the base backup "
-                       "recovered from was taken: put there by someone without the backup key, or pushed without it",
-                       "Do not recover past this segment: look for the sealed copy, or take a new base backup")
-    return wal_digest(opened.get("key"), name)
-
-
-def check_segment_bytes(store, system_id: str, name: str, sink, plain_ok: bool = True,
-                        known_keys: set[str] | None = None) -> tuple[str | None, bool]:
-    """(One line on what is wrong with stored segment `name`, or None; whether only the
-    storage-level checks ran). Read whole into `sink` (keeping its first page in `sink.head`),
-    nothing written anywhere. `known_keys` (the key ids of the server's key records) given:
-    there is no backup key, and a sealed segment gets the checks that need none: its key
-    record is there, and its bytes are those the store recorded (size and sha256)."""
+def check_segment_bytes(store, system_id: str, name: str, sink, plain_ok: bool = True) -> tuple[str | None, str | None]:
+    """(One line on what is wrong with stored segment `name`, or None; why only the storage
+    checks ran, or None). Read whole into `sink` (keeping its first page in `sink.head`),
+    nothing written anywhere. A sealed segment whose key is not at hand gets the checks that
+    need none: its key record is there, its bytes are those the store recorded (size, sha256)."""
     key = layout.wal_key(str(system_id), name)
     stored = _stored(store, key)
     if stored is None:
-        return f"{key} is missing from the store", False
-    key_id = stored.metadata.get(layout.WAL_KEY_ID_KEY)
-    if known_keys is not None and key_id:
-        return _stored_problem(store, stored, key_id, known_keys), True
+        return f"{key} is missing from the store", None
     try:
         digest = _decompress_into(store, key, sink, str(system_id), name, plain_ok)
         if not same_digest(digest, stored.metadata.get(layout.WAL_SHA256_KEY)):
-            return f"{key} is damaged: its WAL is not the bytes archived ({layout.WAL_SHA256_KEY} {digest[:12]}...)", False
+            return f"{key} is damaged: its WAL is not the bytes archived ({layout.WAL_SHA256_KEY} {digest[:12]}...)", None
         _check_position(name, sink.head, layout.segment_header(sink.head)[2])
+    except WalKeyUnavailable as unavailable:
+        return _stored_problem(store, stored), unavailable.problem
     except (WalError, BackupKeyError) as exc:
-        return exc.problem, False
-    return None, False
+        return exc.problem, None
+    return None, None
 
 
-def _stored_problem(store, stored, key_id: str, known_keys: set[str]) -> str | None:
+def _stored_problem(store, stored) -> str | None:
     from maestro_pipelines.storage import StoreError
 
-    if key_id not in known_keys:
-        return f"{stored.key} is sealed with data key {key_id}, whose key record is missing from the store"
     try:
         with store.open_read(stored.key) as reader:
             while reader.read(READ_SIZE):

@@ -35,12 +35,12 @@ from maestro_pipelines.backup.pitr.layout import WalError, record_digest
 from maestro_pipelines.backup.sealing import (
     RecordForged,
     check_signature,
-    data_key_of,
     envelope_of,
     keyring_of,
     new_data_key,
     put_envelope,
     sign,
+    usable_data_key,
 )
 from maestro_pipelines.crypto import DataKey
 from maestro_pipelines.crypto.keys import BackupKeyError
@@ -49,6 +49,11 @@ from maestro_pipelines.storage import StoreError
 FORMAT_VERSION = 1
 DIGEST_PURPOSE = b"wal digest v1"
 _CACHE = "_maestro_wal_keys"
+
+
+class WalKeyUnavailable(BackupKeyError):
+    """The key a WAL key record needs is not at hand (none configured, only others, the key
+    service down or refusing): the WAL it keys is unchecked, not damaged."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,9 @@ def _read_record(store, name: KeyRecordName, system_id: str, kek_id: str | None 
         raise invalid("is not the record of its name (another key id or server)")
     if kek_id is not None and envelope.kek_id != kek_id:
         return None
-    data_key = data_key_of(store, body, what)
+    data_key, key_error = usable_data_key(store, body, what)
+    if key_error is not None:
+        raise WalKeyUnavailable(key_error.problem, key_error.hint)
     check_signature(body, data_key, what)
     return body, data_key
 
@@ -138,13 +145,17 @@ def _new_record(store, system_id: str, day: str, now: datetime | None) -> DataKe
 
 def wal_data_key(store, system_id: str, key_id: str, month: str | None = None) -> DataKey:
     """The data key `key_id` (named by a sealed WAL object): its record found by listing
-    keys/ once per process, its MAC checked. One line when missing, forged or locked."""
+    keys/ once per process, its MAC checked. One line when missing or forged (WalError), or
+    when its key is not at hand (WalKeyUnavailable)."""
     keyring = keyring_of(store)
     prefix = layout.keys_prefix(str(system_id), month)
     cached = _cache(store).get(("read", prefix, key_id))
     if cached is not None and cached[0] is keyring:
         return cached[1]
-    names = [n for n in key_records(store, system_id, month) if n.key_id == key_id]
+    listed = _cache(store).get(("list", prefix))
+    if listed is None or key_id not in listed:  # a record made since the last listing: list again
+        listed = _cache(store)[("list", prefix)] = {n.key_id: n for n in key_records(store, system_id, month)}
+    names = [listed[key_id]] if key_id in listed else []
     if not names:
         raise WalError(f"WAL of server {system_id} is sealed with data key {key_id}, whose key record is not in "
                        f"{store.url} ({prefix}*-{key_id}.json)",

@@ -265,9 +265,10 @@ class WalVerifyReport:
     segments: int = 0
     bytes_read: int = 0
     problems: list[str] = field(default_factory=list)
-    storage_only: int = 0
-    """Sealed segments checked without the backup key (key record there, size and sha256 of the
-    ciphertext): none when the key is configured."""
+    storage_only: str | None = None
+    """Why some sealed segments got the storage checks only (their key not at hand), or None."""
+    storage_segments: int = 0
+    """How many: their key record is there, their size and the sha256 of the ciphertext match."""
 
     @property
     def ok(self) -> bool:
@@ -302,19 +303,16 @@ def _plain_ok(starts: list[tuple[int, bool]], name: str, seg_size: int) -> bool:
 def verify_wal(store: ObjectStore, system_id: str, progress=None) -> WalVerifyReport:
     """Read back every segment a recovery can need (from the oldest usable base backup's start;
     all of them without one): the store's sha256, each sealed chunk, zstd, the archived
-    `wal_sha256`, and the position the segment's first page names. No backup key configured:
-    sealed segments get the storage-level checks only (`wal.check_segment_bytes`). Gaps are
+    `wal_sha256`, and the position the segment's first page names. A sealed segment whose key
+    is not at hand gets the storage checks only (`wal.check_segment_bytes`). Gaps are
     `recovery_window`'s to say."""
     from maestro_pipelines.backup.pitr.wal import check_segment_bytes
-    from maestro_pipelines.backup.pitr.walkeys import key_records
-    from maestro_pipelines.backup.sealing import keyring_of
 
     window = recovery_window(store, system_id)
     by_id = {b.base_id: b for b in window.bases}
     since = by_id[window.usable[0]].record.start_wal if window.usable else ""
     seg_size = by_id[window.usable[0]].record.wal_segment_size if window.usable else layout.DEFAULT_SEGMENT_SIZE
     starts = _sealed_from(window, seg_size)
-    known = None if keyring_of(store).ids else {r.key_id for r in key_records(store, system_id)}
     report = WalVerifyReport(system_id)
     for segment in list_segments(store, system_id)[0]:
         if segment.name < since:
@@ -323,8 +321,9 @@ def verify_wal(store: ObjectStore, system_id: str, progress=None) -> WalVerifyRe
         report.last, report.segments = segment.name, report.segments + 1
         report.bytes_read += segment.size
         problem, storage_only = check_segment_bytes(store, system_id, segment.name, _HeadKeeper(),
-                                                    _plain_ok(starts, segment.name, seg_size), known)
-        report.storage_only += storage_only
+                                                    _plain_ok(starts, segment.name, seg_size))
+        if storage_only:
+            report.storage_only, report.storage_segments = report.storage_only or storage_only, report.storage_segments + 1
         if problem:
             report.problems.append(problem)
         if progress is not None:
