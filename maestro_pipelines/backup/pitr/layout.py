@@ -43,12 +43,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from maestro_pipelines.backup.manifest import BackupError, ManifestInvalid, _iso, _parse_time, signed_body
-
-try:
-    from maestro_pipelines.backup.manifest import record_digest
-except ImportError:  # before the dumps branch makes manifest's digest function public
-    from maestro_pipelines.backup.manifest import _digest as record_digest
+from maestro_pipelines.backup.manifest import BackupError, ManifestInvalid, _iso, _parse_time, record_digest, signed_body
 
 PITR_PREFIX = "pitr"
 WAL_FOLDER = "wal"
