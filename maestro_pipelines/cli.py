@@ -1104,7 +1104,11 @@ def _verify_base(store, base_id: str, month, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps({"id": report.base_id, "system_id": report.system_id, "ok": report.ok,
                                    "problems": report.problems, "bytes_read": report.bytes_read,
-                                   "duration_s": report.duration_s}))
+                                   "duration_s": report.duration_s, "storage_only": report.storage_only}))
+    elif report.ok and report.storage_only:
+        out.print(f"base backup {report.base_id}: storage checks only: full verification needs the key "
+                  f"({report.storage_only}). {human_bytes(report.bytes_read)} read, sizes and sha256 match its record",
+                  highlight=False, soft_wrap=True)
     elif report.ok:
         out.print(f"base backup {report.base_id} verified: {human_bytes(report.bytes_read)} read, files match its "
                   f"backup manifest (pg_verifybackup), in {report.duration_s:.1f} s", highlight=False)
@@ -1128,10 +1132,16 @@ def _verify_wal(store, as_json: bool) -> None:
         reports = [verify_wal(store, system_id, progress) for system_id in servers]
     if as_json:
         out.print_json(json.dumps([{"system_id": r.system_id, "ok": r.ok, "first": r.first, "last": r.last,
-                                    "segments": r.segments, "bytes_read": r.bytes_read, "problems": r.problems}
+                                    "segments": r.segments, "bytes_read": r.bytes_read, "problems": r.problems,
+                                    "storage_only": r.storage_only, "storage_segments": r.storage_segments}
                                    for r in reports]))
     for report in [] if as_json else reports:
-        if report.ok:
+        if report.ok and report.storage_only:
+            out.print(f"WAL of server {report.system_id}: {report.segments} segments ({report.first} to {report.last}), "
+                      f"{human_bytes(report.bytes_read)} read; storage checks only for {report.storage_segments} of them: "
+                      f"full verification needs the key ({report.storage_only}). Sizes and sha256 match, key records there",
+                      highlight=False, soft_wrap=True)
+        elif report.ok:
             out.print(f"WAL of server {report.system_id}: {report.segments} segments ({report.first} to {report.last}), "
                       f"{human_bytes(report.bytes_read)} read, each the bytes archived", highlight=False)
         for problem in report.problems:

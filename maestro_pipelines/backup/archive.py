@@ -122,14 +122,16 @@ def _archive_base(store: ObjectStore, month: str, entry) -> tuple[str, str, bool
     chain = base_chain(store, record)
     copied: list[str] = []
     try:
-        name = record.start_wal
+        name, key_ids = record.start_wal, set()
         while True:  # the WAL first: an archive with base.json but without its WAL would be unusable
             source = layout.wal_key(record.system_id, name)
+            key_ids.add(store.head(source).metadata.get(layout.WAL_KEY_ID_KEY))
             store.copy(source, layout.wal_key(record.system_id, name, month))
             copied.append(layout.wal_key(record.system_id, name, month))
             if name == record.stop_wal:
                 break
             name = layout.next_segment(name, record.wal_segment_size)
+        copied += _copy_key_records(store, record.system_id, key_ids - {None}, month)
         for member in chain:
             src, dst = (layout.base_root(member.system_id, member.base_id, m) for m in (None, month))
             for object_name in (layout.BASE_TAR, layout.PG_MANIFEST, BASE_VERIFIED, layout.BASE_RECORD):
@@ -146,3 +148,22 @@ def _archive_base(store: ObjectStore, month: str, entry) -> tuple[str, str, bool
                 pass
         raise
     return record.system_id, record.base_id, True
+
+
+def _copy_key_records(store: ObjectStore, system_id: str, key_ids: set[str], month: str) -> list[str]:
+    """The WAL key records whose data keys sealed the WAL copied (sealed WAL without its key
+    record cannot be read): the archive's copies, under its own pitr/<system_id>/keys/."""
+    from maestro_pipelines.backup.pitr import layout
+    from maestro_pipelines.backup.pitr.walkeys import key_records
+
+    found = {r.key_id: r for r in key_records(store, system_id) if r.key_id in key_ids}
+    missing = sorted(key_ids - set(found))
+    if missing:
+        raise BackupError(f"The WAL of server {system_id} to archive is sealed with data key {missing[0]}, whose key "
+                          "record is missing from the store", "The archive would be unreadable: take a new base backup")
+    copied = []
+    for key_id, record in sorted(found.items()):
+        dest = layout.key_record_key(system_id, record.day, key_id, month)
+        store.copy(record.key, dest)
+        copied.append(dest)
+    return copied

@@ -204,6 +204,18 @@ class BaseRetentionPlan:
     """The oldest kept base backup's start_wal: every WAL file before it expires, none from it on."""
     delete_wal: list[str] = field(default_factory=list)
     delete_incomplete: list[str] = field(default_factory=list)
+    keep_keys: list[tuple[str, str]] = field(default_factory=list)
+    """WAL key records kept (store key, why): the data keys of the sealed WAL that stays."""
+    delete_keys: list[str] = field(default_factory=list)
+    """WAL key records no WAL file kept names, older than KEY_RECORD_GRACE."""
+
+
+KEY_RECORD_GRACE = timedelta(days=2)
+"""A WAL key record this young is kept even if no WAL names it: a push may have made it and
+not yet stored the segment sealed with it (a push reuses the record of its day)."""
+UNKNOWN_KEY = "?"
+"""In `wal_keys`: a WAL object whose metadata does not say whether or with which key it is
+sealed (not written by `wal push`, or its metadata lost): then no key record is deleted."""
 
 
 def _finished(entry) -> datetime:
@@ -213,12 +225,15 @@ def _finished(entry) -> datetime:
 
 
 def plan_base_retention(system_id: str, bases: list, wal_names: list[str], policy: RetentionPolicy,
-                        now: datetime) -> BaseRetentionPlan:
+                        now: datetime, key_records: list | None = None,
+                        wal_keys: dict[str, str | None] | None = None) -> BaseRetentionPlan:
     """Pure: which base backups (`pitr.base.BaseEntry`, objects already checked) and WAL files
     of one server go. Kept: the newest verified base backup, the newest `policy.base_kept`,
     those younger than `policy.base_max_age`, and every parent of a kept incremental. WAL
     expires before the oldest kept base backup's start_wal; never at or after it (so never
-    between the newest verified base backup and now). Without any kept base backup, no WAL goes."""
+    between the newest verified base backup and now). Without any kept base backup, no WAL goes.
+    WAL key records (`walkeys.KeyRecordName`s) go when no WAL file that stays names their key
+    id (`wal_keys`: WAL name -> key id, None for plaintext) and they are older than the grace."""
     from maestro_pipelines.backup.pitr import layout
 
     plan = BaseRetentionPlan(system_id)
@@ -244,14 +259,30 @@ def plan_base_retention(system_id: str, bases: list, wal_names: list[str], polic
         else:
             plan.delete.append((entry.base_id, entry.bad or "older than the base backups kept"))
     starts = [by_id[b].record.start_wal for b in kept if by_id[b].record is not None]
-    if not starts:
-        return plan
-    cutoff = min(starts, key=lambda name: (layout.segment_number(name), name[:8]))
-    plan.wal_cutoff = cutoff
-    for name in wal_names:
-        if _wal_before(name, cutoff):
-            plan.delete_wal.append(name)
+    if starts:
+        cutoff = min(starts, key=lambda name: (layout.segment_number(name), name[:8]))
+        plan.wal_cutoff = cutoff
+        plan.delete_wal = [name for name in wal_names if _wal_before(name, cutoff)]
+    _plan_key_records(plan, key_records or [], wal_keys, now)
     return plan
+
+
+def _plan_key_records(plan: BaseRetentionPlan, key_records: list, wal_keys: dict[str, str | None] | None,
+                      now: datetime) -> None:
+    """Which key records stay: every one a remaining WAL file names, every young one, and all
+    of them when a remaining WAL file's key is unknown (or no `wal_keys` was given)."""
+    expired = set(plan.delete_wal)
+    staying = {UNKNOWN_KEY} if wal_keys is None else {key_id for name, key_id in wal_keys.items() if name not in expired}
+    horizon = f"{now - KEY_RECORD_GRACE:%Y%m%d}"
+    for record in key_records:
+        if UNKNOWN_KEY in staying:
+            plan.keep_keys.append((record.key, "a WAL file kept does not say its key"))
+        elif record.key_id in staying:
+            plan.keep_keys.append((record.key, "names WAL that is kept"))
+        elif record.day >= horizon:
+            plan.keep_keys.append((record.key, "made in the last days (its WAL may be on the way)"))
+        else:
+            plan.delete_keys.append(record.key)
 
 
 def _wal_before(name: str, cutoff: str) -> bool:
@@ -271,6 +302,7 @@ def apply_base_retention(store: ObjectStore, policy: RetentionPolicy, now: datet
     from maestro_pipelines.backup.pitr.base import (ACTIVITY_KIND, check_base_objects, incomplete_base_backups,
                                                     list_base_backups, remove_base_folder)
     from maestro_pipelines.backup.pitr.layout import wal_key
+    from maestro_pipelines.backup.pitr.walkeys import key_records
     from maestro_pipelines.backup.pitr.window import list_segments, servers_in_store
 
     plans = []
@@ -283,7 +315,9 @@ def apply_base_retention(store: ObjectStore, policy: RetentionPolicy, now: datet
         for entry in bases:
             check_base_objects(store, entry)  # a damaged one is not verified: the next intact one is protected
         segments, others = list_segments(store, system_id)
-        plan = plan_base_retention(system_id, bases, [s.name for s in segments] + others, policy, now)
+        records = key_records(store, system_id)
+        plan = plan_base_retention(system_id, bases, [s.name for s in segments] + others, policy, now, records,
+                                   _wal_key_ids(store, system_id, records, now))
         for root in unfinished:
             if root.split("/")[1] == system_id:
                 base_id = root.rsplit("/", 1)[-1]
@@ -300,7 +334,25 @@ def apply_base_retention(store: ObjectStore, policy: RetentionPolicy, now: datet
             remove_base_folder(store, root)  # with what its unfinished upload left (a temporary file)
         for name in plan.delete_wal:
             store.delete(wal_key(system_id, name))
+        for key in plan.delete_keys:  # after the WAL they keyed: a crash between leaves a record too many
+            store.delete(key)
     return plans
+
+
+def _wal_key_ids(store: ObjectStore, system_id: str, records: list, now: datetime) -> dict[str, str | None]:
+    """WAL name -> the key id its metadata names (None: plaintext; UNKNOWN_KEY: not said).
+    Listed with metadata (a HEAD per object on S3) only when a key record is old enough to go."""
+    from maestro_pipelines.backup.pitr import layout
+
+    if not any(record.day < f"{now - KEY_RECORD_GRACE:%Y%m%d}" for record in records):
+        return {}  # nothing could go: no need to know (saves S3 a HEAD per WAL object)
+    found: dict[str, str | None] = {}
+    for info in store.list(layout.wal_prefix(system_id), with_metadata=True):
+        name = layout.wal_name_of_key(info.key)
+        if name is not None:
+            sealed_by = info.metadata.get(layout.WAL_KEY_ID_KEY)
+            found[name] = sealed_by if sealed_by or layout.WAL_SHA256_KEY in info.metadata else UNKNOWN_KEY
+    return found
 
 
 def plan_pitr_months(months: list[str], policy: RetentionPolicy) -> list[str]:

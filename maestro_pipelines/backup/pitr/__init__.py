@@ -7,6 +7,8 @@ database; this tier is per server (cluster) and gives the one-minute RPO.
     wal.py      `maestro wal push %p` (archive_command) and `maestro wal fetch %f %p`
                 (restore_command); idempotent pushes, refused conflicts; listing, gaps;
                 the server's archiving status (pg_stat_archiver)
+    walkeys.py  with a backup key: the WAL key records (the data keys sealed WAL names by
+                id, one a day), and the HMAC that stands for a sealed file's sha256
     spool.py    the embedded server's archive_command writes into a spool folder its OS user
                 owns; a Maestro process (the pusher) moves each segment into the store
     base.py     base backups: pg_basebackup -Ft -X none -D - | zstd -> store, full or
@@ -19,4 +21,7 @@ database; this tier is per server (cluster) and gives the one-minute RPO.
                 same phases as a dump's restore (scratch by default, live with --confirm)
     window.py   the recovery window (earliest and latest recoverable point) and WAL gaps,
                 for `backup info`, retention and the RPO sensor
+
+With a backup key (backup/sealing.py) every object here is sealed after zstd and every
+record signed; see layout.py for what is where, and walkeys.py for the WAL's keys.
 """

@@ -8,6 +8,12 @@ it writes to stdout: it is picked out as the bytes pass and stored again alone (
 incremental's `--incremental=` reads it, verify checks against it); base.json, the record,
 is written LAST: without it the base backup does not exist.
 
+With a backup key (backup/sealing.py) each base backup has its own data key: base.tar.zst is
+sealed after zstd and backup_manifest is sealed, so the store's sha256 of each is of the
+ciphertext; base.json holds the data key's envelope and a MAC, checked on every read when the
+key is configured (a record edited by someone without the key is not usable); its
+verification record names it by that MAC, which a rotation of the key keeps.
+
 `-X none`: the backup holds no WAL; the WAL from its start to its stop comes from the
 archive (wal.py), which is why a server without working archiving is refused before
 anything starts (pg_basebackup would wait forever for its last segment to be archived).
@@ -40,13 +46,28 @@ from maestro_pipelines.backup.manifest import BackupError, BackupNotFound, Manif
 from maestro_pipelines.backup.pgtools import check_client, libpq_environment, program, program_version, psycopg_connect, where
 from maestro_pipelines.backup.pitr import layout
 from maestro_pipelines.backup.pitr.layout import BASE_RECORD, BASE_TAR, FULL, INCREMENTAL, PG_MANIFEST, BaseBackupRecord
+from maestro_pipelines.backup.sealing import (
+    RecordForged,
+    check_signature,
+    envelope_of,
+    keyring_of,
+    new_data_key,
+    open_object,
+    put_envelope,
+    seal,
+    sign,
+    usable_data_key,
+)
+from maestro_pipelines.crypto import DataKey, SealBroken
+from maestro_pipelines.crypto.keys import BackupKeyError
 from maestro_pipelines.backup.types import DatabaseTarget, MiB, Progress
 from maestro_pipelines.objectives import INCREMENTAL_CHAIN_MAX
 from maestro_pipelines.redaction import hide_secret
 from maestro_pipelines.storage import ObjectNotFound, ObjectStore, StoreError
 
 BASE_VERIFIED = "verified.json"
-"""Beside base.json once `verify_base_backup` read every byte: valid for the record whose sha256 it names."""
+"""Beside base.json once `verify_base_backup` read every byte: valid for the record whose sha256
+(plaintext) or MAC (encrypted, and signed itself) it names."""
 ACTIVITY_KIND = "base"
 """The activity marker's kind (`activity/base-<system_id>-<base_id>.json`): retention waits while it runs."""
 KINDS = ("auto", FULL, INCREMENTAL)
@@ -175,16 +196,28 @@ class BaseEntry:
     verification: dict[str, Any] | None = None
     damage: str | None = None
     """Set by `check_base_objects`: what a head of its objects shows wrong."""
+    data_key: DataKey | None = None
+    """Encrypted, the key configured: its data key (the record's MAC was checked with it)."""
+    key_error: BackupKeyError | None = None
+    """Encrypted, and its key not at hand (none configured, only others, the key service down
+    or refusing): the record is read (names, sizes) but its MAC is not checked. Listing,
+    windows and retention work, verify checks storage only; a recovery refuses in one line."""
+    refused: str | None = None
+    """A plaintext base backup taken after an encrypted one of the server: not used."""
+
+    @property
+    def unchecked(self) -> bool:
+        return self.key_error is not None
 
     @property
     def verified(self) -> bool:
-        return (self.record is not None and self.damage is None and self.verification is not None
-                and bool(self.verification.get("ok")))
+        return (self.record is not None and self.damage is None and self.refused is None
+                and self.verification is not None and bool(self.verification.get("ok")))
 
     @property
     def bad(self) -> str | None:
-        if self.problem or self.damage:
-            return self.problem or self.damage
+        if self.problem or self.damage or self.refused:
+            return self.problem or self.damage or self.refused
         if self.verification is not None and not self.verification.get("ok"):
             return "; ".join(self.verification.get("problems") or ["its verification failed"])
         return None
@@ -211,17 +244,45 @@ def _load_entry(store: ObjectStore, system_id: str, base_id: str, names: set[str
     try:
         data = store.get_bytes(f"{root}/{BASE_RECORD}")
         entry.record = BaseBackupRecord.from_json(data, f"{root}/{BASE_RECORD}")
-    except (ManifestInvalid, StoreError) as exc:
-        entry.problem = str(exc).split(". ")[0]
+        _open_record(store, entry, json.loads(data))
+    except (ManifestInvalid, StoreError, BackupKeyError) as exc:
+        entry.record, entry.problem = None, str(exc).split(". ")[0]
         return entry
     if BASE_VERIFIED in names:
-        try:
-            body = json.loads(store.get_bytes(f"{root}/{BASE_VERIFIED}"))
-            if body.get("record_sha256") == _sha(data):
-                entry.verification = body
-        except (StoreError, ValueError):
-            pass  # unreadable verification: not verified, verify again
+        entry.verification = _verification(store, entry, data)
     return entry
+
+
+def _open_record(store: ObjectStore, entry: BaseEntry, body: dict[str, Any]) -> None:
+    """An encrypted record's data key and MAC, when its key is at hand; else only noted
+    (`key_error`): whoever lists without the key still sees names and sizes, and a key that is
+    not at hand never makes a base backup look bad (retention would delete it). An envelope
+    the configured key refuses (altered) or a MAC that does not match: raised, not usable."""
+    what = f"base backup {entry.base_id}"
+    entry.data_key, entry.key_error = usable_data_key(store, body, what)
+    if entry.data_key is not None:
+        check_signature(body, entry.data_key, f"{what}'s record ({entry.root}/{BASE_RECORD})")
+
+
+def _verification(store: ObjectStore, entry: BaseEntry, data: bytes) -> dict[str, Any] | None:
+    """The verification record if it is the one of this base.json (its sha256, or its MAC and
+    a valid signature of its own when the key is here); None: not verified, verify again."""
+    try:
+        body = json.loads(store.get_bytes(f"{entry.root}/{BASE_VERIFIED}"))
+    except (StoreError, ValueError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    if not entry.record.encrypted:
+        return body if body.get("record_sha256") == _sha(data) else None
+    if body.get("record_mac") != entry.record.mac:
+        return None
+    if entry.data_key is not None:
+        try:
+            check_signature(body, entry.data_key, f"base backup {entry.base_id}'s verification record")
+        except RecordForged:
+            return None
+    return body
 
 
 def list_base_backups(store: ObjectStore, system_id: str | None = None, month: str | None = None) -> list[BaseEntry]:
@@ -230,7 +291,23 @@ def list_base_backups(store: ObjectStore, system_id: str | None = None, month: s
     for (sid, base_id), names in sorted(_base_folders(store, month).items(), key=lambda item: item[0][1]):
         if BASE_RECORD in names and (system_id is None or sid == str(system_id)):
             entries.append(_load_entry(store, sid, base_id, names, month))
+    _refuse_plaintext_after_encrypted(entries)
     return entries
+
+
+def _refuse_plaintext_after_encrypted(entries: list[BaseEntry]) -> None:
+    """Plaintext base backups are read (older backups, from before a key), except one newer
+    than an encrypted base backup of the same server whose MAC was checked here: whoever can
+    write the bucket but has no key could otherwise put a plaintext backup of their own there."""
+    first_sealed: dict[str, str] = {}
+    for entry in entries:
+        if entry.data_key is not None:
+            first_sealed.setdefault(entry.system_id, entry.base_id)
+    for entry in entries:
+        sealed = first_sealed.get(entry.system_id)
+        if entry.record is not None and not entry.record.encrypted and sealed is not None and entry.base_id > sealed:
+            entry.refused = (f"base backup {entry.base_id} is not encrypted though base backup {sealed} before it is: "
+                             "written by someone without the key, or taken with the key removed; not used")
 
 
 def incomplete_base_backups(store: ObjectStore, month: str | None = None) -> dict[str, set[str]]:
@@ -471,8 +548,10 @@ def _read_ahead(chunks, depth: int = 16):
 
 
 def _stream_tar(store: ObjectStore, key: str, command: list[str], target: DatabaseTarget, expected: int,
-                progress: Progress | None, metadata: dict[str, str], level: int, threads: int):
-    """(object info, tar bytes, members kept) of pg_basebackup's tar streamed into `key`."""
+                progress: Progress | None, metadata: dict[str, str], level: int, threads: int,
+                data_key: DataKey | None = None):
+    """(object info, tar bytes, members kept) of pg_basebackup's tar streamed into `key`
+    (sealed under `data_key` after zstd, in the reading thread: it overlaps the store's writes)."""
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
                                    env=libpq_environment(target.url, "maestro-base-backup"), bufsize=0)
@@ -480,9 +559,8 @@ def _stream_tar(store: ObjectStore, key: str, command: list[str], target: Databa
         counting = _CountingReader(process.stdout, server_where(target.url), expected, progress)
         watcher = _TarWatcher()
         try:
-            info = store.put_stream(key, _read_ahead(_compressed(process, stderr, _WatchedReader(counting, watcher), target, level,
-                                                                threads)),
-                                    metadata)
+            compressed = _compressed(process, stderr, _WatchedReader(counting, watcher), target, level, threads)
+            info = store.put_stream(key, _read_ahead(seal(data_key, compressed)), metadata)
         finally:
             if process.poll() is None:
                 process.kill()
@@ -538,7 +616,8 @@ def take_base_backup(store: ObjectStore, target: DatabaseTarget, kind: str = "au
     started_at, clock = utcnow(), time.monotonic()
     base_id = new_backup_id(started_at)
     root = layout.base_root(facts.system_id, base_id)
-    log(f"base backup {base_id} of {where(target.url)}: {plan.note}")
+    data_key = new_data_key(store, f"base backup {base_id}")  # MAESTRO_BACKUP_ENCRYPTION=required: refused here
+    log(f"base backup {base_id} of {where(target.url)}: {plan.note}" + (", encrypted" if data_key else ""))
     # The marker names the folder (system id and base id): retention sweeps it once the process is gone.
     with activity(store, ACTIVITY_KIND, f"{facts.system_id}-{base_id}"), \
             tempfile.TemporaryDirectory(prefix="maestro-base-") as scratch:
@@ -547,23 +626,75 @@ def take_base_backup(store: ObjectStore, target: DatabaseTarget, kind: str = "au
                        "--checkpoint=fast", f"--label=maestro {base_id}"]
             if plan.parent is not None:
                 previous = Path(scratch) / PG_MANIFEST
-                previous.write_bytes(store.get_bytes(f"{plan.parent.root}/{PG_MANIFEST}"))
+                previous.write_bytes(read_manifest(store, plan.parent.record, plan.parent.month))
                 command.append(f"--incremental={previous}")
             meta = {"base_id": base_id, "system_id": facts.system_id}
             info, tar_bytes, members = _stream_tar(store, f"{root}/{BASE_TAR}", command, target, facts.size_bytes,
-                                                   progress, meta, compression_level, compression_threads)
+                                                   progress, meta, compression_level, compression_threads, data_key)
             if PG_MANIFEST not in members:
                 raise BackupError(f"pg_basebackup of {where(target.url)} wrote no backup_manifest into its tar",
                                   "Use pg_basebackup 15 or newer (MAESTRO_PG_BIN), then run the base backup again")
-            manifest_info = store.put_bytes(f"{root}/{PG_MANIFEST}", members[PG_MANIFEST], meta)
+            manifest_info = store.put_bytes(f"{root}/{PG_MANIFEST}", b"".join(seal(data_key, [members[PG_MANIFEST]])), meta)
             record = _record(base_id, plan, facts, target, members,
                              (tar_bytes, info.size, info.sha256 or "", manifest_info.sha256 or ""), (started_at, clock))
-            store.put_bytes(f"{root}/{BASE_RECORD}", record.to_json(), meta)  # the commit marker
+            store.put_bytes(f"{root}/{BASE_RECORD}", _sealed_record(store, record, data_key), meta)  # the commit marker
         except BaseException:
             remove_base_folder(store, root)
             raise
     log(f"base backup {base_id}: {record.kind}, WAL {record.start_wal} to {record.stop_wal}")
     return record
+
+
+def _sealed_record(store: ObjectStore, record: BaseBackupRecord, data_key: DataKey | None) -> bytes:
+    """base.json: with a data key, its envelope and its MAC (signed last, after every field)."""
+    if data_key is None:
+        return record.to_json()
+    record.wal_sealed = _wal_sealed(store, record.system_id)
+
+    def sealed(body: dict[str, Any]) -> dict[str, Any]:
+        sign(put_envelope(body, data_key), data_key)
+        record.encryption, record.mac = body["encryption"], body["mac"]  # the caller's record is the one written
+        return body
+
+    return record.to_json(sealed)
+
+
+def _wal_sealed(store: ObjectStore, system_id: str) -> bool:
+    """Whether the newest WAL segment of the server in the store is sealed (one listing, one head)."""
+    from maestro_pipelines.backup.pitr.wal import newest_segment
+
+    newest = newest_segment(store, system_id)
+    try:
+        return newest is not None and layout.WAL_KEY_ID_KEY in store.head(newest.key).metadata
+    except ObjectNotFound:
+        return False
+
+
+def base_key(store: ObjectStore, record: BaseBackupRecord) -> DataKey | None:
+    """The data key of a base backup (None: plaintext); one line when its backup key is not configured."""
+    envelope = envelope_of(record.to_body(), f"base backup {record.base_id}")
+    return None if envelope is None else keyring_of(store).open(envelope, f"base backup {record.base_id}")
+
+
+def _read_stored(store: ObjectStore, key: str, sha256: str, data_key: DataKey | None, what: str):
+    """A reader of the plaintext of `key`, once a head shows it is the object the record names
+    (a swapped object keeps its own recorded sha256: only the record's tells)."""
+    info = store.head(key)
+    if sha256 and info.sha256 != sha256:
+        raise BackupError(f"{key} is not the object the base backup wrote (sha256 {str(info.sha256)[:12]}..., "
+                          f"its record says {sha256[:12]}...: replaced)",
+                          "Recover from another base backup (`maestro backup info` lists them), or take a new one")
+    return open_object(store, key, data_key, what, sealed_only=data_key is not None)
+
+
+def read_manifest(store: ObjectStore, record: BaseBackupRecord, month: str | None = None) -> bytes:
+    """PostgreSQL's backup_manifest of `record` (opened with its data key when sealed)."""
+    key = f"{layout.base_root(record.system_id, record.base_id, month)}/{PG_MANIFEST}"
+    try:
+        with _read_stored(store, key, record.manifest_sha256, base_key(store, record), key) as reader:
+            return reader.read()
+    except SealBroken as exc:
+        raise BackupError(f"Base backup {record.base_id} is damaged: {exc.problem}", exc.hint) from None
 
 
 def remove_base_folder(store: ObjectStore, root: str) -> None:
@@ -602,14 +733,18 @@ class _CountingStream:
 
 def unpack_base(store: ObjectStore, record: BaseBackupRecord, dest: Path, month: str | None = None,
                 progress: Progress | None = None) -> Path:
-    """base.tar.zst of `record` unpacked into `dest` (sha256 checked as it streams: a damaged
-    object raises before `dest` is used), then pg_verifybackup -n on the folder."""
+    """base.tar.zst of `record` unpacked into `dest` (sha256 checked as it streams, and each
+    sealed chunk authenticated before a byte of it is used: a damaged object raises before
+    `dest` is used), then pg_verifybackup -n on the folder. Its backup key not configured: one
+    line, before anything is read."""
     import zstandard
 
     key = f"{layout.base_root(record.system_id, record.base_id, month)}/{BASE_TAR}"
+    data_key = base_key(store, record)
+    manifest = _manifest_object(store, record, month)  # first: small, and a damaged one ends it at once
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        with store.open_read(key) as raw:
+        with _read_stored(store, key, record.sha256, data_key, key) as raw:
             counted = _CountingStream(raw, record.base_id, record.compressed_bytes, progress)
             with zstandard.ZstdDecompressor().stream_reader(counted, read_size=MiB) as tar_stream:
                 with tarfile.open(fileobj=tar_stream, mode="r|", bufsize=MiB) as tar:
@@ -619,14 +754,33 @@ def unpack_base(store: ObjectStore, record: BaseBackupRecord, dest: Path, month:
     except ObjectNotFound:
         raise BackupError(f"Base backup {record.base_id}'s {BASE_TAR} is missing from the store ({key})",
                           "Recover from another base backup (`maestro backup info` lists them), or take a new one") from None
+    except SealBroken as exc:
+        raise BackupError(f"Base backup {record.base_id} is damaged: {exc.problem}",
+                          "Recover from another base backup (`maestro backup info` lists them), or take a new one") from None
     except (StoreError, zstandard.ZstdError, tarfile.TarError, EOFError, OSError) as exc:
         reason = getattr(exc, "problem", None) or str(exc) or type(exc).__name__
         raise BackupError(f"Base backup {record.base_id} is damaged: {key}: {reason}",
                           "Recover from another base backup (`maestro backup info` lists them), or take a new one") from None
     if progress is not None:
         progress(record.base_id, record.compressed_bytes, record.compressed_bytes)
+    if (dest / PG_MANIFEST).read_bytes() != manifest:
+        raise BackupError(f"Base backup {record.base_id} is damaged: its stored {PG_MANIFEST} differs from the one "
+                          "inside the tar", "Recover from another base backup (`maestro backup info` lists them), "
+                                            "or take a new one")
     _verify_folder(dest, record.base_id)
     return dest
+
+
+def _manifest_object(store: ObjectStore, record: BaseBackupRecord, month: str | None) -> bytes:
+    """The stored backup_manifest, read whole (sha256, sealed chunks): a damaged or replaced
+    one (the next incremental's `--incremental` reads it) makes the base backup damaged, as
+    verify says, though a recovery uses the copy inside the tar."""
+    try:
+        return read_manifest(store, record, month)
+    except StoreError as exc:
+        where_ = f"{layout.base_root(record.system_id, record.base_id, month)}/{PG_MANIFEST}"
+        raise BackupError(f"Base backup {record.base_id} is damaged: {where_}: {exc.problem}",
+                          "Recover from another base backup (`maestro backup info` lists them), or take a new one") from None
 
 
 def _verify_folder(folder: Path, what: str) -> None:
@@ -681,6 +835,8 @@ class BaseVerifyReport:
     problems: list[str] = field(default_factory=list)
     bytes_read: int = 0
     duration_s: float = 0.0
+    storage_only: str | None = None
+    """Encrypted, its key not at hand (why): sizes and the ciphertext's sha256 checked, no more."""
 
 
 def get_base_backup(store: ObjectStore, base_id: str, system_id: str | None = None,
@@ -694,31 +850,71 @@ def get_base_backup(store: ObjectStore, base_id: str, system_id: str | None = No
 
 def verify_base_backup(store: ObjectStore, base_id: str, system_id: str | None = None, month: str | None = None,
                        progress: Progress | None = None, workdir: Path | None = None) -> BaseVerifyReport:
-    """Read every byte of a base backup (sha256, zstd, tar), check the unpacked files against
-    its backup manifest (pg_verifybackup), and record the outcome beside base.json."""
+    """Read every byte of a base backup (sha256, zstd, tar; sealed: every chunk authenticated),
+    check the unpacked files against its backup manifest (pg_verifybackup), and record the
+    outcome beside base.json (signed with its data key when encrypted). Encrypted and its key
+    not at hand: the storage checks only (`_verify_stored`), nothing recorded."""
     started = time.monotonic()
     entry = get_base_backup(store, base_id, system_id, month)
     report = BaseVerifyReport(base_id, entry.system_id, False)
     if entry.record is None:
         report.problems.append(entry.problem or "its record cannot be read")
         return report
+    if entry.record.encrypted and entry.key_error is not None:
+        return _verify_stored(store, entry, report, started)
+    data_key = None
     try:
-        stored = store.get_bytes(f"{entry.root}/{PG_MANIFEST}")
-        if _sha(stored) != entry.record.manifest_sha256:
-            raise BackupError(f"{entry.root}/{PG_MANIFEST} is not the manifest the backup wrote", "Take a new one")
+        if entry.refused:
+            raise BackupError(entry.refused, "Take a new base backup with the key configured")
+        data_key = base_key(store, entry.record)
         with tempfile.TemporaryDirectory(prefix="maestro-verify-base-", dir=workdir) as scratch:
-            folder = unpack_base(store, entry.record, Path(scratch) / "data", month, progress)
-            if (folder / PG_MANIFEST).read_bytes() != stored:
-                raise BackupError(f"{entry.root}/{PG_MANIFEST} differs from the one inside the tar", "Take a new one")
+            unpack_base(store, entry.record, Path(scratch) / "data", month, progress)  # the manifest object too
         report.ok, report.bytes_read = True, entry.record.compressed_bytes
-    except ObjectNotFound as exc:
-        report.problems.append(f"{exc.problem}")
-    except BackupError as exc:
+    except (StoreError, BackupError, BackupKeyError) as exc:
         report.problems.append(exc.problem)
     report.duration_s = round(time.monotonic() - started, 3)
-    body = {"base_id": base_id, "record_sha256": _sha(store.get_bytes(f"{entry.root}/{BASE_RECORD}")),
-            "verified_at": _iso(utcnow()), "ok": report.ok, "problems": report.problems}
-    store.put_bytes(f"{entry.root}/{BASE_VERIFIED}", json.dumps(body, indent=1).encode(), {"base_id": base_id})
+    _record_verification(store, entry, report, data_key)
+    return report
+
+
+def _record_verification(store: ObjectStore, entry: BaseEntry, report: BaseVerifyReport,
+                         data_key: DataKey | None) -> None:
+    """verified.json: names base.json by its sha256 (plaintext) or by its MAC, which a rekey
+    keeps, and is signed itself (encrypted; without the data key it cannot be, so it is not written)."""
+    body = {"base_id": entry.base_id, "verified_at": _iso(utcnow()), "ok": report.ok, "problems": report.problems}
+    if entry.record.encrypted:
+        if data_key is None:
+            return
+        body["record_mac"] = entry.record.mac
+        sign(body, data_key)
+    else:
+        body["record_sha256"] = _sha(store.get_bytes(f"{entry.root}/{BASE_RECORD}"))
+    store.put_bytes(f"{entry.root}/{BASE_VERIFIED}", json.dumps(body, indent=1).encode(), {"base_id": entry.base_id})
+
+
+def _verify_stored(store: ObjectStore, entry: BaseEntry, report: BaseVerifyReport, started: float) -> BaseVerifyReport:
+    """What can be checked without the key: each object is the one the record names (size,
+    recorded sha256 of the ciphertext) and every byte read matches that sha256. Bytes changed
+    with the sha256 rewritten to match, or a forged record, need the key to be seen."""
+    report.storage_only = entry.key_error.problem
+    record = entry.record
+    for name, size, sha256 in ((BASE_TAR, record.compressed_bytes, record.sha256),
+                               (PG_MANIFEST, None, record.manifest_sha256)):
+        key = f"{entry.root}/{name}"
+        try:
+            info = store.head(key)
+            if info.sha256 != sha256 or (size is not None and info.size != size):
+                report.problems.append(f"{key} is not the object the base backup wrote ({info.size} bytes, sha256 "
+                                       f"{str(info.sha256)[:12]}...; its record says {sha256[:12]}...: replaced)")
+                continue
+            with store.open_read(key) as reader:
+                while reader.read(MiB):
+                    pass
+            report.bytes_read += info.size
+        except StoreError as exc:
+            report.problems.append(exc.problem)
+    report.ok = not report.problems
+    report.duration_s = round(time.monotonic() - started, 3)
     return report
 
 

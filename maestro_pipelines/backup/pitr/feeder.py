@@ -15,6 +15,10 @@ without asking: replay rarely waits for the store or for a round trip. A segment
 damaged, or missing while later ones are in the store (a gap), is no end of the archive:
 the feeder records it as `problem`, answers `none`, and the recovery is abandoned with that
 line (PostgreSQL would otherwise take the hole for the end of the archive and promote there).
+Sealed WAL is opened with its key record's data key as it is fetched; a segment that fails
+authentication is damaged like any other, and a backup key that is not configured is the
+recovery's one line. Recovering from a base backup taken while the WAL was sealed, a
+plaintext segment from its start on is refused (`sealed_from`): nobody with the key wrote it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from maestro_pipelines.backup.pitr import layout
 from maestro_pipelines.backup.pitr.layout import WalError
 from maestro_pipelines.backup.pitr.wal import fetch_wal
+from maestro_pipelines.crypto.keys import BackupKeyError
 from maestro_pipelines.storage import ObjectStore
 
 PREFETCH = 4
@@ -77,11 +82,11 @@ def check_segment(data_head: bytes, name: str, system_id: str) -> None:
                        "Nothing was restored; recover to a point before it, or put the right segment back")
 
 
-def fetch_segment(store: ObjectStore, system_id: str, name: str, dest: Path) -> bool:
-    """One WAL file from the store into `dest` (wal.fetch_wal: the store's sha256, zstd's, the
-    sha256 recorded at push), and a segment's header against its name and server; False when
-    the store has none."""
-    found = fetch_wal(store, system_id, name, dest)
+def fetch_segment(store: ObjectStore, system_id: str, name: str, dest: Path, plain_ok: bool = True) -> bool:
+    """One WAL file from the store into `dest` (wal.fetch_wal: the store's sha256, each sealed
+    chunk, zstd's, the digest recorded at push), and a segment's header against its name and
+    server; False when the store has none."""
+    found = fetch_wal(store, system_id, name, dest, plain_ok)
     if found and layout.SEGMENT.match(name):
         with open(dest, "rb") as segment:
             check_segment(segment.read(64), name, system_id)
@@ -98,8 +103,10 @@ class WalFeeder:
     """Answers restore.sh's requests in `feed` from the store (a thread of this process)."""
 
     def __init__(self, store: ObjectStore, system_id: str, feed: Path, owner: tuple[int, int] | None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, sealed_from: str | None = None):
         self.store, self.system_id, self.feed, self.owner = store, system_id, feed, owner
+        self.sealed_from = sealed_from
+        """A segment name: from it on (on every timeline) WAL must be sealed; None: plaintext is read too."""
         self.log = log or (lambda message: None)
         self.problem: WalError | None = None
         self.last_served: str | None = None
@@ -157,6 +164,10 @@ class WalFeeder:
             self.problem = WalError(exc.problem, "Nothing was restored; recover to a point before it "
                                                  "(--to-time, --to-lsn), or put a good copy of it back in the store")
             found = False
+        except BackupKeyError as exc:  # its key record's backup key is not configured: said as the key says it
+            hint = exc.hint or "Configure the backup key"
+            self.problem = WalError(exc.problem, f"Nothing was restored; {hint[:1].lower()}{hint[1:]}")
+            found = False
         except Exception as exc:  # a store outage: the recovery cannot go on, and says why
             self.problem = WalError(f"WAL file {name} could not be read from the store at {self.store.url}: "
                                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
@@ -178,13 +189,20 @@ class WalFeeder:
         if name in self._absent:
             return False
         dest = self.feed / "tmp" / name
-        if not fetch_segment(self.store, self.system_id, name, dest):
+        if not fetch_segment(self.store, self.system_id, name, dest, self._plain_ok(name)):
             self._absent.add(name)
             dest.unlink(missing_ok=True)
             return False
         self.served_bytes += dest.stat().st_size
         self._chown(dest)
         return True
+
+    def _plain_ok(self, name: str) -> bool:
+        """Plaintext WAL is read before `sealed_from`; history files always (an old timeline's
+        may predate the key; a forged one can only lead to segments, which are checked)."""
+        if self.sealed_from is None or layout.HISTORY.match(name):
+            return True
+        return name[8:24] < self.sealed_from[8:24]
 
     def _prefetch(self, name: str) -> None:
         """The next segments into the folder, while replay works on this one (to the archive's end)."""
@@ -198,8 +216,8 @@ class WalFeeder:
             try:
                 if not self._place(upcoming):
                     return
-            except WalError:
-                return  # said when replay asks for it
+            except Exception:  # damaged, locked, or the store failing: said when replay asks for it
+                return
             os.replace(self.feed / "tmp" / upcoming, self.feed / upcoming)
             self._ahead.add(upcoming)
 

@@ -10,6 +10,8 @@ WAL have the same file names, never the same system identifier.
     pitr/<system_id>/wal/<timeline>.history.zst        a timeline history file
     pitr/<system_id>/wal/<segment>.<offset>.backup.zst  a backup history file
     pitr/<system_id>/wal-conflicts/<name>-<sha12>.json  a push refused: other bytes, same name
+    pitr/<system_id>/keys/<YYYYMMDD>-<key_id>.json      a WAL key record: the data key (wrapped,
+                                                        an envelope) sealed segments name by id
     pitr/<system_id>/base/<base_id>/base.tar.zst       pg_basebackup -Ft -X none -D - (holds
                                                         PostgreSQL's backup_manifest)
     pitr/<system_id>/base/<base_id>/backup_manifest    that manifest again, alone: the next
@@ -22,6 +24,14 @@ WAL have the same file names, never the same system identifier.
 Every object carries the sha256 and size the store records at write time (as the dumps do);
 a WAL object also carries `wal_sha256`, the sha256 of the segment as PostgreSQL wrote it,
 which is what `wal push` compares when the same name is pushed twice.
+
+Encrypted (a backup key configured, backup/sealing.py): base.tar.zst, backup_manifest and
+every WAL object are sealed after zstd, so the store's sha256 is of the ciphertext; base.json
+holds its base backup's own data key (an envelope) and a MAC. WAL has no manifest: its data
+keys live in the key records under keys/ (one a day, made by the first push of the day),
+each sealed WAL object names its key id (`wal_key_id`), and its `wal_sha256` is then an
+HMAC keyed from that data key over the file's name and bytes (walkeys.py): a plain sha256
+would let anyone who reads the bucket test guesses of the WAL's content.
 """
 
 from __future__ import annotations
@@ -33,11 +43,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from maestro_pipelines.backup.manifest import BackupError, ManifestInvalid, _digest, _iso, _parse_time, signed_body
+from maestro_pipelines.backup.manifest import BackupError, ManifestInvalid, _iso, _parse_time, record_digest, signed_body
 
 PITR_PREFIX = "pitr"
 WAL_FOLDER = "wal"
 CONFLICTS_FOLDER = "wal-conflicts"
+KEYS_FOLDER = "keys"
 BASE_FOLDER = "base"
 BASE_TAR = "base.tar.zst"
 PG_MANIFEST = "backup_manifest"
@@ -45,7 +56,10 @@ BASE_RECORD = "base.json"
 WAL_SUFFIX = ".zst"
 WAL_SHA256_KEY = "wal_sha256"
 """Store metadata of a WAL object: sha256 of the uncompressed file (metadata names are
-lowercase identifiers in every store: no hyphen)."""
+lowercase identifiers in every store: no hyphen). Encrypted: an HMAC, not a sha256 (walkeys.py)."""
+WAL_KEY_ID_KEY = "wal_key_id"
+"""Store metadata of a sealed WAL object: the id of the data key its key record holds."""
+KEY_RECORD = re.compile(r"^(\d{8})-([0-9a-f]{32})\.json$")
 FORMAT_VERSION = 1
 FULL, INCREMENTAL = "full", "incremental"
 
@@ -105,6 +119,15 @@ def wal_name_of_key(key: str) -> str | None:
 
 def conflict_key(system_id: str, name: str, sha256: str) -> str:
     return f"{server_prefix(system_id)}/{CONFLICTS_FOLDER}/{check_wal_name(name)}-{sha256[:12]}.json"
+
+
+def keys_prefix(system_id: str, month: str | None = None) -> str:
+    return f"{server_prefix(system_id, month)}/{KEYS_FOLDER}/"
+
+
+def key_record_key(system_id: str, day: str, key_id: str, month: str | None = None) -> str:
+    """`keys/<YYYYMMDD>-<key_id>.json`: the day first, so a push lists only today's."""
+    return f"{keys_prefix(system_id, month)}{day}-{key_id}.json"
 
 
 def base_root(system_id: str, base_id: str, month: str | None = None) -> str:
@@ -222,15 +245,38 @@ class BaseBackupRecord:
     databases: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     format_version: int = FORMAT_VERSION
+    encryption: dict | None = None
+    """The base backup's own data key, wrapped (an Envelope's dict); None: a plaintext backup."""
+    mac: str | None = None
+    """The record's MAC under that data key (sealing.sign): what its verification record names."""
+    wal_sealed: bool | None = None
+    """Encrypted backups only: True when the server's WAL reached the store sealed as this backup
+    was taken. Recovering from it then refuses a plaintext segment from start_wal on: one put
+    there by someone without the key (a plaintext object passes every check a key could make)."""
 
     @property
     def stop_position(self) -> int:
         return parse_lsn(self.stop_lsn)
 
-    def to_json(self) -> bytes:
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption is not None
+
+    def to_body(self) -> dict:
         body = asdict(self)
         body["started_at"], body["finished_at"] = _iso(self.started_at), _iso(self.finished_at)
-        body["digest"] = _digest(body)
+        for name in ("encryption", "mac", "wal_sealed"):  # a plaintext record is written as before encryption existed
+            if body[name] is None:
+                del body[name]
+        return body
+
+    def to_json(self, seal_body=None) -> bytes:
+        """base.json: `seal_body(body)` puts the envelope and the MAC in (base.py), the digest
+        comes last, over all of it (rekey rewraps the envelope and recomputes only the digest)."""
+        body = self.to_body()
+        if seal_body is not None:
+            body = seal_body(body)
+        body["digest"] = record_digest(body)
         return json.dumps(body, indent=2, sort_keys=True).encode()
 
     @classmethod

@@ -309,6 +309,20 @@ def _is_our_postmaster(pid: int, pgdata: Path) -> bool:
 # ---- the data folder ---------------------------------------------------------------------
 
 
+def check_keys(store: ObjectStore, record: BaseBackupRecord) -> None:
+    """The data key of every base backup of `record`'s chain opens with the configured keys:
+    a missing or wrong backup key is one line before any folder or server exists."""
+    from maestro_pipelines.backup.manifest import BackupError
+    from maestro_pipelines.backup.pitr.base import base_chain, base_key
+
+    try:
+        chain = base_chain(store, record)
+    except BackupError:
+        return  # a broken chain: extracting says so, and falls back to an older base backup
+    for member in chain:
+        base_key(store, member)
+
+
 def extract_data_directory(store: ObjectStore, record: BaseBackupRecord, dest: Path,
                            progress: Callable[[int, int | None], None] | None = None) -> Path:
     """The base backup's data directory in `dest` (base.extract_base: chain combined, verified)."""
@@ -606,6 +620,7 @@ def recovered_server(store: ObjectStore, system_id: str, target: RecoveryTarget,
     say = log or (lambda message: None)
     candidates = choose_bases(base_records(store, system_id), target, system_id, store.url)
     base = candidates[0]
+    check_keys(store, base)
     programs = server_programs(base.server_version_num // 10000, pg_bin)
     owner = _server_owner()
     folder, socket = _open_folder(workdir, owner)
@@ -617,7 +632,8 @@ def recovered_server(store: ObjectStore, system_id: str, target: RecoveryTarget,
         say(f"recovering server {system_id} to {target.describe()} from base backup {base.base_id} "
             f"(consistent at {base.finished_at:%Y-%m-%d %H:%M:%S} UTC) in {folder}")
         pgdata, server.base = _first_good_base(store, candidates, target, folder, socket, programs, owner, phases, say)
-        feeder = WalFeeder(store, system_id, folder / "feed", owner, say).start()
+        feeder = WalFeeder(store, system_id, folder / "feed", owner, say,
+                           server.base.start_wal if server.base.wal_sealed else None).start()
         process = start_server(programs, pgdata, owner)
         _timed(phases, "recover", lambda: (wait_for_promotion(process, server, feeder, system_id, phases),
                                            f"{server.describe()}; {feeder.requests} WAL files asked for")[1])

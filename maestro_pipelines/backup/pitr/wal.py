@@ -9,13 +9,16 @@ archived" and succeeds; the same name with other bytes is refused, recorded unde
 is never replaced. The store's puts are atomic (a temporary name, then one commit), so a
 push killed mid-upload leaves nothing under the final name.
 
-`wal push` runs once per segment: this module imports only the standard library, zstandard
-and the store (no SQLAlchemy, no psycopg) until `archiver_status` is called.
+With a backup key every WAL object is sealed after zstd under the data key of a WAL key
+record (walkeys.py: one a day), and `wal_sha256` is an HMAC under that key: "the same bytes"
+is then decided with the stored object's own key, whatever day it was pushed.
+
+`wal push` runs once per segment: this module imports only the standard library, zstandard,
+the store and the keys (no SQLAlchemy, no psycopg) until `archiver_status` is called.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -29,6 +32,17 @@ from typing import Any
 
 from maestro_pipelines.backup.pitr import layout
 from maestro_pipelines.backup.pitr.layout import WalError
+from maestro_pipelines.backup.pitr.walkeys import (
+    WalKeyUnavailable,
+    key_finder,
+    push_key,
+    same_digest,
+    wal_data_key,
+    wal_digest,
+)
+from maestro_pipelines.backup.sealing import keyring_of, open_object, seal, sign
+from maestro_pipelines.crypto import DataKey, SealBroken
+from maestro_pipelines.crypto.keys import BackupKeyError
 
 READ_SIZE = 1024 * 1024
 COMPRESSION_LEVEL = 3
@@ -53,8 +67,9 @@ class WalObject:
 # ---- push -------------------------------------------------------------------------------
 
 
-def _file_sha256(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
+def _file_digest(path: Path, data_key: DataKey | None = None) -> tuple[str, int]:
+    """(`wal_sha256` of the file: its sha256, or with a data key the HMAC; its size)."""
+    digest, size = wal_digest(data_key, path.name), 0
     with open(path, "rb") as source:
         while chunk := source.read(READ_SIZE):
             digest.update(chunk)
@@ -108,22 +123,45 @@ def _open_wal(path: Path) -> Path:
 
 def push_wal(store, path: str | os.PathLike, system_id: str | None = None) -> str:
     """Archive one WAL file: "archived", or "already archived" when the store has the same
-    bytes under that name. Raises WalConflict (after recording it) for other bytes."""
+    bytes under that name. Raises WalConflict (after recording it) for other bytes. With a
+    backup key the object is sealed under today's WAL key record's data key."""
     path = _open_wal(Path(path))
     try:
         system_id = wal_system_id(path, system_id)
-        raw_sha256, raw_size = _file_sha256(path)
     except OSError as exc:
-        raise WalError(f"cannot read {path} ({exc.strerror})",
-                       "archive_command runs as the server's OS user: it needs read access to the file") from None
+        raise _unreadable(path, exc) from None
     key = layout.wal_key(system_id, path.name)
     stored = _stored(store, key)
     if stored is not None:
-        if stored.metadata.get(layout.WAL_SHA256_KEY) == raw_sha256:
+        # Compared as the stored object was digested: its own data key (another day's, maybe), or none.
+        key_id = stored.metadata.get(layout.WAL_KEY_ID_KEY)
+        data_key = wal_data_key(store, system_id, key_id) if key_id else None
+        digest, size = _digest_of(path, data_key)
+        if same_digest(stored.metadata.get(layout.WAL_SHA256_KEY), digest):
             return "already archived"
-        raise _record_conflict(store, system_id, path, raw_sha256, raw_size, stored)
-    store.put_stream(key, _compressed(path), metadata={layout.WAL_SHA256_KEY: raw_sha256})
+        if data_key is None and keyring_of(store).encrypts:  # a plaintext one stored: the refusal names an HMAC
+            data_key = push_key(store, system_id)
+            digest, size = _digest_of(path, data_key)
+        raise _record_conflict(store, system_id, path, digest, size, stored, data_key)
+    data_key = push_key(store, system_id)
+    digest, _size = _digest_of(path, data_key)
+    metadata = {layout.WAL_SHA256_KEY: digest}
+    if data_key is not None:
+        metadata[layout.WAL_KEY_ID_KEY] = data_key.key_id
+    store.put_stream(key, seal(data_key, _compressed(path)), metadata=metadata)
     return "archived"
+
+
+def _digest_of(path: Path, data_key: DataKey | None) -> tuple[str, int]:
+    try:
+        return _file_digest(path, data_key)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: OSError) -> WalError:
+    return WalError(f"cannot read {path} ({exc.strerror})",
+                    "archive_command runs as the server's OS user: it needs read access to the file")
 
 
 def _stored(store, key: str):
@@ -143,8 +181,11 @@ def _compressed(path: Path) -> Iterator[bytes]:
         yield from compressor.read_to_iter(source, read_size=READ_SIZE, write_size=READ_SIZE)
 
 
-def _record_conflict(store, system_id: str, path: Path, raw_sha256: str, raw_size: int, stored) -> WalConflict:
-    """Write what was refused where `backup info` and `wal status` find it; the error to raise."""
+def _record_conflict(store, system_id: str, path: Path, raw_sha256: str, raw_size: int, stored,
+                     data_key: DataKey | None = None) -> WalConflict:
+    """Write what was refused where `backup info` and `wal status` find it; the error to raise.
+    Sealed: the digests are the HMACs under the stored object's key (no plaintext sha256 of
+    WAL in the store), named as such, and the record is signed with that key."""
     stored_sha256 = stored.metadata.get(layout.WAL_SHA256_KEY)
     record = {
         "name": path.name, "system_id": system_id, "offered_wal_sha256": raw_sha256, "offered_bytes": raw_size,
@@ -152,9 +193,14 @@ def _record_conflict(store, system_id: str, path: Path, raw_sha256: str, raw_siz
         "stored_at": stored.last_modified.isoformat() if stored.last_modified else None,
         "refused_at": datetime.now(timezone.utc).isoformat(), "host": socket.gethostname(),
     }
+    if data_key is not None:
+        record.update(offered_digest="hmac-sha256 keyed from the data key of WAL key record wal_key_id",
+                      wal_key_id=data_key.key_id)
+        sign(record, data_key)
     conflict = layout.conflict_key(system_id, path.name, raw_sha256)
     store.put_bytes(conflict, json.dumps(record, indent=2, sort_keys=True).encode())
-    told = f"sha256 {stored_sha256[:12]}" if stored_sha256 else "no recorded sha256"
+    kind = "hmac" if data_key is not None else "sha256"
+    told = f"{kind} {stored_sha256[:12]}" if stored_sha256 else "no recorded sha256"
     return WalConflict(
         f"{path.name} is already archived in {store.url} with other bytes ({told}, offered {raw_sha256[:12]}); "
         f"the stored one is kept and the refusal recorded at {conflict}",
@@ -166,9 +212,12 @@ def _record_conflict(store, system_id: str, path: Path, raw_sha256: str, raw_siz
 # ---- fetch ------------------------------------------------------------------------------
 
 
-def fetch_wal(store, system_id: str, name: str, dest: str | os.PathLike) -> bool:
+def fetch_wal(store, system_id: str, name: str, dest: str | os.PathLike, plain_ok: bool = True) -> bool:
     """Write WAL file `name` of server `system_id` to `dest` (atomically: a temporary name in
-    dest's folder, then a rename). False when the store has no such file."""
+    dest's folder, then a rename, once every byte checked: the store's sha256, each sealed
+    chunk's authentication, zstd's checksum, `wal_sha256`). False when the store has no such
+    file. `plain_ok` False: a plaintext object is refused (see BaseBackupRecord.wal_sealed);
+    its key not at hand: one line (WalKeyUnavailable), nothing written."""
     key = layout.wal_key(str(system_id), name)
     stored = _stored(store, key)
     if stored is None:
@@ -185,11 +234,12 @@ def fetch_wal(store, system_id: str, name: str, dest: str | os.PathLike) -> bool
                        "restore_command runs as the server's OS user in its data directory: %p is where it may write") from None
     try:
         with os.fdopen(fd, "wb") as out:
-            digest = _decompress_into(store, key, out)
+            digest = _decompress_into(store, key, out, str(system_id), name, plain_ok)
             out.flush()
             os.fsync(out.fileno())
-        if digest != expected:
-            raise WalError(f"{key} in {store.url} is damaged: its WAL has sha256 {digest[:12]}, {expected[:12]} was archived",
+        if not same_digest(digest, expected):
+            raise WalError(f"{key} in {store.url} is damaged: its WAL does not match the {layout.WAL_SHA256_KEY} recorded "
+                           f"when it was archived ({digest[:12]}..., {expected[:12]}... archived)",
                            "Do not recover past this segment from this store; look for another copy, or take a new base backup")
         os.replace(temp, dest)
     except OSError as exc:
@@ -201,40 +251,66 @@ def fetch_wal(store, system_id: str, name: str, dest: str | os.PathLike) -> bool
     return True
 
 
-def _decompress_into(store, key: str, out) -> str:
+_DAMAGED_HINT = "Do not recover past this segment from this store; look for another copy, or take a new base backup"
+
+
+def _decompress_into(store, key: str, out, system_id: str, name: str, plain_ok: bool = True,
+                     month: str | None = None) -> str:
+    """The object's WAL written to `out` as it is checked; its `wal_sha256` as computed (the
+    HMAC under the data key its sealed header names, or the sha256 of a plaintext one)."""
     import zstandard
 
     from maestro_pipelines.storage import ChecksumMismatch
 
-    digest = hashlib.sha256()
+    opened: dict = {}
+    digest = None
     try:
-        with store.open_read(key) as reader:
+        with open_object(store, key, key_finder(store, system_id, month, opened), f"{key} in {store.url}",
+                         sealed_only=not plain_ok) as reader:
             for chunk in zstandard.ZstdDecompressor().read_to_iter(reader, read_size=READ_SIZE, write_size=READ_SIZE):
+                # Made at the first plaintext: a sealed reader has named its data key by then.
+                digest = digest or wal_digest(opened.get("key"), name)
                 digest.update(chunk)
                 out.write(chunk)
     except zstandard.ZstdError as exc:
-        raise WalError(f"{key} in {store.url} is damaged: it does not decompress ({exc})",
-                       "Do not recover past this segment from this store; look for another copy, or take a new base backup") from None
+        raise WalError(f"{key} in {store.url} is damaged: it does not decompress ({exc})", _DAMAGED_HINT) from None
     except ChecksumMismatch as exc:
         raise WalError(f"{key} in {store.url} is damaged: {exc.problem}",
                        "Do not recover past this segment from this store; look for another copy") from None
-    return digest.hexdigest()
+    except SealBroken as exc:
+        raise WalError(exc.problem, _DAMAGED_HINT) from None
+    return (digest or wal_digest(opened.get("key"), name)).hexdigest()
 
 
-def check_segment_bytes(store, system_id: str, name: str, sink) -> str | None:
-    """One line on what is wrong with stored segment `name` (unreadable, not the bytes archived,
-    another segment's WAL), or None: read whole into `sink` (keeping its first page in
-    `sink.head`), nothing written anywhere."""
+def check_segment_bytes(store, system_id: str, name: str, sink, plain_ok: bool = True) -> tuple[str | None, str | None]:
+    """(One line on what is wrong with stored segment `name`, or None; why only the storage
+    checks ran, or None). Read whole into `sink` (keeping its first page in `sink.head`),
+    nothing written anywhere. A sealed segment whose key is not at hand gets the checks that
+    need none: its key record is there, its bytes are those the store recorded (size, sha256)."""
     key = layout.wal_key(str(system_id), name)
     stored = _stored(store, key)
     if stored is None:
-        return f"{key} is missing from the store"
+        return f"{key} is missing from the store", None
     try:
-        digest = _decompress_into(store, key, sink)
-        if digest != stored.metadata.get(layout.WAL_SHA256_KEY):
-            return f"{key} is damaged: its WAL is not the bytes archived (sha256 {digest[:12]}...)"
+        digest = _decompress_into(store, key, sink, str(system_id), name, plain_ok)
+        if not same_digest(digest, stored.metadata.get(layout.WAL_SHA256_KEY)):
+            return f"{key} is damaged: its WAL is not the bytes archived ({layout.WAL_SHA256_KEY} {digest[:12]}...)", None
         _check_position(name, sink.head, layout.segment_header(sink.head)[2])
-    except WalError as exc:
+    except WalKeyUnavailable as unavailable:
+        return _stored_problem(store, stored), unavailable.problem
+    except (WalError, BackupKeyError) as exc:
+        return exc.problem, None
+    return None, None
+
+
+def _stored_problem(store, stored) -> str | None:
+    from maestro_pipelines.storage import StoreError
+
+    try:
+        with store.open_read(stored.key) as reader:
+            while reader.read(READ_SIZE):
+                pass
+    except StoreError as exc:
         return exc.problem
     return None
 

@@ -8,6 +8,10 @@ the window.
 Only the store is read (one listing of the server's WAL folder, the base backups' records
 and heads). Timeline switches: a segment of a timeline that branched off (its history file
 names the parent) continues its parent's run.
+
+No backup key is needed for the window: names, sizes and the base backups' records (which are
+not sealed). Only sealed history files cannot be read without it: a timeline then counts as
+branched off the one before it, as it almost always did.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 from maestro_pipelines.backup.manifest import _iso
 from maestro_pipelines.backup.pitr import layout
 from maestro_pipelines.backup.pitr.base import BaseEntry, check_base_objects, list_base_backups
-from maestro_pipelines.storage import ObjectNotFound, ObjectStore, StoreError
+from maestro_pipelines.crypto.keys import BackupKeyError
+from maestro_pipelines.storage import ObjectStore
 
 
 @dataclass(frozen=True)
@@ -105,14 +110,22 @@ def timeline_parents(store: ObjectStore, system_id: str, history_names: list[str
     """timeline -> its parent, from the history files (the last line of `<tli>.history`)."""
     import zstandard
 
+    from maestro_pipelines.backup.pitr.walkeys import key_finder
+    from maestro_pipelines.backup.sealing import open_object
+    from maestro_pipelines.errors import MaestroError
+
     parents = {}
     for name in history_names:
         if not layout.HISTORY.match(name):
             continue
+        key = layout.wal_key(system_id, name, month)
         try:
-            text = zstandard.ZstdDecompressor().decompressobj().decompress(
-                store.get_bytes(layout.wal_key(system_id, name, month))).decode("utf-8", "replace")
-        except (StoreError, ObjectNotFound, zstandard.ZstdError):
+            with open_object(store, key, key_finder(store, system_id, month), f"{key} in {store.url}") as reader:
+                text = zstandard.ZstdDecompressor().decompressobj().decompress(reader.read()).decode("utf-8", "replace")
+        except BackupKeyError:  # sealed, no key here: the usual branch (see the module's docstring)
+            parents[int(name[:8], 16)] = int(name[:8], 16) - 1
+            continue
+        except (MaestroError, zstandard.ZstdError):  # damaged or gone: verify says so
             continue
         lines = [line.split() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         if lines and lines[-1][0].isdigit():
@@ -252,6 +265,10 @@ class WalVerifyReport:
     segments: int = 0
     bytes_read: int = 0
     problems: list[str] = field(default_factory=list)
+    storage_only: str | None = None
+    """Why some sealed segments got the storage checks only (their key not at hand), or None."""
+    storage_segments: int = 0
+    """How many: their key record is there, their size and the sha256 of the ciphertext match."""
 
     @property
     def ok(self) -> bool:
@@ -269,15 +286,33 @@ class _HeadKeeper:
             self.head += chunk[: 64 - len(self.head)]
 
 
+def _sealed_from(window: RecoveryWindow, seg_size: int) -> list[tuple[int, bool]]:
+    """(start segment number, WAL sealed) of each usable base backup, by start: a segment
+    must be sealed when the newest base backup starting at or before it says WAL was then."""
+    by_id = {b.base_id: b for b in window.bases}
+    records = [by_id[b].record for b in window.usable]
+    return sorted((layout.segment_number(r.start_wal, seg_size), bool(r.wal_sealed)) for r in records)
+
+
+def _plain_ok(starts: list[tuple[int, bool]], name: str, seg_size: int) -> bool:
+    number = layout.segment_number(name, seg_size)
+    before = [sealed for start, sealed in starts if start <= number]
+    return not (before and before[-1])
+
+
 def verify_wal(store: ObjectStore, system_id: str, progress=None) -> WalVerifyReport:
     """Read back every segment a recovery can need (from the oldest usable base backup's start;
-    all of them without one): the store's sha256, zstd, the archived `wal_sha256`, and the
-    position the segment's first page names. Gaps are `recovery_window`'s to say."""
+    all of them without one): the store's sha256, each sealed chunk, zstd, the archived
+    `wal_sha256`, and the position the segment's first page names. A sealed segment whose key
+    is not at hand gets the storage checks only (`wal.check_segment_bytes`). Gaps are
+    `recovery_window`'s to say."""
     from maestro_pipelines.backup.pitr.wal import check_segment_bytes
 
     window = recovery_window(store, system_id)
     by_id = {b.base_id: b for b in window.bases}
     since = by_id[window.usable[0]].record.start_wal if window.usable else ""
+    seg_size = by_id[window.usable[0]].record.wal_segment_size if window.usable else layout.DEFAULT_SEGMENT_SIZE
+    starts = _sealed_from(window, seg_size)
     report = WalVerifyReport(system_id)
     for segment in list_segments(store, system_id)[0]:
         if segment.name < since:
@@ -285,7 +320,10 @@ def verify_wal(store: ObjectStore, system_id: str, progress=None) -> WalVerifyRe
         report.first = report.first or segment.name
         report.last, report.segments = segment.name, report.segments + 1
         report.bytes_read += segment.size
-        problem = check_segment_bytes(store, system_id, segment.name, _HeadKeeper())
+        problem, storage_only = check_segment_bytes(store, system_id, segment.name, _HeadKeeper(),
+                                                    _plain_ok(starts, segment.name, seg_size))
+        if storage_only:
+            report.storage_only, report.storage_segments = report.storage_only or storage_only, report.storage_segments + 1
         if problem:
             report.problems.append(problem)
         if progress is not None:
