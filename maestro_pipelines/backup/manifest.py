@@ -281,7 +281,6 @@ def record_digest(body: dict[str, Any]) -> str:
                                      separators=(",", ":")).encode()).hexdigest()
 
 
-_digest = record_digest  # the name pitr/layout.py imports
 
 
 def record_json(body: dict[str, Any]) -> bytes:
