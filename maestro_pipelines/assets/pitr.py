@@ -145,10 +145,24 @@ def base_backup(context: dg.AssetExecutionContext, platform_db: PlatformDatabase
         metadata["duration_s"] = dg.MetadataValue.float(round(sum(r.duration_s for r in run.records), 2))
         metadata["recovery_window"] = dg.MetadataValue.md(
             "\n".join(f"- {r.where}: {window_text(object_store, r.system_id)}" for r in run.records))
+        metadata["encryption"] = dg.MetadataValue.text(_encryption_text(run.records, object_store, context.log))
         for record in run.records:
             context.log.info(f"Base backup {record.base_id} ({record.kind}) of {record.where}: "
                              f"{human_bytes(record.compressed_bytes)} stored, consistent at {record.stop_lsn}")
     return dg.MaterializeResult(metadata=metadata)
+
+
+def _encryption_text(records, object_store, log) -> str:
+    """How the base backups are sealed (key ids only), or the warning a cloud store's plaintext ones carry."""
+    from maestro_pipelines.backup.sealing import unencrypted_warning
+
+    if all(record.encryption for record in records):
+        keys = ", ".join(sorted({record.encryption["kek_id"] for record in records}))
+        return f"encrypted (AES-256-GCM, each its own data key wrapped by backup key {keys}); record signed"
+    warning = unencrypted_warning(object_store)
+    if warning is not None:
+        log.warning(warning)
+    return f"NOT encrypted: {warning}" if warning else "not encrypted (no backup key configured; local store)"
 
 
 class PitrDrillConfig(dg.Config):

@@ -55,6 +55,7 @@ def test_base_backup_and_the_pitr_drill_materialize_and_prove_the_archive(archiv
 
     base = instance.get_latest_materialization_event(dg.AssetKey("base_backup")).asset_materialization.metadata
     assert base["servers_without_archiving"].value == 0
+    assert base["encryption"].value == "not encrypted (no backup key configured; local store)"
     assert "any point from" in base["recovery_window"].value and "GAP" not in base["recovery_window"].value
     drill = instance.get_latest_materialization_event(dg.AssetKey("pitr_drill")).asset_materialization.metadata
     assert drill["ok"].value is True, drill
