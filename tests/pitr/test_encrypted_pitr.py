@@ -461,3 +461,20 @@ def test_records_rewrapped_by_a_rekey_stay_valid_under_the_new_key_alone(tmp_pat
     [entry] = list_base_backups(after)
     assert entry.problem is None and entry.data_key is not None and entry.verified
     assert fetch_wal(after, SYSTEM_ID, segments(1, 1)[0], tmp_path / "back")
+
+
+def test_after_the_key_is_lost_the_next_base_backup_starts_a_new_chain_under_the_new_key(sealed):
+    """The lost-key runbook's first step, `maestro backup run` under a new key, must not try to
+    build an incremental on a base backup nobody can open any more: a recovery through that
+    chain would need the lost key. The new one is full, and says why."""
+    folder = sealed["root"] / "lost-key-store"
+    server = sealed["server"]
+    lost = keyed_store(folder, generate_key())
+    first = take_base_backup(lost, server.target(DATABASE), kind="full")
+    assert verify_base_backup(lost, first.base_id).ok  # verified while its key was at hand
+    assert verify_base_backup(keyed_store(folder, None), first.base_id).storage_only  # then the key is gone
+    said = []
+    second = take_base_backup(keyed_store(folder, generate_key()), server.target(DATABASE), kind="auto", log=said.append)
+    assert second.kind == "full" and second.parent is None
+    assert any(f"full: the newest base backup {first.base_id} is encrypted with a key not configured here" in line
+               for line in said), said

@@ -437,7 +437,9 @@ def _chain_intact(store: ObjectStore, entries: list[BaseEntry], entry: BaseEntry
     """`entry` and every base backup it builds on are there, readable and intact (one head each)."""
     by_id, current = {e.base_id: e for e in entries}, entry
     for _ in range(INCREMENTAL_CHAIN_MAX + 1):
-        if current.record is None or current.bad or check_base_objects(store, current) is not None:
+        # Unchecked: its key is not configured here (lost, or another store's), so a recovery
+        # through this chain could not open it: a new chain starts with a full backup.
+        if current.record is None or current.bad or current.unchecked or check_base_objects(store, current) is not None:
             return False
         if current.record.parent is None:
             return True
@@ -463,7 +465,9 @@ def choose_kind(store: ObjectStore, facts: ServerFacts, kind: str, client_major:
     entries = list_base_backups(store, facts.system_id)
     parent = next((e for e in reversed(entries) if e.verified and _chain_intact(store, entries, e)), None)
     if why_not is None and parent is None:
-        why_not = "no verified base backup of this server to build on"
+        locked = next((e for e in reversed(entries) if e.verified and e.unchecked), None)
+        why_not = (f"the newest base backup {locked.base_id} is encrypted with a key not configured here"
+                   if locked is not None else "no verified base backup of this server to build on")
     elif why_not is None and _chain_length(entries, parent) >= INCREMENTAL_CHAIN_MAX:
         why_not = f"the chain of {parent.base_id} already has {INCREMENTAL_CHAIN_MAX} backups"
     if why_not is not None:
