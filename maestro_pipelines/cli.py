@@ -176,7 +176,8 @@ def db_start() -> None:
     from maestro_pipelines.platform_db.embedded import EmbeddedPostgres
     from maestro_pipelines.platform_db.urls import redact
 
-    url = EmbeddedPostgres(settings.home, wal_archiving=settings.wal_archiving).start(keep_running=True)
+    url = EmbeddedPostgres(settings.home, wal_archiving=settings.wal_archiving,
+                           backup_keys=settings.backup_keys_identity).start(keep_running=True)
     out.print(f"embedded PostgreSQL running, data in {settings.home / 'pgdata'}", highlight=False)
     out.print(f"connect with: {redact(url.set(drivername='postgresql', database='maestro'))}", highlight=False)
 

@@ -103,6 +103,17 @@ class Settings:
     the settings are made. Not shown: it may hold a connection string with its key."""
 
     @property
+    def backup_keys_identity(self) -> str:
+        """Which backup keys this process has, as a short one-way digest (never a key): the WAL
+        pusher records its own, so a process with other keys knows to restart it. "" without keys."""
+        import hashlib
+
+        values = (self.backup_key, self.backup_kms_key_id, self.backup_old_keys, self.backup_encryption)
+        if not any(values):
+            return ""
+        return hashlib.sha256("\0".join(v or "" for v in values).encode()).hexdigest()[:16]
+
+    @property
     def effective_store_url(self) -> str:
         from maestro_pipelines.storage.urls import default_store_url
 

@@ -32,9 +32,9 @@ from time import monotonic
 from typing import Any
 
 from maestro_pipelines.backup.drill_history import DRILLS_PREFIX
-from maestro_pipelines.backup.manifest import BACKUPS_PREFIX, MONTHLY_PREFIX, record_digest
+from maestro_pipelines.backup.manifest import BACKUPS_PREFIX, MANIFEST_NAME, MONTHLY_PREFIX, record_digest
 from maestro_pipelines.backup.phases import Phase, PhaseProgress
-from maestro_pipelines.backup.pitr.layout import PITR_PREFIX
+from maestro_pipelines.backup.pitr.layout import BASE_RECORD, PITR_PREFIX
 from maestro_pipelines.backup.sealing import ENCRYPTION_FIELD, RecordForged, check_signature, keyring_of
 from maestro_pipelines.crypto import BackupKeyWrong, Envelope, Keyring
 from maestro_pipelines.crypto.keys import KEY_VARIABLE, KMS_VARIABLE, OLD_KEYS_VARIABLE, RUNBOOK, BackupKeyError, BackupKeyMissing
@@ -131,9 +131,16 @@ def key_census(store: ObjectStore) -> KeyCensus:
             census.by_kek[record.envelope.kek_id] = census.by_kek.get(record.envelope.kek_id, 0) + 1
         elif record.problem:
             census.damaged += 1
-        elif record.body is not None:
+        elif record.body is not None and _holds_a_backup(record.key):
             census.plain += 1
     return census
+
+
+def _holds_a_backup(key: str) -> bool:
+    """A record that would carry a data key had its backup been taken with one (a dump's
+    manifest, a base backup's record, a drill record), not one that never does (verification
+    records, conflict records): what "taken without a key" counts."""
+    return key.rsplit("/", 1)[-1] in (MANIFEST_NAME, BASE_RECORD) or key.startswith(DRILLS_PREFIX + "/")
 
 
 @dataclass

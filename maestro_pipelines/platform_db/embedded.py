@@ -81,10 +81,13 @@ def bin_dir() -> Path:
 class EmbeddedPostgres:
     """One embedded server whose data lives in `home/pgdata`."""
 
-    def __init__(self, home: Path, wal_archiving: bool = True):
+    def __init__(self, home: Path, wal_archiving: bool = True, backup_keys: str = ""):
         self.home = Path(home).expanduser().resolve()
         self.pgdata = self.home / "pgdata"
         self.wal_archiving = wal_archiving
+        self.backup_keys = backup_keys
+        """Settings.backup_keys_identity of this process: a pusher started with other keys (or
+        none: the server started before MAESTRO_BACKUP_KEY was set) is replaced by one with these."""
         self.spool = self.home / WAL_SPOOL
 
     def server_settings(self) -> dict[str, str]:
@@ -171,7 +174,12 @@ class EmbeddedPostgres:
         import sys
 
         if self.pusher_alive():
-            return
+            running = pusher_keys(self.home)
+            # A process with keys replaces a pusher without them or with others (it drains first):
+            # the WAL would otherwise go on being archived in plaintext. One without keys never
+            # replaces one with keys: a shell that lacks the variable must not downgrade the archive.
+            if not self.backup_keys or running in (None, self.backup_keys) or not self.stop_pusher():
+                return
         with open(self.home / PUSHER_LOG, "ab") as log:
             subprocess.Popen(
                 [sys.executable, "-m", PUSHER_MODULE, str(self.home)], cwd=self.home,
@@ -407,6 +415,15 @@ def short_socket_parent() -> Path:
     if runtime and len(runtime) <= 40:
         return Path(runtime) / "maestro-postgres"
     return Path("/tmp") / f"maestro-postgres-{os.getuid()}"
+
+
+def pusher_keys(home: Path) -> str | None:
+    """The backup keys identity the running pusher wrote beside its pid ("" none); None unknown."""
+    try:
+        lines = (Path(home) / PUSHER_PID).read_text().splitlines()
+    except OSError:
+        return None
+    return lines[1].strip() if len(lines) > 1 else None
 
 
 def _is_pusher(pid: int) -> bool:

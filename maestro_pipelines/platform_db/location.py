@@ -60,7 +60,8 @@ def locate_platform_database(settings: Settings) -> DatabaseLocation:
     if settings.database_url is not None:
         url = parse_postgres_url(settings.database_url, DATABASE_URL_VARIABLE)
         return DatabaseLocation(platform_url=url, source=DATABASE_URL_VARIABLE)
-    embedded = EmbeddedPostgres(settings.home, wal_archiving=settings.wal_archiving)
+    embedded = EmbeddedPostgres(settings.home, wal_archiving=settings.wal_archiving,
+                                backup_keys=settings.backup_keys_identity)
     server_url = embedded.start()
     return DatabaseLocation(
         platform_url=server_url.set(database=DEFAULT_PLATFORM_DATABASE),

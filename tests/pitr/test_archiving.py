@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from maestro_pipelines.backup.pitr import layout
+from maestro_pipelines.crypto import generate_key, is_sealed
+from maestro_pipelines.platform_db.embedded import pusher_keys
 from maestro_pipelines.storage.local import LocalObjectStore
 from tests.stores.conftest import LocalCase
 from tests.pitr.conftest import archived_names, archiver_knows, maestro, switch_wal, system_id, wait_for
@@ -55,7 +57,8 @@ def ready_count(home: Path) -> int:
 
 def test_a_data_folder_made_without_archiving_archives_after_one_restart_and_db_stop_drains_it(tmp_path):
     """A data folder made by an older Maestro (here: MAESTRO_WAL_ARCHIVING=off) restarts once
-    at its next start to turn archive_mode on. The server archives its last segments while it
+    at its next start to turn archive_mode on; a backup key set after the server started
+    reaches the pusher. The server archives its last segments while it
     shuts down; once `maestro db stop` returns they are in the store and the spool is empty."""
     env = {"MAESTRO_HOME": str(tmp_path / "home")}
     home = Path(env["MAESTRO_HOME"])
@@ -68,11 +71,31 @@ def test_a_data_folder_made_without_archiving_archives_after_one_restart_and_db_
     conninfo = (home / "pgdata" / "postmaster.pid").read_text().splitlines()[4]
     conninfo = f"host={conninfo} user=postgres dbname=postgres"
     sysid = system_id(conninfo)
+
+    # The server (and its pusher) started before the user set a backup key: the next Maestro
+    # process with the key replaces the pusher, so WAL is not archived in plaintext from then
+    # on; a later process without the key (another shell) does not put the plaintext one back.
+    plain_pusher = pusher_pid(home)
+    keyed = {**env, "MAESTRO_BACKUP_KEY": generate_key()}
+    maestro("db", "start", env=keyed)
+    sealed_pusher = pusher_pid(home)
+    assert sealed_pusher != plain_pusher and pusher_keys(home)
+    maestro("db", "start", env=env)
+    assert pusher_pid(home) == sealed_pusher
     segment = switch_wal(conninfo)
     maestro("db", "stop", env=env)
-    assert segment in archived_names(LocalObjectStore(home / "store"), sysid)
+    store = LocalObjectStore(home / "store")
+    assert segment in archived_names(store, sysid)
+    assert is_sealed(store.get_bytes(layout.wal_key(sysid, segment))[:16])
     assert [p.name for p in (home / "wal-spool").iterdir()] == []
     assert not (home / "wal-pusher.pid").exists()
+
+
+def pusher_pid(home: Path) -> int:
+    """The running pusher's pid, once it has written its file (it starts beside the command)."""
+    path = home / "wal-pusher.pid"
+    return int(wait_for("the pusher's pid file", lambda: path.exists() and len(path.read_text().splitlines()) == 2
+                        and path.read_text()).split()[0])
 
 
 @pytest.fixture

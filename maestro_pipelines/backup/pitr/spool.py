@@ -153,8 +153,8 @@ def main(argv: list[str]) -> int:
     if not lock.acquire(blocking=False):
         return 0  # another pusher serves this home
     try:
-        (home / PUSHER_PID).write_text(f"{os.getpid()}\n")
         settings = load_settings()
+        (home / PUSHER_PID).write_text(f"{os.getpid()}\n{settings.backup_keys_identity}\n")
         store = open_configured_store(settings.store_url, home, settings.store_environment,
                                       keyring=keyring_from_settings(settings))
         pusher = Pusher(home, store)
