@@ -75,15 +75,16 @@ def test_a_data_folder_made_without_archiving_archives_after_one_restart_and_db_
     # The server (and its pusher) started before the user set a backup key: the next Maestro
     # process with the key replaces the pusher, so WAL is not archived in plaintext from then
     # on; a later process without the key (another shell) does not put the plaintext one back.
-    plain_pusher = pusher_pid(home)
-    keyed = {**env, "MAESTRO_BACKUP_KEY": generate_key()}
-    maestro("db", "start", env=keyed)
-    sealed_pusher = pusher_pid(home)
-    assert sealed_pusher != plain_pusher and pusher_keys(home)
-    maestro("db", "start", env=env)
-    assert pusher_pid(home) == sealed_pusher
-    segment = switch_wal(conninfo)
-    maestro("db", "stop", env=env)
+    try:
+        plain_pusher = pusher_pid(home)
+        maestro("db", "start", env={**env, "MAESTRO_BACKUP_KEY": generate_key()})
+        sealed_pusher = pusher_pid(home)
+        assert sealed_pusher != plain_pusher and pusher_keys(home)
+        maestro("db", "start", env=env)
+        assert pusher_pid(home) == sealed_pusher
+        segment = switch_wal(conninfo)
+    finally:
+        maestro("db", "stop", env=env)
     store = LocalObjectStore(home / "store")
     assert segment in archived_names(store, sysid)
     assert is_sealed(store.get_bytes(layout.wal_key(sysid, segment))[:16])
