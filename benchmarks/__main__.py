@@ -87,7 +87,7 @@ BENCHMARKS = [
               ["--size-mb", "256"], ["--size-mb", "1024"], 300, 900, SERVERS),
     Benchmark("pitr_drill", "the RPO the PITR drill measures (archive_timeout 60 s, nothing forced) vs the 60 s target", ["--rounds", "1"], ["--rounds", "3"], 300, 900),
     Benchmark("encryption", "encrypted vs unencrypted backup into the local store: time and size",
-              ["--size-mb", "256", "--repeat", "2"], ["--size-mb", "1024", "--repeat", "3"], 420, 1500),
+              ["--size-mb", "256", "--repeat", "2"], ["--size-mb", "1024", "--repeat", "5"], 420, 1800),
     Benchmark("sensors", "tenant and retraining sensor ticks at 1,000 and 10,000 tenants (< 10 s)", [], [], 300, 600),
 ]
 

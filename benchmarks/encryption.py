@@ -5,10 +5,13 @@
 One run, sequential (2 cores): the backup benchmark's platform database
 (`benchmarks.platform_data`, `--size-mb` MiB) on an embedded PostgreSQL 18 in a temporary
 MAESTRO_HOME. Then `create_backup` (pg_dump -> zstd -> store, the nightly backup's path) into a
-`file://` store, alternately without a key and with MAESTRO_BACKUP_KEY's kind of key (a local
-KEK; every dump sealed in 1 MiB AES-256-GCM chunks after compression), `--repeat` times each,
-the fastest of each counting; alternating so that a slow minute of the machine hits both
-sides alike. Unless `--no-base`, the same for a full base backup (archiving on, `archive_command
+`file://` store, without a key and with MAESTRO_BACKUP_KEY's kind of key (a local KEK; every
+dump sealed in 1 MiB AES-256-GCM chunks after compression): one warm-up, then `--repeat`
+pairs back to back, the order swapped every pair. The figure judged is the median of the
+pairs' ratios: on 2 cores a single backup's time varies by 20-40% (pg_dump, the server and zstd
+share them), and a pair sees the same minute of the machine; the fastest against the fastest
+and the CPU time of our own process (where sealing's cost shows without the others' noise) are
+reported beside it. Unless `--no-base`, the same for a full base backup (archiving on, `archive_command
 = 'true'`: the WAL is not what is measured).
 
 Targets (issue 17): encrypted <= 1.1x the unencrypted time, stored size within 1% (encryption
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +40,7 @@ SIZE_TARGET = 1.01
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.encryption", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=float, default=1024)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-base", action="store_true", help="skip the base backup pair")
     add_results_option(parser, "encryption")
     return parser.parse_args()
@@ -65,13 +70,28 @@ def one_base(store, url) -> dict:
     return {"wall_s": time.perf_counter() - started, "stored_bytes": record.compressed_bytes}
 
 
+def timed(run, store, url) -> dict:
+    """One backup: wall time, and this process's CPU time (zstd, sealing, hashing: what the
+    key adds shows there without the other processes' noise)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    result = run(store, url)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return result
+
+
 def alternate(run, plain_store, sealed_store, url, repeat: int, say, what: str) -> dict:
+    """One unmeasured warm-up, then `repeat` pairs back to back, the order swapped every pair
+    (the first of a pair finds colder caches); a pair's ratio compares like with like."""
+    run(plain_store, url)
     plain, sealed = [], []
     for n in range(repeat):
-        say(f"{what} {n + 1}/{repeat}: without a key, then with one ...")
-        plain.append(run(plain_store, url))
-        sealed.append(run(sealed_store, url))
-    return {"plain": plain, "sealed": sealed,
+        say(f"{what} {n + 1}/{repeat} ...")
+        order = ((plain_store, plain), (sealed_store, sealed)) if n % 2 == 0 else ((sealed_store, sealed), (plain_store, plain))
+        for store, results in order:
+            results.append(timed(run, store, url))
+    ratios = sorted(s["wall_s"] / p["wall_s"] for p, s in zip(plain, sealed))
+    return {"plain": plain, "sealed": sealed, "pair_ratios": ratios, "median_ratio": statistics.median(ratios),
             "best_plain": min(plain, key=lambda x: x["wall_s"]), "best_sealed": min(sealed, key=lambda x: x["wall_s"])}
 
 
@@ -106,14 +126,20 @@ def result_rows(m: dict) -> list[dict]:
         if pair is None:
             continue
         plain, sealed = pair["best_plain"], pair["best_sealed"]
-        time_ratio = sealed["wall_s"] / plain["wall_s"]
+        judged = name.startswith("logical")  # the issue's target is on the logical backup
+        median = pair["median_ratio"]
+        rows.append(row(f"{name}: encrypted vs unencrypted into the local store, median of back-to-back pairs (s)",
+                        r(sealed["wall_s"]), r(plain["wall_s"]), r(median), TIME_TARGET if judged else None,
+                        median <= TIME_TARGET if judged else None))
+        rows.append(row(f"{name}: the same, fastest vs fastest (s)", r(sealed["wall_s"]), r(plain["wall_s"]),
+                        r(sealed["wall_s"] / plain["wall_s"]), None, None))
+        cpu_plain = statistics.median(x["cpu_s"] for x in pair["plain"])
+        cpu_sealed = statistics.median(x["cpu_s"] for x in pair["sealed"])
+        rows.append(row(f"{name}: CPU of our process, median (s)", r(cpu_sealed), r(cpu_plain),
+                        r(cpu_sealed / cpu_plain), None, None))
         size_ratio = sealed["stored_bytes"] / plain["stored_bytes"]
-        target = name.startswith("logical")
-        rows.append(row(f"{name}: encrypted vs unencrypted into the local store (s)", r(sealed["wall_s"]),
-                        r(plain["wall_s"]), r(time_ratio), TIME_TARGET if target else None,
-                        time_ratio <= TIME_TARGET if target else None))
         rows.append(row(f"{name}: encrypted vs unencrypted, stored bytes", sealed["stored_bytes"], plain["stored_bytes"],
-                        r(size_ratio, 4), SIZE_TARGET if target else None, size_ratio <= SIZE_TARGET if target else None))
+                        r(size_ratio, 4), SIZE_TARGET if judged else None, size_ratio <= SIZE_TARGET if judged else None))
     return rows
 
 
