@@ -1045,7 +1045,7 @@ def backup_verify(
                                   "wal: every archived WAL segment a recovery can need."),
 ) -> None:
     """Re-read every object of a backup: sizes, sha256, each dump readable by pg_restore --list
-    (--kind base: a base backup unpacked and checked against its manifest by pg_verifybackup;
+    (--kind base: a base backup read whole and checked against its manifest by pg_verifybackup;
     --kind wal: every WAL segment from the oldest usable base backup on, read back and checked).
 
     An encrypted backup without its key gets storage checks only (sizes and sha256 of the

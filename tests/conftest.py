@@ -118,10 +118,12 @@ def server(request) -> ServerUnderTest:
     return request.getfixturevalue(request.param)
 
 
-def create_database(server: ServerUnderTest, prefix: str = "test") -> str:
+def create_database(server: ServerUnderTest, prefix: str = "test", template: str | None = None) -> str:
+    """A new database, empty or a copy of `template` (which nothing may be connected to)."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    copy = f' TEMPLATE "{template}"' if template else ""
     with engine_for(server.admin_url).connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f'CREATE DATABASE "{name}"'))
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f'CREATE DATABASE "{name}"{copy}'))
     return name
 
 

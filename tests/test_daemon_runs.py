@@ -1,9 +1,9 @@
 """`train_and_deploy` the way production runs it: deploy/dagster.yaml as it is (Dagster's
-storage on PostgreSQL, the QueuedRunCoordinator and its limits, run monitoring), 21 tenants
-queued by one `dagster job backfill`, started by a real `dagster-daemon` (DefaultRunLauncher:
-one run worker process per run, every step in it: the job's in-process executor), one of them
-killed mid-step. And the first trainings of a new embedded install opening MLflow's database
-together."""
+storage on PostgreSQL, the QueuedRunCoordinator and its limits, run monitoring), twice as many
+tenants as its training limit and one more queued by one `dagster job backfill`, started by a
+real `dagster-daemon` (DefaultRunLauncher: one run worker process per run, every step in it:
+the job's in-process executor), one of them killed mid-step. And the first trainings of a new
+embedded install opening MLflow's database together."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from . import test_production_instance
 from .services import most_at_once
 from .test_production_instance import REPO_ROOT, VENV_BIN, deployment, failure_messages, start_daemon  # noqa: F401
 
-TENANTS = [f"tenant-{i:02d}" for i in range(1, 21)]
 KILLED = "killed-mid-step"
 RUN_DEADLINE_S = 900
 
@@ -167,12 +166,18 @@ def kill_when_started(instance, tenant: str, step_key: str, daemon, log) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_DEADLINE_S + 300)
-def test_twenty_trainings_through_the_daemon_on_the_production_instance(deployment, tmp_path, monkeypatch):
+def test_twice_the_training_limit_through_the_daemon_on_the_production_instance(deployment, tmp_path, monkeypatch):
     env, _, _ = deployment
-    seeded = subprocess.run([sys.executable, "-c", SEED_COPIES, *TENANTS, KILLED], cwd=tmp_path, env=env,
+    # Twice the training limit (and the killed one): the queue holds runs back from the start
+    # and refills the freed slots twice over, which is what the limit is about; more tenants
+    # only repeat that (20 took 300-370 s of the suite's 20 minutes on 2 busy cores;
+    # benchmarks/daemon_path.py runs 100).
+    limit = training_limit(Path(env["DAGSTER_HOME"]) / "dagster.yaml")
+    tenants = [f"tenant-{i:02d}" for i in range(1, 2 * limit + 1)]
+    seeded = subprocess.run([sys.executable, "-c", SEED_COPIES, *tenants, KILLED], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert seeded.returncode == 0, seeded.stderr
-    backfill(env, [KILLED, *TENANTS])  # the killed one first in the queue: it starts at once
+    backfill(env, [KILLED, *tenants])  # the killed one first in the queue: it starts at once
 
     started = time.monotonic()
     log = tmp_path / "daemon.log"
@@ -182,7 +187,7 @@ def test_twenty_trainings_through_the_daemon_on_the_production_instance(deployme
         killed = kill_when_started(instance, KILLED, "training_data", daemon, log)
         runs = {run.tags["dagster/partition"]: run.run_id
                 for run in instance.get_runs(dg.RunsFilter(job_name="train_and_deploy"))}
-        assert set(runs) == {KILLED, *TENANTS}
+        assert set(runs) == {KILLED, *tenants}
         monkeypatch.setattr(test_production_instance, "RUN_DEADLINE_S", RUN_DEADLINE_S)
         finished = test_production_instance.wait_for(instance, list(runs.values()), daemon, log)
     finally:
@@ -193,15 +198,14 @@ def test_twenty_trainings_through_the_daemon_on_the_production_instance(deployme
         assert finished[killed].status == dg.DagsterRunStatus.FAILURE
         messages = [e.message or "" for e in instance.all_logs(killed)]
         assert any("was terminated by signal 9" in m for m in messages), messages[-5:]
-        for tenant in TENANTS:
+        for tenant in tenants:
             assert_trained_in_the_run_worker(instance, finished[runs[tenant]])
-        limit = training_limit(Path(env["DAGSTER_HOME"]) / "dagster.yaml")
         at_once = most_at_once([launched_to_finished(instance, run_id) for run_id in runs.values()])
         assert 1 < at_once <= limit, (at_once, limit)
     finally:
         instance.dispose()
     scored = predictions_per_tenant(env)
-    assert all(scored.get(tenant, 0) > 0 for tenant in TENANTS) and scored.get(KILLED, 0) == 0, scored
+    assert all(scored.get(tenant, 0) > 0 for tenant in tenants) and scored.get(KILLED, 0) == 0, scored
 
 
 def assert_trained_in_the_run_worker(instance: dg.DagsterInstance, run: dg.DagsterRun) -> None:

@@ -1,11 +1,12 @@
 """The runbooks in docs/runbooks, run as on-call runs them, the way pgBackRest builds its user
 guide: by executing it.
 
-Each test builds a small production-like Maestro deployment (MAESTRO_DATABASE_URL on a real
-PostgreSQL, two tenants with models, experiments, versions, deployments and predictions,
+Each test starts from a small production-like Maestro deployment (MAESTRO_DATABASE_URL on a
+real PostgreSQL, two tenants with models, experiments, versions, deployments and predictions,
 MLflow's database with a registered model and its `production` alias, Dagster's own storage
-database with a run, a verified backup in the store), breaks it the way the runbook's title
-says, then runs the runbook's runnable blocks in order with bash: the "Before you start"
+database with a run, a verified backup in the store: built once and copied for each test on
+the embedded test server, built in the test where it has a server or a store of its own),
+breaks it the way the runbook's title says, then runs the runbook's runnable blocks in order with bash: the "Before you start"
 blocks of docs/runbooks/README.md first, then the runbook's. Each block must exit 0 (`set
 -euo pipefail`); exported variables carry from one block to the next, as in one shell. Then
 the end state is checked against what the runbook promises.
@@ -26,6 +27,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -261,12 +264,16 @@ class Site:
         return out.splitlines() if out else []
 
 
-@pytest.fixture
-def site(pg18, tmp_path):
-    """A deployment on the embedded test server, backed up once; its databases dropped after."""
+def _server(pg18) -> Server:
     socket = pg18.admin_url.query["host"]
-    server = Server(socket if isinstance(socket, str) else socket[0])
-    deployment = Site(tmp_path, server, f"rb{uuid.uuid4().hex[:10]}")
+    return Server(socket if isinstance(socket, str) else socket[0])
+
+
+@contextmanager
+def _deployment(server: Server, tmp_path: Path, name: str) -> Iterator[Site]:
+    """A deployment named `name` on `server`, its folders under `tmp_path`; its databases
+    dropped after (on the server it points at by then too)."""
+    deployment = Site(tmp_path, server, name)
     (tmp_path / "store").mkdir()
     (tmp_path / "dagster_home").mkdir()
     (tmp_path / "dagster_home" / "dagster.yaml").write_text(DAGSTER_YAML)
@@ -277,14 +284,23 @@ def site(pg18, tmp_path):
         "DAGSTER_HOME": str(tmp_path / "dagster_home"),
     })
     deployment.point_at(server)
-    yield deployment
-    for where in {id(s): s for s in (server, deployment.server)}.values():
-        try:
-            where.drop(*where.databases(deployment.name))
-        except AssertionError:  # a server the test stopped: nothing to drop there
-            pass
-    for cleanup in reversed(deployment.cleanups):
-        cleanup()
+    try:
+        yield deployment
+    finally:
+        for where in {id(s): s for s in (server, deployment.server)}.values():
+            try:
+                where.drop(*where.databases(deployment.name))
+            except AssertionError:  # a server the test stopped: nothing to drop there
+                pass
+        for cleanup in reversed(deployment.cleanups):
+            cleanup()
+
+
+@pytest.fixture
+def site(pg18, tmp_path):
+    """A deployment on the embedded test server, nothing in it yet; its databases dropped after."""
+    with _deployment(_server(pg18), tmp_path, f"rb{uuid.uuid4().hex[:10]}") as deployment:
+        yield deployment
 
 
 def build(site: Site) -> str:
@@ -298,6 +314,42 @@ def build(site: Site) -> str:
     [entry] = site.backups()
     assert entry["verified"] and entry["databases"] == ["platform", "mlflow", "dagster"]
     return backup_id
+
+
+BUILT = "runbooks-built"
+"""The xdist group of the tests that start from `built_site`: one worker builds it once."""
+
+
+@pytest.fixture(scope="module")
+def built(pg18, tmp_path_factory) -> Iterator[tuple[Site, str]]:
+    """A deployment `build` made once (tenants, MLflow's registry, Dagster's run, a verified
+    backup in its store), its three databases then renamed aside: (the deployment, the name
+    they are kept under). Rebuilding it for every runbook was 13-18 s a test."""
+    server = _server(pg18)
+    with _deployment(server, tmp_path_factory.mktemp("built"), f"rb{uuid.uuid4().hex[:10]}") as deployment:
+        build(deployment)
+        aside = f"rbbuilt_{deployment.name[2:]}"  # not under the deployment's prefix: its teardown leaves it
+        for suffix in ("", "_mlflow", "_dagster"):
+            server.psql("postgres", f'ALTER DATABASE "{deployment.name}{suffix}" RENAME TO "{aside}{suffix}"')
+        yield deployment, aside
+        server.drop(aside, f"{aside}_mlflow", f"{aside}_dagster")
+
+
+@pytest.fixture
+def built_site(built, tmp_path) -> Iterator[Site]:
+    """The `built` deployment as each test gets it, exactly as `build` left it: its databases
+    copied under the names its backup was taken of (CREATE DATABASE ... TEMPLATE), its store's
+    objects copied through the store (sha256 and metadata as they were written)."""
+    from maestro_pipelines.storage import open_store
+
+    original, aside = built
+    with _deployment(original.server, tmp_path, original.name) as deployment:
+        for suffix in ("", "_mlflow", "_dagster"):
+            deployment.server.psql("postgres", f'CREATE DATABASE "{original.name}{suffix}" TEMPLATE "{aside}{suffix}"')
+        source, copy = open_store(original.env["MAESTRO_STORE_URL"]), open_store(deployment.env["MAESTRO_STORE_URL"])
+        for info in source.list():
+            copy.put_bytes(info.key, source.get_bytes(info.key), info.metadata)
+        yield deployment
 
 
 # ---- running a runbook ---------------------------------------------------------------------
@@ -343,9 +395,10 @@ def run_runbook(site: Site, name: str, scenario: str | None = None, **placeholde
 # ---- the runbooks --------------------------------------------------------------------------
 
 
+@pytest.mark.xdist_group(BUILT)
 @pytest.mark.parametrize("variant", ["dropped", "new-server"])
-def test_total_database_loss(site, tmp_path, variant):
-    build(site)
+def test_total_database_loss(built_site, tmp_path, variant):
+    site = built_site
     site.add_tenants("initech")                                  # after the backup: lost
     site.side_databases(runs=[RUN_AFTER])
     # The disaster: all three databases gone.
@@ -385,8 +438,9 @@ def _fingerprint(site: Site, tenant: str) -> dict[str, str]:
     return dict(line.split("|", 1) for line in site.server.psql(site.name, sql).splitlines())
 
 
-def test_bad_tenant_data(site):
-    build(site)
+@pytest.mark.xdist_group(BUILT)
+def test_bad_tenant_data(built_site):
+    site = built_site
     acme_at_backup = _fingerprint(site, "acme")
     # After the backup, life goes on: a new tenant, a new model for globex, a new acme prediction.
     site.add_tenants("initech")
@@ -472,9 +526,10 @@ def test_point_in_time_restore(site, tmp_path):
     assert len(backups) == 3 and backups[-1]["verified"]
 
 
+@pytest.mark.xdist_group(BUILT)
 @pytest.mark.parametrize("way", ["restore", "recreate"])
-def test_lost_dagster_instance(site, way):
-    build(site)
+def test_lost_dagster_instance(built_site, way):
+    site = built_site
     site.add_tenants("initech")                                  # platform data after the backup: must stay
     site.side_databases(runs=[RUN_AFTER])                        # Dagster history after it: lost with way A
     site.server.drop(site.dagster)

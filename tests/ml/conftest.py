@@ -4,6 +4,8 @@ temporary Dagster instance. No mocks of MLflow or PostgreSQL."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,22 +52,49 @@ class MLEnvironment:
         return self.resources["mlflow"].registry()
 
 
-@pytest.fixture
-def ml_env(pg18, tmp_path: Path) -> Iterator[MLEnvironment]:
-    from maestro_pipelines.ml.demo import seed_demo_tenant
-    from maestro_pipelines.partitions import tenant_partitions
-    from maestro_pipelines.resources import CacheResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
-    from maestro_pipelines.resources.values_io import StoredValuesIOManager
-    from maestro_pipelines.resources.sources import PostgresDataSource
+# MLflow makes its schema on first use, in a child process so that no connection of ours is left
+# on the database (a template must have none).
+MAKE_MLFLOW_SCHEMA = """
+import sys
+from mlflow.tracking import MlflowClient
+MlflowClient(tracking_uri=sys.argv[1], registry_uri=sys.argv[1]).search_registered_models(max_results=1)
+"""
 
-    platform = create_database(pg18, "ml")
-    mlflow_db = create_database(pg18, "mlflow")
+
+@pytest.fixture(scope="session")
+def ml_templates(pg18) -> Iterator[tuple[str, str]]:
+    """(platform, mlflow): a platform database migrated with the demo tenants and their rows,
+    and a database with MLflow's schema as MLflow makes it on first use, made once per worker:
+    each ml_env's databases are copies of them (CREATE DATABASE ... TEMPLATE). MLflow's first
+    use is its migrations, 3-6 s on 2 busy cores, which every ML test paid."""
+    from maestro_pipelines.ml.demo import seed_demo_tenant
+
+    platform = create_database(pg18, "mltemplate")
     location = pg18.location(platform)
     upgrade(location)
     with engine_for(location.platform_url).begin() as conn:
         for tenant in TENANTS:
             seed_demo_tenant(conn, tenant)
             add_tenant(conn, tenant, tenant.title())
+    engine_for(location.platform_url).dispose()
+    mlflow_db = create_database(pg18, "mlflowtemplate")
+    uri = pg18.admin_url.set(database=mlflow_db).render_as_string(hide_password=False)
+    made = subprocess.run([sys.executable, "-c", MAKE_MLFLOW_SCHEMA, uri], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    yield platform, mlflow_db
+    drop_database(pg18, platform)
+    drop_database(pg18, mlflow_db)
+
+
+@pytest.fixture
+def ml_env(pg18, ml_templates, tmp_path: Path) -> Iterator[MLEnvironment]:
+    from maestro_pipelines.partitions import tenant_partitions
+    from maestro_pipelines.resources import CacheResource, MLflowRegistry, ObjectStoreResource, PlatformDatabase
+    from maestro_pipelines.resources.values_io import StoredValuesIOManager
+    from maestro_pipelines.resources.sources import PostgresDataSource
+
+    platform = create_database(pg18, "ml", template=ml_templates[0])
+    mlflow_db = create_database(pg18, "mlflow", template=ml_templates[1])
     platform_url = pg18.libpq_url(platform)
     mlflow_uri = pg18.admin_url.set(database=mlflow_db).render_as_string(hide_password=False)
     artifact_root = (tmp_path / "artifacts").as_uri()

@@ -13,7 +13,7 @@ import pytest
 
 from maestro_pipelines.backup.manifest import BackupError
 from maestro_pipelines.backup.pitr import base
-from maestro_pipelines.backup.pitr.layout import BASE_TAR, FULL, INCREMENTAL
+from maestro_pipelines.backup.pitr.layout import BASE_RECORD, BASE_TAR, FULL, INCREMENTAL
 from maestro_pipelines.backup.pitr.window import recovery_window
 from maestro_pipelines.backup.types import DatabaseTarget
 from maestro_pipelines.storage import open_store
@@ -121,6 +121,30 @@ def test_damaged_or_missing_base_object_is_one_clear_line(pg18_cluster, store, w
     with pytest.raises(BackupError, match=f"{record.base_id}'s {BASE_TAR} is missing") as missing:
         base.extract_base(store, [record], workdir / "missing")
     assert "another base backup" in str(missing.value)
+
+
+def test_a_file_changed_inside_the_tar_is_named_by_pg_verifybackup(pg18_cluster, store):
+    """Verification checks every file inside the tar against the backup manifest, not only the
+    object's sha256: a base.tar.zst rewritten with one data file's bytes changed, and its record
+    rewritten to name it (as whoever can write the bucket could), fails naming that file."""
+    import io
+    import tarfile
+
+    import zstandard
+
+    record = base.take_base_backup(store, _target(pg18_cluster), kind=FULL)
+    root = base.layout.base_root(record.system_id, record.base_id)
+    tar = bytearray(zstandard.ZstdDecompressor().decompressobj().decompress(store.get_bytes(f"{root}/{BASE_TAR}")))
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        member = next(m for m in archive.getmembers() if m.isfile() and m.name.startswith("base/") and m.size > 8192)
+    changed = slice(member.offset_data + 100, member.offset_data + 116)
+    tar[changed] = bytes(b ^ 0xFF for b in tar[changed])
+    info = store.put_bytes(f"{root}/{BASE_TAR}", zstandard.ZstdCompressor().compress(bytes(tar)))
+    record.sha256, record.compressed_bytes = info.sha256, info.size
+    store.put_bytes(f"{root}/{BASE_RECORD}", record.to_json())
+    report = base.verify_base_backup(store, record.base_id)
+    assert not report.ok and len(report.problems) == 1, report.problems
+    assert f'checksum mismatch for file "{member.name}"' in report.problems[0] and record.base_id in report.problems[0]
 
 
 def test_refused_without_replication_privilege(pg18_cluster, store):
