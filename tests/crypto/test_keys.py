@@ -42,8 +42,10 @@ def test_generated_keys_are_32_random_bytes_in_base64():
     assert ring(K1).current.id.startswith("key:")
 
 
-@pytest.mark.parametrize("value", ["not base64 at all!", "c2hvcnQ=", base64.b64encode(os.urandom(31)).decode(),
-                                   base64.b64encode(os.urandom(33)).decode(), K1 + "AAAA", ""])
+# Fixed values, not random ones: pytest-xdist's workers must collect the same test ids.
+@pytest.mark.parametrize("value", ["not base64 at all!", "c2hvcnQ=", base64.b64encode(bytes(range(31))).decode(),
+                                   base64.b64encode(bytes(range(33))).decode(), K1 + "AAAA", ""],
+                         ids=["not-base64", "short", "31-bytes", "33-bytes", "trailing-garbage", "empty"])
 def test_a_malformed_key_is_one_line_naming_the_variable_never_the_value(value):
     with pytest.raises(BackupKeyError) as caught:
         ring(value or " ")
