@@ -4,8 +4,9 @@ guide: by executing it.
 Each test starts from a small production-like Maestro deployment (MAESTRO_DATABASE_URL on a
 real PostgreSQL, two tenants with models, experiments, versions, deployments and predictions,
 MLflow's database with a registered model and its `production` alias, Dagster's own storage
-database with a run, a verified backup in the store: built once and copied for each test on
-the embedded test server, built in the test where it has a server or a store of its own),
+database with a run, a verified backup in the store: built once and copied for each test,
+its store's objects copied into the test's store, even an S3 bucket; built in the test where
+it needs a server of its own),
 breaks it the way the runbook's title says, then runs the runbook's runnable blocks in order with bash: the "Before you start"
 blocks of docs/runbooks/README.md first, then the runbook's. Each block must exit 0 (`set
 -euo pipefail`); exported variables carry from one block to the next, as in one shell. Then
@@ -346,10 +347,15 @@ def built_site(built, tmp_path) -> Iterator[Site]:
     with _deployment(original.server, tmp_path, original.name) as deployment:
         for suffix in ("", "_mlflow", "_dagster"):
             deployment.server.psql("postgres", f'CREATE DATABASE "{original.name}{suffix}" TEMPLATE "{aside}{suffix}"')
-        source, copy = open_store(original.env["MAESTRO_STORE_URL"]), open_store(deployment.env["MAESTRO_STORE_URL"])
-        for info in source.list():
-            copy.put_bytes(info.key, source.get_bytes(info.key), info.metadata)
+        copy_objects(open_store(original.env["MAESTRO_STORE_URL"]), open_store(deployment.env["MAESTRO_STORE_URL"]))
         yield deployment
+
+
+def copy_objects(source, dest) -> None:
+    """Every object of store `source` put into `dest` through the store (sha256 and metadata
+    recorded as when they were written)."""
+    for info in source.list():
+        dest.put_bytes(info.key, source.get_bytes(info.key), info.metadata)
 
 
 # ---- running a runbook ---------------------------------------------------------------------
@@ -577,8 +583,12 @@ def moto_with_iam(tmp_path):
         yield endpoint, maestro_key, admin_key, admin
 
 
+@pytest.mark.xdist_group(BUILT)
 @pytest.mark.parametrize("case", ["revoked", "leaked"])
-def test_lost_store_credentials(site, tmp_path, moto_with_iam, case):
+def test_lost_store_credentials(built_site, tmp_path, moto_with_iam, case):
+    from maestro_pipelines.storage import open_store
+
+    site = built_site
     endpoint, maestro_key, admin_key, admin = moto_with_iam
     credentials = tmp_path / "aws-credentials"
     credentials.write_text(f"[oncall-admin]\naws_access_key_id = {admin_key['AccessKeyId']}\n"
@@ -593,7 +603,10 @@ def test_lost_store_credentials(site, tmp_path, moto_with_iam, case):
         "AWS_SHARED_CREDENTIALS_FILE": str(credentials),
         "AWS_CONFIG_FILE": str(tmp_path / "aws-config"),
     })
-    build(site)
+    # The deployment's store is the bucket: its backup put there with the services' key.
+    copy_objects(open_store((tmp_path / "store").as_uri()),
+                 open_store(site.env["MAESTRO_STORE_URL"], endpoint_url=endpoint, region_name="us-east-1",
+                            aws_access_key_id=maestro_key["AccessKeyId"], aws_secret_access_key=maestro_key["SecretAccessKey"]))
     if case == "revoked":
         # The key was deleted (by security, or lost with the secret store): backups now fail.
         admin.delete_access_key(UserName="maestro-backup", AccessKeyId=maestro_key["AccessKeyId"])
