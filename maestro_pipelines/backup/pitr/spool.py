@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,7 +67,10 @@ class Pusher:
         self.spool = self.home / WAL_SPOOL
         self.store = store
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.stopping = threading.Event()
+        # A plain flag, not a threading.Event: the SIGTERM handler sets it, and Event.set()
+        # from a handler deadlocks when the signal lands while the main thread holds the
+        # Event's lock inside its own wait() (seen: a pusher that never left).
+        self.stop_requested = False
         self._last_error: str | None = None
 
     def push_spooled(self) -> int:
@@ -109,6 +111,10 @@ class Pusher:
             self._last_error = line
             self.log(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {line}")
 
+    def request_stop(self, *_signal_args) -> None:
+        """Safe in a signal handler: the loop sees it within one poll."""
+        self.stop_requested = True
+
     def server_alive(self) -> bool:
         from maestro_pipelines.processes import process_alive
 
@@ -124,13 +130,13 @@ class Pusher:
             self.push_spooled()  # what the server archived last, before it stopped
             # A Maestro process that started the server again just now saw this pusher alive
             # and started none: keep serving, unless told to stop.
-            if self.stopping.is_set() or not self.server_alive():
+            if self.stop_requested or not self.server_alive():
                 return
 
     def _serve(self, poll_s: float, linger_s: float) -> None:
         """Push, poll, until told to stop or the server has been gone for `linger_s`."""
         gone_since = None
-        while not self.stopping.is_set():
+        while not self.stop_requested:
             self.push_spooled()
             if self.server_alive():
                 gone_since = None
@@ -138,7 +144,7 @@ class Pusher:
                 gone_since = time.monotonic()
             elif time.monotonic() - gone_since > linger_s:
                 return
-            self.stopping.wait(poll_s)
+            time.sleep(poll_s)  # a signal's handler runs during it; the loop then sees the flag
 
 
 def main(argv: list[str]) -> int:
@@ -158,8 +164,8 @@ def main(argv: list[str]) -> int:
         store = open_configured_store(settings.store_url, home, settings.store_environment,
                                       keyring=keyring_from_settings(settings))
         pusher = Pusher(home, store)
-        signal.signal(signal.SIGTERM, lambda *_: pusher.stopping.set())
-        signal.signal(signal.SIGINT, lambda *_: pusher.stopping.set())
+        signal.signal(signal.SIGTERM, pusher.request_stop)
+        signal.signal(signal.SIGINT, pusher.request_stop)
         pusher.run()
     finally:
         (home / PUSHER_PID).unlink(missing_ok=True)
