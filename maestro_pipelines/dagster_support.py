@@ -59,6 +59,14 @@ DDL_POOL = "platform_database_ddl"
 # A MaestroError (configuration, bad input) never waits for these: `backup_step` and
 # `fail_fast_on_user_errors` fail it at once (maestro_pipelines.failures).
 
+DEFAULT_EXECUTOR = dg.in_process_executor
+"""Every run's steps run in its run worker's own process (a pod on Kubernetes), one after
+another. What users launch from the UI (Materialize all on a tenant's ML graph, one backup
+asset and its checks) and every job are chains of a few steps: Dagster's default executor
+started an interpreter per step, each importing the code location, MLflow and scikit-learn
+again (a tenant's graph from the UI: minutes on 2 busy cores instead of seconds) and buying
+no parallelism. Runs still go in parallel, as separate run workers (the queue's limits)."""
+
 NETWORK_RETRY = dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 """Reading the source and talking to MLflow and the platform database cross the network in
 production: 5, 10 then 20 s (and the connect timeouts) outlast a managed database's failover."""

@@ -5,6 +5,7 @@ import warnings
 import dagster as dg
 
 from maestro_pipelines.assets import all_assets
+from maestro_pipelines.dagster_support import DEFAULT_EXECUTOR
 from maestro_pipelines.environment import resources_for_environment
 from maestro_pipelines.jobs import all_jobs
 from maestro_pipelines.schedules import all_schedules
@@ -22,4 +23,5 @@ defs = dg.Definitions(
     schedules=all_schedules,
     sensors=all_sensors,
     resources=resources_for_environment(),
+    executor=DEFAULT_EXECUTOR,
 )

@@ -30,7 +30,6 @@ VENV_BIN = Path(sys.executable).parent
 TENANT = "acme"
 STORE_PREFIX = "maestro"
 TRAINING = ["training_data", "features", "trained_model", "model_evaluation", "registered_model", "deployment"]
-IN_PROCESS = '{"execution": {"config": {"in_process": {}}}}'
 
 
 @pytest.fixture
@@ -87,8 +86,7 @@ def test_a_second_machine_scores_and_redeploys_from_what_the_first_stored(shared
     shared_env, platform_url, s3_bucket = shared
     a = machine(tmp_path / "a", shared_env)
     run(a, sys.executable, "-c", SEED, TENANT)
-    # In process on A (the training's steps' own processes are not what is under test here).
-    materialize(a, TRAINING, "--config-json", IN_PROCESS)
+    materialize(a, TRAINING)
     keys = stored_keys(s3_bucket)
     assert {f"values/{asset}/{TENANT}" for asset in TRAINING[:4]} <= keys
     assert not {f"values/{asset}/{TENANT}" for asset in ("registered_model", "deployment")} & keys
@@ -104,7 +102,7 @@ def test_a_second_machine_scores_and_redeploys_from_what_the_first_stored(shared
             "WHERE t.name = :t"), {"t": TENANT}).one()
     assert scored[0] > 0 and scored[1] == scored[2] == 1
 
-    materialize(b, ["registered_model", "deployment"], "--config-json", IN_PROCESS)  # from A's stored values
+    materialize(b, ["registered_model", "deployment"])  # from A's stored values
     with engine_for(platform_url).connect() as conn:
         deployed = conn.execute(text(
             "SELECT v.version, d.status FROM deployments d JOIN model_versions v ON v.id = d.model_version_id "

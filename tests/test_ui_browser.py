@@ -2,8 +2,8 @@
 
 Playwright drives Debian's Chromium (no `playwright install`) against `dagster dev` on a
 loopback port, on the embedded default (nothing configured): the webserver, the daemon and
-the run workers are separate processes, and runs go through the multiprocess executor, as
-they do for a user. Screenshots of every step are saved (and copied to MAESTRO_TEST_UI_SHOTS,
+the run workers are separate processes, and each run's steps run in its run worker (the code
+location's executor), as they do for a user. Screenshots of every step are saved (and copied to MAESTRO_TEST_UI_SHOTS,
 default /tmp/ui-shots) so a person can look at what the test saw.
 
 - Jobs -> restore_database -> Launchpad: the pre-filled config launches a scratch restore of
@@ -15,9 +15,10 @@ default /tmp/ui-shots) so a person can look at what the test saw.
   id MLflow serves for it, with a link to the MLflow UI; its check result under the partition.
 - The backup `maestro backup run` took before `dagster dev` started is in database_backup's
   history (the daemon's store_catalog_sensor records it), with its check `verified`.
-- `maestro drill` in a terminal: the sensor makes it a materialization of dr_drill (a point of
-  its RTO plot); then dr_drill -> Materialize: the run succeeds and the asset's drill history
-  (metadata) lists the CLI drill beside the Dagster one; the RTO chart is there.
+- `maestro drill` in a terminal before `dagster dev` started: the sensor makes it a
+  materialization of dr_drill (a point of its RTO plot); then dr_drill -> Materialize: the run
+  succeeds and the asset's drill history (metadata) lists the CLI drill beside the Dagster
+  one; the RTO chart is there.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ TENANT = "acme"
 STARTUP_DEADLINE_S = 240
 RESTORE_DEADLINE_S = 400
 DRILL_DEADLINE_S = 400
-ML_DEADLINE_S = 900  # 7 assets and their checks, one subprocess per step, on 2 busy cores
+ML_DEADLINE_S = 900  # 7 assets and their checks in one run worker, on 2 busy cores
 UI_STEP_TIMEOUT_MS = 90_000  # one click or page under load
 MASK = "********"
 
@@ -119,8 +120,11 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return result
 
 
-def _prepare(env: dict[str, str]) -> str:
-    """A demo tenant with its rows and its partition, then a backup of it: the backup's id."""
+def _prepare(env: dict[str, str]) -> tuple[str, dict]:
+    """A demo tenant with its rows and its partition, then a backup of it and a drill of that
+    backup, from the CLI before Dagster runs (on-call's terminal while the orchestrator is
+    down): the backup's id and the drill's `--json` report. The daemon's store_catalog_sensor
+    records both on its first tick, so no test waits a sensor interval for them."""
     seed = (
         "import dagster as dg\n"
         "from rich.console import Console\n"
@@ -131,7 +135,8 @@ def _prepare(env: dict[str, str]) -> str:
         f"    instance.add_dynamic_partitions('tenants', [{TENANT!r}])\n"
     )
     _run([sys.executable, "-c", seed], env)
-    return json.loads(_run([str(BIN / "maestro"), "backup", "run", "--json"], env).stdout)["id"]
+    backup_id = json.loads(_run([str(BIN / "maestro"), "backup", "run", "--json"], env).stdout)["id"]
+    return backup_id, json.loads(_run([str(BIN / "maestro"), "drill", "--json"], env).stdout)
 
 
 def _wait_for_location(base: str, process: subprocess.Popen, log: Path) -> None:
@@ -180,7 +185,7 @@ def dagster_ui(tmp_path_factory):
     base = f"http://127.0.0.1:{free_port()}"
     process = None
     try:
-        backup_id = _prepare(env)
+        backup_id, cli_drill = _prepare(env)
         with log.open("w") as out:
             process = subprocess.Popen(
                 [str(BIN / "dagster"), "dev", "-h", "127.0.0.1", "-p", base.rsplit(":", 1)[1]],
@@ -190,7 +195,8 @@ def dagster_ui(tmp_path_factory):
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
             try:
-                yield {"base": base, "browser": browser, "backup_id": backup_id, "shots": shots, "log": log, "env": env}
+                yield {"base": base, "browser": browser, "backup_id": backup_id, "cli_drill": cli_drill, "shots": shots,
+                       "log": log, "env": env}
             finally:
                 browser.close()
     finally:
@@ -549,11 +555,11 @@ def _drill_run_id(base: str) -> str:
 
 
 def test_a_drill_from_the_ui_shows_the_cli_drill_in_its_history(page, dagster_ui):
-    """On-call ran `maestro drill` in a terminal (no Dagster involved): it becomes a point of
-    dr_drill's RTO plot. Then on-call materializes dr_drill from its asset page: the run
-    succeeds, and its materialization's drill history lists the CLI drill (with its RTO)
-    beside the Dagster one, with the RTO chart."""
-    cli = json.loads(_run([str(BIN / "maestro"), "drill", "--json"], dagster_ui["env"]).stdout)
+    """On-call ran `maestro drill` in a terminal while Dagster was down (the fixture): it
+    becomes a point of dr_drill's RTO plot. Then on-call materializes dr_drill from its asset
+    page: the run succeeds, and its materialization's drill history lists the CLI drill (with
+    its RTO) beside the Dagster one, with the RTO chart."""
+    cli = dagster_ui["cli_drill"]
     assert cli["ok"] and cli["record_key"], cli
     # The daemon's store_catalog_sensor makes the CLI drill a point of dr_drill's RTO plot;
     # waited for here, so the Dagster drill below is the latest materialization.
