@@ -24,6 +24,9 @@ Where results go:
 Exit status: 0 when every benchmark ran to the end and every figure with a target met it;
 1 when a benchmark crashed, overran its budget or could not start (missing test
 dependencies: `pip install -e '.[dev]'`), or a target was missed (its row says NO).
+
+The README's table of the figures with a target (between its `benchmarks-table` markers) is
+rewritten from the same report by every run, so it cannot drift from latest.md.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ from benchmarks.report import HEADER, RESULTS_DIR, markdown_table, verdict
 
 REPO = Path(__file__).parent.parent
 QUICK_LIMIT_S = 15 * 60
+README = REPO / "README.md"
+README_START = "<!-- benchmarks-table:start (written by python -m benchmarks) -->"
+README_END = "<!-- benchmarks-table:end -->"
 
 
 @dataclass
@@ -268,6 +274,38 @@ def run_all(chosen: list[Benchmark], mode: str, results_dir: Path, logs_dir: Pat
     return records, rows
 
 
+def readme_table(report: dict) -> str:
+    """What the README says of the last run: its command, machine and load, and the rows
+    that have a target (every row stays in latest.md)."""
+    machine = report["machine"]
+    minutes, seconds = divmod(round(report["total_s"]), 60)
+    targeted = [x for x in report["rows"] if x["pass"] is not None]
+    lines = [
+        f"The last run (`{report['command']}`, {report['date']}, commit {report['git_commit']}, "
+        f"{machine['cpus']} CPUs, load average {machine['loadavg_start'][0]} at start and "
+        f"{machine['loadavg_end'][0]} at the end; {minutes} min {seconds} s in all): the figures with a "
+        f"target, {sum(1 for x in targeted if x['pass'])} of {len(targeted)} met. All {len(report['rows'])} rows "
+        "are in [latest.md](benchmarks/results/latest.md).",
+        "",
+        markdown_table(["benchmark", *HEADER],
+                       [[x["benchmark"], x["figure"], x["ours"], x["baseline"], x["ratio"], x["target"],
+                         verdict(x["pass"])] for x in targeted]),
+    ]
+    # Indented: the block sits in a list item of the README.
+    return "\n".join(f"  {line}" if line else "" for line in "\n".join(lines).splitlines())
+
+
+def update_readme(report: dict) -> bool:
+    """Rewrite the README's block between the markers; False when the markers are missing."""
+    text = README.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    block = readme_table(report)
+    README.write_text(text[: start + len(README_START)] + "\n" + block + "\n  " + text[end:])
+    return True
+
+
 def write_report(report: dict) -> list[dict]:
     """latest.json and latest.md (printed too); returns the rows that missed their target."""
     finished = all(r["status"] in ("ok", "target missed") for r in report["benchmarks"])
@@ -277,6 +315,8 @@ def write_report(report: dict) -> list[dict]:
     markdown = render_markdown(report)
     (RESULTS_DIR / "latest.md").write_text(markdown)
     print(markdown)
+    if not update_readme(report):
+        say(f"warning: {README.name} has no {README_START!r} marker: its table was not updated")
     return missed
 
 
