@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from maestro_pipelines.ml.features import feature_frame
-from maestro_pipelines.platform_db.ml_records import copy_predictions
+from maestro_pipelines.platform_db.ml_records import PredictionBatch, copy_predictions
 
 
 def features_hashes(features: pd.DataFrame) -> list[str]:
@@ -101,15 +101,13 @@ def score_and_copy(
         if cache is not None and cache_prefix is not None:
             labels, scores, predicted = _predict_with_cache(model, features, hashes, cache, cache_prefix)
         else:
-            raw_labels, raw_scores = predict_rows(model, features)
-            labels, scores, predicted = [str(v) for v in raw_labels], [float(v) for v in raw_scores], len(features)
+            labels, scores = predict_rows(model, features)
+            predicted = len(features)
         result.predicted += predicted
         result.from_cache += len(features) - predicted
-        rows = (
-            (tenant_id, model_version_id, deployment_id, key, digest, label, score, scored_at)
-            for key, digest, label, score in zip(keys, hashes, labels, scores)
-        )
-        result.written += copy_predictions(conn, rows)
+        result.written += copy_predictions(conn, PredictionBatch(
+            tenant_id, model_version_id, deployment_id, keys.to_numpy(), hashes, labels, scores, scored_at,
+        ))
         if "updated_at" in batch.columns:
             newest = pd.to_datetime(batch["updated_at"], utc=True).max()
             if pd.notna(newest) and (result.watermark is None or newest.to_pydatetime() > result.watermark):

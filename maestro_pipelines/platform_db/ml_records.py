@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -197,24 +197,131 @@ def rollback_target(conn: Connection, model_id: int, environment: str = "product
 
 
 PREDICTION_COLUMNS = ("tenant_id", "model_version_id", "deployment_id", "entity_key", "features_hash", "label", "score", "created_at")
-PREDICTION_TYPES = ("int8", "int8", "int8", "text", "text", "text", "float8", "timestamptz")
+COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"  # header, flags, extension
+COPY_TRAILER = b"\xff\xff"
+POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
 
 
-def copy_predictions(conn: Connection, rows: Iterable[tuple]) -> int:
-    """Write prediction rows with COPY (one stream, not one INSERT per row).
+@dataclass
+class PredictionBatch:
+    """Predictions of one scored batch, as columns: the rows of `predictions` they become
+    share the tenant, model version, deployment and time."""
 
-    Binary COPY: psycopg encodes each row in C without text formatting, about 15% faster
-    than text COPY here (benchmarks/ml_graph.py).
+    tenant_id: int
+    model_version_id: int
+    deployment_id: int | None
+    entity_keys: Sequence[str]
+    features_hashes: Sequence[str]
+    labels: Sequence[str]
+    scores: Sequence[float]
+    created_at: datetime
+
+    def __len__(self) -> int:
+        return len(self.entity_keys)
+
+
+def copy_predictions(conn: Connection, batch: PredictionBatch) -> int:
+    """Write a batch of predictions with one binary COPY.
+
+    The COPY stream is encoded by NumPy, column by column (`binary_copy_rows`): a row-by-row
+    `write_row`, even psycopg's C one, kept the client busy about as long as the server took
+    to store the rows, and 1M predictions ran at 0.7x a raw binary COPY of the same bytes
+    (benchmarks/ml_graph.py).
     """
+    if not len(batch):
+        return 0
+    payload = binary_copy_rows(batch)
     raw = conn.connection.driver_connection  # psycopg 3 connection inside SQLAlchemy's transaction
-    count = 0
     with raw.cursor() as cursor:
         with cursor.copy(f"COPY predictions ({', '.join(PREDICTION_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
-            copy.set_types(list(PREDICTION_TYPES))
-            for row in rows:
-                copy.write_row(row)
-                count += 1
-    return count
+            view = memoryview(payload)
+            for offset in range(0, len(view), COPY_CHUNK_BYTES):
+                copy.write(view[offset:offset + COPY_CHUNK_BYTES])
+    return len(batch)
+
+
+COPY_CHUNK_BYTES = 1 << 20
+
+
+def binary_copy_rows(batch: PredictionBatch) -> bytes:
+    """PostgreSQL's binary COPY format for the batch (header, one tuple per prediction,
+    trailer): every field is a big-endian length then its bytes (-1: NULL)."""
+    import numpy as np
+
+    count = len(batch)
+    if not (len(batch.features_hashes) == len(batch.labels) == len(batch.scores) == count):
+        raise ValueError("a prediction batch's columns differ in length")
+    keys, key_lengths = _text_column(batch.entity_keys)
+    hashes, hash_lengths = _text_column(batch.features_hashes)
+    labels, label_lengths = _label_column(batch.labels)
+    fields: list[tuple] = [
+        _fixed(np.array([len(PREDICTION_COLUMNS)], ">i2"), count),
+        *_int8_field(batch.tenant_id, count), *_int8_field(batch.model_version_id, count),
+        *_int8_field(batch.deployment_id, count),
+        (key_lengths.astype(">i4").view(np.uint8).reshape(count, 4), None), (keys, key_lengths),
+        (hash_lengths.astype(">i4").view(np.uint8).reshape(count, 4), None), (hashes, hash_lengths),
+        (label_lengths.astype(">i4").view(np.uint8).reshape(count, 4), None), (labels, label_lengths),
+        _fixed(np.array([8], ">i4"), count),
+        (np.asarray(batch.scores, dtype=">f8").reshape(count, 1).view(np.uint8), None),
+        *_int8_field(_postgres_microseconds(batch.created_at), count),
+    ]
+    matrix = np.concatenate([block for block, _ in fields], axis=1)
+    if any(lengths is not None for _, lengths in fields):  # drop the padding of the text columns
+        present = np.concatenate([
+            np.ones(block.shape, bool) if lengths is None else np.arange(block.shape[1]) < lengths[:, None]
+            for block, lengths in fields
+        ], axis=1)
+        body = matrix[present].tobytes()
+    else:
+        body = matrix.tobytes()
+    return COPY_SIGNATURE + body + COPY_TRAILER
+
+
+def _fixed(value, count: int):
+    """The same bytes in every row."""
+    import numpy as np
+
+    row = np.frombuffer(value.tobytes(), np.uint8)
+    return np.broadcast_to(row, (count, len(row))), None
+
+
+def _int8_field(value: int | None, count: int) -> list[tuple]:
+    import numpy as np
+
+    if value is None:
+        return [_fixed(np.array([-1], ">i4"), count)]
+    return [_fixed(np.array([8], ">i4"), count), _fixed(np.array([value], ">i8"), count)]
+
+
+def _text_column(values: Sequence[str]):
+    """(UTF-8 bytes, one row each padded to the longest, as a uint8 matrix; their lengths)."""
+    import numpy as np
+
+    encoded = np.array([str(v).encode() for v in values], dtype=object)
+    lengths = np.fromiter((len(v) for v in encoded), np.int64, len(encoded))
+    width = max(int(lengths.max(initial=0)), 1)
+    padded = np.array(encoded.tolist(), dtype=f"S{width}")
+    return padded.view(np.uint8).reshape(len(encoded), width), lengths
+
+
+def _label_column(values: Sequence[str]):
+    """A text column of few distinct values (a model's classes): each distinct one encoded once."""
+    import numpy as np
+
+    array = np.asarray(values)
+    if array.dtype == object:
+        array = np.asarray([str(v) for v in values])
+    distinct, which = np.unique(array, return_inverse=True)
+    matrix, lengths = _text_column([str(v) for v in distinct])
+    return matrix[which], lengths[which]
+
+
+def _postgres_microseconds(moment: datetime) -> int:
+    """A timestamptz as binary COPY sends it: microseconds since 2000-01-01 UTC."""
+    if moment.tzinfo is None:
+        raise ValueError("a prediction's time must carry its zone")
+    delta = moment - POSTGRES_EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 @dataclass(frozen=True)
