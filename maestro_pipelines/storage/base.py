@@ -11,8 +11,10 @@ What the implementations share lives here so it is written once:
   request, bigger ones as parts uploaded a few at a time (bounded memory), one atomic
   commit that records `sha256` and `size`, abort on any error,
 - the verifying reader (`open_read`): hashes while the caller reads, raises
-  `ChecksumMismatch` when the last byte does not make the recorded sha256, resumes an
-  interrupted download from the byte it reached (pinned to the same object version),
+  `ChecksumMismatch` when the last byte does not make the recorded sha256 (before the
+  caller sees the end), resumes an interrupted download from the byte it reached (pinned
+  to the same object version); an object bigger than `PREFETCH_MIN` is read ahead by one
+  thread into a bounded queue (8 x 1 MiB), so the network read overlaps the hashing,
 - bounded retries with exponential backoff around every request (`RetryPolicy`).
 """
 
@@ -20,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import queue
 import random
 import re
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -37,10 +41,18 @@ from maestro_pipelines.errors import MaestroError, TransientError
 MiB = 1024 * 1024
 CHUNK_SIZE = 8 * MiB
 """Upload part / download chunk size: memory per part in flight."""
+PREFETCH_MIN = 4 * MiB
+"""Objects bigger than this are read ahead by a thread (small ones are not worth one)."""
+PREFETCH_PIECE = MiB
+PREFETCH_DEPTH = 8
+"""Read-ahead: up to this many pieces wait in memory (8 MiB)."""
 
 SHA256_KEY = "sha256"
 SIZE_KEY = "size"
-RESERVED_METADATA = (SHA256_KEY, SIZE_KEY)
+SHA256_SIDECAR_KEY = "sha256_sidecar"
+"""Set (to the upload's unique id) on an object whose sha256 is recorded in a sidecar object
+beside it, not in its own metadata (S3 multipart uploads: storage/s3.py)."""
+RESERVED_METADATA = (SHA256_KEY, SIZE_KEY, SHA256_SIDECAR_KEY)
 
 RESERVED_PREFIX = ".maestro-"
 """Names the stores use for their own bookkeeping (temporary objects, sidecars); a key
@@ -473,7 +485,10 @@ class ObjectStore(ABC):
                 "It was written outside Maestro or its write never finished: write it again, or read "
                 "it with verify=False if you trust it",
             )
-        raw = _VerifyingReader(self, info, stream, reopen, verify)
+        source: Any = _ResumingStream(self, key, stream, reopen)
+        if info.size > PREFETCH_MIN:
+            source = _PrefetchingStream(source)
+        raw = _VerifyingReader(self, info, source, verify)
         return io.BufferedReader(raw, buffer_size=MiB)  # type: ignore[return-value]
 
     def get_bytes(self, key: str, verify: bool = True) -> bytes:
@@ -525,35 +540,31 @@ def _close_quietly(stream: Any) -> None:
         pass
 
 
-class _VerifyingReader(io.RawIOBase):
-    """Hashes what the caller reads; checks sha256 and size when the last byte arrives;
-    resumes from the current offset after a transient failure."""
+class _ResumingStream:
+    """The object's bytes in order from one stream: after a transient failure the stream is
+    reopened at the byte reached (`reopen`, pinned by the store to the same object version),
+    within the store's `RetryPolicy`."""
 
-    def __init__(self, store: ObjectStore, info: ObjectInfo, stream: Any, reopen, verify: bool):
+    def __init__(self, store: ObjectStore, key: str, stream: Any, reopen):
         self._store = store
-        self._info = info
+        self._key = key
         self._stream = stream
         self._reopen = reopen
-        self._verify = verify
-        self._hash = hashlib.sha256() if verify else None
-        self._expected = info.size
-        self._position = 0
-        self._checked = False
+        self.position = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def _read_some(self, n: int) -> bytes:
+    def read(self, n: int) -> bytes:
         retry = 0
         while True:
             try:
-                return self._stream.read(n)
+                data = self._stream.read(n)
+                self.position += len(data)
+                return data
             except MaestroError:
                 raise
             except Exception as exc:
                 store = self._store
                 if self._reopen is None or store.classify(exc) != TRANSIENT:
-                    translated = store.translate(exc, self._info.key, "read")
+                    translated = store.translate(exc, self._key, "read")
                     if translated is exc:
                         raise
                     raise translated from exc
@@ -562,8 +573,91 @@ class _VerifyingReader(io.RawIOBase):
                 _close_quietly(self._stream)
                 time.sleep(store.retry.delay(retry))
                 retry += 1
-                position = self._position
-                self._stream = store._call("read", lambda: self._reopen(position), self._info.key)
+                position = self.position
+                self._stream = store._call("read", lambda: self._reopen(position), self._key)
+
+    def close(self) -> None:
+        _close_quietly(self._stream)
+
+
+_END = object()
+
+
+class _PrefetchingStream:
+    """A `_ResumingStream` read ahead by a thread, so that the network (or disk) read of the
+    next pieces overlaps the caller's hashing and work. At most `depth` pieces of `piece`
+    bytes wait in memory; errors arrive in order, after the bytes read before them."""
+
+    def __init__(self, source: _ResumingStream, piece: int = PREFETCH_PIECE, depth: int = PREFETCH_DEPTH):
+        self._source = source
+        self._piece = piece
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stopped = threading.Event()
+        self._current = memoryview(b"")
+        self._done = False
+        self._thread = threading.Thread(target=self._fill, name="maestro-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _offer(self, item: Any) -> bool:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                data = self._source.read(self._piece)
+                if not self._offer(data if data else _END) or not data:
+                    return
+        except BaseException as exc:  # handed to the reader, raised there in order
+            self._offer(exc)
+
+    def read(self, n: int) -> bytes:
+        if not self._current:
+            if self._done:
+                return b""
+            item = self._queue.get()
+            if item is _END:
+                self._done = True
+                return b""
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._current = memoryview(item)
+        data, self._current = self._current[:n], self._current[n:]
+        return data  # a memoryview: the caller copies it once, into its own buffer
+
+    def close(self) -> None:
+        self._stopped.set()
+        while True:  # unblock a thread waiting to hand over a piece
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._source.close()
+        self._thread.join(timeout=5)
+
+
+class _VerifyingReader(io.RawIOBase):
+    """Hashes what the caller reads; checks sha256 and size when the last byte arrives,
+    before the caller sees the end of the stream."""
+
+    def __init__(self, store: ObjectStore, info: ObjectInfo, stream: Any, verify: bool):
+        self._store = store
+        self._info = info
+        self._stream = stream
+        self._verify = verify
+        self._hash = hashlib.sha256() if verify else None
+        self._expected = info.size
+        self._position = 0
+        self._checked = False
+
+    def readable(self) -> bool:
+        return True
 
     def _mismatch(self, what: str) -> ChecksumMismatch:
         store = self._store
@@ -588,7 +682,7 @@ class _VerifyingReader(io.RawIOBase):
         want = len(buffer)
         if want == 0:
             return 0
-        data = self._read_some(want)
+        data = self._stream.read(want)
         if not data:
             if not self._checked:
                 self._check()
@@ -615,7 +709,7 @@ class _VerifyingReader(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            _close_quietly(self._stream)
+            self._stream.close()
         super().close()
 
 
