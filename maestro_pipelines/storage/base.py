@@ -8,8 +8,9 @@ What the implementations share lives here so it is written once:
 - key validation (relative, `/`-separated, no `.`/`..`/empty segments, no reserved names),
 - chunking of a stream into upload parts (`iter_chunks`) and the part-size schedule,
 - the upload driver (`put_stream`): sha256 computed while streaming, small objects in one
-  request, bigger ones as parts uploaded a few at a time (bounded memory), one atomic
-  commit that records `sha256` and `size`, abort on any error,
+  request, bigger ones as parts uploaded a few at a time (bounded memory), a commit that
+  records `sha256` and `size` (atomic, or on S3 complete-then-sidecar: see s3.py), abort
+  on any error,
 - the verifying reader (`open_read`): hashes while the caller reads, raises
   `ChecksumMismatch` when the last byte does not make the recorded sha256 (before the
   caller sees the end), resumes an interrupted download from the byte it reached (pinned
@@ -305,9 +306,10 @@ class PartUpload(ABC):
 
     @abstractmethod
     def commit(self, tokens: list[Any], metadata: dict[str, str]) -> datetime | None:
-        """Make the object visible under its key, with `metadata` (sha256 and size included),
-        in one atomic step. If no part was flagged `last` (the stream ended on a part
-        boundary), the size is `metadata["size"]`."""
+        """Make the object count under its key, with `metadata` (sha256 and size included):
+        one atomic step, or (S3) steps of which only the last makes it count, an object
+        left by an earlier one reading as absent. If no part was flagged `last` (the stream
+        ended on a part boundary), the size is `metadata["size"]`."""
 
     @abstractmethod
     def abort(self) -> None:
@@ -317,8 +319,8 @@ class PartUpload(ABC):
 class ObjectStore(ABC):
     """A flat namespace of immutable-once-written objects under one URL prefix.
 
-    Every object written through it records the sha256 of its bytes (and their count) in
-    its metadata, computed while streaming; reads verify it unless told not to. Objects
+    Every object written through it records the sha256 of its bytes (and their count),
+    computed while streaming, in its metadata (S3 multipart objects: in a sidecar); reads verify it unless told not to. Objects
     become visible under their key only once complete and marked, never half-written.
     """
 
@@ -524,8 +526,8 @@ class ObjectStore(ABC):
     def discard_unfinished(self, prefix: str = "", started_before: datetime | None = None) -> list[str]:
         """Remove what writes of keys starting with `prefix` left behind when they never
         finished (killed, or their own clean-up failed with the store): S3's open multipart
-        uploads and temporary objects, GCS's temporary objects, the local store's temporary
-        files. Only those started before `started_before` when given: call it without only
+        uploads and objects completed without their sha256 sidecar, GCS's temporary objects,
+        the local store's temporary files. Only those started before `started_before` when given: call it without only
         for keys no running process can be writing. Returns one line per thing removed.
 
         Not reachable through the APIs, so left to the store's own expiry: GCS resumable
