@@ -553,6 +553,7 @@ class _ResumingStream:
         self._stream = stream
         self._reopen = reopen
         self.position = 0
+        self._closed = False
 
     def read(self, n: int) -> bytes:
         retry = 0
@@ -565,6 +566,8 @@ class _ResumingStream:
                 raise
             except Exception as exc:
                 store = self._store
+                if self._closed:
+                    return b""  # closed by the reader (from its thread): no reopening
                 if self._reopen is None or store.classify(exc) != TRANSIENT:
                     translated = store.translate(exc, self._key, "read")
                     if translated is exc:
@@ -579,6 +582,7 @@ class _ResumingStream:
                 self._stream = store._call("read", lambda: self._reopen(position), self._key)
 
     def close(self) -> None:
+        self._closed = True
         _close_quietly(self._stream)
 
 

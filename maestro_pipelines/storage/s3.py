@@ -621,14 +621,13 @@ class _S3Upload(PartUpload):
 
     def abort(self) -> None:
         store = self.store
-        if self.etag is None:
-            action = lambda: store.client.abort_multipart_upload(  # noqa: E731
-                Bucket=store.bucket, Key=self.name, UploadId=self.s3_upload_id
-            )
-        else:  # completed but not recorded: remove the unfinished object (this version only)
-            action = lambda: store._delete_if_still(self.name, self.etag)  # noqa: E731
         try:
-            store._call("clean up an upload", action)
+            if self.etag is None:
+                store._call("clean up an upload", lambda: store.client.abort_multipart_upload(
+                    Bucket=store.bucket, Key=self.name, UploadId=self.s3_upload_id
+                ))
+            else:  # completed but not recorded: remove the unfinished object (this version only)
+                store._delete_if_still(self.name, self.etag)
         except Exception:
             pass  # best effort: discard_unfinished and lifecycle rules collect what is left
 

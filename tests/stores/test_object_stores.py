@@ -110,6 +110,18 @@ def _raw_name(raw, key: str) -> str:
     return key if raw.name == "local" else f"maestro/{key}"
 
 
+def test_a_reader_closed_early_stops_reading_ahead(store):
+    """A big object is read ahead by a thread; closing the reader before the end stops it
+    (nothing keeps downloading, no thread is left), and the object reads whole again after."""
+    size = 6 * MiB  # above PREFETCH_MIN
+    store.put_stream("ahead.bin", blocks(size))
+    reader = store.open_read("ahead.bin")
+    assert len(reader.read(MiB)) == MiB
+    reader.close()
+    assert not [t for t in threading.enumerate() if t.name == "maestro-read-ahead" and t.is_alive()]
+    assert read_sha256(store.open_read("ahead.bin")) == (sha256_of(blocks(size)), size)
+
+
 def test_a_file_object_streams_too(store, tmp_path):
     source = tmp_path / "source.bin"
     with source.open("wb") as f:
