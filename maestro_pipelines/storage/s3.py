@@ -387,8 +387,10 @@ class S3ObjectStore(PrefixedStore):
     def delete(self, key: str) -> None:
         key = self._key(key)
         name = self._name(key)
-        # The object first: dying in between leaves a sidecar of nothing, which vouches for
-        # no object (it names an ETag) and is swept by discard_unfinished.
+        # One DeleteObjects for the object and its sidecars. Whatever a failure half-way
+        # leaves is safe: a sidecar of nothing (it names an ETag, so it vouches for no other
+        # version), or a marked object without its sidecar (absent); discard_unfinished
+        # sweeps both.
         self._call("delete", lambda: self._delete_names([name, *self._sidecars_of(name)]), key)
 
     def _managed_copy(self, source_name: str, dest_name: str, extra: dict[str, Any] | None = None) -> None:
