@@ -8,11 +8,14 @@ What the implementations share lives here so it is written once:
 - key validation (relative, `/`-separated, no `.`/`..`/empty segments, no reserved names),
 - chunking of a stream into upload parts (`iter_chunks`) and the part-size schedule,
 - the upload driver (`put_stream`): sha256 computed while streaming, small objects in one
-  request, bigger ones as parts uploaded a few at a time (bounded memory), one atomic
-  commit that records `sha256` and `size`, abort on any error,
+  request, bigger ones as parts uploaded a few at a time (bounded memory), a commit that
+  records `sha256` and `size` (atomic, or on S3 complete-then-sidecar: see s3.py), abort
+  on any error,
 - the verifying reader (`open_read`): hashes while the caller reads, raises
-  `ChecksumMismatch` when the last byte does not make the recorded sha256, resumes an
-  interrupted download from the byte it reached (pinned to the same object version),
+  `ChecksumMismatch` when the last byte does not make the recorded sha256 (before the
+  caller sees the end), resumes an interrupted download from the byte it reached (pinned
+  to the same object version); an object bigger than `PREFETCH_MIN` is read ahead by one
+  thread into a bounded queue (8 x 1 MiB), so the network read overlaps the hashing,
 - bounded retries with exponential backoff around every request (`RetryPolicy`).
 """
 
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import queue
 import random
 import re
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -37,10 +42,18 @@ from maestro_pipelines.errors import MaestroError, TransientError
 MiB = 1024 * 1024
 CHUNK_SIZE = 8 * MiB
 """Upload part / download chunk size: memory per part in flight."""
+PREFETCH_MIN = 4 * MiB
+"""Objects bigger than this are read ahead by a thread (small ones are not worth one)."""
+PREFETCH_PIECE = MiB
+PREFETCH_DEPTH = 8
+"""Read-ahead: up to this many pieces wait in memory (8 MiB)."""
 
 SHA256_KEY = "sha256"
 SIZE_KEY = "size"
-RESERVED_METADATA = (SHA256_KEY, SIZE_KEY)
+SHA256_SIDECAR_KEY = "sha256_sidecar"
+"""Set (to the upload's unique id) on an object whose sha256 is recorded in a sidecar object
+beside it, not in its own metadata (S3 multipart uploads: storage/s3.py)."""
+RESERVED_METADATA = (SHA256_KEY, SIZE_KEY, SHA256_SIDECAR_KEY)
 
 RESERVED_PREFIX = ".maestro-"
 """Names the stores use for their own bookkeeping (temporary objects, sidecars); a key
@@ -293,9 +306,10 @@ class PartUpload(ABC):
 
     @abstractmethod
     def commit(self, tokens: list[Any], metadata: dict[str, str]) -> datetime | None:
-        """Make the object visible under its key, with `metadata` (sha256 and size included),
-        in one atomic step. If no part was flagged `last` (the stream ended on a part
-        boundary), the size is `metadata["size"]`."""
+        """Make the object count under its key, with `metadata` (sha256 and size included):
+        one atomic step, or (S3) steps of which only the last makes it count, an object
+        left by an earlier one reading as absent. If no part was flagged `last` (the stream
+        ended on a part boundary), the size is `metadata["size"]`."""
 
     @abstractmethod
     def abort(self) -> None:
@@ -305,8 +319,8 @@ class PartUpload(ABC):
 class ObjectStore(ABC):
     """A flat namespace of immutable-once-written objects under one URL prefix.
 
-    Every object written through it records the sha256 of its bytes (and their count) in
-    its metadata, computed while streaming; reads verify it unless told not to. Objects
+    Every object written through it records the sha256 of its bytes (and their count),
+    computed while streaming, in its metadata (S3 multipart objects: in a sidecar); reads verify it unless told not to. Objects
     become visible under their key only once complete and marked, never half-written.
     """
 
@@ -473,7 +487,10 @@ class ObjectStore(ABC):
                 "It was written outside Maestro or its write never finished: write it again, or read "
                 "it with verify=False if you trust it",
             )
-        raw = _VerifyingReader(self, info, stream, reopen, verify)
+        source: Any = _ResumingStream(self, key, stream, reopen)
+        if info.size > PREFETCH_MIN:
+            source = _PrefetchingStream(source)
+        raw = _VerifyingReader(self, info, source, verify)
         return io.BufferedReader(raw, buffer_size=MiB)  # type: ignore[return-value]
 
     def get_bytes(self, key: str, verify: bool = True) -> bytes:
@@ -509,8 +526,8 @@ class ObjectStore(ABC):
     def discard_unfinished(self, prefix: str = "", started_before: datetime | None = None) -> list[str]:
         """Remove what writes of keys starting with `prefix` left behind when they never
         finished (killed, or their own clean-up failed with the store): S3's open multipart
-        uploads and temporary objects, GCS's temporary objects, the local store's temporary
-        files. Only those started before `started_before` when given: call it without only
+        uploads and objects completed without their sha256 sidecar, GCS's temporary objects,
+        the local store's temporary files. Only those started before `started_before` when given: call it without only
         for keys no running process can be writing. Returns one line per thing removed.
 
         Not reachable through the APIs, so left to the store's own expiry: GCS resumable
@@ -525,35 +542,34 @@ def _close_quietly(stream: Any) -> None:
         pass
 
 
-class _VerifyingReader(io.RawIOBase):
-    """Hashes what the caller reads; checks sha256 and size when the last byte arrives;
-    resumes from the current offset after a transient failure."""
+class _ResumingStream:
+    """The object's bytes in order from one stream: after a transient failure the stream is
+    reopened at the byte reached (`reopen`, pinned by the store to the same object version),
+    within the store's `RetryPolicy`."""
 
-    def __init__(self, store: ObjectStore, info: ObjectInfo, stream: Any, reopen, verify: bool):
+    def __init__(self, store: ObjectStore, key: str, stream: Any, reopen):
         self._store = store
-        self._info = info
+        self._key = key
         self._stream = stream
         self._reopen = reopen
-        self._verify = verify
-        self._hash = hashlib.sha256() if verify else None
-        self._expected = info.size
-        self._position = 0
-        self._checked = False
+        self.position = 0
+        self._closed = False
 
-    def readable(self) -> bool:
-        return True
-
-    def _read_some(self, n: int) -> bytes:
+    def read(self, n: int) -> bytes:
         retry = 0
         while True:
             try:
-                return self._stream.read(n)
+                data = self._stream.read(n)
+                self.position += len(data)
+                return data
             except MaestroError:
                 raise
             except Exception as exc:
                 store = self._store
+                if self._closed:
+                    return b""  # closed by the reader (from its thread): no reopening
                 if self._reopen is None or store.classify(exc) != TRANSIENT:
-                    translated = store.translate(exc, self._info.key, "read")
+                    translated = store.translate(exc, self._key, "read")
                     if translated is exc:
                         raise
                     raise translated from exc
@@ -562,8 +578,92 @@ class _VerifyingReader(io.RawIOBase):
                 _close_quietly(self._stream)
                 time.sleep(store.retry.delay(retry))
                 retry += 1
-                position = self._position
-                self._stream = store._call("read", lambda: self._reopen(position), self._info.key)
+                position = self.position
+                self._stream = store._call("read", lambda: self._reopen(position), self._key)
+
+    def close(self) -> None:
+        self._closed = True
+        _close_quietly(self._stream)
+
+
+_END = object()
+
+
+class _PrefetchingStream:
+    """A `_ResumingStream` read ahead by a thread, so that the network (or disk) read of the
+    next pieces overlaps the caller's hashing and work. At most `depth` pieces of `piece`
+    bytes wait in memory; errors arrive in order, after the bytes read before them."""
+
+    def __init__(self, source: _ResumingStream, piece: int = PREFETCH_PIECE, depth: int = PREFETCH_DEPTH):
+        self._source = source
+        self._piece = piece
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stopped = threading.Event()
+        self._current = memoryview(b"")
+        self._done = False
+        self._thread = threading.Thread(target=self._fill, name="maestro-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _offer(self, item: Any) -> bool:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                data = self._source.read(self._piece)
+                if not self._offer(data if data else _END) or not data:
+                    return
+        except BaseException as exc:  # handed to the reader, raised there in order
+            self._offer(exc)
+
+    def read(self, n: int) -> bytes:
+        if not self._current:
+            if self._done:
+                return b""
+            item = self._queue.get()
+            if item is _END:
+                self._done = True
+                return b""
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._current = memoryview(item)
+        data, self._current = self._current[:n], self._current[n:]
+        return data  # a memoryview: the caller copies it once, into its own buffer
+
+    def close(self) -> None:
+        self._stopped.set()
+        while True:  # unblock a thread waiting to hand over a piece
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._source.close()
+        self._thread.join(timeout=5)
+
+
+class _VerifyingReader(io.RawIOBase):
+    """Hashes what the caller reads; checks sha256 and size when the last byte arrives,
+    before the caller sees the end of the stream."""
+
+    def __init__(self, store: ObjectStore, info: ObjectInfo, stream: Any, verify: bool):
+        self._store = store
+        self._info = info
+        self._stream = stream
+        self._verify = verify
+        self._hash = hashlib.sha256() if verify else None
+        self._expected = info.size
+        self._position = 0
+        self._checked = False
+
+    def readable(self) -> bool:
+        return True
 
     def _mismatch(self, what: str) -> ChecksumMismatch:
         store = self._store
@@ -588,7 +688,7 @@ class _VerifyingReader(io.RawIOBase):
         want = len(buffer)
         if want == 0:
             return 0
-        data = self._read_some(want)
+        data = self._stream.read(want)
         if not data:
             if not self._checked:
                 self._check()
@@ -615,7 +715,7 @@ class _VerifyingReader(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            _close_quietly(self._stream)
+            self._stream.close()
         super().close()
 
 

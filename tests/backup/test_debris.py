@@ -128,7 +128,7 @@ def test_backup_killed_mid_upload_leaves_nothing_once_retention_ran(big_source, 
     finally:
         kill(child)
     [upload] = open_uploads(s3_case)
-    assert "/backups/" in upload  # the temporary object names the key it was for
+    assert "/backups/" in upload  # the upload goes straight onto the dump's key
     assert list_backups(s3_case.store) == []
 
     retention = run_maestro("backup", "retention", env=cli_env(s3_case))

@@ -98,12 +98,28 @@ def test_50_mb_stream_from_a_generator_is_hashed_while_streaming(store, raw):
     assert (info.size, info.sha256) == (size, expected)
     assert store.head("backups/big.dump").sha256 == expected
     assert read_sha256(store.open_read("backups/big.dump")) == (expected, size)
-    # The multipart path's temporary object is gone: only the object itself remains.
-    assert [n for n in raw.raw_names() if ".maestro-meta" not in n] == [_raw_name(raw, "backups/big.dump")]
+    # Nothing temporary remains: the object, and on S3 the one sidecar recording its sha256.
+    names = raw.raw_names()
+    assert [n for n in names if ".maestro-" not in n] == [_raw_name(raw, "backups/big.dump")]
+    sidecars = [n for n in names if "/.maestro-sha256." in n]
+    assert len(sidecars) == (1 if raw.name == "s3" else 0), names
+    assert not [n for n in names if ".maestro-tmp" in n]
 
 
 def _raw_name(raw, key: str) -> str:
     return key if raw.name == "local" else f"maestro/{key}"
+
+
+def test_a_reader_closed_early_stops_reading_ahead(store):
+    """A big object is read ahead by a thread; closing the reader before the end stops it
+    (nothing keeps downloading, no thread is left), and the object reads whole again after."""
+    size = 6 * MiB  # above PREFETCH_MIN
+    store.put_stream("ahead.bin", blocks(size))
+    reader = store.open_read("ahead.bin")
+    assert len(reader.read(MiB)) == MiB
+    reader.close()
+    assert not [t for t in threading.enumerate() if t.name == "maestro-read-ahead" and t.is_alive()]
+    assert read_sha256(store.open_read("ahead.bin")) == (sha256_of(blocks(size)), size)
 
 
 def test_a_file_object_streams_too(store, tmp_path):
