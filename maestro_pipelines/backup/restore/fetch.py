@@ -31,8 +31,9 @@ from maestro_pipelines.storage import ChecksumMismatch, ObjectNotFound, ObjectSt
 WORKDIR_PREFIX = "maestro-restore-"
 READ_AHEAD = 4
 """Decompressed 4 MiB blocks the reading thread (store read, sha256, seal, zstd) may run ahead
-of the file writes; 0: one thread does both in turn. Measured at 1 GB (benchmarks/restore.py,
-a loaded machine): the download step 2.5-3.3 s against 4.5 s in one thread."""
+of the file writes; 0: one thread does both in turn. Nothing else runs during the download
+(pg_restore has not started), so the second core is free for it; the download step's time is
+in benchmarks/results/restore.json."""
 _PICK_ANOTHER = "Nothing was restored. Pick another restore point (`maestro backup list`)"
 
 
