@@ -131,18 +131,19 @@ def disk_write_throughput(folder: Path, size_mb: int = 256) -> float:
 
 def bound_by(figures: dict, tool: str, cores: int | None = None) -> str:
     """What a run of these figures was bound by, from its CPU seconds: every core busy, or
-    one party's single core (a serial process at ~100%), or neither (waiting: disk, pipes)."""
+    one party busy for about the whole wall time (a serial process at ~100% of its core, or a
+    server with more processes busier still), or neither (waiting: disk, pipes)."""
     cores = cores or os.cpu_count() or 1
     wall = figures["wall_s"]
     if figures["parties_cpu_s"] >= 0.9 * cores * wall:
-        return f"CPU: all {cores} cores busy"
+        return f"bound by CPU: all {cores} cores busy"
     single = [(name, seconds) for name, seconds in (("the server", figures["server_cpu_s"]),
                                                     (tool, figures["tools_cpu_s"]),
                                                     ("our process", figures["ours_cpu_s"])) if seconds >= 0.85 * wall]
     if single:
         name, seconds = max(single, key=lambda item: item[1])
-        return f"CPU of {name} ({seconds / wall:.0%} of one core over the wall time)"
-    return "no core saturated: waits (disk, pipes, locks) take the rest"
+        return f"bound by the CPU of {name} ({seconds / wall:.2f} cores busy on average, over the wall time)"
+    return "not CPU-bound: no core saturated, waits (disk, pipes, locks) take the rest"
 
 
 def cpu_row(label: str, figures: dict, tool: str, cores: int | None = None) -> dict:
@@ -155,5 +156,23 @@ def cpu_row(label: str, figures: dict, tool: str, cores: int | None = None) -> d
     capacity = cores * figures["wall_s"]
     text = " + ".join(f"{name} {seconds:.2f}" for name, seconds in parts) + f" = {figures['parties_cpu_s']:.2f}"
     return row(f"  {label}: CPU s by process vs {cores} cores x wall {figures['wall_s']:.2f} s", text, r(capacity),
-               r(figures["parties_cpu_s"] / capacity), f"bound by {bound_by(figures, tool, cores)}; "
+               r(figures["parties_cpu_s"] / capacity), f"{bound_by(figures, tool, cores)}; "
                f"machine busy {figures['machine_busy_s']:.2f} s", None)
+
+
+def reach_row(label: str, figures: dict, floor_s: float, target: float, cores: int | None = None) -> dict:
+    """Whether `target` x the floor is within reach at all on this machine: `label`'s CPU
+    seconds (every party) divided by the cores is the shortest wall time that work can take,
+    however well it overlaps; above target x floor, no overlap can meet the target."""
+    from benchmarks.report import r, row
+
+    cores = cores or os.cpu_count() or 1
+    shortest = figures["parties_cpu_s"] / cores
+    budget = cores * target * floor_s
+    parts = " + ".join(f"{name} {figures[key]:.2f}" for name, key in (("ours", "ours_cpu_s"), ("tools", "tools_cpu_s"),
+                                                                      ("server", "server_cpu_s")))
+    verdict = (f"within reach: {parts} = {figures['parties_cpu_s']:.2f} CPU s <= {cores} cores x {target:g} x floor = {budget:.2f}"
+               if shortest <= target * floor_s else
+               f"OUT OF REACH on {cores} cores: {parts} = {figures['parties_cpu_s']:.2f} CPU s > {cores} cores x {target:g} x floor = {budget:.2f}")
+    return row(f"  {label}: shortest possible wall = CPU s of every party / {cores} cores, vs {target:g}x the floor (s)",
+               r(shortest), r(target * floor_s), r(shortest / floor_s), verdict + " (ratio: x floor)", None)
