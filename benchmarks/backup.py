@@ -568,8 +568,11 @@ def check_cost_rows(ours: dict, floor: float) -> list[dict]:
         if without is None:
             continue
         cost = local - without["wall_s"]
+        # CPU seconds tell a check's cost apart from a busy machine better than wall time does.
+        cpu_cost = ours["local"]["cpu"]["parties_cpu_s"] - without["cpu"]["parties_cpu_s"]
         rows.append(row(f"  cost of {what}: ours with / without it, local store (s)", r(local), r(without["wall_s"]),
-                        r(cost / floor), f"+{cost:.2f} s = ratio x floor (reported)", None))
+                        r(cost / floor), f"{cost:+.2f} s wall (ratio: x floor), {cpu_cost:+.2f} CPU s of every party",
+                        None))
     return rows
 
 
