@@ -16,6 +16,16 @@ temporary MAESTRO_HOME and a moto S3 server is started in its own process. Then:
 - ours: `create_backup` into a `file://` store, then into an `s3://` store on moto, each in a
   fresh child process whose peak RSS is "our process" (pg_dump is a process of its own,
   sampled apart; peaks are VmHWM, see `peak_rss_mb`). `--level/--threads/--no-checksums` override the library's defaults;
+- what each check costs: ours into the local store again with one check off, in the child
+  only (`CHECKS`, `switch_off`: the library keeps every check): the sha256 of the stored
+  object, zstd's frame checksums, the tables' content checksums, and the whole counting
+  query; the cost is ours minus that run (`verify_backup`'s re-read and `pg_restore --list`
+  run after a backup, not in it, and are not timed here);
+- what bounds each run (`benchmarks.cpu_time`): the CPU seconds of every party over it (our
+  process; pg_dump; the server: every backend, io worker and background process) against
+  2 cores x its wall time, the disk's write + fsync throughput, and our process's wait in
+  fsync; then the shortest wall time our run's CPU seconds allow on these cores against the
+  target, so a target out of reach is shown to be so, measured;
 - `--explore`: raw pipelines without our library, to choose format and compression:
   `pg_dump -Fc -Z0` piped into Python `zstandard` (levels, threads), and `pg_dump -Fd -j2 -Z0`
   into a folder then tar-packed through zstd; each writes its output to a file and fsyncs
@@ -41,6 +51,7 @@ from pathlib import Path
 
 REPO = Path(__file__).parent.parent
 from benchmarks.platform_data import AWS, BUCKET
+from benchmarks.cpu_time import cpu_row, reach_row
 from benchmarks.report import add_results_option, print_rows, print_table, r, row, write_results
 
 MiB = 1024 * 1024
@@ -158,10 +169,72 @@ def run_child(args: list[str], timeout: float = 3600) -> dict:
 
 # ---------------------------------------------------------------- children
 
-def child_ours(db_url: str, store_url: str, endpoint: str | None, level, threads, checksums) -> dict:
-    """Our backup in this fresh process: its ru_maxrss is "our process"."""
+# Each check that makes a backup trustworthy, switched off in the benchmark's child only (the
+# library has no such switch, except content checksums): what it costs is ours with it minus
+# ours without it. Row counts stay with --without content-checksums (BackupOptions' own
+# switch); `table-checks` drops the whole counting query.
+CHECKS = {
+    "sha256": "the sha256 of the stored object (the local store's hashing)",
+    "zstd-checksum": "zstd's frame checksum (write_checksum)",
+    "content-checksums": "content checksums of every table (row counts kept)",
+    "table-checks": "row counts and content checksums (no query beside the dump)",
+}
+
+
+class _NoHash:
+    def update(self, data) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return "0" * 64
+
+
+def switch_off(check: str) -> dict:
+    """Benchmark only: `check` disabled in this child process by patching the library."""
+    import types
+
+    import zstandard
+
+    import maestro_pipelines.backup.create as create
+    import maestro_pipelines.storage.local as local
+
+    if check == "sha256":
+        local.hashlib = types.SimpleNamespace(sha256=_NoHash)
+    elif check == "zstd-checksum":
+        compressor = zstandard.ZstdCompressor
+        zstandard.ZstdCompressor = lambda **kw: compressor(**{**kw, "write_checksum": False})
+    elif check == "content-checksums":
+        return {"content_checksums": False}
+    elif check == "table-checks":
+        create.table_checks = lambda connection, checksums=True: []
+    else:
+        raise ValueError(check)
+    return {}
+
+
+def timing_fsync() -> list[float]:
+    """os.fsync wrapped to add up the seconds it waits (the local store's durability)."""
+    waited = [0.0]
+    fsync = os.fsync
+
+    def timed(fd):
+        started = time.perf_counter()
+        try:
+            return fsync(fd)
+        finally:
+            waited[0] += time.perf_counter() - started
+
+    os.fsync = timed
+    return waited
+
+
+def child_ours(db_url: str, store_url: str, endpoint: str | None, level, threads, checksums,
+               pgdata: str | None = None, without: str | None = None) -> dict:
+    """Our backup in this fresh process: its ru_maxrss is "our process"; the CPU seconds of
+    each party (this process, pg_dump, the server) over it."""
     from sqlalchemy.engine import make_url
 
+    from benchmarks.cpu_time import Parties, ServerCPU
     from maestro_pipelines.backup import BackupOptions, DatabaseTarget, create_backup
     from maestro_pipelines.storage import open_store
 
@@ -170,9 +243,11 @@ def child_ours(db_url: str, store_url: str, endpoint: str | None, level, threads
     else:
         store = open_store(store_url, create=True)
     options = {"compression_level": level, "compression_threads": threads, "content_checksums": checksums}
+    options.update(switch_off(without) if without else {})
     options = BackupOptions(**{k: v for k, v in options.items() if v is not None})
+    fsync_waited = timing_fsync()
     rss_before = peak_rss_mb()
-    with ChildrenPeak() as children:
+    with ChildrenPeak() as children, Parties(ServerCPU(Path(pgdata)) if pgdata else None) as parties:
         started = time.perf_counter()
         manifest = create_backup(store, [DatabaseTarget(role="platform", url=make_url(db_url))], options, progress=None)
         wall = time.perf_counter() - started
@@ -181,8 +256,9 @@ def child_ours(db_url: str, store_url: str, endpoint: str | None, level, threads
         "wall_s": wall, "duration_s": manifest.duration_s, "backup_id": manifest.backup_id,
         "dump_bytes": dump.dump_bytes, "compressed_bytes": dump.compressed_bytes,
         "options": {k: getattr(options, k, None) for k in ("compression_level", "compression_threads", "content_checksums")},
+        "without": without,
         "rss_before_mb": rss_before, "rss_peak_mb": peak_rss_mb(),
-        "pg_dump_rss_mb": children.peak_mb,
+        "pg_dump_rss_mb": children.peak_mb, "fsync_s": fsync_waited[0], "cpu": parties.figures(),
     }
 
 
@@ -273,11 +349,15 @@ def child_explore(db_url: str, spec: dict, scratch: str) -> dict:
 
 # ---------------------------------------------------------------- measured in the main process
 
-def dump_floor(env: dict, database: str) -> float:
-    started = time.perf_counter()
-    subprocess.run([pg_program("pg_dump"), "-Fc", "-Z0", "-d", database], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+def dump_floor(env: dict, database: str, server) -> dict:
+    """pg_dump -Fc -Z0 > /dev/null: its wall time and the CPU seconds of pg_dump and of the
+    server over it (what the floor is bound by)."""
+    from benchmarks.cpu_time import Parties
+
+    with Parties(server) as parties:
+        subprocess.run([pg_program("pg_dump"), "-Fc", "-Z0", "-d", database], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+    return parties.figures()
 
 
 def original_method(env: dict, database: str, scratch: Path, endpoint: str) -> dict:
@@ -346,6 +426,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--pgdata", help=argparse.SUPPRESS)
+    parser.add_argument("--without", choices=sorted(CHECKS), help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -353,30 +435,27 @@ def run_as_child(args: argparse.Namespace) -> None:
     """`--child`: one measured run in this process, its figures printed as JSON."""
     if args.child == "ours":
         checksums = False if args.no_checksums else None
-        print(json.dumps(child_ours(args.db_url, args.store_url, args.endpoint, args.level, args.threads, checksums)))
+        print(json.dumps(child_ours(args.db_url, args.store_url, args.endpoint, args.level, args.threads, checksums,
+                                    args.pgdata, args.without)))
     else:
         print(json.dumps(child_explore(args.db_url, json.loads(args.spec), args.scratch)))
 
 
-def measure_ours(args: argparse.Namespace, db: str, endpoint: str, workdir: Path, say) -> dict[str, dict]:
-    """Our backup into the local store and S3 (and locally without content checksums), best of --repeat."""
-    common = ["--db-url", db, "--endpoint", endpoint]
+def measure_ours(args: argparse.Namespace, db: str, endpoint: str, workdir: Path, pgdata: Path, say) -> dict[str, dict]:
+    """Our backup into the local store and S3, then locally with each check of CHECKS off
+    (benchmark only), best of --repeat each."""
+    common = ["--db-url", db, "--endpoint", endpoint, "--pgdata", str(pgdata)]
     common += ["--level", str(args.level)] if args.level is not None else []
     common += ["--threads", str(args.threads)] if args.threads is not None else []
     common += ["--no-checksums"] if args.no_checksums else []
-    ours: dict[str, dict] = {}
-    for where, store_url in (("local", (workdir / "store").as_uri()), ("s3", f"s3://{BUCKET}/backups")):
-        say(f"ours into the {where} store, {args.repeat} time(s) ...")
-        ours[where] = best_of(args.repeat, ["--child", "ours", "--store-url", store_url, *common], "wall_s")
-        shutil.rmtree(workdir / "store", ignore_errors=True)
+    local_store = ["--store-url", (workdir / "store").as_uri()]
+    runs = [("local", local_store), ("s3", ["--store-url", f"s3://{BUCKET}/backups"])]
     if not args.no_checksums:
-        # What the per-table content checksums cost: the same backup with row counts only.
-        say(f"ours into the local store without content checksums, {args.repeat} time(s) ...")
-        ours["local_counts_only"] = best_of(
-            args.repeat,
-            ["--child", "ours", "--store-url", (workdir / "store").as_uri(), *common, "--no-checksums"],
-            "wall_s",
-        )
+        runs += [(f"local without {check}", [*local_store, "--without", check]) for check in CHECKS]
+    ours: dict[str, dict] = {}
+    for name, where in runs:
+        say(f"ours, {name}, {args.repeat} time(s) ...")
+        ours[name] = best_of(args.repeat, ["--child", "ours", *where, *common], "wall_s")
         shutil.rmtree(workdir / "store", ignore_errors=True)
     return ours
 
@@ -408,8 +487,13 @@ def measure(args: argparse.Namespace, results: dict, say) -> dict:
         db = db_url.render_as_string(hide_password=False)
         env, database = pg_environment(db)
 
+        from benchmarks.cpu_time import ServerCPU, disk_write_throughput
+
         say("dump floor (pg_dump -Fc -Z0 > /dev/null), twice ...")
-        floors = [dump_floor(env, database) for _ in range(2)]
+        floor_runs = [dump_floor(env, database, ServerCPU(server.pgdata)) for _ in range(2)]
+        floors = [run["wall_s"] for run in floor_runs]
+        results["floor_cpu"] = min(floor_runs, key=lambda run: run["wall_s"])
+        results["disk_write_MBps"] = disk_write_throughput(workdir)
         missing = library_available()
 
         with moto_bucket(workdir) as (endpoint, moto_pid):
@@ -419,7 +503,7 @@ def measure(args: argparse.Namespace, results: dict, say) -> dict:
             original = original_method(env, database, workdir, endpoint)
             if missing:
                 say(f"ours: skipped, the library does not import yet ({missing})")
-            ours = {} if missing else measure_ours(args, db, endpoint, workdir, say)
+            ours = {} if missing else measure_ours(args, db, endpoint, workdir, server.pgdata, say)
 
         explore = measure_explore(args, db, workdir, say) if args.explore else []
     finally:
@@ -427,6 +511,7 @@ def measure(args: argparse.Namespace, results: dict, say) -> dict:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return {"generation": generation, "floors": floors, "floor": min(floors), "missing": missing,
+            "floor_cpu": results["floor_cpu"], "disk_write_MBps": results["disk_write_MBps"],
             "original": original, "ours": ours, "explore": explore}
 
 
@@ -444,9 +529,6 @@ def ours_rows(ours: dict, original: dict, floor: float) -> tuple[list[dict], lis
             r(local["wall_s"] / floor), f"ours/floor <= {FLOOR_TARGET:g}", local["wall_s"] / floor <= FLOOR_TARGET),
         row("ours into S3/moto vs the dump floor (s)", r(s3["wall_s"]), r(floor), r(s3["wall_s"] / floor),
             "reported", None),
-        *([row("ours without content checksums (counts only), local store vs the dump floor (s)",
-               r(ours["local_counts_only"]["wall_s"]), r(floor), r(ours["local_counts_only"]["wall_s"] / floor),
-               f"reported (ours/floor <= {FLOOR_TARGET:g}?)", None)] if "local_counts_only" in ours else []),
         row("backup size (MB): ours vs the gzip-9 file", r(local["compressed_bytes"] / MB, 1), r(gz9 / MB, 1),
             r(local["compressed_bytes"] / gz9), f"ours/gzip-9 <= {SIZE_TARGET:g}",
             local["compressed_bytes"] / gz9 <= SIZE_TARGET),
@@ -456,6 +538,13 @@ def ours_rows(ours: dict, original: dict, floor: float) -> tuple[list[dict], lis
             f"< {RSS_TARGET_MB} MB", s3["rss_peak_mb"] < RSS_TARGET_MB),
     ]
     reported = [
+        *check_cost_rows(ours, floor),
+        cpu_row("ours, local store", local["cpu"], "pg_dump"),
+        reach_row("ours, local store", local["cpu"], floor, FLOOR_TARGET),
+        *([reach_row("ours without content checksums", ours["local without content-checksums"]["cpu"], floor,
+                     FLOOR_TARGET)] if "local without content-checksums" in ours else []),
+        row("  ours, local store: waiting in fsync (s)", r(local["fsync_s"]), None, None, "reported", None),
+        cpu_row("ours, S3/moto (moto's CPU not counted)", s3["cpu"], "pg_dump"),
         row("  our RSS after imports, before the backup (MB)", r(local["rss_before_mb"], 1), None, None,
             "reported", None),
         row("  pg_dump's own peak RSS under ours (MB)", r(local["pg_dump_rss_mb"], 1), None, None, "reported", None),
@@ -469,6 +558,24 @@ def ours_rows(ours: dict, original: dict, floor: float) -> tuple[list[dict], lis
     return checks + reported, [c["pass"] for c in checks if c["pass"] is not None]
 
 
+def check_cost_rows(ours: dict, floor: float) -> list[dict]:
+    """What each check costs: ours into the local store with it on (the product) minus the
+    same with it off (this benchmark only), in seconds and in x floor."""
+    local = ours["local"]["wall_s"]
+    rows = []
+    for check, what in CHECKS.items():
+        without = ours.get(f"local without {check}")
+        if without is None:
+            continue
+        cost = local - without["wall_s"]
+        # CPU seconds tell a check's cost apart from a busy machine better than wall time does.
+        cpu_cost = ours["local"]["cpu"]["parties_cpu_s"] - without["cpu"]["parties_cpu_s"]
+        rows.append(row(f"  cost of {what}: ours with / without it, local store (s)", r(local), r(without["wall_s"]),
+                        r(cost / floor), f"{cost:+.2f} s wall (ratio: x floor), {cpu_cost:+.2f} CPU s of every party",
+                        None))
+    return rows
+
+
 def result_rows(measured: dict) -> tuple[list[dict], list[bool]]:
     """Every row of the main table, and the pass/fail of the checked ones."""
     generation, original, floor = measured["generation"], measured["original"], measured["floor"]
@@ -476,6 +583,9 @@ def result_rows(measured: dict) -> tuple[list[dict], list[bool]]:
         row(f"generate the {generation['database_mib']} MiB database (s)", None, r(generation["seconds"], 1), None,
             "reported (well under 120 s)", generation["seconds"] < 120),
         row("dump floor: pg_dump -Fc -Z0 > /dev/null (s, best of 2)", None, r(floor), None, "reported", None),
+        cpu_row("dump floor", measured["floor_cpu"], "pg_dump"),
+        row("  disk: sequential write + fsync of 256 MB (MB/s)", r(measured["disk_write_MBps"], 0), None, None,
+            "reported", None),
         row("original: pg_dump -Fc --compress=9 -f FILE (s)", None, r(original["dump_s"]), r(original["dump_s"] / floor),
             "reported (x floor)", None),
         row("original: copy the file into the local store (s)", None, r(original["copy_s"]), None, "reported", None),

@@ -18,6 +18,11 @@ with like.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 from maestro_pipelines.backup.manifest import TableCheck
 from maestro_pipelines.platform_db.admin import quote_ident
 
@@ -78,6 +83,46 @@ def table_checks(connection, checksums: bool = True) -> list[TableCheck]:
         cursor.execute("SHOW server_version_num")
         version = int(cursor.fetchone()[0])
         return [check_table(cursor, schema, name, checksums, version) for schema, name in list_tables(cursor)]
+
+
+_SIZES_SQL = """
+SELECT pg_relation_size(format('%%I.%%I', schema_name, table_name)::regclass)
+FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(schema_name, table_name, position)
+ORDER BY position
+"""
+
+
+def table_checks_concurrently(connect: Callable[[], Any], checksums: bool = True, workers: int = 2) -> list[TableCheck]:
+    """`table_checks` of a database nobody writes (a restored scratch database) over `workers`
+    connections from `connect()`, each taking the next table, biggest first: the same queries,
+    spread over the cores (the partitions of a big table are tables of their own, and one
+    query keeps one core busy). In list_tables' order, like table_checks."""
+    with connect() as connection, connection.cursor() as cursor:
+        cursor.execute("SHOW server_version_num")
+        version = int(cursor.fetchone()[0])
+        tables = list_tables(cursor)
+        if workers <= 1 or len(tables) <= 1:
+            return [check_table(cursor, schema, name, checksums, version) for schema, name in tables]
+        cursor.execute(_SIZES_SQL, ([schema for schema, _ in tables], [name for _, name in tables]))
+        sizes = [size for (size,) in cursor.fetchall()]
+    pending = sorted(range(len(tables)), key=lambda index: -sizes[index])
+    checks: dict[int, TableCheck] = {}
+    lock = threading.Lock()
+
+    def work() -> None:
+        with connect() as connection, connection.cursor() as cursor:
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    index = pending.pop(0)
+                schema, name = tables[index]
+                checks[index] = check_table(cursor, schema, name, checksums, version)
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(tables)), thread_name_prefix="table-checks") as pool:
+        for done in [pool.submit(work) for _ in range(min(workers, len(tables)))]:
+            done.result()  # the first worker's error, if any
+    return [checks[index] for index in range(len(tables))]
 
 
 def compare_checks(expected: list[TableCheck], actual: list[TableCheck]) -> list[str]:

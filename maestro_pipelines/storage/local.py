@@ -37,6 +37,7 @@ import json
 import os
 import re
 import stat
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -107,11 +108,40 @@ def _create_temp(parent: Path) -> tuple[Path, int]:
     raise AssertionError("unreachable")
 
 
+WRITEBACK_EVERY = 16 * 1024 * 1024
+"""Bytes written between two starts of the disk writeback (`_start_writeback`)."""
+
+
+def _writeback_starter():
+    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE) through libc, or None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lambda fd, offset, length: function(fd, offset, length, 2)  # 2: SYNC_FILE_RANGE_WRITE
+
+
+_start_writeback = _writeback_starter()
+"""Starts writing a range of a file to disk without waiting for it. The page cache would
+otherwise hold a whole object's bytes until the closing fsync and the writer would then wait
+for all of them; started every WRITEBACK_EVERY bytes, the disk writes while the object
+streams in and the fsync, still the only guarantee, waits for the tail alone (measured,
+`benchmarks/backup.py` at 1 GB, a 130 MB object on a 350 MB/s disk: the fsync waits 0.01 s,
+0.05-0.08 s without; more on a slower disk or a bigger object). None where the call does
+not exist."""
+
+
 def _write_hashed(fd: int, chunks: Iterable[bytes]) -> tuple[str, int, os.stat_result]:
     """Write every chunk to `fd`, hashing on the way, then fsync and close it: (sha256, size, stat).
     A failure of the source (not of the disk) is raised as _SourceFailed."""
     hasher = hashlib.sha256()
-    size = 0
+    size = flushed = 0
     with open(fd, "wb") as f:
         iterator = iter(chunks)
         while True:
@@ -124,6 +154,10 @@ def _write_hashed(fd: int, chunks: Iterable[bytes]) -> tuple[str, int, os.stat_r
             hasher.update(chunk)
             size += len(chunk)
             f.write(chunk)
+            if _start_writeback is not None and size - flushed >= WRITEBACK_EVERY:
+                f.flush()
+                _start_writeback(f.fileno(), flushed, size - flushed)
+                flushed = size
         f.flush()
         os.fsync(f.fileno())
         st = os.fstat(f.fileno())

@@ -4,7 +4,8 @@ restore of it holds exactly the rows and content its manifest counted."""
 from __future__ import annotations
 
 from maestro_pipelines.backup import BackupOptions, DatabaseTarget, create_backup
-from maestro_pipelines.backup.consistency import compare_checks
+from maestro_pipelines.backup.consistency import compare_checks, table_checks_concurrently
+from maestro_pipelines.backup.pgtools import CHECKSUM_SESSION_OPTIONS, psycopg_connect
 from tests.backup.conftest import BIG_ROWS, count_rows, fill_big_table, live_checks, restore_dump
 
 
@@ -53,6 +54,11 @@ def test_writes_during_a_backup_are_not_in_it_and_the_restore_matches_the_manife
         restored = restore_dump(local_case.store, dump.key, dbs)
         assert count_rows(dbs, restored) == before[role]
         assert compare_checks(dump.tables, live_checks(dbs.url(restored))) == []
+        # A restore's verify spreads the same checks over connections, biggest table first:
+        # the same values, in the same order.
+        spread = table_checks_concurrently(
+            lambda: psycopg_connect(dbs.url(restored), options=CHECKSUM_SESSION_OPTIONS), workers=2)
+        assert spread == live_checks(dbs.url(restored)) and len(spread) == len(dump.tables)
 
     # The same comparison against the live databases finds every later write.
     assert sorted(compare_checks(manifest.database("platform").tables, live_checks(dbs.url(platform)))) == [

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from maestro_pipelines.backup.catalog import BackupEntry, object_key
-from maestro_pipelines.backup.consistency import compare_checks, table_checks
+from maestro_pipelines.backup.consistency import compare_checks, table_checks_concurrently
 from maestro_pipelines.backup.pgtools import CHECKSUM_SESSION_OPTIONS
 from maestro_pipelines.backup.restore.state import DatabasePlan, RestoreError, RestoreState
 from maestro_pipelines.backup.sealing import open_object
@@ -28,11 +28,12 @@ def verify_database(state: RestoreState, plan: DatabasePlan) -> None:
     dump, result = plan.dump, plan.result
 
     def verify_one() -> str:
-        conn = psycopg_connect(plan.scratch_url, options=CHECKSUM_SESSION_OPTIONS, source=plan.dest.source)
-        try:
-            checks = table_checks(conn, checksums=any(t.checksum for t in dump.tables))
-        finally:
-            conn.close()
+        # One connection per pg_restore job: the server is otherwise idle now, and one query
+        # keeps one core busy.
+        checks = table_checks_concurrently(
+            lambda: psycopg_connect(plan.scratch_url, options=CHECKSUM_SESSION_OPTIONS, source=plan.dest.source),
+            checksums=any(t.checksum for t in dump.tables), workers=state.jobs,
+        )
         result.problems = compare_checks(dump.tables, checks)
         result.tables = len(checks)
         result.rows = sum(t.rows for t in checks)

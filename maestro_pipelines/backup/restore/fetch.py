@@ -18,6 +18,7 @@ from pathlib import Path
 
 from maestro_pipelines.backup.catalog import BackupEntry, object_key
 from maestro_pipelines.backup.manifest import DatabaseDump
+from maestro_pipelines.backup.readahead import read_ahead
 from maestro_pipelines.backup.restore.check import read_artifact_list
 from maestro_pipelines.backup.restore.state import RestoreError, RestoreState
 from maestro_pipelines.backup.sealing import open_object
@@ -28,6 +29,11 @@ from maestro_pipelines.processes import process_alive
 from maestro_pipelines.storage import ChecksumMismatch, ObjectNotFound, ObjectStore
 
 WORKDIR_PREFIX = "maestro-restore-"
+READ_AHEAD = 4
+"""Decompressed 4 MiB blocks the reading thread (store read, sha256, seal, zstd) may run ahead
+of the file writes; 0: one thread does both in turn. Nothing else runs during the download
+(pg_restore has not started), so the second core is free for it; the download step's time is
+in benchmarks/results/restore.json."""
 _PICK_ANOTHER = "Nothing was restored. Pick another restore point (`maestro backup list`)"
 
 
@@ -92,7 +98,10 @@ def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, pa
     try:
         with open_object(store, key, entry.data_key, what, sealed_only=entry.encrypted) as raw, open(path, "wb") as out:
             reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=MiB)
-            while block := reader.read(4 * MiB):
+            blocks = iter(lambda: reader.read(4 * MiB), b"")
+            if READ_AHEAD:  # read, checked and decompressed on a thread while this one writes (readahead.py)
+                blocks = read_ahead(blocks, READ_AHEAD, name=f"download-{dump.role}")
+            for block in blocks:
                 out.write(block)
                 written += len(block)
                 if progress is not None and written % (64 * MiB) < 4 * MiB:
