@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
@@ -121,11 +120,8 @@ def test_runs_queue_start_and_record_in_postgres_then_come_back_after_a_restore(
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
     instance.add_dynamic_partitions("tenants", ["acme"])
 
-    # Launched side by side: each `dagster job launch` loads the code location (about 10 s);
-    # the queue, not the order of the two launches, is what is tested.
-    with ThreadPoolExecutor(2) as pool:
-        backup_run, training_run = pool.map(lambda args: launch(env, *args),
-                                            [("nightly_backup", {}), ("train_and_deploy", {"dagster/partition": "acme"})])
+    backup_run = launch(env, "nightly_backup", {})
+    training_run = launch(env, "train_and_deploy", {"dagster/partition": "acme"})
     queued = {r: instance.get_run_by_id(r).status for r in (backup_run, training_run)}
     assert set(queued.values()) <= {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
                                     dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED}
