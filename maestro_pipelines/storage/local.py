@@ -32,6 +32,7 @@ A folder cannot hold both an object `a` and objects under `a/`: that write raise
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -109,11 +110,14 @@ def _create_temp(parent: Path) -> tuple[Path, int]:
 
 
 WRITEBACK_EVERY = 16 * 1024 * 1024
-"""Bytes written between two starts of the disk writeback (`_start_writeback`)."""
+"""Bytes written between two starts of the disk writeback (`_writeback_starter`)."""
 
 
+@functools.cache
 def _writeback_starter():
-    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE) through libc, or None elsewhere."""
+    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE) through libc, or None elsewhere. Looked
+    up on the first write, not at import: every Dagster process imports the stores, and
+    ctypes is not something loading the code location should pay for."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -127,14 +131,12 @@ def _writeback_starter():
     return lambda fd, offset, length: function(fd, offset, length, 2)  # 2: SYNC_FILE_RANGE_WRITE
 
 
-_start_writeback = _writeback_starter()
-"""Starts writing a range of a file to disk without waiting for it. The page cache would
-otherwise hold a whole object's bytes until the closing fsync and the writer would then wait
-for all of them; started every WRITEBACK_EVERY bytes, the disk writes while the object
-streams in and the fsync, still the only guarantee, waits for the tail alone (measured,
-`benchmarks/backup.py` at 1 GB, a 130 MB object on a 350 MB/s disk: the fsync waits 0.01 s,
-0.05-0.08 s without; more on a slower disk or a bigger object). None where the call does
-not exist."""
+# Why the writeback is started while writing: the page cache would otherwise hold a whole
+# object's bytes until the closing fsync, and the writer would then wait for all of them;
+# started every WRITEBACK_EVERY bytes, the disk writes while the object streams in and the
+# fsync, still the only guarantee, waits for the tail alone (measured, benchmarks/backup.py at
+# 1 GB, a 130 MB object on a 350 MB/s disk: the fsync waits 0.01 s, 0.05-0.08 s without; more
+# on a slower disk or a bigger object).
 
 
 def _write_hashed(fd: int, chunks: Iterable[bytes]) -> tuple[str, int, os.stat_result]:
@@ -142,6 +144,7 @@ def _write_hashed(fd: int, chunks: Iterable[bytes]) -> tuple[str, int, os.stat_r
     A failure of the source (not of the disk) is raised as _SourceFailed."""
     hasher = hashlib.sha256()
     size = flushed = 0
+    start_writeback = _writeback_starter()
     with open(fd, "wb") as f:
         iterator = iter(chunks)
         while True:
@@ -154,9 +157,9 @@ def _write_hashed(fd: int, chunks: Iterable[bytes]) -> tuple[str, int, os.stat_r
             hasher.update(chunk)
             size += len(chunk)
             f.write(chunk)
-            if _start_writeback is not None and size - flushed >= WRITEBACK_EVERY:
+            if start_writeback is not None and size - flushed >= WRITEBACK_EVERY:
                 f.flush()
-                _start_writeback(f.fileno(), flushed, size - flushed)
+                start_writeback(f.fileno(), flushed, size - flushed)
                 flushed = size
         f.flush()
         os.fsync(f.fileno())
