@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import queue
 import random
 import re
-import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -38,6 +36,7 @@ from datetime import datetime
 from typing import Any, BinaryIO
 
 from maestro_pipelines.errors import MaestroError, TransientError
+from maestro_pipelines.storage.readahead import read_ahead
 
 MiB = 1024 * 1024
 CHUNK_SIZE = 8 * MiB
@@ -586,66 +585,29 @@ class _ResumingStream:
         _close_quietly(self._stream)
 
 
-_END = object()
-
-
 class _PrefetchingStream:
-    """A `_ResumingStream` read ahead by a thread, so that the network (or disk) read of the
-    next pieces overlaps the caller's hashing and work. At most `depth` pieces of `piece`
-    bytes wait in memory; errors arrive in order, after the bytes read before them."""
+    """A `_ResumingStream` read ahead by a thread (`readahead.read_ahead`), so that the network
+    (or disk) read of the next pieces overlaps the caller's hashing and work. At most `depth`
+    pieces of `piece` bytes wait in memory; errors arrive in order, after the bytes read
+    before them."""
 
     def __init__(self, source: _ResumingStream, piece: int = PREFETCH_PIECE, depth: int = PREFETCH_DEPTH):
         self._source = source
-        self._piece = piece
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stopped = threading.Event()
+        self._pieces = read_ahead(iter(lambda: source.read(piece), b""), depth, "maestro-read-ahead")
         self._current = memoryview(b"")
-        self._done = False
-        self._thread = threading.Thread(target=self._fill, name="maestro-read-ahead", daemon=True)
-        self._thread.start()
-
-    def _offer(self, item: Any) -> bool:
-        while not self._stopped.is_set():
-            try:
-                self._queue.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _fill(self) -> None:
-        try:
-            while not self._stopped.is_set():
-                data = self._source.read(self._piece)
-                if not self._offer(data if data else _END) or not data:
-                    return
-        except BaseException as exc:  # handed to the reader, raised there in order
-            self._offer(exc)
 
     def read(self, n: int) -> bytes:
         if not self._current:
-            if self._done:
+            piece = next(self._pieces, None)  # after an error raised here: None, the end
+            if piece is None:
                 return b""
-            item = self._queue.get()
-            if item is _END:
-                self._done = True
-                return b""
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            self._current = memoryview(item)
+            self._current = memoryview(piece)
         data, self._current = self._current[:n], self._current[n:]
         return data  # a memoryview: the caller copies it once, into its own buffer
 
     def close(self) -> None:
-        self._stopped.set()
-        while True:  # unblock a thread waiting to hand over a piece
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._source.close()
-        self._thread.join(timeout=5)
+        self._source.close()  # first: a thread blocked in a read returns (no reopening after close)
+        self._pieces.close()  # stops the thread at its next hand-over and waits for it
 
 
 class _VerifyingReader(io.RawIOBase):

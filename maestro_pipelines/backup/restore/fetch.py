@@ -18,7 +18,7 @@ from pathlib import Path
 
 from maestro_pipelines.backup.catalog import BackupEntry, object_key
 from maestro_pipelines.backup.manifest import DatabaseDump
-from maestro_pipelines.backup.readahead import read_ahead
+from maestro_pipelines.storage.readahead import read_ahead
 from maestro_pipelines.backup.restore.check import read_artifact_list
 from maestro_pipelines.backup.restore.state import RestoreError, RestoreState
 from maestro_pipelines.backup.sealing import open_object
@@ -99,7 +99,7 @@ def download_dump(store: ObjectStore, entry: BackupEntry, dump: DatabaseDump, pa
         with open_object(store, key, entry.data_key, what, sealed_only=entry.encrypted) as raw, open(path, "wb") as out:
             reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=MiB)
             blocks = iter(lambda: reader.read(4 * MiB), b"")
-            if READ_AHEAD:  # read, checked and decompressed on a thread while this one writes (readahead.py)
+            if READ_AHEAD:  # read, checked and decompressed on a thread while this one writes (storage/readahead.py)
                 blocks = read_ahead(blocks, READ_AHEAD, name=f"download-{dump.role}")
             for block in blocks:
                 out.write(block)
