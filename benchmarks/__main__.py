@@ -200,6 +200,13 @@ def failure_row(record: dict) -> dict:
             "baseline": None, "ratio": None, "target": "runs to the end", "pass": False}
 
 
+def rows_table(rows: list[dict]) -> str:
+    """The markdown table of report rows, as latest.md and the README show them."""
+    return markdown_table(["benchmark", *HEADER],
+                          [[x["benchmark"], x["figure"], x["ours"], x["baseline"], x["ratio"], x["target"],
+                            verdict(x["pass"])] for x in rows])
+
+
 def render_markdown(report: dict) -> str:
     machine = report["machine"]
     minutes, seconds = divmod(round(report["total_s"]), 60)
@@ -212,9 +219,7 @@ def render_markdown(report: dict) -> str:
         f"{' / '.join(map(str, machine['loadavg_end']))} at the end; {minutes} min {seconds} s in all. "
         "Pass is empty for figures that are reported only. Other work on the machine skews the times.",
         "",
-        markdown_table(["benchmark", *HEADER],
-                       [[x["benchmark"], x["figure"], x["ours"], x["baseline"], x["ratio"], x["target"],
-                         verdict(x["pass"])] for x in report["rows"]]),
+        rows_table(report["rows"]),
         "",
         markdown_table(["benchmark", "arguments", "wall time (s)", "exit", "status", "load average at start"],
                        [[b["name"], " ".join(b["args"]), b["wall_s"], b["exit_code"], b["status"],
@@ -288,9 +293,7 @@ def readme_table(report: dict) -> str:
         f"target, {sum(1 for x in targeted if x['pass'])} of {len(targeted)} met. All {len(report['rows'])} rows "
         "are in [latest.md](benchmarks/results/latest.md).",
         "",
-        markdown_table(["benchmark", *HEADER],
-                       [[x["benchmark"], x["figure"], x["ours"], x["baseline"], x["ratio"], x["target"],
-                         verdict(x["pass"])] for x in targeted]),
+        rows_table(targeted),
     ]
     # Indented: the block sits in a list item of the README.
     return "\n".join(f"  {line}" if line else "" for line in "\n".join(lines).splitlines())
