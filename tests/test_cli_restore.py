@@ -130,6 +130,38 @@ def test_live_restore_keeps_the_old_database_until_cleanup(kept_server):
     assert again.returncode == 0 and again.stdout == "nothing to drop: no database left by a restore\n", again.stdout
 
 
+@pytest.fixture
+def small_tmpdir(tmp_path):
+    """A 4 KiB file system (a tmpfs: root may mount one; elsewhere the test is skipped)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(folder)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def test_restore_without_room_for_the_dump_says_so_before_touching_anything(kept_server, small_tmpdir):
+    """TMPDIR on a file system too small for the decompressed dump: `maestro restore` stops
+    with one line naming the folder, its free space and what the dump needs, before any
+    database is created; the room is reserved before the first byte is read."""
+    home, env = kept_server
+    assert run_maestro("db", "upgrade", env=env).returncode == 0
+    assert run_maestro("backup", "run", env=env).returncode == 0
+
+    restored = run_maestro("restore", env={**env, "TMPDIR": str(small_tmpdir)})
+
+    assert restored.returncode == 1, restored.stdout
+    error = [line for line in restored.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and f"The restore's work folder {small_tmpdir}/maestro-restore-" in error[0], restored.stderr
+    assert "free; the dump needs" in error[0] and "Traceback" not in restored.stderr
+    assert "point TMPDIR at a folder with room" in restored.stderr
+    assert psql(home, "postgres", "SELECT count(*) FROM pg_database WHERE datname LIKE 'maestro%restore%'") == "0"
+    assert list(small_tmpdir.iterdir()) == [], "the restore left its work folder"
+
+
 def test_drills_from_the_cli_are_recorded_and_listed(kept_server):
     """`maestro drill` says where its record went; a failed drill (missed RTO, exit 1) is
     recorded too; `maestro drill list` shows both, oldest first, as JSON and as a table, and

@@ -2,7 +2,8 @@
 
 Row counts and content checksums of every table are computed in the scratch database with
 the same session settings as at backup time (`CHECKSUM_SESSION_OPTIONS`) and compared with
-the manifest's; any difference fails the restore before a swap. The artifacts the backup
+the manifest's (most of them already taken while pg_restore loaded the other tables and built
+the indexes: `consistency.TableChecksBeside`, started by the load phase); any difference fails the restore before a swap. The artifacts the backup
 listed (MLflow's models) must still be in the store: missing ones are reported, not fatal.
 The list itself (artifacts.json, sealed in an encrypted backup) is read and authenticated by
 the fetch, before any database is created.
@@ -14,7 +15,7 @@ import json
 from typing import Any
 
 from maestro_pipelines.backup.catalog import BackupEntry, object_key
-from maestro_pipelines.backup.consistency import compare_checks, table_checks_concurrently
+from maestro_pipelines.backup.consistency import compare_checks, partition_roots, table_checks_concurrently
 from maestro_pipelines.backup.pgtools import CHECKSUM_SESSION_OPTIONS
 from maestro_pipelines.backup.restore.state import DatabasePlan, RestoreError, RestoreState
 from maestro_pipelines.backup.sealing import open_object
@@ -28,16 +29,19 @@ def verify_database(state: RestoreState, plan: DatabasePlan) -> None:
     dump, result = plan.dump, plan.result
 
     def verify_one() -> str:
-        # One connection per pg_restore job: the server is otherwise idle now, and one query
-        # keeps one core busy.
+        # The tables checked while pg_restore ran are taken as they are; the rest over one
+        # connection per pg_restore job: the server is otherwise idle now, and one query keeps
+        # one core busy.
+        beside = plan.checks_beside.stop() if plan.checks_beside is not None else {}
         checks = table_checks_concurrently(
             lambda: psycopg_connect(plan.scratch_url, options=CHECKSUM_SESSION_OPTIONS, source=plan.dest.source),
-            checksums=any(t.checksum for t in dump.tables), workers=state.jobs,
+            checksums=any(t.checksum for t in dump.tables), workers=state.jobs, done=beside,
         )
-        result.problems = compare_checks(dump.tables, checks)
+        result.problems = compare_checks(dump.tables, checks, _partition_roots(plan))
         result.tables = len(checks)
         result.rows = sum(t.rows for t in checks)
-        return f"{result.tables} tables, {result.rows:,} rows compared: " + (
+        during = f" ({len(beside)} of them while pg_restore ran)" if beside else ""
+        return f"{result.tables} tables{during}, {result.rows:,} rows compared: " + (
             "equal to the manifest" if not result.problems else f"{len(result.problems)} differences"
         )
 
@@ -49,6 +53,11 @@ def verify_database(state: RestoreState, plan: DatabasePlan) -> None:
             "The live database was not touched; pick another restore point",
         )
     result.url = plan.scratch_url
+
+
+def _partition_roots(plan: DatabasePlan) -> dict[str, str]:
+    with psycopg_connect(plan.scratch_url, source=plan.dest.source) as connection, connection.cursor() as cursor:
+        return partition_roots(cursor)
 
 
 def read_artifact_list(store: ObjectStore, entry: BackupEntry) -> dict[str, Any] | None:

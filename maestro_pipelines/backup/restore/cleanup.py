@@ -31,6 +31,9 @@ LEFTOVER = re.compile(r"^(?P<live>.+?)_(?P<kind>pre_restore|restore)_(?P<stamp>\
 def clean_up(state: RestoreState, failed: bool) -> None:
     """After the other phases: when the restore `failed` before its swap, drop every database it
     created (best effort: the restore's own error is the one raised); remove its own work folder."""
+    for plan in state.databases:  # a table check still running would hold its database open
+        if plan.checks_beside is not None:
+            plan.checks_beside.stop(cancel=True)
     if failed and not state.swapping:
         for url, name, source in state.created:
             try:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.engine import URL
 
+from maestro_pipelines.backup.consistency import TableChecksBeside
 from maestro_pipelines.backup.phases import Phase
 from maestro_pipelines.backup.pgtools import (
+    CHECKSUM_SESSION_OPTIONS,
     check_client,
     check_reads_dump,
     libpq_environment,
@@ -51,6 +54,10 @@ OPTIONAL_EXTENSIONS = ("pg_stat_statements", "amcheck")
 #   215; 3079 16385 EXTENSION - pg_stat_statements
 #   4242; 0 0 COMMENT - EXTENSION pg_stat_statements
 _EXTENSION_ENTRY = re.compile(r"^\d+; \d+ \d+ (?:EXTENSION - |COMMENT - EXTENSION )(?P<name>\S+)")
+# A table's data entry: `3160; 0 16390 TABLE DATA public t owner`. Names are printed unquoted,
+# so one with a space could be split wrongly: such tables are not named (the verify's final
+# pass checks them).
+_TABLE_DATA_ENTRY = re.compile(r"^(?P<id>\d+); \d+ \d+ TABLE DATA (?P<schema>\S+) (?P<name>\S+) \S+$")
 
 
 def create_scratch_database(state: RestoreState, plan: DatabasePlan) -> None:
@@ -71,28 +78,42 @@ def create_scratch_database(state: RestoreState, plan: DatabasePlan) -> None:
     state.created.append((dest.url, plan.scratch, dest.source))
 
 
-def _restore_list(path: Path, env: dict[str, str], pg_restore: str) -> tuple[Path | None, list[str], int]:
-    """A `pg_restore --use-list` file without OPTIONAL_EXTENSIONS, the extensions left out
-    and the number of entries to restore; (None, [], entries) when the dump holds none of them."""
+@dataclass
+class RestoreList:
+    """What `pg_restore --list` says of a dump, and the list to restore from."""
+
+    use_list: Path | None
+    """A --use-list file without OPTIONAL_EXTENSIONS; None when the dump holds none of them."""
+    left_out: list[str]
+    entries: int
+    """Table of contents entries to restore."""
+    table_data: dict[str, tuple[str, str]]
+    """Entry id of each table's data -> (schema, table)."""
+
+
+def _restore_list(path: Path, env: dict[str, str], pg_restore: str) -> RestoreList:
+    """The dump's table of contents, without OPTIONAL_EXTENSIONS."""
     listed = run_tethered([pg_restore, "--list", str(path)], env)
     if listed.returncode != 0:
         raise RestoreError(
             f"pg_restore cannot read the dump {path.name}: {(listed.stderr.strip().splitlines() or [f'exit {listed.returncode}'])[0]}",
             "The live database was not touched; pick another restore point",
         )
-    kept, left_out = [], set()
+    kept, left_out, table_data = [], set(), {}
     for line in listed.stdout.splitlines():
         match = _EXTENSION_ENTRY.match(line)
         if match and match.group("name") in OPTIONAL_EXTENSIONS:
             left_out.add(match.group("name"))
             continue
+        if data := _TABLE_DATA_ENTRY.match(line):
+            table_data[data.group("id")] = (data.group("schema"), data.group("name"))
         kept.append(line)
     entries = sum(1 for line in kept if line.strip() and not line.startswith(";"))
     if not left_out:
-        return None, [], entries
+        return RestoreList(None, [], entries, table_data)
     list_path = path.with_suffix(".list")
     list_path.write_text("\n".join(kept) + "\n")
-    return list_path, sorted(left_out), entries
+    return RestoreList(list_path, sorted(left_out), entries, table_data)
 
 
 def _create_optional_extensions(url: URL, extensions: list[str]) -> list[str]:
@@ -119,6 +140,7 @@ def _create_optional_extensions(url: URL, extensions: list[str]) -> list[str]:
 _ENTRY_DONE_PARALLEL = re.compile(r"^pg_restore: (?:processing|finished) item (?P<id>\d+) (?P<what>.*)$")
 _ENTRY_LAUNCHED = re.compile(r"^pg_restore: launching item \d+ (?P<what>.*)$")
 _ENTRY_DONE_SERIAL = re.compile(r"^pg_restore: (?:creating|processing data for table|executing) (?P<what>.*)$")
+_DATA_FINISHED = re.compile(r"^pg_restore: finished item (?P<id>\d+) TABLE DATA ")
 
 
 class _EntryCounter:
@@ -162,29 +184,48 @@ def _pg_restore_errors(stderr: str, returncode: int, server_version_num: int) ->
     return None
 
 
+def _line_watcher(listing: RestoreList, parallel: bool, on_count: Callable[[int, int, str], None] | None,
+                  on_table_loaded: Callable[[str, str], None] | None) -> Callable[[str], None] | None:
+    """What sees each line of pg_restore --verbose: the entry counter, and the tables whose data
+    is in (parallel mode: `finished item N TABLE DATA t`; serially nothing says so)."""
+    counter = _EntryCounter(listing.entries, parallel, on_count) if on_count is not None else None
+    if on_table_loaded is None or not parallel:
+        return counter
+
+    def watch(line: str) -> None:
+        if counter is not None:
+            counter(line)
+        if (finished := _DATA_FINISHED.match(line)) and finished.group("id") in listing.table_data:
+            on_table_loaded(*listing.table_data[finished.group("id")])
+
+    return watch
+
+
 def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int,
                    on_count: Callable[[int, int, str], None] | None = None,
-                   client_programs: Path | None = None) -> list[str]:
+                   client_programs: Path | None = None,
+                   on_table_loaded: Callable[[str, str], None] | None = None) -> list[str]:
     """pg_restore -j into `url`'s (empty) database; any error but the known harmless one fails.
-    `on_count(done, total, current)` follows its table of contents entries as they are restored.
+    `on_count(done, total, current)` follows its table of contents entries as they are restored;
+    `on_table_loaded(schema, table)` is told of each table whose rows are all in (with jobs > 1).
     `client_programs`: the folder of the pg_restore to use (MAESTRO_PG_BIN; None: the wheel's).
     Returns notes (optional extensions that could not be recreated)."""
     env = libpq_environment(url, "maestro-restore")
     pg_restore = program("pg_restore", client_programs)
-    list_path, optional, entries = _restore_list(path, env, pg_restore)
+    listing = _restore_list(path, env, pg_restore)
     command = [
         pg_restore, "--no-owner", "--no-privileges", f"--jobs={max(1, jobs)}",
         f"--dbname={url.database}", "--no-password", str(path),
     ]
-    if list_path is not None:
-        command.insert(-1, f"--use-list={list_path}")
-    counter = None
-    if on_count is not None:
+    if listing.use_list is not None:
+        command.insert(-1, f"--use-list={listing.use_list}")
+    watcher = _line_watcher(listing, jobs > 1, on_count, on_table_loaded)
+    if watcher is not None:
         command.insert(1, "--verbose")
-        counter = _EntryCounter(entries, jobs > 1, on_count)
-        on_count(0, entries, "")
+    if on_count is not None:
+        on_count(0, listing.entries, "")
     # Tethered: if this process is killed, pg_restore and its -j workers die with it.
-    result = run_tethered(command, env, on_stderr_line=counter)
+    result = run_tethered(command, env, on_stderr_line=watcher)
     shown = _pg_restore_errors(result.stderr, result.returncode, server_version_num)
     if shown is not None:
         raise RestoreError(
@@ -192,7 +233,7 @@ def run_pg_restore(url: URL, path: Path, jobs: int, server_version_num: int,
             ssl_only_hint(pg_restore, shown)
             or "The live database was not touched; fix the cause (disk space, permissions, extensions) and restore again",
         )
-    return _create_optional_extensions(url, optional)
+    return _create_optional_extensions(url, listing.left_out)
 
 
 def check_client_programs(state: RestoreState) -> None:
@@ -204,8 +245,21 @@ def check_client_programs(state: RestoreState) -> None:
         check_client(pg_restore, plan.dest.url, libpq_environment(plan.dest.url), plan.dest.source)
 
 
+def _start_checks_beside(state: RestoreState, plan: DatabasePlan) -> TableChecksBeside | None:
+    """The verify's table checks, started now on tables pg_restore has loaded (with -j > 1 and
+    a manifest that lists tables); `verify_database` takes what they did."""
+    if state.jobs <= 1 or not plan.dump.tables:
+        return None
+    plan.checks_beside = TableChecksBeside(
+        lambda: psycopg_connect(plan.scratch_url, options=CHECKSUM_SESSION_OPTIONS, source=plan.dest.source),
+        checksums=any(t.checksum for t in plan.dump.tables),
+    )
+    return plan.checks_beside
+
+
 def restore_database(state: RestoreState, plan: DatabasePlan) -> None:
-    """The step `pg_restore <role>`: the fetched dump into a new scratch database."""
+    """The step `pg_restore <role>`: the fetched dump into a new scratch database, each table's
+    checks starting as soon as its rows are in (`TableChecksBeside`)."""
     if plan.file is None:
         raise RestoreError(f"The {plan.role} dump was not fetched", "Run the fetch phase before restoring it")
     name = f"pg_restore {plan.role}"
@@ -220,8 +274,15 @@ def restore_database(state: RestoreState, plan: DatabasePlan) -> None:
             entries[:] = [total]
             phases(Phase(name, done, total, "entries", current))
 
-        notes = run_pg_restore(plan.scratch_url, plan.file, state.jobs, version, on_count if phases is not None else None,
-                               plan.dest.client_programs)
+        checks = _start_checks_beside(state, plan)
+        try:
+            notes = run_pg_restore(plan.scratch_url, plan.file, state.jobs, version,
+                                   on_count if phases is not None else None, plan.dest.client_programs,
+                                   on_table_loaded=checks.table_loaded if checks is not None else None)
+        except BaseException:
+            if checks is not None:
+                checks.stop(cancel=True)  # its connection must not hold the scratch database open
+            raise
         state.report.notes.extend(f"{plan.role}: {note}" for note in notes)
         counted = f"{entries[0]:,} entries into " if entries else ""
         return f"{counted}{where(plan.scratch_url)}"

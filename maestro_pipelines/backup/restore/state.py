@@ -14,6 +14,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from maestro_pipelines.backup.catalog import BackupEntry
+from maestro_pipelines.backup.consistency import TableChecksBeside
 from maestro_pipelines.backup.manifest import BackupError, BackupManifest, DatabaseDump, utcnow
 from maestro_pipelines.backup.phases import Phase, PhaseProgress
 from maestro_pipelines.backup.types import DatabaseTarget, Progress
@@ -107,6 +108,9 @@ class DatabasePlan:
     """`<live>_restore_<stamp>`: where it is restored and verified (before any swap)."""
     file: Path | None = None
     """The decompressed dump on local disk, once fetched."""
+    checks_beside: TableChecksBeside | None = field(default=None, repr=False)
+    """The tables' checks taken while pg_restore loads the others (`restore_database` starts
+    them, `verify_database` ends them)."""
 
     @property
     def role(self) -> str:
