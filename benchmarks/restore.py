@@ -16,7 +16,7 @@ run counts, every run is recorded):
 - ours, local: `restore_backup(target="scratch")` from the file store: download and check
   (sha256, zstd frame checksums, sizes) decompressing to a local file, `CREATE DATABASE`,
   the same `pg_restore -j N`, row counts and content checksums of every table compared with
-  the manifest, `alembic upgrade head`, the artifact manifest checked;
+  the manifest (most taken while pg_restore loads the other tables), `alembic upgrade head`, the artifact manifest checked;
 - ours, S3: the same from the S3 store on moto.
 
 The scratch databases are dropped after each run (not timed). Last, `run_drill` once from
@@ -209,8 +209,9 @@ def steps_text(run: dict) -> str:
 
 
 def serial_row(local: dict, floor: float) -> dict:
-    """The steps in series around pg_restore (the download ends before any database is touched,
-    the verify starts when pg_restore ends) against what the local target leaves them."""
+    """The steps in series around pg_restore (the download ends before any database is touched;
+    what the verify did not check beside pg_restore is checked after it) against what the local
+    target leaves them."""
     steps = local["steps_s"]
     serial = sum(seconds for name, seconds in steps.items() if not name.startswith("pg_restore"))
     budget = (FLOOR_TARGET - 1) * floor

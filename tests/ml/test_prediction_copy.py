@@ -11,7 +11,12 @@ from sqlalchemy import text
 
 from maestro_pipelines.platform_db.connection import engine_for
 from maestro_pipelines.platform_db.migrate import upgrade
-from maestro_pipelines.platform_db.ml_records import PredictionBatch, binary_copy_rows, copy_predictions
+from maestro_pipelines.platform_db.ml_records import (
+    COPY_ROWS_PER_WRITE,
+    PredictionBatch,
+    binary_copy_rows,
+    copy_predictions,
+)
 
 SCORED_AT = datetime(2026, 3, 14, 15, 9, 26, 535897, tzinfo=timezone.utc)
 
@@ -51,3 +56,32 @@ def test_a_batch_whose_columns_differ_in_length_is_refused():
 def test_a_time_without_zone_is_refused():
     with pytest.raises(ValueError, match="zone"):
         binary_copy_rows(PredictionBatch(1, 1, 1, ["a"], ["0" * 32], ["1"], [0.1], SCORED_AT.replace(tzinfo=None)))
+
+
+def test_a_batch_of_several_writes_is_stored_whole_and_in_order(pg18_database):
+    """A batch longer than one write (`COPY_ROWS_PER_WRITE`), encoded part by part while the
+    queued writer sends the part before: every row back, in order, across the part boundaries."""
+    upgrade(pg18_database)
+    count = 2 * COPY_ROWS_PER_WRITE + 345
+    batch = PredictionBatch(3, 30, 2, [f"entity-{i}" for i in range(count)], [f"{i:032x}" for i in range(count)],
+                            np.arange(count) % 3, np.arange(count) / count, SCORED_AT)
+    with engine_for(pg18_database.platform_url).begin() as conn:
+        assert copy_predictions(conn, batch) == count
+    rows = stored(pg18_database)
+    assert [row[3] for row in rows] == [f"entity-{i}" for i in range(count)]
+    assert rows[COPY_ROWS_PER_WRITE] == (3, 30, 2, f"entity-{COPY_ROWS_PER_WRITE}", f"{COPY_ROWS_PER_WRITE:032x}",
+                                         str(COPY_ROWS_PER_WRITE % 3), COPY_ROWS_PER_WRITE / count, SCORED_AT)
+
+
+def test_a_part_that_cannot_be_encoded_leaves_no_row(pg18_database):
+    """A value that cannot be encoded in the second part, after the first was sent: the COPY is
+    abandoned with the error, and none of the batch's rows is stored."""
+    upgrade(pg18_database)
+    count = COPY_ROWS_PER_WRITE + 10
+    scores: list = [0.5] * count
+    scores[COPY_ROWS_PER_WRITE + 5] = "not a number"
+    batch = PredictionBatch(3, 30, 2, [f"entity-{i}" for i in range(count)], ["0" * 32] * count, ["1"] * count,
+                            scores, SCORED_AT)
+    with pytest.raises(ValueError, match="not a number"), engine_for(pg18_database.platform_url).begin() as conn:
+        copy_predictions(conn, batch)
+    assert stored(pg18_database) == []
