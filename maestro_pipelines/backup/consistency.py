@@ -181,9 +181,8 @@ class TableChecksBeside:
 
     A table's rows are final once its TABLE DATA entry is done (indexes, constraints and
     triggers come later and write no rows); partitions of hash-partitioned trees are left to
-    the final pass (`_LOADED_ALONE_SQL`). Each check
-    commits at once, so this connection holds at most one table's ACCESS SHARE lock, and only
-    while it scans it: pg_restore's ALTER TABLE on that table waits for the scan, and no lock
+    the final pass (`_LOADED_ALONE_SQL`). Each check commits at once, so this connection holds
+    at most one table's ACCESS SHARE lock, and only while it scans it: pg_restore's ALTER TABLE on that table waits for the scan, and no lock
     cycle with pg_restore's workers can form. A check that fails here (connection lost) is
     simply not in `done`: the final pass (`table_checks_concurrently(done=...)`) takes it, and
     reports its error as it would have."""
@@ -212,8 +211,7 @@ class TableChecksBeside:
                 while (table := self._loaded.get()) is not None and not self._stopping:
                     cursor.execute(_LOADED_ALONE_SQL, table)
                     if cursor.fetchone() is not None:
-                        check = check_table(cursor, *table, self._checksums, version)
-                        self.done[table] = check
+                        self.done[table] = check_table(cursor, *table, self._checksums, version)
                     connection.commit()  # no lock kept past the scan
         except Exception as exc:  # noqa: BLE001 - the final pass checks what is not done, and fails as itself
             self.error = exc
