@@ -93,19 +93,17 @@ def check_table(cursor, schema: str, name: str, checksums: bool, server_version_
         rows, checksum = cursor.fetchone()
         return TableCheck(schema, name, int(rows), f"s:{checksum}")
     cursor.execute(_HASHES_OIDS_SQL, (relation,))
-    if cursor.fetchone()[0]:
-        cursor.execute(_TEXT.format(relation))
-        rows, checksum = cursor.fetchone()
-        return TableCheck(schema, name, int(rows), f"t:{checksum}")
-    try:
-        with cursor.connection.transaction():  # a savepoint: the fallback runs in the same snapshot
-            cursor.execute(_HASHED.format(relation))
-            rows, checksum = cursor.fetchone()
-            return TableCheck(schema, name, int(rows), f"h:{checksum}")
-    except psycopg.errors.UndefinedFunction:  # a column type without an extended hash function
-        cursor.execute(_TEXT.format(relation))
-        rows, checksum = cursor.fetchone()
-        return TableCheck(schema, name, int(rows), f"t:{checksum}")
+    if not cursor.fetchone()[0]:
+        try:
+            with cursor.connection.transaction():  # a savepoint: the fallback runs in the same snapshot
+                cursor.execute(_HASHED.format(relation))
+                rows, checksum = cursor.fetchone()
+                return TableCheck(schema, name, int(rows), f"h:{checksum}")
+        except psycopg.errors.UndefinedFunction:  # a column type without an extended hash function
+            pass
+    cursor.execute(_TEXT.format(relation))
+    rows, checksum = cursor.fetchone()
+    return TableCheck(schema, name, int(rows), f"t:{checksum}")
 
 
 def table_checks(connection, checksums: bool = True) -> list[TableCheck]:

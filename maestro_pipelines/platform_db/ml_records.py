@@ -232,7 +232,7 @@ class PredictionBatch:
 def copy_predictions(conn: Connection, batch: PredictionBatch) -> int:
     """Write a batch of predictions with one binary COPY.
 
-    The COPY stream is encoded by NumPy, column by column (`binary_copy_rows`): a row-by-row
+    The COPY stream is encoded by NumPy, column by column (`copy_tuples`): a row-by-row
     `write_row`, even psycopg's C one, kept the client busy about as long as the server took
     to store the rows, and 1M predictions ran at 0.7x a raw binary COPY of the same bytes
     (benchmarks/ml_graph.py). It is encoded COPY_ROWS_PER_WRITE rows at a time and sent by
@@ -256,11 +256,6 @@ def copy_predictions(conn: Connection, batch: PredictionBatch) -> int:
 
 COPY_ROWS_PER_WRITE = 5_000
 """About 400 KB of COPY data: measured against 12,500 (3.5 s per 1M) and 50,000 (4.2 s)."""
-
-
-def binary_copy_rows(batch: PredictionBatch) -> bytes:
-    """PostgreSQL's binary COPY format for the batch: header, one tuple per prediction, trailer."""
-    return COPY_SIGNATURE + copy_tuples(batch) + COPY_TRAILER
 
 
 def copy_tuples(batch: PredictionBatch) -> bytes:

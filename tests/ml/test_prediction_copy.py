@@ -1,4 +1,4 @@
-"""The predictions writer's binary COPY (NumPy-encoded, `ml_records.binary_copy_rows`) stores
+"""The predictions writer's binary COPY (NumPy-encoded, `ml_records.copy_tuples`) stores
 exactly the rows it is given, read back from a real PostgreSQL."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from maestro_pipelines.platform_db.migrate import upgrade
 from maestro_pipelines.platform_db.ml_records import (
     COPY_ROWS_PER_WRITE,
     PredictionBatch,
-    binary_copy_rows,
     copy_predictions,
+    copy_tuples,
 )
 
 SCORED_AT = datetime(2026, 3, 14, 15, 9, 26, 535897, tzinfo=timezone.utc)
@@ -50,12 +50,12 @@ def test_every_field_comes_back_as_given(pg18_database):
 
 def test_a_batch_whose_columns_differ_in_length_is_refused():
     with pytest.raises(ValueError, match="differ in length"):
-        binary_copy_rows(PredictionBatch(1, 1, 1, ["a", "b"], ["0" * 32], ["1", "0"], [0.1, 0.2], SCORED_AT))
+        copy_tuples(PredictionBatch(1, 1, 1, ["a", "b"], ["0" * 32], ["1", "0"], [0.1, 0.2], SCORED_AT))
 
 
 def test_a_time_without_zone_is_refused():
     with pytest.raises(ValueError, match="zone"):
-        binary_copy_rows(PredictionBatch(1, 1, 1, ["a"], ["0" * 32], ["1"], [0.1], SCORED_AT.replace(tzinfo=None)))
+        copy_tuples(PredictionBatch(1, 1, 1, ["a"], ["0" * 32], ["1"], [0.1], SCORED_AT.replace(tzinfo=None)))
 
 
 def test_a_batch_of_several_writes_is_stored_whole_and_in_order(pg18_database):

@@ -23,6 +23,11 @@ from maestro_pipelines.platform_db.connection import psycopg_connect
 from maestro_pipelines.storage import ObjectStore
 
 
+def connect_for_checks(plan: DatabasePlan):
+    """A connection to the scratch database with the session settings the backup's checks had."""
+    return psycopg_connect(plan.scratch_url, options=CHECKSUM_SESSION_OPTIONS, source=plan.dest.source)
+
+
 def verify_database(state: RestoreState, plan: DatabasePlan) -> None:
     """The step `verify <role>`: counts and checksums of the scratch database equal to the
     manifest's, else a RestoreError (the live database untouched)."""
@@ -34,7 +39,7 @@ def verify_database(state: RestoreState, plan: DatabasePlan) -> None:
         # one core busy.
         beside = plan.checks_beside.stop() if plan.checks_beside is not None else {}
         checks = table_checks_concurrently(
-            lambda: psycopg_connect(plan.scratch_url, options=CHECKSUM_SESSION_OPTIONS, source=plan.dest.source),
+            lambda: connect_for_checks(plan),
             checksums=any(t.checksum for t in dump.tables), workers=state.jobs, done=beside,
         )
         result.problems = compare_checks(dump.tables, checks, _partition_roots(plan))

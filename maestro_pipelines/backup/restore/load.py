@@ -20,7 +20,6 @@ from sqlalchemy.engine import URL
 from maestro_pipelines.backup.consistency import TableChecksBeside
 from maestro_pipelines.backup.phases import Phase
 from maestro_pipelines.backup.pgtools import (
-    CHECKSUM_SESSION_OPTIONS,
     check_client,
     check_reads_dump,
     libpq_environment,
@@ -28,6 +27,7 @@ from maestro_pipelines.backup.pgtools import (
     ssl_only_hint,
     where,
 )
+from maestro_pipelines.backup.restore.check import connect_for_checks
 from maestro_pipelines.backup.restore.state import DatabasePlan, RestoreError, RestoreState
 from maestro_pipelines.backup.tethered import run_tethered
 from maestro_pipelines.platform_db.admin import (
@@ -251,7 +251,7 @@ def _start_checks_beside(state: RestoreState, plan: DatabasePlan) -> TableChecks
     if state.jobs <= 1 or not plan.dump.tables:
         return None
     plan.checks_beside = TableChecksBeside(
-        lambda: psycopg_connect(plan.scratch_url, options=CHECKSUM_SESSION_OPTIONS, source=plan.dest.source),
+        lambda: connect_for_checks(plan),
         checksums=any(t.checksum for t in plan.dump.tables),
     )
     return plan.checks_beside
